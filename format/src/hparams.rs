@@ -1,0 +1,237 @@
+//! Model hyper-parameters and tokenizer settings as stored in `.nib`
+//! metadata. The importers write them, the runtime reads them back: this
+//! module is the single definition of those keys (listed in `FORMAT.md`).
+
+use crate::error::{FormatError, Result};
+use crate::nib::{Metadata, MetadataBuilder, OwnedValue};
+
+pub mod keys {
+    pub const ARCH: &str = "general.architecture";
+    pub const NAME: &str = "general.name";
+    pub const N_VOCAB: &str = "model.n_vocab";
+    pub const N_EMBD: &str = "model.n_embd";
+    pub const N_LAYER: &str = "model.n_layer";
+    pub const N_HEAD: &str = "model.n_head";
+    pub const N_HEAD_KV: &str = "model.n_head_kv";
+    pub const HEAD_DIM: &str = "model.head_dim";
+    pub const N_FF: &str = "model.n_ff";
+    pub const N_CTX_TRAIN: &str = "model.n_ctx_train";
+    pub const ROPE_THETA: &str = "model.rope_theta";
+    pub const RMS_NORM_EPS: &str = "model.rms_norm_eps";
+    pub const TIE_EMBEDDINGS: &str = "model.tie_embeddings";
+    pub const SLIDING_WINDOW: &str = "model.sliding_window";
+    pub const TOKENIZER_JSON: &str = "tokenizer.json";
+    pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
+    pub const BOS_ID: &str = "tokenizer.bos_id";
+    pub const EOS_IDS: &str = "tokenizer.eos_ids";
+    pub const QUANT_METHOD: &str = "quant.method";
+    pub const QUANT_DTYPE: &str = "quant.dtype";
+    pub const PROV_SOURCE: &str = "provenance.source";
+    pub const PROV_SOURCE_SHA256: &str = "provenance.source_sha256";
+    pub const PROV_TOOL: &str = "provenance.tool";
+    pub const PROV_CREATED: &str = "provenance.created";
+}
+
+/// Architecture hyper-parameters of a Llama-family decoder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HParams {
+    /// "llama" (Mistral-style models are imported as llama with a sliding window).
+    pub arch: String,
+    pub n_vocab: usize,
+    /// Residual stream width.
+    pub n_embd: usize,
+    pub n_layer: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads (grouped-query attention: n_head % n_head_kv == 0).
+    pub n_head_kv: usize,
+    /// Per-head dimension (may differ from n_embd / n_head).
+    pub head_dim: usize,
+    /// MLP hidden width.
+    pub n_ff: usize,
+    /// Context length the model was trained for.
+    pub n_ctx_train: usize,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    /// The output head reuses the token embedding matrix.
+    pub tie_embeddings: bool,
+    /// Sliding attention window in tokens; 0 = full attention.
+    pub sliding_window: usize,
+}
+
+impl HParams {
+    /// Reject values no real model has and that would break size arithmetic.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: String| Err(FormatError::BadConfig { why });
+        let caps: [(&str, usize, usize); 8] = [
+            ("n_vocab", self.n_vocab, 1 << 24),
+            ("n_embd", self.n_embd, 1 << 16),
+            ("n_layer", self.n_layer, 1024),
+            ("n_head", self.n_head, 1024),
+            ("n_head_kv", self.n_head_kv, 1024),
+            ("head_dim", self.head_dim, 4096),
+            ("n_ff", self.n_ff, 1 << 18),
+            ("n_ctx_train", self.n_ctx_train, 1 << 24),
+        ];
+        for (name, v, max) in caps {
+            if v == 0 || v > max {
+                return bad(format!("{name} = {v} (must be 1..={max})"));
+            }
+        }
+        if self.n_head % self.n_head_kv != 0 {
+            return bad(format!(
+                "n_head {} is not a multiple of n_head_kv {}",
+                self.n_head, self.n_head_kv
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!("rope_theta {} must be positive", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            return bad(format!("rms_norm_eps {} out of range", self.rms_norm_eps));
+        }
+        if self.arch != "llama" {
+            return Err(FormatError::UnsupportedArchitecture {
+                arch: self.arch.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn write(&self, m: &mut MetadataBuilder) {
+        use keys::*;
+        m.set(ARCH, OwnedValue::Str(self.arch.clone()));
+        for (k, v) in [
+            (N_VOCAB, self.n_vocab),
+            (N_EMBD, self.n_embd),
+            (N_LAYER, self.n_layer),
+            (N_HEAD, self.n_head),
+            (N_HEAD_KV, self.n_head_kv),
+            (HEAD_DIM, self.head_dim),
+            (N_FF, self.n_ff),
+            (N_CTX_TRAIN, self.n_ctx_train),
+            (SLIDING_WINDOW, self.sliding_window),
+        ] {
+            m.set(k, OwnedValue::U64(v as u64));
+        }
+        m.set(ROPE_THETA, OwnedValue::F64(self.rope_theta));
+        m.set(RMS_NORM_EPS, OwnedValue::F64(self.rms_norm_eps));
+        m.set(TIE_EMBEDDINGS, OwnedValue::Bool(self.tie_embeddings));
+    }
+
+    pub fn read(m: &Metadata<'_>) -> Result<HParams> {
+        use keys::*;
+        let us = |k: &str| -> Result<usize> {
+            let v = m.u64(k)?;
+            usize::try_from(v).map_err(|_| FormatError::BadValue {
+                key: k.into(),
+                why: format!("{v} does not fit in usize"),
+            })
+        };
+        let hp = HParams {
+            arch: m.str(ARCH)?.to_string(),
+            n_vocab: us(N_VOCAB)?,
+            n_embd: us(N_EMBD)?,
+            n_layer: us(N_LAYER)?,
+            n_head: us(N_HEAD)?,
+            n_head_kv: us(N_HEAD_KV)?,
+            head_dim: us(HEAD_DIM)?,
+            n_ff: us(N_FF)?,
+            n_ctx_train: us(N_CTX_TRAIN)?,
+            rope_theta: m.f64(ROPE_THETA)?,
+            rms_norm_eps: m.f64(RMS_NORM_EPS)?,
+            tie_embeddings: m.bool(TIE_EMBEDDINGS)?,
+            sliding_window: us(SLIDING_WINDOW)?,
+        };
+        hp.validate()?;
+        Ok(hp)
+    }
+
+    /// Canonical `.nib` tensor names and row-major shapes for this model.
+    pub fn tensor_specs(&self) -> Vec<(String, Vec<u64>)> {
+        let (e, q, kv, ff) = (
+            self.n_embd as u64,
+            (self.n_head * self.head_dim) as u64,
+            (self.n_head_kv * self.head_dim) as u64,
+            self.n_ff as u64,
+        );
+        let mut v = vec![(
+            "token_embd.weight".to_string(),
+            vec![self.n_vocab as u64, e],
+        )];
+        for i in 0..self.n_layer {
+            let b = |s: &str| format!("blk.{i}.{s}.weight");
+            v.push((b("attn_norm"), vec![e]));
+            v.push((b("attn_q"), vec![q, e]));
+            v.push((b("attn_k"), vec![kv, e]));
+            v.push((b("attn_v"), vec![kv, e]));
+            v.push((b("attn_output"), vec![e, q]));
+            v.push((b("ffn_norm"), vec![e]));
+            v.push((b("ffn_gate"), vec![ff, e]));
+            v.push((b("ffn_up"), vec![ff, e]));
+            v.push((b("ffn_down"), vec![e, ff]));
+        }
+        v.push(("output_norm.weight".into(), vec![e]));
+        if !self.tie_embeddings {
+            v.push(("output.weight".into(), vec![self.n_vocab as u64, e]));
+        }
+        v
+    }
+}
+
+/// Tokenizer material embedded in a `.nib`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenizerInfo {
+    /// The Hugging Face `tokenizer.json` bytes, verbatim.
+    pub json: Option<Vec<u8>>,
+    /// Jinja chat template (from tokenizer_config.json or GGUF).
+    pub chat_template: Option<String>,
+    pub bos_id: Option<u64>,
+    /// Token ids that end generation.
+    pub eos_ids: Vec<u64>,
+}
+
+impl TokenizerInfo {
+    pub fn write(&self, m: &mut MetadataBuilder) {
+        use keys::*;
+        if let Some(j) = &self.json {
+            m.set(TOKENIZER_JSON, OwnedValue::Bytes(j.clone()));
+        }
+        if let Some(t) = &self.chat_template {
+            m.set(CHAT_TEMPLATE, OwnedValue::Str(t.clone()));
+        }
+        if let Some(b) = self.bos_id {
+            m.set(BOS_ID, OwnedValue::U64(b));
+        }
+        m.set(EOS_IDS, OwnedValue::U64Array(self.eos_ids.clone()));
+    }
+}
+
+/// Today's UTC date and time as `YYYY-MM-DDTHH:MM:SSZ` (no external crate).
+pub fn utc_now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

@@ -1,0 +1,695 @@
+//! Importers: a Hugging Face model folder (config.json + safetensors, single
+//! or sharded) or a GGUF file, turned into a `.nib` image.
+//!
+//! Both paths produce the same canonical tensor names and the Hugging Face
+//! rotate-half q/k layout, so the runtime has exactly one layout: GGUF's
+//! interleaved rotary rows are un-permuted here, once.
+
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use serde_json::Value as Json;
+use sha2::Digest;
+
+use crate::dtype::DType;
+use crate::error::{FormatError, Result};
+use crate::gguf::{dequantize, GgufFile};
+use crate::hparams::{keys, utc_now_rfc3339, HParams, TokenizerInfo};
+use crate::nib::{MetadataBuilder, NibWriter, OwnedValue};
+use crate::storage::{mmap_file, AlignedBytes, AtomicFile, NibFile};
+
+/// What kind of model a path points at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputKind {
+    Nib,
+    Gguf,
+    HfFolder,
+}
+
+/// Detect the input kind from the path (folder) or the file's magic bytes.
+pub fn detect(path: &Path) -> Result<InputKind> {
+    if path.is_dir() {
+        return if path.join("config.json").is_file() {
+            Ok(InputKind::HfFolder)
+        } else {
+            Err(FormatError::MissingKey {
+                key: "config.json (a Hugging Face model folder needs one)".into(),
+            }
+            .in_file(path))
+        };
+    }
+    let mut magic = [0u8; 8];
+    let mut f = std::fs::File::open(path).map_err(|e| FormatError::io(path, e))?;
+    let n = f.read(&mut magic).map_err(|e| FormatError::io(path, e))?;
+    if n >= 8 && magic == crate::nib::MAGIC {
+        Ok(InputKind::Nib)
+    } else if n >= 4 && magic[..4] == crate::gguf::GGUF_MAGIC {
+        Ok(InputKind::Gguf)
+    } else {
+        Err(FormatError::UnknownInput.in_file(path))
+    }
+}
+
+/// Options for turning a source model into `.nib`.
+#[derive(Clone, Debug)]
+pub struct ImportOptions {
+    /// Storage type of the linear and embedding weights (norms stay F32).
+    pub dtype: DType,
+    /// Hash the source files into the provenance (costs one read of them).
+    pub hash_source: bool,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions {
+            dtype: DType::F16,
+            hash_source: true,
+        }
+    }
+}
+
+/// Progress callback: (tensors done, tensors total, current tensor name).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, &str);
+
+/// A model source that can hand out any canonical tensor as f32.
+trait Source {
+    fn hparams(&self) -> &HParams;
+    /// Row-major f32 data of a canonical tensor (`expected_shape` for checks).
+    fn tensor_f32(&self, name: &str, expected_shape: &[u64]) -> Result<Vec<f32>>;
+}
+
+/// Import `src` (HF folder or GGUF) into a `.nib` written to `out`.
+pub fn import_to<W: Write + Seek>(
+    src: &Path,
+    opts: &ImportOptions,
+    out: W,
+    progress: Progress<'_>,
+) -> Result<W> {
+    let kind = detect(src)?;
+    let result = match kind {
+        InputKind::HfFolder => {
+            let s = HfSource::open(src)?;
+            let tok = s.tokenizer_info()?;
+            let sha = opts.hash_source.then(|| s.hash()).transpose()?;
+            write_nib(&s, &tok, src, sha, opts, out, progress)
+        }
+        InputKind::Gguf => {
+            let map = mmap_file(src)?;
+            let s = GgufSource::new(&map, src)?;
+            let tok = s.tokenizer_info()?;
+            let sha = opts
+                .hash_source
+                .then(|| hex(&sha2::Sha256::digest(&map[..])));
+            write_nib(&s, &tok, src, sha, opts, out, progress)
+        }
+        InputKind::Nib => Err(FormatError::BadValue {
+            key: "input".into(),
+            why: "already a .nib file".into(),
+        }),
+    };
+    result.map_err(|e| e.in_file(src))
+}
+
+/// Import into a 64-byte aligned in-memory image (for `run -m model.gguf`).
+pub fn import_to_memory(
+    src: &Path,
+    opts: &ImportOptions,
+    progress: Progress<'_>,
+) -> Result<NibFile> {
+    let buf = import_to(src, opts, AlignedBytes::new(), progress)?;
+    NibFile::from_memory(buf)
+}
+
+/// Import into a file, atomically (temp file + fsync + rename).
+pub fn import_to_file(
+    src: &Path,
+    dest: &Path,
+    opts: &ImportOptions,
+    progress: Progress<'_>,
+) -> Result<()> {
+    let f = AtomicFile::create(dest)?;
+    let f = import_to(src, opts, f, progress)?;
+    f.commit()
+}
+
+/// Open any supported model path as a `.nib` image: `.nib` files are mapped,
+/// HF folders and GGUF files are converted in memory with `opts`.
+pub fn open_any(path: &Path, opts: &ImportOptions, progress: Progress<'_>) -> Result<NibFile> {
+    match detect(path)? {
+        InputKind::Nib => NibFile::open(path),
+        _ => import_to_memory(path, opts, progress),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn write_nib<W: Write + Seek>(
+    s: &dyn Source,
+    tok: &TokenizerInfo,
+    src: &Path,
+    source_sha256: Option<String>,
+    opts: &ImportOptions,
+    out: W,
+    progress: Progress<'_>,
+) -> Result<W> {
+    let hp = s.hparams();
+    hp.validate()?;
+    let mut meta = MetadataBuilder::new();
+    hp.write(&mut meta);
+    tok.write(&mut meta);
+    if let Some(name) = src.file_name() {
+        meta.set(
+            keys::NAME,
+            OwnedValue::Str(name.to_string_lossy().into_owned()),
+        );
+    }
+    meta.set(keys::QUANT_METHOD, OwnedValue::Str("none".into()));
+    meta.set(keys::QUANT_DTYPE, OwnedValue::Str(opts.dtype.name().into()));
+    meta.set(
+        keys::PROV_SOURCE,
+        OwnedValue::Str(src.display().to_string()),
+    );
+    if let Some(h) = source_sha256 {
+        meta.set(keys::PROV_SOURCE_SHA256, OwnedValue::Str(h));
+    }
+    meta.set(
+        keys::PROV_TOOL,
+        OwnedValue::Str(format!("nibble-format {}", env!("CARGO_PKG_VERSION"))),
+    );
+    meta.set(keys::PROV_CREATED, OwnedValue::Str(utc_now_rfc3339()));
+
+    let io = |e: std::io::Error| FormatError::io(src, e);
+    let mut w = NibWriter::new(out, &meta).map_err(io)?;
+    let specs = hp.tensor_specs();
+    for (i, (name, shape)) in specs.iter().enumerate() {
+        progress(i, specs.len(), name);
+        let data = s.tensor_f32(name, shape)?;
+        if let Some(pos) = data.iter().position(|v| !v.is_finite()) {
+            return Err(FormatError::BadValue {
+                key: name.clone(),
+                why: format!("non-finite weight {} at element {pos}", data[pos]),
+            });
+        }
+        // Norm vectors stay F32: tiny, and precision matters there.
+        let dtype = if shape.len() == 1 {
+            DType::F32
+        } else {
+            opts.dtype
+        };
+        let bytes = encode(&data, dtype);
+        w.add_tensor(name, dtype, shape, &bytes).map_err(io)?;
+    }
+    progress(specs.len(), specs.len(), "");
+    w.finish().map_err(io)
+}
+
+/// f32 values to little-endian bytes of `dtype`.
+pub fn encode(data: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => bytemuck::cast_slice(data).to_vec(),
+        DType::F16 => data
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect(),
+        DType::BF16 => data
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect(),
+    }
+}
+
+// ---------------------------------------------------------------- Hugging Face
+
+struct HfSource {
+    dir: PathBuf,
+    config: Json,
+    hp: HParams,
+    /// (file, map) per safetensors shard.
+    shards: Vec<(PathBuf, memmap2::Mmap)>,
+}
+
+fn read_json(path: &Path) -> Result<Json> {
+    let text = std::fs::read_to_string(path).map_err(|e| FormatError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| FormatError::Json {
+        what: path.display().to_string(),
+        source: e,
+    })
+}
+
+fn cfg_usize(c: &Json, key: &str) -> Result<Option<usize>> {
+    match c.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .and_then(|v| usize::try_from(v).ok())
+            .map(Some)
+            .ok_or_else(|| FormatError::BadConfig {
+                why: format!("config.json: '{key}' = {v} is not a non-negative integer"),
+            }),
+    }
+}
+
+fn cfg_req(c: &Json, key: &str) -> Result<usize> {
+    cfg_usize(c, key)?.ok_or_else(|| FormatError::BadConfig {
+        why: format!("config.json is missing '{key}'"),
+    })
+}
+
+fn cfg_f64(c: &Json, key: &str, default: f64) -> Result<f64> {
+    match c.get(key) {
+        None | Some(Json::Null) => Ok(default),
+        Some(v) => v.as_f64().ok_or_else(|| FormatError::BadConfig {
+            why: format!("config.json: '{key}' = {v} is not a number"),
+        }),
+    }
+}
+
+/// Token ids from an int, a list of ints, or null.
+fn json_ids(v: Option<&Json>) -> Vec<u64> {
+    match v {
+        Some(Json::Number(n)) => n.as_u64().into_iter().collect(),
+        Some(Json::Array(a)) => a.iter().filter_map(Json::as_u64).collect(),
+        _ => vec![],
+    }
+}
+
+impl HfSource {
+    fn open(dir: &Path) -> Result<HfSource> {
+        let config = read_json(&dir.join("config.json"))?;
+        let c = &config;
+        let arch =
+            c.get("model_type")
+                .and_then(Json::as_str)
+                .ok_or_else(|| FormatError::BadConfig {
+                    why: "config.json is missing 'model_type'".into(),
+                })?;
+        if !matches!(arch, "llama" | "mistral") {
+            return Err(FormatError::UnsupportedArchitecture { arch: arch.into() });
+        }
+        if let Some(act) = c.get("hidden_act").and_then(Json::as_str) {
+            if act != "silu" {
+                return Err(FormatError::BadConfig {
+                    why: format!("hidden_act '{act}' is not supported (only silu)"),
+                });
+            }
+        }
+        for flag in ["attention_bias", "mlp_bias"] {
+            if c.get(flag).and_then(Json::as_bool) == Some(true) {
+                return Err(FormatError::BadConfig {
+                    why: format!("'{flag}: true' is not supported yet"),
+                });
+            }
+        }
+        if c.get("rope_scaling").is_some_and(|v| !v.is_null()) {
+            return Err(FormatError::BadConfig {
+                why: "rope_scaling is not supported yet".into(),
+            });
+        }
+        let n_embd = cfg_req(c, "hidden_size")?;
+        let n_head = cfg_req(c, "num_attention_heads")?;
+        if n_head == 0 {
+            return Err(FormatError::BadConfig {
+                why: "num_attention_heads is 0".into(),
+            });
+        }
+        let hp = HParams {
+            arch: "llama".into(),
+            n_vocab: cfg_req(c, "vocab_size")?,
+            n_embd,
+            n_layer: cfg_req(c, "num_hidden_layers")?,
+            n_head,
+            n_head_kv: cfg_usize(c, "num_key_value_heads")?.unwrap_or(n_head),
+            head_dim: cfg_usize(c, "head_dim")?.unwrap_or(n_embd / n_head),
+            n_ff: cfg_req(c, "intermediate_size")?,
+            n_ctx_train: cfg_usize(c, "max_position_embeddings")?.unwrap_or(2048),
+            rope_theta: cfg_f64(c, "rope_theta", 10000.0)?,
+            rms_norm_eps: cfg_f64(c, "rms_norm_eps", 1e-6)?,
+            tie_embeddings: c
+                .get("tie_word_embeddings")
+                .and_then(Json::as_bool)
+                .unwrap_or(false),
+            sliding_window: cfg_usize(c, "sliding_window")?.unwrap_or(0),
+        };
+        hp.validate()
+            .map_err(|e| e.in_file(dir.join("config.json")))?;
+
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.is_file() {
+            let idx = read_json(&index)?;
+            let map = idx
+                .get("weight_map")
+                .and_then(Json::as_object)
+                .ok_or_else(|| FormatError::BadConfig {
+                    why: format!("{}: no 'weight_map' object", index.display()),
+                })?;
+            let mut names: Vec<&str> = map.values().filter_map(Json::as_str).collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+                .into_iter()
+                .map(|n| {
+                    if n.contains('/') || n.contains('\\') || n.starts_with('.') {
+                        Err(FormatError::BadConfig {
+                            why: format!("{}: suspicious shard name '{n}'", index.display()),
+                        })
+                    } else {
+                        Ok(dir.join(n))
+                    }
+                })
+                .collect::<Result<_>>()?
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut shards = Vec::new();
+        for f in files {
+            let map = mmap_file(&f)?;
+            // Validate the header now so errors name the shard.
+            safetensors::SafeTensors::deserialize(&map)
+                .map_err(|e| FormatError::from(e).in_file(&f))?;
+            shards.push((f, map));
+        }
+        Ok(HfSource {
+            dir: dir.to_path_buf(),
+            config,
+            hp,
+            shards,
+        })
+    }
+
+    fn hash(&self) -> Result<String> {
+        let mut h = sha2::Sha256::new();
+        h.update(serde_json::to_vec(&self.config).unwrap_or_default());
+        for (_, m) in &self.shards {
+            h.update(&m[..]);
+        }
+        Ok(hex(&h.finalize()))
+    }
+
+    fn tokenizer_info(&self) -> Result<TokenizerInfo> {
+        let tj = self.dir.join("tokenizer.json");
+        let json = if tj.is_file() {
+            Some(std::fs::read(&tj).map_err(|e| FormatError::io(&tj, e))?)
+        } else {
+            None
+        };
+        let chat_template = chat_template_from_dir(&self.dir)?;
+        let mut bos = json_ids(self.config.get("bos_token_id")).first().copied();
+        let mut eos = json_ids(self.config.get("eos_token_id"));
+        let gc = self.dir.join("generation_config.json");
+        if gc.is_file() {
+            let g = read_json(&gc)?;
+            if let Some(b) = json_ids(g.get("bos_token_id")).first() {
+                bos = Some(*b);
+            }
+            let e = json_ids(g.get("eos_token_id"));
+            if !e.is_empty() {
+                eos = e;
+            }
+        }
+        Ok(TokenizerInfo {
+            json,
+            chat_template,
+            bos_id: bos,
+            eos_ids: eos,
+        })
+    }
+
+    fn hf_name(name: &str) -> String {
+        if name == "token_embd.weight" {
+            return "model.embed_tokens.weight".into();
+        }
+        if name == "output_norm.weight" {
+            return "model.norm.weight".into();
+        }
+        if name == "output.weight" {
+            return "lm_head.weight".into();
+        }
+        // blk.{i}.{what}.weight
+        let mut parts = name.splitn(3, '.');
+        let (_, i, rest) = (
+            parts.next(),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        let what = rest.trim_end_matches(".weight");
+        let hf = match what {
+            "attn_norm" => "input_layernorm",
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_norm" => "post_attention_layernorm",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            other => other,
+        };
+        format!("model.layers.{i}.{hf}.weight")
+    }
+}
+
+fn chat_template_from_dir(dir: &Path) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        return std::fs::read_to_string(&jinja)
+            .map(Some)
+            .map_err(|e| FormatError::io(&jinja, e));
+    }
+    let tc = dir.join("tokenizer_config.json");
+    if !tc.is_file() {
+        return Ok(None);
+    }
+    let v = read_json(&tc)?;
+    Ok(match v.get("chat_template") {
+        Some(Json::String(s)) => Some(s.clone()),
+        // A list of named templates: take "default".
+        Some(Json::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(Json::as_str)
+            .map(str::to_string),
+        _ => None,
+    })
+}
+
+impl Source for HfSource {
+    fn hparams(&self) -> &HParams {
+        &self.hp
+    }
+
+    fn tensor_f32(&self, name: &str, expected: &[u64]) -> Result<Vec<f32>> {
+        let hf = Self::hf_name(name);
+        for (path, map) in &self.shards {
+            let st = safetensors::SafeTensors::deserialize(map)
+                .map_err(|e| FormatError::from(e).in_file(path))?;
+            let Ok(view) = st.tensor(&hf) else { continue };
+            let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
+            if shape != expected {
+                return Err(FormatError::BadShape {
+                    name: hf,
+                    shape,
+                    why: format!("expected {expected:?} from config.json"),
+                }
+                .in_file(path));
+            }
+            let d = view.data();
+            use safetensors::Dtype as S;
+            return Ok(match view.dtype() {
+                S::F32 => d
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                S::F16 => d
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                S::BF16 => d
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(FormatError::UnsupportedTensorType {
+                        name: hf,
+                        what: format!("{other:?}"),
+                    }
+                    .in_file(path))
+                }
+            });
+        }
+        Err(FormatError::MissingTensor { name: hf })
+    }
+}
+
+// ------------------------------------------------------------------------ GGUF
+
+struct GgufSource<'a> {
+    file: GgufFile<'a>,
+    path: PathBuf,
+    hp: HParams,
+}
+
+impl<'a> GgufSource<'a> {
+    fn new(bytes: &'a [u8], path: &Path) -> Result<GgufSource<'a>> {
+        let file = GgufFile::parse(bytes)?;
+        let arch = file
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| FormatError::MissingKey {
+                key: "general.architecture".into(),
+            })?;
+        if arch != "llama" {
+            return Err(FormatError::UnsupportedArchitecture { arch: arch.into() });
+        }
+        let u = |k: &str| -> Result<Option<usize>> {
+            match file.get(&format!("llama.{k}")) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|v| usize::try_from(v).ok())
+                    .map(Some)
+                    .ok_or_else(|| FormatError::BadValue {
+                        key: format!("llama.{k}"),
+                        why: format!("{v:?} is not a non-negative integer"),
+                    }),
+            }
+        };
+        let req = |k: &str| -> Result<usize> {
+            u(k)?.ok_or_else(|| FormatError::MissingKey {
+                key: format!("llama.{k}"),
+            })
+        };
+        let f = |k: &str, d: f64| -> Result<f64> {
+            match file.get(&format!("llama.{k}")) {
+                None => Ok(d),
+                Some(v) => v.as_f64().ok_or_else(|| FormatError::BadValue {
+                    key: format!("llama.{k}"),
+                    why: format!("{v:?} is not a number"),
+                }),
+            }
+        };
+        let n_embd = req("embedding_length")?;
+        let n_head = req("attention.head_count")?;
+        if n_head == 0 {
+            return Err(FormatError::BadConfig {
+                why: "llama.attention.head_count is 0".into(),
+            });
+        }
+        let embd = file
+            .tensor("token_embd.weight")
+            .ok_or(FormatError::MissingTensor {
+                name: "token_embd.weight".into(),
+            })?;
+        let n_vocab = match u("vocab_size")? {
+            Some(v) => v,
+            None => embd.ne.get(1).copied().unwrap_or(0) as usize,
+        };
+        let hp = HParams {
+            arch: "llama".into(),
+            n_vocab,
+            n_embd,
+            n_layer: req("block_count")?,
+            n_head,
+            n_head_kv: u("attention.head_count_kv")?.unwrap_or(n_head),
+            head_dim: match u("attention.key_length")? {
+                Some(v) => v,
+                None => u("rope.dimension_count")?.unwrap_or(n_embd / n_head),
+            },
+            n_ff: req("feed_forward_length")?,
+            n_ctx_train: u("context_length")?.unwrap_or(2048),
+            rope_theta: f("rope.freq_base", 10000.0)?,
+            rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5)?,
+            tie_embeddings: file.tensor("output.weight").is_none(),
+            sliding_window: 0,
+        };
+        Ok(GgufSource {
+            file,
+            path: path.to_path_buf(),
+            hp,
+        })
+    }
+
+    fn tokenizer_info(&self) -> Result<TokenizerInfo> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let tj = dir.join("tokenizer.json");
+        let json = if tj.is_file() {
+            Some(std::fs::read(&tj).map_err(|e| FormatError::io(&tj, e))?)
+        } else {
+            None
+        };
+        let chat_template = match chat_template_from_dir(dir)? {
+            Some(t) => Some(t),
+            None => self
+                .file
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+        };
+        let id = |k: &str| self.file.get(k).and_then(|v| v.as_u64());
+        Ok(TokenizerInfo {
+            json,
+            chat_template,
+            bos_id: id("tokenizer.ggml.bos_token_id"),
+            eos_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        })
+    }
+}
+
+impl Source for GgufSource<'_> {
+    fn hparams(&self) -> &HParams {
+        &self.hp
+    }
+
+    fn tensor_f32(&self, name: &str, expected: &[u64]) -> Result<Vec<f32>> {
+        let t = self
+            .file
+            .tensor(name)
+            .ok_or_else(|| FormatError::MissingTensor { name: name.into() })?;
+        let shape: Vec<u64> = t.ne.iter().rev().copied().collect();
+        if shape != expected {
+            return Err(FormatError::BadShape {
+                name: name.into(),
+                shape,
+                why: format!("expected {expected:?} from the GGUF hyper-parameters"),
+            });
+        }
+        let mut data = vec![0f32; t.n_elements() as usize];
+        dequantize(t, &mut data)?;
+        let heads = if name.ends_with("attn_q.weight") {
+            Some(self.hp.n_head)
+        } else if name.ends_with("attn_k.weight") {
+            Some(self.hp.n_head_kv)
+        } else {
+            None
+        };
+        if let Some(n_heads) = heads {
+            data = unpermute_rotary_rows(&data, n_heads, self.hp.head_dim, self.hp.n_embd);
+        }
+        Ok(data)
+    }
+}
+
+/// Undo llama.cpp's q/k row permutation: GGUF row `h*hd + 2i + j` holds
+/// Hugging Face row `h*hd + j*hd/2 + i` (interleaved vs. rotate-half RoPE pairs).
+pub fn unpermute_rotary_rows(
+    w: &[f32],
+    n_heads: usize,
+    head_dim: usize,
+    n_cols: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; w.len()];
+    let half = head_dim / 2;
+    for h in 0..n_heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = (h * head_dim + 2 * i + j) * n_cols;
+                let dst = (h * head_dim + j * half + i) * n_cols;
+                out[dst..dst + n_cols].copy_from_slice(&w[src..src + n_cols]);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,232 @@
+//! Where `.nib` bytes live: a memory-mapped file (zero-copy load) or a
+//! 64-byte-aligned heap buffer (models converted in memory), behind one
+//! owned type, [`NibFile`]; and [`AtomicFile`], the temp-file + fsync +
+//! rename sink that guarantees a crash never leaves a partial output.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{FormatError, Result};
+use crate::nib::NibView;
+
+/// One 64-byte, 64-aligned block: the unit of [`AlignedBytes`].
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct Block([u8; 64]);
+
+/// A growable byte buffer whose start is 64-byte aligned, so typed views of
+/// 64-aligned tensors (`&[f32]`, `&[u16]`) are always valid. Implements
+/// `Write + Seek` so [`crate::NibWriter`] can target it directly.
+#[derive(Clone, Default)]
+pub struct AlignedBytes {
+    blocks: Vec<Block>,
+    len: usize,
+    pos: usize,
+}
+
+impl AlignedBytes {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &bytemuck::cast_slice::<Block, u8>(&self.blocks)[..self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copy arbitrary bytes into a fresh aligned buffer.
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        let mut a = AlignedBytes::new();
+        a.write_all(bytes).expect("writing to memory cannot fail");
+        a
+    }
+}
+
+impl Write for AlignedBytes {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let end = self.pos + buf.len();
+        let need_blocks = end.div_ceil(64);
+        if need_blocks > self.blocks.len() {
+            let grow = need_blocks.max(self.blocks.len() * 2);
+            self.blocks.resize(grow, Block([0; 64]));
+        }
+        let bytes = bytemuck::cast_slice_mut::<Block, u8>(&mut self.blocks);
+        bytes[self.pos..end].copy_from_slice(buf);
+        self.pos = end;
+        self.len = self.len.max(end);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for AlignedBytes {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let new = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => (self.len as u64).checked_add_signed(d),
+            SeekFrom::Current(d) => (self.pos as u64).checked_add_signed(d),
+        };
+        match new.and_then(|p| usize::try_from(p).ok()) {
+            Some(p) => {
+                self.pos = p;
+                Ok(p as u64)
+            }
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek out of range",
+            )),
+        }
+    }
+}
+
+/// Memory-map a file read-only.
+pub fn mmap_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = File::open(path).map_err(|e| FormatError::io(path, e))?;
+    // SAFETY: the map is read-only and private to this process. Soundness
+    // requires that no one truncates or rewrites the file while it is mapped;
+    // nibble never modifies an existing file in place (writers create a temp
+    // file and rename it over the target, which leaves existing maps intact).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
+    Ok(map)
+}
+
+enum Backing {
+    Mmap(memmap2::Mmap),
+    Memory(AlignedBytes),
+}
+
+/// An owned, validated `.nib` image: memory-mapped from disk or held in memory.
+pub struct NibFile {
+    backing: Backing,
+    path: Option<PathBuf>,
+}
+
+impl NibFile {
+    /// Memory-map and validate a `.nib` file (header, metadata, directory;
+    /// not the checksums). Errors name the file.
+    pub fn open(path: impl AsRef<Path>) -> Result<NibFile> {
+        let path = path.as_ref();
+        let map = mmap_file(path)?;
+        let file = NibFile {
+            backing: Backing::Mmap(map),
+            path: Some(path.to_path_buf()),
+        };
+        file.view()?;
+        Ok(file)
+    }
+
+    /// Validate an in-memory image.
+    pub fn from_memory(bytes: AlignedBytes) -> Result<NibFile> {
+        let file = NibFile {
+            backing: Backing::Memory(bytes),
+            path: None,
+        };
+        file.view()?;
+        Ok(file)
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match &self.backing {
+            Backing::Mmap(m) => m,
+            Backing::Memory(a) => a.as_slice(),
+        }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// A parsed view (re-parses the header, metadata and directory: O(metadata)).
+    pub fn view(&self) -> Result<NibView<'_>> {
+        NibView::parse(self.bytes()).map_err(|e| match &self.path {
+            Some(p) => e.in_file(p),
+            None => e,
+        })
+    }
+}
+
+/// A file written through a temp file in the same directory, renamed into
+/// place only by [`AtomicFile::commit`]. Dropping it uncommitted deletes the
+/// temp file, so an interrupted write never leaves a partial output.
+pub struct AtomicFile {
+    file: Option<std::io::BufWriter<File>>,
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+impl AtomicFile {
+    pub fn create(dest: impl AsRef<Path>) -> Result<AtomicFile> {
+        let dest = dest.as_ref().to_path_buf();
+        let name = dest
+            .file_name()
+            .ok_or_else(|| FormatError::BadValue {
+                key: dest.display().to_string(),
+                why: "output path has no file name".into(),
+            })?
+            .to_string_lossy()
+            .into_owned();
+        let tmp = dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        let file = File::create(&tmp).map_err(|e| FormatError::io(&tmp, e))?;
+        Ok(AtomicFile {
+            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+            tmp,
+            dest,
+        })
+    }
+
+    /// Flush, fsync, and rename over the destination.
+    pub fn commit(mut self) -> Result<()> {
+        let w = self.file.take().expect("committed once");
+        let file = w
+            .into_inner()
+            .map_err(|e| FormatError::io(&self.tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| FormatError::io(&self.tmp, e))?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| FormatError::io(&self.dest, e))?;
+        if let Some(dir) = self.dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Persist the rename itself; not all platforms allow opening a directory.
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.as_mut().expect("not committed").write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().expect("not committed").flush()
+    }
+}
+
+impl Seek for AtomicFile {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.file.as_mut().expect("not committed").seek(pos)
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}

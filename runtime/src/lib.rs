@@ -1,0 +1,22 @@
+//! `nibble-runtime`: runs Llama-family decoders from `.nib` images.
+//!
+//! * [`Model`] maps the file and records where every weight lives; weights
+//!   are used in place (F16/BF16 converted inside the dot products).
+//! * [`Session`] owns a run state sized once from the config (KV cache
+//!   included): evaluating or decoding a token allocates nothing.
+//! * [`Sampler`] implements greedy, temperature, top-k, top-p, min-p and a
+//!   repetition penalty with a seed.
+
+pub mod error;
+pub mod forward;
+pub mod kernels;
+pub mod model;
+pub mod sampler;
+pub mod session;
+pub mod tokenizer;
+
+pub use error::{Result, RuntimeError};
+pub use model::Model;
+pub use sampler::{argmax, Sampler, SamplerParams};
+pub use session::{GenerateParams, GenerationStats, Session, SessionParams, StopReason};
+pub use tokenizer::{render_chat, ChatMessage, TextStream, Tokenizer};

@@ -1,0 +1,282 @@
+//! A loaded model: the `.nib` image (memory-mapped or in memory), its
+//! hyper-parameters, a table of weight locations, and the tokenizer.
+//!
+//! Weights are never copied at load: [`Weight`] records where a tensor lives
+//! in the image and [`Model::rows`] hands out zero-copy typed slices, so
+//! loading costs O(metadata) and the resident memory is the mapped file.
+
+use std::path::Path;
+
+use half::{bf16, f16};
+use nibble_format::import::{open_any, ImportOptions, Progress};
+use nibble_format::{keys, DType, HParams, NibFile, TensorInfo};
+
+use crate::error::{Result, RuntimeError};
+use crate::tokenizer::Tokenizer;
+
+/// Location and type of one weight matrix (or vector) inside the image.
+#[derive(Clone, Copy, Debug)]
+pub struct Weight {
+    pub dtype: DType,
+    /// Output dimension (1 for vectors).
+    pub rows: usize,
+    /// Input dimension (contiguous).
+    pub cols: usize,
+    offset: usize,
+    nbytes: usize,
+}
+
+/// Typed, zero-copy rows of a weight: `rows × cols`, row-major.
+pub enum WeightData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+/// Weights of one decoder block. Shapes are `[rows, cols]` = `[out, in]`.
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    /// `[n_embd]` RMSNorm weight before attention (F32).
+    pub attn_norm: Weight,
+    /// `[n_head·head_dim, n_embd]`, rotate-half RoPE layout.
+    pub attn_q: Weight,
+    /// `[n_head_kv·head_dim, n_embd]`.
+    pub attn_k: Weight,
+    /// `[n_head_kv·head_dim, n_embd]`.
+    pub attn_v: Weight,
+    /// `[n_embd, n_head·head_dim]`.
+    pub attn_output: Weight,
+    /// `[n_embd]` RMSNorm weight before the MLP (F32).
+    pub ffn_norm: Weight,
+    /// `[n_ff, n_embd]`.
+    pub ffn_gate: Weight,
+    /// `[n_ff, n_embd]`.
+    pub ffn_up: Weight,
+    /// `[n_embd, n_ff]`.
+    pub ffn_down: Weight,
+}
+
+/// A model ready to run: shared read-only by any number of sessions.
+pub struct Model {
+    file: NibFile,
+    name: String,
+    pub hparams: HParams,
+    /// `[n_vocab, n_embd]`.
+    pub token_embd: Weight,
+    pub layers: Vec<LayerWeights>,
+    /// `[n_embd]` final RMSNorm (F32).
+    pub output_norm: Weight,
+    /// `[n_vocab, n_embd]`; the same location as `token_embd` when tied.
+    pub output: Weight,
+    pub tokenizer: Option<Tokenizer>,
+    pub chat_template: Option<String>,
+    pub bos_id: Option<u32>,
+    pub eos_ids: Vec<u32>,
+}
+
+impl Model {
+    /// Load a `.nib` (memory-mapped), or convert an HF folder / GGUF file in
+    /// memory (F32 by default, so results match the float reference).
+    pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        let opts = ImportOptions {
+            dtype: DType::F32,
+            hash_source: false,
+        };
+        Self::load_with(path, &opts, &mut |_, _, _| {})
+    }
+
+    /// As [`Model::load`], with import options and a progress callback.
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        opts: &ImportOptions,
+        progress: Progress<'_>,
+    ) -> Result<Model> {
+        let path = path.as_ref();
+        let file = open_any(path, opts, progress)?;
+        Self::from_nib(file, path.display().to_string())
+    }
+
+    /// Build a model over an already validated image.
+    pub fn from_nib(file: NibFile, name: String) -> Result<Model> {
+        let view = file.view()?;
+        let in_file = |e: nibble_format::FormatError| RuntimeError::Format(e.in_file(&name));
+        let hp = HParams::read(&view.metadata).map_err(in_file)?;
+        let find = |tname: &str, shape: &[u64], float_only: bool| -> Result<Weight> {
+            let t: &TensorInfo = view
+                .tensor(tname)
+                .ok_or_else(|| RuntimeError::MissingTensor {
+                    model: name.clone(),
+                    name: tname.into(),
+                })?;
+            if t.shape != shape {
+                return Err(RuntimeError::TensorShape {
+                    model: name.clone(),
+                    name: tname.into(),
+                    expected: shape.to_vec(),
+                    found: t.shape.clone(),
+                });
+            }
+            if float_only && t.dtype != DType::F32 {
+                return Err(RuntimeError::TensorDtype {
+                    model: name.clone(),
+                    name: tname.into(),
+                    expected: "F32",
+                    found: t.dtype.to_string(),
+                });
+            }
+            let (rows, cols) = match *shape {
+                [c] => (1, c as usize),
+                [r, c] => (r as usize, c as usize),
+                _ => unreachable!("model tensors are 1-D or 2-D"),
+            };
+            Ok(Weight {
+                dtype: t.dtype,
+                rows,
+                cols,
+                offset: t.offset as usize,
+                nbytes: t.data.len(),
+            })
+        };
+        let specs = hp.tensor_specs();
+        let shape_of = |n: &str| {
+            specs
+                .iter()
+                .find(|(s, _)| s == n)
+                .map(|(_, sh)| sh.clone())
+                .expect("canonical name")
+        };
+        let get = |n: &str| find(n, &shape_of(n), false);
+        let norm = |n: &str| find(n, &shape_of(n), true);
+        let mut layers = Vec::with_capacity(hp.n_layer);
+        for i in 0..hp.n_layer {
+            let b = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(LayerWeights {
+                attn_norm: norm(&b("attn_norm"))?,
+                attn_q: get(&b("attn_q"))?,
+                attn_k: get(&b("attn_k"))?,
+                attn_v: get(&b("attn_v"))?,
+                attn_output: get(&b("attn_output"))?,
+                ffn_norm: norm(&b("ffn_norm"))?,
+                ffn_gate: get(&b("ffn_gate"))?,
+                ffn_up: get(&b("ffn_up"))?,
+                ffn_down: get(&b("ffn_down"))?,
+            });
+        }
+        let token_embd = get("token_embd.weight")?;
+        let output = if hp.tie_embeddings {
+            token_embd
+        } else {
+            get("output.weight")?
+        };
+        let output_norm = norm("output_norm.weight")?;
+
+        let md = &view.metadata;
+        let tokenizer = match md.opt_bytes(keys::TOKENIZER_JSON).map_err(in_file)? {
+            Some(json) => Some(Tokenizer::from_bytes(json)?),
+            None => None,
+        };
+        let chat_template = md
+            .opt_str(keys::CHAT_TEMPLATE)
+            .map_err(in_file)?
+            .map(str::to_string);
+        let to_id = |v: u64| -> Result<u32> {
+            u32::try_from(v)
+                .ok()
+                .filter(|&id| (id as usize) < hp.n_vocab)
+                .ok_or_else(|| {
+                    in_file(nibble_format::FormatError::BadValue {
+                        key: "special token id".into(),
+                        why: format!("{v} is outside the vocabulary of {}", hp.n_vocab),
+                    })
+                })
+        };
+        let bos_id = md
+            .opt_u64(keys::BOS_ID)
+            .map_err(in_file)?
+            .map(to_id)
+            .transpose()?;
+        let eos_ids = md
+            .opt_u64_array(keys::EOS_IDS)
+            .map_err(in_file)?
+            .unwrap_or_default()
+            .into_iter()
+            .map(to_id)
+            .collect::<Result<Vec<u32>>>()?;
+        drop(view);
+        Ok(Model {
+            file,
+            name,
+            hparams: hp,
+            token_embd,
+            layers,
+            output_norm,
+            output,
+            tokenizer,
+            chat_template,
+            bos_id,
+            eos_ids,
+        })
+    }
+
+    /// Display name (the path it was loaded from).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn file(&self) -> &NibFile {
+        &self.file
+    }
+
+    /// The tokenizer, or a clear error if the model has none.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| RuntimeError::NoTokenizer {
+                model: self.name.clone(),
+            })
+    }
+
+    /// Zero-copy typed view of a weight's data.
+    pub fn data(&self, w: &Weight) -> WeightData<'_> {
+        let bytes = &self.file.bytes()[w.offset..w.offset + w.nbytes];
+        // Offsets are 64-aligned within a 64-aligned (or page-aligned) image
+        // and lengths were checked against shape × dtype at load.
+        match w.dtype {
+            DType::F32 => WeightData::F32(bytemuck::cast_slice(bytes)),
+            DType::F16 => WeightData::F16(bytemuck::cast_slice(bytes)),
+            DType::BF16 => WeightData::BF16(bytemuck::cast_slice(bytes)),
+        }
+    }
+
+    /// An F32 vector weight (norms).
+    pub fn vector(&self, w: &Weight) -> &[f32] {
+        match self.data(w) {
+            WeightData::F32(v) => v,
+            _ => unreachable!("norm weights are checked to be F32 at load"),
+        }
+    }
+
+    /// Total bytes of weights streamed per decoded token.
+    pub fn weight_bytes(&self) -> usize {
+        let mut n = self.token_embd.nbytes + self.output_norm.nbytes;
+        if !self.hparams.tie_embeddings {
+            n += self.output.nbytes;
+        }
+        for l in &self.layers {
+            for w in [
+                &l.attn_norm,
+                &l.attn_q,
+                &l.attn_k,
+                &l.attn_v,
+                &l.attn_output,
+                &l.ffn_norm,
+                &l.ffn_gate,
+                &l.ffn_up,
+                &l.ffn_down,
+            ] {
+                n += w.nbytes;
+            }
+        }
+        n
+    }
+}

@@ -1,0 +1,276 @@
+//! A session: one conversation's run state (KV cache included) over a shared
+//! model, plus generation with sampling, stop conditions and streaming.
+
+use std::sync::Arc;
+
+use crate::error::{Result, RuntimeError};
+use crate::forward::{forward, RunState};
+use crate::model::Model;
+use crate::sampler::Sampler;
+use crate::tokenizer::TextStream;
+
+/// Session settings.
+#[derive(Clone, Debug)]
+pub struct SessionParams {
+    /// Context length in tokens (0 = the model's trained context, capped at 4096).
+    pub n_ctx: usize,
+    /// Worker threads for the matrix-vector products (0 = all cores).
+    pub n_threads: usize,
+}
+
+impl Default for SessionParams {
+    fn default() -> Self {
+        SessionParams {
+            n_ctx: 0,
+            n_threads: 0,
+        }
+    }
+}
+
+/// Why generation stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// An end-of-sequence token was produced (not emitted).
+    Eos,
+    /// A stop string appeared in the output (the text up to it was emitted).
+    StopString,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The context is full.
+    ContextFull,
+    /// The callback asked to stop.
+    Callback,
+}
+
+/// Generation settings.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    /// Stop when any of these strings appears in the generated text.
+    pub stop_strings: Vec<String>,
+    /// Also stop on the model's EOS tokens (default true via `new`).
+    pub ignore_eos: bool,
+}
+
+/// What happened during a generation.
+#[derive(Clone, Debug)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prompt_seconds: f64,
+    pub generate_seconds: f64,
+    pub stop: StopReason,
+    /// The generated text (stop string excluded).
+    pub text: String,
+    pub tokens: Vec<u32>,
+}
+
+pub struct Session {
+    model: Arc<Model>,
+    state: RunState,
+    /// Tokens currently in the KV cache, in order (capacity n_ctx).
+    tokens: Vec<u32>,
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl Session {
+    pub fn new(model: Arc<Model>, params: &SessionParams) -> Result<Session> {
+        let n_ctx = if params.n_ctx == 0 {
+            model.hparams.n_ctx_train.min(4096)
+        } else {
+            params.n_ctx
+        };
+        if n_ctx > model.hparams.n_ctx_train.max(1 << 20) {
+            return Err(RuntimeError::InvalidParam(format!(
+                "context {n_ctx} is too large"
+            )));
+        }
+        let n_threads = if params.n_threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            params.n_threads
+        };
+        let pool = if n_threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n_threads)
+                    .build()?,
+            )
+        } else {
+            None
+        };
+        let state = RunState::new(&model, n_ctx);
+        Ok(Session {
+            model,
+            state,
+            tokens: Vec::with_capacity(n_ctx),
+            pool,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.state.n_ctx
+    }
+
+    /// Tokens in the KV cache.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Logits after the last evaluated token.
+    pub fn logits(&self) -> &[f32] {
+        &self.state.logits
+    }
+
+    /// Bytes of the run state (KV cache included).
+    pub fn state_bytes(&self) -> usize {
+        self.state.bytes()
+    }
+
+    /// Forget everything in the KV cache.
+    pub fn reset(&mut self) {
+        self.tokens.clear();
+    }
+
+    /// Keep only the first `n` tokens of the KV cache.
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+    }
+
+    fn check(&self, tokens: &[u32]) -> Result<()> {
+        let needed = self.tokens.len() + tokens.len();
+        if needed > self.state.n_ctx {
+            return Err(RuntimeError::ContextOverflow {
+                needed,
+                n_ctx: self.state.n_ctx,
+            });
+        }
+        let n_vocab = self.model.hparams.n_vocab;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(RuntimeError::BadToken { id, n_vocab });
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, token: u32, want_logits: bool) {
+        let pos = self.tokens.len();
+        let (model, state) = (&*self.model, &mut self.state);
+        match &self.pool {
+            Some(pool) => pool.install(|| forward(model, state, token, pos, want_logits, true)),
+            None => forward(model, state, token, pos, want_logits, false),
+        }
+        self.tokens.push(token);
+    }
+
+    /// Evaluate `tokens` after those already in the cache; returns the logits
+    /// of the last one. Allocates nothing.
+    pub fn eval(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        self.check(tokens)?;
+        for (i, &t) in tokens.iter().enumerate() {
+            self.step(t, i + 1 == tokens.len());
+        }
+        Ok(&self.state.logits)
+    }
+
+    /// Evaluate `tokens`, calling `f(i, logits)` after each one (for perplexity).
+    pub fn eval_each(&mut self, tokens: &[u32], mut f: impl FnMut(usize, &[f32])) -> Result<()> {
+        self.check(tokens)?;
+        for (i, &t) in tokens.iter().enumerate() {
+            self.step(t, true);
+            f(i, &self.state.logits);
+        }
+        Ok(())
+    }
+
+    /// Generate after `prompt`, streaming text deltas to `on_text(token, text)`;
+    /// returning `false` from the callback stops generation.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        sampler: &mut Sampler,
+        mut on_text: impl FnMut(u32, &str) -> bool,
+    ) -> Result<GenerationStats> {
+        if prompt.is_empty() && self.tokens.is_empty() {
+            return Err(RuntimeError::InvalidParam(
+                "empty prompt: give at least one token (e.g. BOS)".into(),
+            ));
+        }
+        let model = Arc::clone(&self.model);
+        let tok = model.tokenizer().ok();
+        let t0 = std::time::Instant::now();
+        self.eval(prompt)?;
+        let prompt_seconds = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        let mut stream = TextStream::new();
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let max_stop = params
+            .stop_strings
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(0);
+        let mut emitted = 0usize; // bytes of `text` already passed to on_text
+        let stop = loop {
+            if tokens.len() >= params.max_tokens {
+                break StopReason::MaxTokens;
+            }
+            let next = sampler.sample(&self.state.logits, &self.tokens);
+            if !params.ignore_eos && model.eos_ids.contains(&next) {
+                break StopReason::Eos;
+            }
+            tokens.push(next);
+            if let Some(tok) = tok {
+                text.push_str(&stream.push(tok, next)?);
+            }
+            if let Some(cut) = params
+                .stop_strings
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
+                text.truncate(cut);
+                if cut > emitted {
+                    on_text(next, &text[emitted..]);
+                }
+                break StopReason::StopString;
+            }
+            // Hold back a tail that could still become a stop string.
+            let mut safe = text.len().saturating_sub(max_stop.saturating_sub(1));
+            while !text.is_char_boundary(safe) {
+                safe -= 1;
+            }
+            let delta = if safe > emitted {
+                &text[emitted..safe]
+            } else {
+                ""
+            };
+            let keep_going = on_text(next, delta);
+            emitted = emitted.max(safe);
+            if !keep_going {
+                break StopReason::Callback;
+            }
+            if self.tokens.len() >= self.state.n_ctx {
+                break StopReason::ContextFull;
+            }
+            self.eval(&[next])?;
+        };
+        if emitted < text.len() && stop != StopReason::StopString {
+            on_text(*tokens.last().unwrap_or(&0), &text[emitted..]);
+        }
+        Ok(GenerationStats {
+            prompt_tokens: prompt.len(),
+            generated_tokens: tokens.len(),
+            prompt_seconds,
+            generate_seconds: t1.elapsed().as_secs_f64(),
+            stop,
+            text,
+            tokens,
+        })
+    }
+}
