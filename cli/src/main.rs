@@ -1,1 +1,96 @@
-fn main() {}
+//! `nibble`: convert, run, chat with, measure and inspect language models on the CPU.
+
+mod bench;
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "nibble",
+    version,
+    about = "Run language models fast on ordinary CPUs.",
+    long_about = "Run language models fast on ordinary CPUs.\n\n\
+        MODEL arguments (-m) take a .nib file, a GGUF file, or a Hugging Face model folder \
+        (config.json + model.safetensors + tokenizer.json). GGUF files and folders are \
+        converted in memory on every start; `nibble convert` writes a .nib once so later \
+        loads are a zero-copy memory map.",
+    after_help = "Examples:\n  \
+        nibble run -m ../shared/models/stories260k -p \"Once upon a time\" -n 64\n  \
+        nibble chat -m ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf\n  \
+        nibble convert -m ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2.nib\n  \
+        nibble perplexity -m smollm2.nib -f ../shared/data/wikitext-2-test.txt -c 2048\n  \
+        nibble bench -m smollm2.nib -p 128 -n 64 -t 1,2"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a Hugging Face folder or a GGUF file into a single .nib file.
+    Convert(commands::ConvertArgs),
+    /// Generate text from a prompt.
+    Run(commands::RunArgs),
+    /// Chat with an instruction-tuned model (interactive, or one-shot with -p).
+    Chat(commands::ChatArgs),
+    /// Measure perplexity on a text file (non-overlapping windows of -c tokens).
+    Perplexity(commands::PerplexityArgs),
+    /// Show a .nib file's metadata, tensors and sizes; --verify checks checksums.
+    Inspect(commands::InspectArgs),
+    /// Measure prompt-processing and generation speed (like llama-bench).
+    Bench(bench::BenchArgs),
+}
+
+/// Options shared by every command that loads a model.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Model: a .nib file, a GGUF file, or a Hugging Face model folder.
+    #[arg(short = 'm', long = "model", value_name = "MODEL")]
+    pub model: PathBuf,
+    /// Weight type used when a GGUF/HF model is converted in memory (f32, f16, bf16).
+    #[arg(long, default_value = "f32", value_name = "DTYPE")]
+    pub dtype: String,
+    /// Worker threads (0 = all cores).
+    #[arg(short = 't', long, default_value_t = 0)]
+    pub threads: usize,
+    /// Context length in tokens (0 = the model's, capped at 4096).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    pub ctx_size: usize,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Convert(a) => commands::convert(a),
+        Command::Run(a) => commands::run(a),
+        Command::Chat(a) => commands::chat(a),
+        Command::Perplexity(a) => commands::perplexity(a),
+        Command::Inspect(a) => commands::inspect(a),
+        Command::Bench(a) => bench::bench(a),
+    };
+    if let Err(e) = result {
+        // A closed pipe (`nibble inspect x.nib | head`) is not an error.
+        if e.chain()
+            .filter_map(|c| c.downcast_ref::<std::io::Error>())
+            .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            std::process::exit(0);
+        }
+        // Print the chain, skipping causes whose text the previous message
+        // already includes (typed errors embed their source's message).
+        let mut last = e.to_string();
+        eprintln!("error: {last}");
+        for cause in e.chain().skip(1) {
+            let msg = cause.to_string();
+            if !last.contains(&msg) {
+                eprintln!("  caused by: {msg}");
+            }
+            last = msg;
+        }
+        std::process::exit(1);
+    }
+}

@@ -87,7 +87,7 @@ pub fn import_to<W: Write + Seek>(
     progress: Progress<'_>,
 ) -> Result<W> {
     let kind = detect(src)?;
-    let result = match kind {
+    let inner = || match kind {
         InputKind::HfFolder => {
             let s = HfSource::open(src)?;
             let tok = s.tokenizer_info()?;
@@ -108,7 +108,7 @@ pub fn import_to<W: Write + Seek>(
             why: "already a .nib file".into(),
         }),
     };
-    result.map_err(|e| e.in_file(src))
+    inner().map_err(|e| e.in_file(src))
 }
 
 /// Import into a 64-byte aligned in-memory image (for `run -m model.gguf`).

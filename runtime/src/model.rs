@@ -68,7 +68,11 @@ pub struct Model {
     pub output_norm: Weight,
     /// `[n_vocab, n_embd]`; the same location as `token_embd` when tied.
     pub output: Weight,
-    pub tokenizer: Option<Tokenizer>,
+    /// `(offset, len)` of the embedded tokenizer.json inside the image.
+    tokenizer_json: Option<(usize, usize)>,
+    /// Parsed on first use, so that loading stays O(metadata): building a
+    /// 50k-token BPE takes ~100 ms, far more than mapping the file.
+    tokenizer: std::sync::OnceLock<std::result::Result<Tokenizer, String>>,
     pub chat_template: Option<String>,
     pub bos_id: Option<u32>,
     pub eos_ids: Vec<u32>,
@@ -171,10 +175,11 @@ impl Model {
         let output_norm = norm("output_norm.weight")?;
 
         let md = &view.metadata;
-        let tokenizer = match md.opt_bytes(keys::TOKENIZER_JSON).map_err(in_file)? {
-            Some(json) => Some(Tokenizer::from_bytes(json)?),
-            None => None,
-        };
+        let base = file.bytes().as_ptr() as usize;
+        let tokenizer_json = md
+            .opt_bytes(keys::TOKENIZER_JSON)
+            .map_err(in_file)?
+            .map(|json| (json.as_ptr() as usize - base, json.len()));
         let chat_template = md
             .opt_str(keys::CHAT_TEMPLATE)
             .map_err(in_file)?
@@ -211,7 +216,8 @@ impl Model {
             layers,
             output_norm,
             output,
-            tokenizer,
+            tokenizer_json,
+            tokenizer: std::sync::OnceLock::new(),
             chat_template,
             bos_id,
             eos_ids,
@@ -229,11 +235,22 @@ impl Model {
 
     /// The tokenizer, or a clear error if the model has none.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer
-            .as_ref()
+        let (off, len) = self
+            .tokenizer_json
             .ok_or_else(|| RuntimeError::NoTokenizer {
                 model: self.name.clone(),
-            })
+            })?;
+        let parsed = self.tokenizer.get_or_init(|| {
+            Tokenizer::from_bytes(&self.file.bytes()[off..off + len]).map_err(|e| e.to_string())
+        });
+        parsed.as_ref().map_err(|e| {
+            RuntimeError::Tokenizer(format!("{}: embedded tokenizer.json: {e}", self.name))
+        })
+    }
+
+    /// Whether the model embeds a tokenizer.
+    pub fn has_tokenizer(&self) -> bool {
+        self.tokenizer_json.is_some()
     }
 
     /// Zero-copy typed view of a weight's data.

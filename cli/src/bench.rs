@@ -1,0 +1,183 @@
+//! `nibble bench`: prompt-processing (pp) and token-generation (tg) speed,
+//! llama-bench style, plus a memory-bandwidth probe that turns generation
+//! speed into a fraction of the bandwidth bound.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use nibble_runtime::{argmax, Model, Session, SessionParams};
+use rayon::prelude::*;
+
+use crate::commands::load_model;
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model: a .nib file, a GGUF file, or a Hugging Face model folder.
+    #[arg(short = 'm', long = "model", value_name = "MODEL")]
+    model: std::path::PathBuf,
+    /// Weight type used when a GGUF/HF model is converted in memory (f32, f16, bf16).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Prompt lengths to measure (comma-separated; 0 skips).
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    n_prompt: Vec<usize>,
+    /// Generation lengths to measure (comma-separated; 0 skips).
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "64"
+    )]
+    n_gen: Vec<usize>,
+    /// Thread counts to measure (comma-separated).
+    #[arg(
+        short = 't',
+        long = "threads",
+        value_delimiter = ',',
+        default_value = "1"
+    )]
+    thread_list: Vec<usize>,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    repetitions: usize,
+    /// Skip the memory-bandwidth probe.
+    #[arg(long)]
+    no_bandwidth: bool,
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// Read a 1 GiB buffer with `threads` threads; returns the best of 3 in GB/s.
+pub fn bandwidth_probe(threads: usize) -> Result<f64> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let n = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let s: u64 = pool.install(|| {
+            buf.par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                .reduce(|| 0, u64::wrapping_add)
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((n * 8) as f64 / secs / 1e9);
+    }
+    Ok(best)
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.repetitions == 0 {
+        bail!("-r must be at least 1");
+    }
+    if a.thread_list.contains(&0) {
+        bail!("-t takes thread counts of at least 1");
+    }
+    let t0 = Instant::now();
+    let model: Arc<Model> = load_model(&ModelArgs {
+        model: a.model.clone(),
+        dtype: a.dtype.clone(),
+        threads: 1,
+        ctx_size: 0,
+    })?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let bytes_per_token = model.weight_bytes();
+    let max_len = a
+        .n_prompt
+        .iter()
+        .chain(&a.n_gen)
+        .copied()
+        .max()
+        .unwrap_or(0)
+        + 1;
+    println!(
+        "model: {} | {:.1} MB of weights read per token | load {:.1} ms",
+        a.model.display(),
+        bytes_per_token as f64 / 1e6,
+        load_ms
+    );
+    println!(
+        "| threads | test | tokens/s (mean ± sd, {} reps) | bandwidth bound | % of bound |",
+        a.repetitions
+    );
+    println!("|--:|--|--:|--:|--:|");
+    let n_vocab = model.hparams.n_vocab as u32;
+    for &threads in &a.thread_list {
+        let mut s = Session::new(
+            Arc::clone(&model),
+            &SessionParams {
+                n_ctx: max_len.max(16),
+                n_threads: threads,
+            },
+        )?;
+        let bw = if a.no_bandwidth {
+            None
+        } else {
+            Some(bandwidth_probe(threads)?)
+        };
+        // Deterministic pseudo-random prompt tokens.
+        let tokens: Vec<u32> = (0..max_len as u32)
+            .map(|i| (i * 7919 + 13) % n_vocab)
+            .collect();
+        for &n in a.n_prompt.iter().filter(|&&n| n > 0) {
+            s.reset();
+            s.eval(&tokens[..n.min(8)])?; // warm-up
+            let mut rates = vec![];
+            for _ in 0..a.repetitions {
+                s.reset();
+                let t = Instant::now();
+                s.eval(&tokens[..n])?;
+                rates.push(n as f64 / t.elapsed().as_secs_f64());
+            }
+            let (m, sd) = mean_sd(&rates);
+            println!("| {threads} | pp{n} | {m:.1} ± {sd:.1} | | |");
+        }
+        for &n in a.n_gen.iter().filter(|&&n| n > 0) {
+            let mut rates = vec![];
+            for rep in 0..=a.repetitions {
+                s.reset();
+                let mut next = model.bos_id.unwrap_or(0);
+                let t = Instant::now();
+                for _ in 0..n {
+                    next = argmax(s.eval(&[next])?);
+                }
+                if rep > 0 {
+                    // rep 0 is the warm-up
+                    rates.push(n as f64 / t.elapsed().as_secs_f64());
+                }
+            }
+            let (m, sd) = mean_sd(&rates);
+            match bw {
+                Some(bw) => {
+                    let bound = bw * 1e9 / bytes_per_token as f64;
+                    println!(
+                        "| {threads} | tg{n} | {m:.1} ± {sd:.1} | {bound:.0} tok/s ({bw:.1} GB/s) | {:.0}% |",
+                        100.0 * m / bound
+                    );
+                }
+                None => println!("| {threads} | tg{n} | {m:.1} ± {sd:.1} | | |"),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,504 @@
+//! The `convert`, `run`, `chat`, `perplexity` and `inspect` commands.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use nibble_format::import::{import_to_file, ImportOptions};
+use nibble_format::{keys, DType, NibFile, Value};
+use nibble_runtime::{
+    render_chat, ChatMessage, GenerateParams, Model, Sampler, SamplerParams, Session,
+    SessionParams, StopReason,
+};
+
+use crate::ModelArgs;
+
+pub fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta} left) {prefix}",
+        )
+        .expect("valid template"),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    DType::parse(s).with_context(|| format!("unknown dtype '{s}' (use f32, f16 or bf16)"))
+}
+
+/// Load any supported model path, with a progress bar while converting.
+pub fn load_model(a: &ModelArgs) -> Result<Arc<Model>> {
+    let opts = ImportOptions {
+        dtype: parse_dtype(&a.dtype)?,
+        hash_source: false,
+    };
+    let pb = bar(0, "loading");
+    let model = Model::load_with(&a.model, &opts, &mut |done, total, name| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+        pb.set_prefix(name.to_string());
+    })
+    .with_context(|| format!("cannot load model {}", a.model.display()))?;
+    pb.finish_and_clear();
+    Ok(Arc::new(model))
+}
+
+pub fn new_session(model: &Arc<Model>, a: &ModelArgs) -> Result<Session> {
+    Ok(Session::new(
+        Arc::clone(model),
+        &SessionParams {
+            n_ctx: a.ctx_size,
+            n_threads: a.threads,
+        },
+    )?)
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Source: a GGUF file or a Hugging Face model folder.
+    #[arg(short = 'm', long = "model")]
+    model: PathBuf,
+    /// Output .nib file (written atomically: it appears only when complete).
+    #[arg(short = 'o', long)]
+    output: PathBuf,
+    /// Weight type of the linear and embedding weights (f16, f32, bf16); norms stay f32.
+    #[arg(long, default_value = "f16")]
+    dtype: String,
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    let opts = ImportOptions {
+        dtype: parse_dtype(&a.dtype)?,
+        hash_source: true,
+    };
+    let t0 = Instant::now();
+    let pb = bar(0, "converting");
+    import_to_file(&a.model, &a.output, &opts, &mut |done, total, name| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+        pb.set_prefix(name.to_string());
+    })
+    .with_context(|| format!("cannot convert {}", a.model.display()))?;
+    pb.finish_and_clear();
+    let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {} ({:.1} MB, {}) in {:.1}s",
+        a.output.display(),
+        size as f64 / 1e6,
+        opts.dtype,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Sampling options shared by `run` and `chat`.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Temperature (0 = greedy).
+    #[arg(long = "temp", default_value_t = 0.8)]
+    temp: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens below min-p × p(best) (0 = off).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalty on recently generated tokens (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// How many recent tokens the repetition penalty considers.
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Random seed (sampling is deterministic for a given seed).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this string is generated (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplerParams {
+        SamplerParams {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text (empty = start from BOS).
+    #[arg(short = 'p', long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n_predict: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print timing statistics to stderr.
+    #[arg(long)]
+    stats: bool,
+}
+
+fn print_stats(out: &nibble_runtime::GenerationStats) {
+    eprintln!(
+        "\nprompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s | stop: {:?}",
+        out.prompt_tokens,
+        out.prompt_tokens as f64 / out.prompt_seconds.max(1e-9),
+        out.generated_tokens,
+        out.generated_tokens as f64 / out.generate_seconds.max(1e-9),
+        out.stop
+    );
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let tok = model.tokenizer()?;
+    let mut prompt = tok.encode(&a.prompt, true)?;
+    if prompt.is_empty() || (a.prompt.is_empty() && model.bos_id.is_some_and(|b| prompt[0] != b)) {
+        let bos = model
+            .bos_id
+            .context("empty prompt and the model defines no BOS token: give a prompt with -p")?;
+        prompt.insert(0, bos);
+    }
+    let mut session = new_session(&model, &a.model)?;
+    if prompt.len() >= session.n_ctx() {
+        bail!(
+            "the prompt has {} tokens but the context holds {} (raise -c)",
+            prompt.len(),
+            session.n_ctx()
+        );
+    }
+    let mut sampler = Sampler::new(a.sampling.params(), model.hparams.n_vocab)?;
+    let params = GenerateParams {
+        max_tokens: a.n_predict,
+        stop_strings: a.sampling.stop.clone(),
+        ignore_eos: a.ignore_eos,
+    };
+    let stdout = std::io::stdout();
+    print!("{}", a.prompt);
+    let out = session.generate(&prompt, &params, &mut sampler, |_, text| {
+        let mut o = stdout.lock();
+        let _ = o.write_all(text.as_bytes());
+        let _ = o.flush();
+        true
+    })?;
+    println!();
+    if a.stats {
+        print_stats(&out);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// One-shot: answer this message and exit (otherwise interactive).
+    #[arg(short = 'p', long)]
+    prompt: Option<String>,
+    /// System message (default: whatever the chat template uses).
+    #[arg(long)]
+    system: Option<String>,
+    /// Maximum tokens per answer.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
+    n_predict: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Print timing statistics to stderr after each answer.
+    #[arg(long)]
+    stats: bool,
+}
+
+pub fn chat(a: ChatArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let tok = model.tokenizer()?;
+    let template = model.chat_template.clone().with_context(|| {
+        format!(
+            "{} has no chat template; use `nibble run`",
+            a.model.model.display()
+        )
+    })?;
+    let token_text = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+    let bos = token_text(model.bos_id);
+    let eos = token_text(model.eos_ids.first().copied());
+    let mut session = new_session(&model, &a.model)?;
+    let mut sampler = Sampler::new(a.sampling.params(), model.hparams.n_vocab)?;
+    let mut messages: Vec<ChatMessage> = a
+        .system
+        .iter()
+        .map(|s| ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        })
+        .collect();
+    let interactive = a.prompt.is_none();
+    let stdin = std::io::stdin();
+    let mut pending = a.prompt.clone();
+    loop {
+        let user = match pending.take() {
+            Some(p) => p,
+            None if interactive => {
+                eprint!("> ");
+                let _ = std::io::stderr().flush();
+                let mut line = String::new();
+                if stdin.lock().read_line(&mut line)? == 0 {
+                    break;
+                }
+                let line = line.trim_end_matches(['\n', '\r']).to_string();
+                if line == "/exit" || line == "/quit" {
+                    break;
+                }
+                if line.is_empty() {
+                    continue;
+                }
+                line
+            }
+            None => break,
+        };
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: user,
+        });
+        let text = render_chat(&template, &messages, true, &bos, &eos)?;
+        let ids = tok.encode(&text, false)?;
+        // Reuse the cached prefix of the conversation; evaluate only what is new.
+        let common = session
+            .tokens()
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len().saturating_sub(1));
+        session.truncate(common);
+        if ids.len() >= session.n_ctx() {
+            bail!(
+                "the conversation has {} tokens but the context holds {} (raise -c)",
+                ids.len(),
+                session.n_ctx()
+            );
+        }
+        let params = GenerateParams {
+            max_tokens: a.n_predict.min(session.n_ctx() - ids.len()),
+            stop_strings: a.sampling.stop.clone(),
+            ignore_eos: false,
+        };
+        let stdout = std::io::stdout();
+        let out = session.generate(&ids[common..], &params, &mut sampler, |_, t| {
+            let mut o = stdout.lock();
+            let _ = o.write_all(t.as_bytes());
+            let _ = o.flush();
+            true
+        })?;
+        println!();
+        if a.stats {
+            print_stats(&out);
+        }
+        if out.stop == StopReason::ContextFull {
+            eprintln!("(context full: conversation ends)");
+            break;
+        }
+        messages.push(ChatMessage {
+            role: "assistant".into(),
+            content: out.text.trim().to_string(),
+        });
+        if !interactive {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file to evaluate (e.g. wikitext-2-test.txt).
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Evaluate only the first N windows (0 = all).
+    #[arg(long, default_value_t = 0)]
+    chunks: usize,
+}
+
+pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
+    if a.model.ctx_size == 0 {
+        a.model.ctx_size = 2048;
+    }
+    let model = load_model(&a.model)?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("cannot read {}", a.file.display()))?;
+    let ids = model.tokenizer()?.encode(&text, false)?;
+    let n_ctx = a.model.ctx_size;
+    let mut n_windows = ids.len() / n_ctx;
+    if n_windows == 0 {
+        bail!(
+            "{} has {} tokens, fewer than one window of {n_ctx} (lower -c)",
+            a.file.display(),
+            ids.len()
+        );
+    }
+    if a.chunks > 0 {
+        n_windows = n_windows.min(a.chunks);
+    }
+    let mut session = new_session(&model, &a.model)?;
+    let pb = bar((n_windows * n_ctx) as u64, "perplexity");
+    let t0 = Instant::now();
+    let mut nll = 0f64;
+    let mut count = 0usize;
+    for w in 0..n_windows {
+        let window = &ids[w * n_ctx..(w + 1) * n_ctx];
+        session.reset();
+        session.eval_each(window, |i, logits| {
+            if i + 1 < window.len() {
+                nll += nll_of(logits, window[i + 1]);
+                count += 1;
+            }
+            if i % 64 == 63 {
+                pb.inc(64);
+            }
+        })?;
+        pb.set_position(((w + 1) * n_ctx) as u64);
+        pb.set_prefix(format!("ppl {:.4}", (nll / count as f64).exp()));
+    }
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "perplexity: {:.4} over {count} predicted tokens ({n_windows} windows of {n_ctx}); {:.1} tok/s, {:.1}s",
+        (nll / count as f64).exp(),
+        (n_windows * n_ctx) as f64 / secs,
+        secs
+    );
+    Ok(())
+}
+
+/// −log softmax(logits)[target], in f64.
+pub fn nll_of(logits: &[f32], target: u32) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f64 = logits.iter().map(|&v| f64::from(v - max).exp()).sum();
+    f64::from(max) + sum.ln() - f64::from(logits[target as usize])
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// A .nib file.
+    file: PathBuf,
+    /// Recompute every tensor's checksum.
+    #[arg(long)]
+    verify: bool,
+    /// List every tensor (default: a summary by type).
+    #[arg(long)]
+    tensors: bool,
+}
+
+pub fn inspect(a: InspectArgs) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let t0 = Instant::now();
+    let file = NibFile::open(&a.file)?;
+    let view = file.view()?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    writeln!(
+        out,
+        "file: {} ({} bytes, .nib v{}, opened and validated in {load_ms:.2} ms)",
+        a.file.display(),
+        file.bytes().len(),
+        view.version
+    )?;
+    writeln!(out, "metadata:")?;
+    for (k, v) in &view.metadata.entries {
+        let shown = match v {
+            Value::U64(x) => x.to_string(),
+            Value::I64(x) => x.to_string(),
+            Value::F64(x) => format!("{x}"),
+            Value::Bool(x) => x.to_string(),
+            Value::Str(s) if s.len() > 80 => {
+                format!("{:?}… ({} bytes)", &s[..s.floor_char_boundary(60)], s.len())
+            }
+            Value::Str(s) => format!("{s:?}"),
+            Value::Bytes(b) => format!("<{} bytes>", b.len()),
+            Value::U64Array(_) => format!("{:?}", v.u64_array().collect::<Vec<_>>()),
+        };
+        writeln!(out, "  {k:32} {shown}")?;
+    }
+    let mut by_type: std::collections::BTreeMap<&str, (usize, u64, u64)> = Default::default();
+    let (mut n_params, mut n_bytes) = (0u64, 0u64);
+    if a.tensors {
+        writeln!(out, "tensors:")?;
+        writeln!(
+            out,
+            "  {:40} {:6} {:>20} {:>12} {:>10}",
+            "name", "dtype", "shape", "bytes", "offset"
+        )?;
+    }
+    for t in &view.tensors {
+        let e = by_type.entry(t.dtype.name()).or_default();
+        e.0 += 1;
+        e.1 += t.n_elements();
+        e.2 += t.data.len() as u64;
+        n_params += t.n_elements();
+        n_bytes += t.data.len() as u64;
+        if a.tensors {
+            writeln!(
+                out,
+                "  {:40} {:6} {:>20} {:>12} {:>10}",
+                t.name,
+                t.dtype.name(),
+                format!("{:?}", t.shape),
+                t.data.len(),
+                t.offset
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "summary: {} tensors, {} parameters, {:.2} MB of tensor data, {:.2} bits per weight",
+        view.tensors.len(),
+        n_params,
+        n_bytes as f64 / 1e6,
+        n_bytes as f64 * 8.0 / n_params as f64
+    )?;
+    for (ty, (n, p, b)) in by_type {
+        writeln!(
+            out,
+            "  {ty:6} {n:5} tensors {p:>12} params {:>10.2} MB",
+            b as f64 / 1e6
+        )?;
+    }
+    if let Ok(Some(src)) = view.metadata.opt_str(keys::PROV_SOURCE) {
+        writeln!(out, "source: {src}")?;
+    }
+    if a.verify {
+        let t1 = Instant::now();
+        view.verify_checksums()
+            .with_context(|| format!("{}: checksum verification failed", a.file.display()))?;
+        writeln!(
+            out,
+            "verify: all {} tensor checksums OK ({:.0} ms)",
+            view.tensors.len(),
+            t1.elapsed().as_secs_f64() * 1e3
+        )?;
+    }
+    Ok(())
+}

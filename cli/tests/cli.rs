@@ -1,0 +1,255 @@
+//! The `nibble` binary end to end, on the real models in ../shared.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn shared() -> PathBuf {
+    match std::env::var_os("NIBBLE_SHARED") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"),
+    }
+}
+
+fn nibble(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(args)
+        .output()
+        .expect("run nibble")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = nibble(args);
+    assert!(
+        o.status.success(),
+        "nibble {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = nibble(args);
+    assert_eq!(o.status.code(), Some(1), "nibble {args:?} should fail");
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn chat_answers_paris_from_the_gguf() {
+    let gguf = shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let out = ok(&[
+        "chat",
+        "-m",
+        s(&gguf),
+        "-p",
+        "What is the capital of France?",
+        "--temp",
+        "0",
+        "-t",
+        "2",
+    ]);
+    assert!(out.contains("Paris"), "answer: {out}");
+}
+
+#[test]
+fn run_tells_the_stories260k_story() {
+    let dir = shared().join("models/stories260k");
+    let out = ok(&["run", "-m", s(&dir), "-n", "40", "--temp", "0"]);
+    assert!(
+        out.starts_with("Once upon a time, there was a little girl named Lily. She loved to play outside in the park"),
+        "{out}"
+    );
+    // A prompt is echoed and continued.
+    let out = ok(&[
+        "run",
+        "-m",
+        s(&dir),
+        "-p",
+        "Once upon a time",
+        "-n",
+        "8",
+        "--temp",
+        "0",
+    ]);
+    assert!(
+        out.starts_with("Once upon a time, there was a little girl"),
+        "{out}"
+    );
+}
+
+#[test]
+fn convert_inspect_verify_and_run_from_nib() {
+    let d = tmp("convert");
+    let nib = d.join("stories.nib");
+    let src = shared().join("models/stories260k");
+    ok(&["convert", "-m", s(&src), "-o", s(&nib), "--dtype", "f32"]);
+    let leftovers: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers,
+        vec![std::ffi::OsString::from("stories.nib")],
+        "no temp files left"
+    );
+
+    let info = ok(&["inspect", s(&nib), "--verify", "--tensors"]);
+    assert!(
+        info.contains("model.n_layer") && info.contains("blk.4.ffn_down.weight"),
+        "{info}"
+    );
+    assert!(
+        info.contains("verify: all 47 tensor checksums OK"),
+        "{info}"
+    );
+    assert!(info.contains("provenance.source_sha256"), "{info}");
+
+    // The same text from the .nib as from the folder.
+    let a = ok(&["run", "-m", s(&nib), "-n", "30", "--temp", "0"]);
+    let b = ok(&["run", "-m", s(&src), "-n", "30", "--temp", "0"]);
+    assert_eq!(a, b);
+
+    // Corrupt one weight byte: loading still works, --verify catches it.
+    let mut bytes = std::fs::read(&nib).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x10;
+    let bad = d.join("corrupt.nib");
+    std::fs::write(&bad, &bytes).unwrap();
+    ok(&["inspect", s(&bad)]);
+    let err = fails(&["inspect", s(&bad), "--verify"]);
+    assert!(
+        err.contains("checksum mismatch") && err.contains("corrupt.nib"),
+        "{err}"
+    );
+}
+
+#[test]
+fn convert_never_leaves_a_partial_file() {
+    let d = tmp("convert-fail");
+    let out = d.join("out.nib");
+    // A source that fails halfway (unsupported architecture is caught early;
+    // a missing shard file fails while reading).
+    let src = d.join("broken");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::copy(
+        shared().join("models/stories260k/config.json"),
+        src.join("config.json"),
+    )
+    .unwrap();
+    std::fs::write(src.join("model.safetensors"), b"not safetensors").unwrap();
+    let err = fails(&["convert", "-m", s(&src), "-o", s(&out)]);
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&d).unwrap().count(),
+        1,
+        "only the source folder remains"
+    );
+}
+
+#[test]
+fn errors_name_the_file_and_the_problem() {
+    let err = fails(&["run", "-m", "/nonexistent/model.gguf", "-p", "hi"]);
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+
+    let d = tmp("errors");
+    let junk = d.join("junk.bin");
+    std::fs::write(&junk, b"hello world, not a model").unwrap();
+    let err = fails(&["run", "-m", s(&junk)]);
+    assert!(
+        err.contains("junk.bin") && err.contains("expected a .nib file"),
+        "{err}"
+    );
+
+    let long = "Once upon a time ".repeat(200);
+    let err = fails(&[
+        "run",
+        "-m",
+        s(&shared().join("models/stories260k")),
+        "-c",
+        "64",
+        "-p",
+        &long,
+    ]);
+    assert!(err.contains("context"), "{err}");
+
+    let err = fails(&[
+        "run",
+        "-m",
+        s(&shared().join("models/stories260k")),
+        "--top-p",
+        "0",
+    ]);
+    assert!(err.contains("top_p"), "{err}");
+
+    let err = fails(&["inspect", s(&junk)]);
+    assert!(err.contains("junk.bin") && err.contains("magic"), "{err}");
+}
+
+#[test]
+fn perplexity_and_bench_report_numbers() {
+    let dir = shared().join("models/stories260k");
+    let text = shared().join("data/tinyshakespeare.txt");
+    let out = ok(&[
+        "perplexity",
+        "-m",
+        s(&dir),
+        "-f",
+        s(&text),
+        "-c",
+        "128",
+        "--chunks",
+        "4",
+    ]);
+    let ppl: f64 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no number in {out}"));
+    // A model must do better than uniform guessing over its 512 tokens.
+    assert!(ppl.is_finite() && ppl > 1.0 && ppl < 512.0, "{out}");
+    assert!(out.contains("508 predicted tokens"), "{out}");
+
+    let out = ok(&[
+        "bench",
+        "-m",
+        s(&dir),
+        "-p",
+        "16",
+        "-n",
+        "8",
+        "-t",
+        "1,2",
+        "-r",
+        "2",
+        "--no-bandwidth",
+    ]);
+    for row in ["| 1 | pp16 |", "| 1 | tg8 |", "| 2 | pp16 |", "| 2 | tg8 |"] {
+        assert!(out.contains(row), "{out}");
+    }
+}
+
+#[test]
+fn help_teaches() {
+    let out = ok(&["--help"]);
+    for cmd in ["convert", "run", "chat", "perplexity", "inspect", "bench"] {
+        assert!(out.contains(cmd), "{out}");
+    }
+    let out = ok(&["run", "--help"]);
+    assert!(
+        out.contains("--temp") && out.contains("--top-p") && out.contains("--min-p"),
+        "{out}"
+    );
+}

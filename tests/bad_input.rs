@@ -1,0 +1,306 @@
+//! Bad input anywhere gives a clear error naming the file and the problem:
+//! broken configs, unsupported architectures, missing or mis-shaped tensors,
+//! non-finite weights, context overflow, and mutated model files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::shared;
+use nibble::format::import::{import_to_memory, ImportOptions};
+use nibble::format::{AlignedBytes, DType, MetadataBuilder, NibFile, NibWriter, OwnedValue, Value};
+use nibble::{Model, RuntimeError};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A copy of stories260k's folder with config.json edited by `f`.
+fn stories_with_config(name: &str, f: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let src = shared().join("models/stories260k");
+    let d = tmpdir(name);
+    for file in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(src.join(file), d.join(file)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    f(&mut cfg);
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    d
+}
+
+fn load_err(p: &Path) -> String {
+    match Model::load(p) {
+        Ok(_) => panic!("{} loaded", p.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_config_key_is_named() {
+    let d = stories_with_config("cfg-missing", |c| {
+        c.as_object_mut().unwrap().remove("hidden_size");
+    });
+    let msg = load_err(&d);
+    assert!(
+        msg.contains("hidden_size") && msg.contains("cfg-missing"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let d = shared().join("fixtures/hf-reference/gpt2");
+    let msg = load_err(&d);
+    assert!(msg.contains("unsupported architecture 'gpt2'"), "{msg}");
+    assert!(msg.contains("gpt2"), "{msg}");
+}
+
+#[test]
+fn wrong_shape_in_config_is_named() {
+    let d = stories_with_config("cfg-shape", |c| c["intermediate_size"] = 200.into());
+    let msg = load_err(&d);
+    assert!(
+        msg.contains("mlp.gate_proj") && msg.contains("200"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn inconsistent_heads_are_rejected() {
+    let d = stories_with_config("cfg-heads", |c| c["num_key_value_heads"] = 3.into());
+    let msg = load_err(&d);
+    assert!(msg.contains("n_head_kv"), "{msg}");
+}
+
+#[test]
+fn nan_weight_is_rejected_before_writing() {
+    let d = tmpdir("nan-weights");
+    let src = shared().join("fixtures/hf-reference/llama");
+    std::fs::copy(src.join("config.json"), d.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Vec<u8>, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec(), t.shape().to_vec()))
+        .collect();
+    let victim = owned
+        .iter_mut()
+        .find(|(n, _, _)| n == "model.layers.1.mlp.up_proj.weight")
+        .unwrap();
+    victim.1[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &d.join("model.safetensors")).unwrap();
+    let msg = load_err(&d);
+    assert!(
+        msg.contains("non-finite") && msg.contains("blk.1.ffn_up"),
+        "{msg}"
+    );
+}
+
+/// stories260k as an in-memory .nib, rebuilt with `edit` applied to each tensor
+/// (return None to drop it) and `meta` applied to the metadata.
+fn rebuilt(
+    edit: impl Fn(&str, &[u64]) -> Option<Vec<u64>>,
+    meta: impl Fn(&mut MetadataBuilder),
+) -> nibble::format::Result<NibFile> {
+    let f = import_to_memory(
+        &shared().join("models/stories260k"),
+        &ImportOptions {
+            dtype: DType::F32,
+            hash_source: false,
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let v = f.view().unwrap();
+    let mut m = MetadataBuilder::new();
+    for (k, val) in &v.metadata.entries {
+        let o = match *val {
+            Value::U64(x) => OwnedValue::U64(x),
+            Value::I64(x) => OwnedValue::I64(x),
+            Value::F64(x) => OwnedValue::F64(x),
+            Value::Bool(x) => OwnedValue::Bool(x),
+            Value::Str(s) => OwnedValue::Str(s.into()),
+            Value::Bytes(b) => OwnedValue::Bytes(b.to_vec()),
+            Value::U64Array(_) => OwnedValue::U64Array(val.u64_array().collect()),
+        };
+        m.set(k, o);
+    }
+    meta(&mut m);
+    let mut w = NibWriter::new(AlignedBytes::new(), &m).unwrap();
+    for t in &v.tensors {
+        if let Some(shape) = edit(t.name, &t.shape) {
+            let n: u64 = shape.iter().product();
+            let mut data = t.data.to_vec();
+            data.resize((n * 4) as usize, 0);
+            w.add_tensor(t.name, t.dtype, &shape, &data).unwrap();
+        }
+    }
+    NibFile::from_memory(w.finish().unwrap())
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let f = rebuilt(
+        |n, s| (n != "blk.3.attn_v.weight").then(|| s.to_vec()),
+        |_| {},
+    )
+    .unwrap();
+    match Model::from_nib(f, "stories.nib".into()) {
+        Err(RuntimeError::MissingTensor { model, name }) => {
+            assert_eq!(
+                (model.as_str(), name.as_str()),
+                ("stories.nib", "blk.3.attn_v.weight")
+            )
+        }
+        other => panic!("{:?}", other.err()),
+    }
+}
+
+#[test]
+fn mis_shaped_tensor_is_named() {
+    let f = rebuilt(
+        |n, s| {
+            Some(if n == "blk.0.ffn_up.weight" {
+                vec![171, 64]
+            } else {
+                s.to_vec()
+            })
+        },
+        |_| {},
+    )
+    .unwrap();
+    let e = Model::from_nib(f, "m.nib".into())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("blk.0.ffn_up.weight") && e.contains("171"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_metadata_key_is_named() {
+    let f = rebuilt(
+        |_, s| Some(s.to_vec()),
+        |m| {
+            m.set("model.n_head", OwnedValue::Str("eight".into()));
+        },
+    )
+    .unwrap();
+    let e = Model::from_nib(f, "m.nib".into())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model.n_head") && e.contains("m.nib"), "{e}");
+}
+
+#[test]
+fn context_overflow_and_bad_token_are_errors() {
+    let model = Arc::new(Model::load(shared().join("models/stories260k")).unwrap());
+    let mut s = common::session(&model, 8, 1);
+    match s.eval(&[1; 9]) {
+        Err(RuntimeError::ContextOverflow {
+            needed: 9,
+            n_ctx: 8,
+        }) => {}
+        other => panic!("{:?}", other.err()),
+    }
+    assert!(s.tokens().is_empty(), "a rejected batch evaluates nothing");
+    match s.eval(&[1, 512]) {
+        Err(RuntimeError::BadToken {
+            id: 512,
+            n_vocab: 512,
+        }) => {}
+        other => panic!("{:?}", other.err()),
+    }
+    s.eval(&[1; 8]).unwrap();
+    assert!(matches!(
+        s.eval(&[1]),
+        Err(RuntimeError::ContextOverflow { .. })
+    ));
+}
+
+#[test]
+fn mutated_model_files_never_panic_the_loader_or_forward_pass() {
+    // Mutate the header, metadata and directory of a real (tiny) model and
+    // load + run whatever still validates.
+    let f = import_to_memory(
+        &shared().join("fixtures/hf-reference/llama_tied_hd8"),
+        &ImportOptions {
+            dtype: DType::F16,
+            hash_source: false,
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let good = f.bytes().to_vec();
+    let v = f.view().unwrap();
+    let data_start = v.tensors.iter().map(|t| t.offset).min().unwrap() as usize;
+    let data_end = v
+        .tensors
+        .iter()
+        .map(|t| t.offset as usize + t.data.len())
+        .max()
+        .unwrap();
+    drop(v);
+    let mut rng = 0x1234_5678_9ABC_DEF1u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let (mut loaded, mut rejected) = (0, 0);
+    for _ in 0..3000 {
+        let mut b = AlignedBytes::from_slice(&good);
+        let mut bytes = b.as_slice().to_vec();
+        for _ in 0..1 + next() % 3 {
+            // Target the structural regions: header + metadata, or the directory.
+            let i = if next() % 2 == 0 {
+                (next() as usize) % data_start
+            } else {
+                data_end + (next() as usize) % (bytes.len() - data_end)
+            };
+            bytes[i] = match next() % 3 {
+                0 => bytes[i] ^ (1 << (next() % 8)),
+                1 => next() as u8,
+                _ => 0xff,
+            };
+        }
+        b = AlignedBytes::from_slice(&bytes);
+        match NibFile::from_memory(b)
+            .map_err(RuntimeError::from)
+            .and_then(|f| Model::from_nib(f, "m".into()))
+        {
+            Ok(m) => {
+                loaded += 1;
+                let m = Arc::new(m);
+                let mut s = common::session(&m, 4, 1);
+                let _ = s.eval(&[5, 6]);
+            }
+            Err(e) => {
+                rejected += 1;
+                assert!(!e.to_string().is_empty());
+            }
+        }
+    }
+    eprintln!("runtime mutation test: {loaded} loaded and ran, {rejected} rejected");
+    assert!(rejected > 1000);
+}
