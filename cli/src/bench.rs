@@ -128,6 +128,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             &SessionParams {
                 n_ctx: max_len.max(16),
                 n_threads: threads,
+                ..Default::default()
             },
         )?;
         let bw = if a.no_bandwidth {

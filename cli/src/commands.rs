@@ -56,6 +56,7 @@ pub fn new_session(model: &Arc<Model>, a: &ModelArgs) -> Result<Session> {
         &SessionParams {
             n_ctx: a.ctx_size,
             n_threads: a.threads,
+            ..Default::default()
         },
     )?)
 }

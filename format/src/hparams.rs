@@ -78,13 +78,13 @@ impl HParams {
                 return bad(format!("{name} = {v} (must be 1..={max})"));
             }
         }
-        if self.n_head % self.n_head_kv != 0 {
+        if !self.n_head.is_multiple_of(self.n_head_kv) {
             return bad(format!(
                 "n_head {} is not a multiple of n_head_kv {}",
                 self.n_head, self.n_head_kv
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {

@@ -247,7 +247,7 @@ impl<'a> NibView<'a> {
                 }
             }
         }
-        if h.data_offset % ALIGN != 0 {
+        if !h.data_offset.is_multiple_of(ALIGN) {
             return Err(FormatError::Misaligned {
                 what: "data section".into(),
                 offset: h.data_offset,

@@ -430,7 +430,7 @@ impl Rng {
 }
 
 /// Apply one random mutation: bit flips, byte sets, u64 splats, truncation.
-pub fn mutate(rng: &mut Rng, good: &[u8]) -> Vec<u8> {
+fn mutate(rng: &mut Rng, good: &[u8]) -> Vec<u8> {
     let mut b = good.to_vec();
     for _ in 0..1 + rng.below(3) {
         match rng.below(5) {

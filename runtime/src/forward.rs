@@ -268,3 +268,385 @@ pub fn forward(
         matvec(model, &model.output, &s.xb, &mut s.logits, parallel);
     }
 }
+
+/// Rows of a F16/BF16 weight converted to f32 at a time for the batched path.
+const WEIGHT_TILE_ROWS: usize = 256;
+
+/// Buffers of the batched (prompt) path: `n_batch` tokens at a time as
+/// matrix-matrix products. Allocated once, on the first multi-token call.
+pub struct BatchState {
+    pub n_batch: usize,
+    /// `[n_batch, n_embd]` residual stream rows.
+    x: Vec<f32>,
+    /// `[n_batch, n_embd]` normalized rows.
+    xb: Vec<f32>,
+    /// `[n_batch, n_embd]` sub-layer outputs.
+    xb2: Vec<f32>,
+    /// `[n_batch, n_head·head_dim]` queries.
+    q: Vec<f32>,
+    /// `[n_batch, n_head·head_dim]` attention outputs.
+    att_out: Vec<f32>,
+    /// `[n_batch, n_ctx]` one head's attention scores.
+    scores: Vec<f32>,
+    /// `[n_batch, n_ff]` gate / up activations.
+    hb: Vec<f32>,
+    hb2: Vec<f32>,
+    /// `[n_batch, n_vocab]` logits of every row (only when requested).
+    pub logits: Vec<f32>,
+    /// `[WEIGHT_TILE_ROWS, max(n_embd, n_ff, q_dim)]` f32 copy of a weight tile.
+    wtile: Vec<f32>,
+}
+
+impl BatchState {
+    pub fn new(model: &Model, n_ctx: usize, n_batch: usize) -> BatchState {
+        let hp = &model.hparams;
+        let q_dim = hp.n_head * hp.head_dim;
+        let max_in = hp.n_embd.max(hp.n_ff).max(q_dim);
+        let float_weights = model
+            .layers
+            .iter()
+            .all(|l| l.attn_q.dtype == nibble_format::DType::F32)
+            && model.output.dtype == nibble_format::DType::F32;
+        BatchState {
+            n_batch,
+            x: vec![0.0; n_batch * hp.n_embd],
+            xb: vec![0.0; n_batch * hp.n_embd],
+            xb2: vec![0.0; n_batch * hp.n_embd],
+            q: vec![0.0; n_batch * q_dim],
+            att_out: vec![0.0; n_batch * q_dim],
+            scores: vec![0.0; n_batch * n_ctx],
+            hb: vec![0.0; n_batch * hp.n_ff],
+            hb2: vec![0.0; n_batch * hp.n_ff],
+            logits: Vec::new(),
+            wtile: if float_weights {
+                Vec::new()
+            } else {
+                vec![0.0; WEIGHT_TILE_ROWS * max_in]
+            },
+        }
+    }
+}
+
+use crate::kernels::{matmul, MatMut, MatRef};
+
+/// `out[i, :] = W · x[i, :]` for `b` rows; `out` rows are `out_rs` apart.
+/// F16/BF16 weights are converted tile by tile into `wtile` and fed to gemm.
+#[allow(clippy::too_many_arguments)]
+fn linear_batch(
+    model: &Model,
+    w: &Weight,
+    x: &[f32],
+    b: usize,
+    out: &mut [f32],
+    out_rs: usize,
+    wtile: &mut [f32],
+    threads: usize,
+) {
+    let (rows, cols) = (w.rows, w.cols);
+    let lhs = MatRef {
+        data: x,
+        rows: b,
+        cols,
+        rs: cols,
+        cs: 1,
+    };
+    let emit = |r0: usize, n: usize, wdata: &[f32], out: &mut [f32]| {
+        matmul(
+            MatMut {
+                data: &mut out[r0..],
+                rows: b,
+                cols: n,
+                rs: out_rs,
+                cs: 1,
+            },
+            lhs,
+            MatRef {
+                data: wdata,
+                rows: cols,
+                cols: n,
+                rs: 1,
+                cs: cols,
+            },
+            1.0,
+            false,
+            threads,
+        );
+    };
+    match model.data(w) {
+        WeightData::F32(d) => emit(0, rows, d, out),
+        other => {
+            for r0 in (0..rows).step_by(WEIGHT_TILE_ROWS) {
+                let n = WEIGHT_TILE_ROWS.min(rows - r0);
+                let tile = &mut wtile[..n * cols];
+                let span = r0 * cols..(r0 + n) * cols;
+                match &other {
+                    WeightData::F16(d) => {
+                        use half::slice::HalfFloatSliceExt;
+                        d[span].convert_to_f32_slice(tile);
+                    }
+                    WeightData::BF16(d) => {
+                        for (t, v) in tile.iter_mut().zip(&d[span]) {
+                            *t = v.to_f32();
+                        }
+                    }
+                    WeightData::F32(_) => unreachable!(),
+                }
+                emit(r0, n, tile, out);
+            }
+        }
+    }
+}
+
+/// Run `tokens` (≤ n_batch) at positions `start..start + len` as one batch,
+/// filling those KV cache rows. `logits`: `None` computes no logits, `Some(false)`
+/// only the last row's (into `s.logits`), `Some(true)` every row's (into `bs.logits`).
+pub fn forward_batch(
+    model: &Model,
+    s: &mut RunState,
+    bs: &mut BatchState,
+    tokens: &[u32],
+    start: usize,
+    logits: Option<bool>,
+    threads: usize,
+) {
+    let hp = &model.hparams;
+    let b = tokens.len();
+    assert!(b > 0 && b <= bs.n_batch && start + b <= s.n_ctx);
+    let (e, hd, n_head, n_kv) = (hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv);
+    let (q_dim, kv_dim, group, half) = (n_head * hd, n_kv * hd, n_head / n_kv, hd / 2);
+    let n_ctx = s.n_ctx;
+    let n_keys = start + b;
+    let inv_sqrt_hd = 1.0 / (hd as f32).sqrt();
+
+    for (i, &t) in tokens.iter().enumerate() {
+        embed(model, t, &mut bs.x[i * e..(i + 1) * e]);
+    }
+    for (l, lw) in model.layers.iter().enumerate() {
+        let norm = model.vector(&lw.attn_norm);
+        for i in 0..b {
+            rmsnorm(
+                &mut bs.xb[i * e..(i + 1) * e],
+                &bs.x[i * e..(i + 1) * e],
+                norm,
+                hp.rms_norm_eps,
+            );
+        }
+        let lbase = l * n_ctx * kv_dim;
+        let rows = lbase + start * kv_dim..lbase + n_keys * kv_dim;
+        linear_batch(
+            model,
+            &lw.attn_q,
+            &bs.xb,
+            b,
+            &mut bs.q,
+            q_dim,
+            &mut bs.wtile,
+            threads,
+        );
+        linear_batch(
+            model,
+            &lw.attn_k,
+            &bs.xb,
+            b,
+            &mut s.key_cache[rows.clone()],
+            kv_dim,
+            &mut bs.wtile,
+            threads,
+        );
+        linear_batch(
+            model,
+            &lw.attn_v,
+            &bs.xb,
+            b,
+            &mut s.value_cache[rows.clone()],
+            kv_dim,
+            &mut bs.wtile,
+            threads,
+        );
+        for i in 0..b {
+            let pos = start + i;
+            let (cos, sin) = (
+                &s.rope_cos[pos * half..(pos + 1) * half],
+                &s.rope_sin[pos * half..(pos + 1) * half],
+            );
+            rope(&mut bs.q[i * q_dim..(i + 1) * q_dim], hd, cos, sin);
+            let k0 = lbase + pos * kv_dim;
+            rope(&mut s.key_cache[k0..k0 + kv_dim], hd, cos, sin);
+        }
+
+        // Attention per query head: S = Q·Kᵀ/√d over all cached keys, causal
+        // (and sliding-window) mask, softmax per row, then O = S·V.
+        for h in 0..n_head {
+            let g = h / group;
+            matmul(
+                MatMut {
+                    data: &mut bs.scores,
+                    rows: b,
+                    cols: n_keys,
+                    rs: n_keys,
+                    cs: 1,
+                },
+                MatRef {
+                    data: &bs.q[h * hd..],
+                    rows: b,
+                    cols: hd,
+                    rs: q_dim,
+                    cs: 1,
+                },
+                MatRef {
+                    data: &s.key_cache[lbase + g * hd..],
+                    rows: hd,
+                    cols: n_keys,
+                    rs: 1,
+                    cs: kv_dim,
+                },
+                inv_sqrt_hd,
+                false,
+                threads,
+            );
+            for i in 0..b {
+                let pos = start + i;
+                let lo = if hp.sliding_window > 0 {
+                    (pos + 1).saturating_sub(hp.sliding_window)
+                } else {
+                    0
+                };
+                let row = &mut bs.scores[i * n_keys..(i + 1) * n_keys];
+                let max = row[lo..=pos]
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0f32;
+                for v in &mut row[lo..=pos] {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                for v in &mut row[lo..=pos] {
+                    *v *= inv;
+                }
+                row[..lo].fill(0.0);
+                row[pos + 1..].fill(0.0);
+            }
+            matmul(
+                MatMut {
+                    data: &mut bs.att_out[h * hd..],
+                    rows: b,
+                    cols: hd,
+                    rs: q_dim,
+                    cs: 1,
+                },
+                MatRef {
+                    data: &bs.scores,
+                    rows: b,
+                    cols: n_keys,
+                    rs: n_keys,
+                    cs: 1,
+                },
+                MatRef {
+                    data: &s.value_cache[lbase + g * hd..],
+                    rows: n_keys,
+                    cols: hd,
+                    rs: kv_dim,
+                    cs: 1,
+                },
+                1.0,
+                false,
+                threads,
+            );
+        }
+        linear_batch(
+            model,
+            &lw.attn_output,
+            &bs.att_out,
+            b,
+            &mut bs.xb2,
+            e,
+            &mut bs.wtile,
+            threads,
+        );
+        for (x, d) in bs.x[..b * e].iter_mut().zip(&bs.xb2) {
+            *x += d;
+        }
+
+        let norm = model.vector(&lw.ffn_norm);
+        for i in 0..b {
+            rmsnorm(
+                &mut bs.xb[i * e..(i + 1) * e],
+                &bs.x[i * e..(i + 1) * e],
+                norm,
+                hp.rms_norm_eps,
+            );
+        }
+        let n_ff = hp.n_ff;
+        linear_batch(
+            model,
+            &lw.ffn_gate,
+            &bs.xb,
+            b,
+            &mut bs.hb,
+            n_ff,
+            &mut bs.wtile,
+            threads,
+        );
+        linear_batch(
+            model,
+            &lw.ffn_up,
+            &bs.xb,
+            b,
+            &mut bs.hb2,
+            n_ff,
+            &mut bs.wtile,
+            threads,
+        );
+        for (g, &u) in bs.hb[..b * n_ff].iter_mut().zip(&bs.hb2) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        linear_batch(
+            model,
+            &lw.ffn_down,
+            &bs.hb,
+            b,
+            &mut bs.xb2,
+            e,
+            &mut bs.wtile,
+            threads,
+        );
+        for (x, d) in bs.x[..b * e].iter_mut().zip(&bs.xb2) {
+            *x += d;
+        }
+    }
+
+    let norm = model.vector(&model.output_norm);
+    match logits {
+        None => {}
+        Some(false) => {
+            let last = &bs.x[(b - 1) * e..b * e];
+            rmsnorm(&mut s.xb, last, norm, hp.rms_norm_eps);
+            matvec(model, &model.output, &s.xb, &mut s.logits, threads > 1);
+        }
+        Some(true) => {
+            for i in 0..b {
+                rmsnorm(
+                    &mut bs.xb[i * e..(i + 1) * e],
+                    &bs.x[i * e..(i + 1) * e],
+                    norm,
+                    hp.rms_norm_eps,
+                );
+            }
+            let n_vocab = hp.n_vocab;
+            if bs.logits.len() < bs.n_batch * n_vocab {
+                bs.logits = vec![0.0; bs.n_batch * n_vocab];
+            }
+            linear_batch(
+                model,
+                &model.output,
+                &bs.xb,
+                b,
+                &mut bs.logits,
+                n_vocab,
+                &mut bs.wtile,
+                threads,
+            );
+        }
+    }
+}

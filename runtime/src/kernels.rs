@@ -109,3 +109,181 @@ mod tests {
         }
     }
 }
+
+/// A strided f32 matrix: element `(r, c)` is `data[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// A mutable strided f32 matrix (see [`MatRef`]).
+pub struct MatMut<'a> {
+    pub data: &'a mut [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    rows == 0
+        || cols == 0
+        || (rows - 1)
+            .checked_mul(rs)
+            .and_then(|a| (cols - 1).checked_mul(cs).and_then(|b| a.checked_add(b)))
+            .is_some_and(|last| {
+                last < len && rs <= isize::MAX as usize && cs <= isize::MAX as usize
+            })
+}
+
+/// `dst = (accumulate ? dst : 0) + scale · lhs · rhs` through the `gemm`
+/// crate (runtime-dispatched SIMD micro-kernels), on the current rayon pool
+/// when `threads > 1`. Panics if any view does not fit its slice, so the
+/// unsafe call below never reads or writes out of bounds.
+pub fn matmul(
+    dst: MatMut<'_>,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    scale: f32,
+    accumulate: bool,
+    threads: usize,
+) {
+    assert_eq!(dst.rows, lhs.rows, "matmul: dst/lhs rows");
+    assert_eq!(dst.cols, rhs.cols, "matmul: dst/rhs cols");
+    assert_eq!(lhs.cols, rhs.rows, "matmul: inner dimension");
+    assert!(
+        fits(dst.data.len(), dst.rows, dst.cols, dst.rs, dst.cs),
+        "matmul: dst out of bounds"
+    );
+    assert!(
+        fits(lhs.data.len(), lhs.rows, lhs.cols, lhs.rs, lhs.cs),
+        "matmul: lhs out of bounds"
+    );
+    assert!(
+        fits(rhs.data.len(), rhs.rows, rhs.cols, rhs.rs, rhs.cs),
+        "matmul: rhs out of bounds"
+    );
+    if dst.rows == 0 || dst.cols == 0 {
+        return;
+    }
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every element the call touches, (r, c) for r < rows, c < cols
+    // of each operand, lies inside its slice (checked by `fits` above, with
+    // strides ≤ isize::MAX). `dst` is a unique borrow, so it cannot alias
+    // `lhs` or `rhs`. gemm reads `dst` only when `read_dst` (accumulate) is
+    // set, and all of it is initialized f32.
+    unsafe {
+        gemm::gemm(
+            dst.rows,
+            dst.cols,
+            lhs.cols,
+            dst.data.as_mut_ptr(),
+            dst.cs as isize,
+            dst.rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+#[cfg(test)]
+mod matmul_tests {
+    use super::*;
+
+    #[test]
+    fn matmul_matches_naive_with_strides_and_accumulation() {
+        let (m, n, k) = (5, 7, 9);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        // rhs given transposed: b_t is [n, k], we multiply by b = b_t^T.
+        let b_t: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+        for threads in [1, 2] {
+            let mut c = vec![1.0f32; m * n + 3];
+            matmul(
+                MatMut {
+                    data: &mut c[3..],
+                    rows: m,
+                    cols: n,
+                    rs: n,
+                    cs: 1,
+                },
+                MatRef {
+                    data: &a,
+                    rows: m,
+                    cols: k,
+                    rs: k,
+                    cs: 1,
+                },
+                MatRef {
+                    data: &b_t,
+                    rows: k,
+                    cols: n,
+                    rs: 1,
+                    cs: k,
+                },
+                0.5,
+                true,
+                threads,
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 =
+                        1.0 + 0.5 * (0..k).map(|p| a[i * k + p] * b_t[j * k + p]).sum::<f32>();
+                    assert!((c[3 + i * n + j] - want).abs() < 1e-5);
+                }
+            }
+            assert_eq!(&c[..3], &[1.0; 3]);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn matmul_rejects_views_that_do_not_fit() {
+        let mut c = vec![0f32; 4];
+        let a = vec![0f32; 4];
+        matmul(
+            MatMut {
+                data: &mut c,
+                rows: 2,
+                cols: 3,
+                rs: 3,
+                cs: 1,
+            },
+            MatRef {
+                data: &a,
+                rows: 2,
+                cols: 2,
+                rs: 2,
+                cs: 1,
+            },
+            MatRef {
+                data: &a,
+                rows: 2,
+                cols: 3,
+                rs: 3,
+                cs: 1,
+            },
+            1.0,
+            false,
+            1,
+        );
+    }
+}

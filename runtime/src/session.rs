@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::error::{Result, RuntimeError};
-use crate::forward::{forward, RunState};
+use crate::forward::{forward, forward_batch, BatchState, RunState};
 use crate::model::Model;
 use crate::sampler::Sampler;
 use crate::tokenizer::TextStream;
@@ -16,6 +16,8 @@ pub struct SessionParams {
     pub n_ctx: usize,
     /// Worker threads for the matrix-vector products (0 = all cores).
     pub n_threads: usize,
+    /// Prompt tokens evaluated together as matrix-matrix products (≥ 1).
+    pub n_batch: usize,
 }
 
 impl Default for SessionParams {
@@ -23,6 +25,7 @@ impl Default for SessionParams {
         SessionParams {
             n_ctx: 0,
             n_threads: 0,
+            n_batch: 128,
         }
     }
 }
@@ -71,6 +74,10 @@ pub struct Session {
     /// Tokens currently in the KV cache, in order (capacity n_ctx).
     tokens: Vec<u32>,
     pool: Option<rayon::ThreadPool>,
+    n_threads: usize,
+    n_batch: usize,
+    /// Buffers of the batched prompt path, created on first use.
+    batch: Option<BatchState>,
 }
 
 impl Session {
@@ -99,12 +106,20 @@ impl Session {
         } else {
             None
         };
+        if params.n_batch == 0 {
+            return Err(RuntimeError::InvalidParam(
+                "n_batch must be at least 1".into(),
+            ));
+        }
         let state = RunState::new(&model, n_ctx);
         Ok(Session {
             model,
             state,
             tokens: Vec::with_capacity(n_ctx),
             pool,
+            n_threads,
+            n_batch: params.n_batch.min(n_ctx),
+            batch: None,
         })
     }
 
@@ -166,22 +181,68 @@ impl Session {
         self.tokens.push(token);
     }
 
+    /// Run one chunk of ≤ n_batch tokens through the batched path.
+    fn step_batch(&mut self, chunk: &[u32], logits: Option<bool>) {
+        let start = self.tokens.len();
+        let (model, state, threads) = (&*self.model, &mut self.state, self.n_threads);
+        let bs = self
+            .batch
+            .get_or_insert_with(|| BatchState::new(model, state.n_ctx, self.n_batch));
+        match &self.pool {
+            Some(pool) => {
+                pool.install(|| forward_batch(model, state, bs, chunk, start, logits, threads))
+            }
+            None => forward_batch(model, state, bs, chunk, start, logits, 1),
+        }
+        self.tokens.extend_from_slice(chunk);
+    }
+
     /// Evaluate `tokens` after those already in the cache; returns the logits
-    /// of the last one. Allocates nothing.
+    /// of the last one. One token takes the matrix-vector path and allocates
+    /// nothing; several go through the batched path in chunks of n_batch.
     pub fn eval(&mut self, tokens: &[u32]) -> Result<&[f32]> {
         self.check(tokens)?;
-        for (i, &t) in tokens.iter().enumerate() {
-            self.step(t, i + 1 == tokens.len());
+        if tokens.len() == 1 {
+            self.step(tokens[0], true);
+        } else if !tokens.is_empty() {
+            let n = tokens.len().div_ceil(self.n_batch);
+            for (i, chunk) in tokens.chunks(self.n_batch).enumerate() {
+                self.step_batch(chunk, if i + 1 == n { Some(false) } else { None });
+            }
         }
         Ok(&self.state.logits)
     }
 
-    /// Evaluate `tokens`, calling `f(i, logits)` after each one (for perplexity).
-    pub fn eval_each(&mut self, tokens: &[u32], mut f: impl FnMut(usize, &[f32])) -> Result<()> {
+    /// Evaluate `tokens` one at a time (matrix-vector path), returning the
+    /// logits after each through `f(i, logits)`. Slow; for tests that compare
+    /// the two paths.
+    pub fn eval_each_sequential(
+        &mut self,
+        tokens: &[u32],
+        mut f: impl FnMut(usize, &[f32]),
+    ) -> Result<()> {
         self.check(tokens)?;
         for (i, &t) in tokens.iter().enumerate() {
             self.step(t, true);
             f(i, &self.state.logits);
+        }
+        Ok(())
+    }
+
+    /// Evaluate `tokens`, calling `f(i, logits)` for each one (for perplexity),
+    /// through the batched path.
+    pub fn eval_each(&mut self, tokens: &[u32], mut f: impl FnMut(usize, &[f32])) -> Result<()> {
+        self.check(tokens)?;
+        let n_vocab = self.model.hparams.n_vocab;
+        for (c, chunk) in tokens.chunks(self.n_batch).enumerate() {
+            self.step_batch(chunk, Some(true));
+            let logits = &self.batch.as_ref().expect("created by step_batch").logits;
+            for i in 0..chunk.len() {
+                f(
+                    c * self.n_batch + i,
+                    &logits[i * n_vocab..(i + 1) * n_vocab],
+                );
+            }
         }
         Ok(())
     }

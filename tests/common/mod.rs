@@ -70,16 +70,45 @@ pub fn session(model: &Arc<Model>, n_ctx: usize, threads: usize) -> Session {
         &SessionParams {
             n_ctx,
             n_threads: threads,
+            ..Default::default()
         },
     )
     .expect("session")
 }
 
-/// Logits at every position of `ids` from a fresh session: `[len, n_vocab]`.
+/// Logits at every position of `ids` from a fresh session: `[len, n_vocab]`,
+/// through the batched (matrix-matrix) path.
 pub fn forward_logits(model: &Arc<Model>, ids: &[u32], threads: usize) -> Vec<f32> {
-    let mut s = session(model, ids.len().max(8), threads);
+    forward_logits_batched(model, ids, threads, 128)
+}
+
+/// As [`forward_logits`], in chunks of `n_batch` tokens.
+pub fn forward_logits_batched(
+    model: &Arc<Model>,
+    ids: &[u32],
+    threads: usize,
+    n_batch: usize,
+) -> Vec<f32> {
+    let mut s = Session::new(
+        Arc::clone(model),
+        &SessionParams {
+            n_ctx: ids.len().max(8),
+            n_threads: threads,
+            n_batch,
+        },
+    )
+    .expect("session");
     let mut out = Vec::with_capacity(ids.len() * model.hparams.n_vocab);
     s.eval_each(ids, |_, l| out.extend_from_slice(l))
+        .expect("eval");
+    out
+}
+
+/// The same through the one-token (matrix-vector) path.
+pub fn forward_logits_sequential(model: &Arc<Model>, ids: &[u32], threads: usize) -> Vec<f32> {
+    let mut s = session(model, ids.len().max(8), threads);
+    let mut out = Vec::with_capacity(ids.len() * model.hparams.n_vocab);
+    s.eval_each_sequential(ids, |_, l| out.extend_from_slice(l))
         .expect("eval");
     out
 }
@@ -97,14 +126,20 @@ pub fn check_hf_reference(model_dir: &std::path::Path, reference: &std::path::Pa
             .iter()
             .map(|&v| v as u32)
             .collect();
-        let got = forward_logits(&model, &row, 1);
         let want = &logits.f32[r * len * n_vocab..(r + 1) * len * n_vocab];
-        let e = rel_err(&got, want);
-        assert!(
-            e <= tol,
-            "{}: row {r} logits rel err {e:.3e} > {tol:.0e}",
-            model_dir.display()
-        );
+        // The batched path with a chunk size that leaves a ragged last chunk,
+        // and the one-token path.
+        for (path, got) in [
+            ("batched", forward_logits_batched(&model, &row, 1, 7)),
+            ("sequential", forward_logits_sequential(&model, &row, 1)),
+        ] {
+            let e = rel_err(&got, want);
+            assert!(
+                e <= tol,
+                "{}: row {r} {path} logits rel err {e:.3e} > {tol:.0e}",
+                model_dir.display()
+            );
+        }
     }
     let greedy = read_ref(reference, "greedy_ids");
     let steps = read_ref(reference, "greedy_step_logits");
