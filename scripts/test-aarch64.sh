@@ -25,8 +25,10 @@ export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static"
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64
+# The CLI tests spawn the `nibble` binary themselves: run it through qemu too.
+export NIBBLE_TEST_RUNNER=qemu-aarch64
 # A separate target dir: the host build scripts are compiled by a different rustc.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR_AARCH64:-target/aarch64-cross}"
 export NIBBLE_SHARED="${NIBBLE_SHARED:-$(cd .. && pwd)/shared}"
 
-/usr/bin/cargo test --workspace --target aarch64-unknown-linux-gnu "$@"
+/usr/bin/cargo test --workspace --no-fail-fast --target aarch64-unknown-linux-gnu "$@"

@@ -304,3 +304,46 @@ fn mutated_model_files_never_panic_the_loader_or_forward_pass() {
     eprintln!("runtime mutation test: {loaded} loaded and ran, {rejected} rejected");
     assert!(rejected > 1000);
 }
+
+#[test]
+fn sharded_safetensors_load_like_a_single_file() {
+    let src = shared().join("models/stories260k");
+    let d = tmpdir("sharded");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &d.join(shard)).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), shard.into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let ids = [1u32, 403, 407, 261, 378];
+    let one = Arc::new(Model::load(&src).unwrap());
+    let two = Arc::new(Model::load(&d).unwrap());
+    assert_eq!(
+        common::forward_logits(&one, &ids, 1),
+        common::forward_logits(&two, &ids, 1)
+    );
+
+    // A shard that the index names but that is missing is an error naming it.
+    std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
+    let msg = load_err(&d);
+    assert!(msg.contains("model-00002-of-00002.safetensors"), "{msg}");
+}

@@ -10,11 +10,19 @@ fn shared() -> PathBuf {
     }
 }
 
+/// Run the binary; under cross-testing `NIBBLE_TEST_RUNNER` (e.g.
+/// `qemu-aarch64`) runs it, as cargo's target runner does for test binaries.
 fn nibble(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nibble"))
-        .args(args)
-        .output()
-        .expect("run nibble")
+    let bin = env!("CARGO_BIN_EXE_nibble");
+    let mut cmd = match std::env::var("NIBBLE_TEST_RUNNER") {
+        Ok(runner) if !runner.is_empty() => {
+            let mut c = Command::new(runner);
+            c.arg(bin);
+            c
+        }
+        _ => Command::new(bin),
+    };
+    cmd.args(args).output().expect("run nibble")
 }
 
 fn ok(args: &[&str]) -> String {

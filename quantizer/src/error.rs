@@ -1,0 +1,19 @@
+//! The quantizer's typed error.
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    #[error("unsupported bit width {0} (supported: 2, 3, 4, 8)")]
+    UnsupportedBits(u32),
+    #[error("invalid group size {group_size} for a row of {cols} columns (use 32, 64, 128, or none for one group per row)")]
+    BadGroupSize { group_size: usize, cols: usize },
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    #[error("non-finite value in {what} at index {index}")]
+    NonFinite { what: &'static str, index: usize },
+    #[error("the Hessian is not positive definite even after raising the damping to {damp:e}")]
+    NotPositiveDefinite { damp: f64 },
+    #[error("invalid damping {0} (must be > 0 and finite)")]
+    BadDamp(f64),
+}
+
+pub type Result<T, E = QuantError> = std::result::Result<T, E>;

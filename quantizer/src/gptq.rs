@@ -1,0 +1,345 @@
+//! GPTQ (Frantar et al., 2022) and round-to-nearest on one linear layer,
+//! following the authors' reference `fasterquant` step for step (the
+//! conventions are listed in `../shared/fixtures/gptq-reference/README.md`,
+//! whose six cases the tests reproduce).
+//!
+//! Work is in f64 (weights, Hessian, inverse); grids and dequantized values
+//! are reported in f32 like the reference. Shapes: `w` is `[rows, cols]`
+//! row-major (`rows` = outputs, `cols` = inputs), `h` is `[cols, cols]`.
+
+use crate::error::{QuantError, Result};
+use crate::grid::Grid;
+use crate::linalg::{cholesky_inverse, cholesky_lower, cholesky_upper};
+
+/// GPTQ settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GptqConfig {
+    pub grid: Grid,
+    /// Columns per group; `None` = one group per row (per channel).
+    pub group_size: Option<usize>,
+    /// Process columns by descending Hessian diagonal.
+    pub act_order: bool,
+    /// With act-order: groups are fixed contiguous original columns, computed up front.
+    pub static_groups: bool,
+    /// Damping as a fraction of mean(diag H).
+    pub damp: f64,
+    /// Columns per lazy-update block.
+    pub block_size: usize,
+}
+
+impl GptqConfig {
+    pub fn new(bits: u32, group_size: Option<usize>, sym: bool) -> Result<GptqConfig> {
+        Ok(GptqConfig {
+            grid: Grid::new(bits, sym)?,
+            group_size,
+            act_order: false,
+            static_groups: false,
+            damp: 0.01,
+            block_size: 128,
+        })
+    }
+}
+
+/// A quantized layer.
+#[derive(Clone, Debug)]
+pub struct QuantizedLayer {
+    pub rows: usize,
+    pub cols: usize,
+    /// `[rows, cols]` integer codes in 0..=maxq, original column order.
+    pub codes: Vec<u8>,
+    /// `[rows, n_groups]` scales; group k is the k-th in processing order.
+    pub scales: Vec<f32>,
+    /// `[rows, n_groups]` zero points (integers, as f32).
+    pub zeros: Vec<f32>,
+    pub n_groups: usize,
+    /// For each original column, its group (column of `scales`).
+    pub g_idx: Vec<u32>,
+    /// Processing order: position j handled original column perm[j].
+    pub perm: Vec<usize>,
+    /// Damping actually added to diag H (after any automatic increase).
+    pub damp_added: f64,
+    /// The reference's printed error: ½ Σ (w − q)² / Hinv[i,i]².
+    pub error: f64,
+}
+
+impl QuantizedLayer {
+    /// Dequantized `[rows, cols]` weights, original column order.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                let g = self.g_idx[c] as usize;
+                let (s, z) = (
+                    self.scales[r * self.n_groups + g],
+                    self.zeros[r * self.n_groups + g],
+                );
+                out[r * self.cols + c] = s * (f32::from(self.codes[r * self.cols + c]) - z);
+            }
+        }
+        out
+    }
+}
+
+fn check_inputs(w: &[f32], rows: usize, cols: usize, group_size: Option<usize>) -> Result<()> {
+    if rows == 0 || cols == 0 || w.len() != rows * cols {
+        return Err(QuantError::Shape(format!(
+            "weight has {} values, expected {rows}×{cols}",
+            w.len()
+        )));
+    }
+    if let Some(g) = group_size {
+        if g == 0 || g > cols {
+            return Err(QuantError::BadGroupSize {
+                group_size: g,
+                cols,
+            });
+        }
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::NonFinite {
+            what: "weights",
+            index: i,
+        });
+    }
+    Ok(())
+}
+
+/// Per-row (scale, zero) of columns `cols_of` of the row-major `w` (`n` wide).
+fn row_params(
+    grid: &Grid,
+    w: &[f64],
+    n: usize,
+    rows: usize,
+    cols_of: impl Iterator<Item = usize> + Clone,
+) -> Vec<(f64, f64)> {
+    (0..rows)
+        .map(|r| grid.find_params(cols_of.clone().map(|c| w[r * n + c])))
+        .collect()
+}
+
+/// Round-to-nearest with the same grids: contiguous groups of original columns.
+pub fn rtn(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    grid: Grid,
+    group_size: Option<usize>,
+) -> Result<QuantizedLayer> {
+    check_inputs(w, rows, cols, group_size)?;
+    let gs = group_size.unwrap_or(cols);
+    let n_groups = cols.div_ceil(gs);
+    let w64: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
+    let mut layer = QuantizedLayer {
+        rows,
+        cols,
+        codes: vec![0; rows * cols],
+        scales: vec![0.0; rows * n_groups],
+        zeros: vec![0.0; rows * n_groups],
+        n_groups,
+        g_idx: (0..cols).map(|c| (c / gs) as u32).collect(),
+        perm: (0..cols).collect(),
+        damp_added: 0.0,
+        error: 0.0,
+    };
+    for g in 0..n_groups {
+        let span = g * gs..((g + 1) * gs).min(cols);
+        let params = row_params(&grid, &w64, cols, rows, span.clone());
+        for (r, &(s, z)) in params.iter().enumerate() {
+            layer.scales[r * n_groups + g] = s as f32;
+            layer.zeros[r * n_groups + g] = z as f32;
+            for c in span.clone() {
+                layer.codes[r * cols + c] =
+                    grid.code_f32(w[r * cols + c], s as f32, z as f32) as u8;
+            }
+        }
+    }
+    Ok(layer)
+}
+
+/// GPTQ on one layer given its Hessian `h` = 2/n Σ x·xᵀ (any positive scale).
+pub fn gptq(
+    w: &[f32],
+    h: &[f32],
+    rows: usize,
+    cols: usize,
+    cfg: &GptqConfig,
+) -> Result<QuantizedLayer> {
+    check_inputs(w, rows, cols, cfg.group_size)?;
+    if h.len() != cols * cols {
+        return Err(QuantError::Shape(format!(
+            "Hessian has {} values, expected {cols}×{cols}",
+            h.len()
+        )));
+    }
+    if let Some(i) = h.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::NonFinite {
+            what: "Hessian",
+            index: i,
+        });
+    }
+    if !(cfg.damp.is_finite() && cfg.damp > 0.0) {
+        return Err(QuantError::BadDamp(cfg.damp));
+    }
+    let grid = cfg.grid;
+    let n = cols;
+    let mut wk: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
+    let mut hk: Vec<f64> = h.iter().map(|&v| f64::from(v)).collect();
+
+    // Per-channel params come from the whole original W (before dead-column zeroing).
+    let per_channel = cfg
+        .group_size
+        .is_none()
+        .then(|| row_params(&grid, &wk, n, rows, 0..n));
+
+    // Dead inputs: H[d,d] = 1 and their weights zeroed.
+    for d in 0..n {
+        if hk[d * n + d] == 0.0 {
+            hk[d * n + d] = 1.0;
+            for r in 0..rows {
+                wk[r * n + d] = 0.0;
+            }
+        }
+    }
+    let gs = cfg.group_size.unwrap_or(n);
+    // Static groups: contiguous original columns of the zeroed W, fixed up front.
+    let static_params: Option<Vec<Vec<(f64, f64)>>> =
+        (cfg.group_size.is_some() && cfg.static_groups).then(|| {
+            (0..n)
+                .step_by(gs)
+                .map(|c0| row_params(&grid, &wk, n, rows, c0..(c0 + gs).min(n)))
+                .collect()
+        });
+
+    let perm: Vec<usize> = if cfg.act_order {
+        let mut p: Vec<usize> = (0..n).collect();
+        // Descending diag H; stable for ties.
+        p.sort_by(|&a, &b| hk[b * n + b].total_cmp(&hk[a * n + a]));
+        p
+    } else {
+        (0..n).collect()
+    };
+    // Permute W's columns and H's rows and columns into processing order.
+    let wp: Vec<f64> = (0..rows * n)
+        .map(|i| wk[(i / n) * n + perm[i % n]])
+        .collect();
+    let mut hp: Vec<f64> = (0..n * n)
+        .map(|i| hk[perm[i / n] * n + perm[i % n]])
+        .collect();
+    let mut wk = wp;
+
+    let mean_diag = (0..n).map(|i| hp[i * n + i]).sum::<f64>() / n as f64;
+    let mut damp = cfg.damp * mean_diag;
+    let hinv = loop {
+        let mut a = hp.clone();
+        for i in 0..n {
+            a[i * n + i] += damp;
+        }
+        if cholesky_lower(&mut a, n) {
+            if let Some(u) = cholesky_upper(&cholesky_inverse(&a, n), n) {
+                break u;
+            }
+        }
+        if damp > mean_diag * 1e3 || !damp.is_finite() || damp == 0.0 {
+            return Err(QuantError::NotPositiveDefinite { damp });
+        }
+        eprintln!(
+            "warning: Hessian not positive definite with damping {damp:e}; raising it tenfold"
+        );
+        damp *= 10.0;
+    };
+    hp.clear();
+
+    // Groups in processing order: dynamic groups are (scale, zero) per row,
+    // set when their first column is reached.
+    let n_groups = n.div_ceil(gs);
+    let mut scales = vec![0f32; rows * n_groups];
+    let mut zeros = vec![0f32; rows * n_groups];
+    let mut g_idx = vec![0u32; n];
+    let mut codes_p = vec![0u8; rows * n];
+    let mut error = 0.0;
+    let mut cur: Vec<(f64, f64)> = per_channel.clone().unwrap_or_default();
+    let bs = cfg.block_size.max(1);
+
+    for i1 in (0..n).step_by(bs) {
+        let i2 = (i1 + bs).min(n);
+        let count = i2 - i1;
+        // W1 = W[:, i1:i2] (working copy of this block), Err1 for the lazy update.
+        let mut w1: Vec<f64> = (0..rows * count)
+            .map(|k| wk[(k / count) * n + i1 + k % count])
+            .collect();
+        let mut err1 = vec![0f64; rows * count];
+        for i in 0..count {
+            let j = i1 + i; // processing position
+            let group = match (&static_params, cfg.group_size) {
+                (Some(sp), _) => {
+                    let g = perm[j] / gs;
+                    cur.clone_from(&sp[g]);
+                    g
+                }
+                (None, Some(_)) => {
+                    if j % gs == 0 {
+                        // Quirk of the reference: params from the outer W, i.e. these
+                        // columns as they were at the start of this block.
+                        cur = row_params(&grid, &wk, n, rows, j..(j + gs).min(n));
+                    }
+                    j / gs
+                }
+                (None, None) => 0,
+            };
+            g_idx[perm[j]] = group as u32;
+            if j % gs == 0 || static_params.is_some() {
+                for (r, &(s, z)) in cur.iter().enumerate() {
+                    scales[r * n_groups + group] = s as f32;
+                    zeros[r * n_groups + group] = z as f32;
+                }
+            }
+            let d = hinv[j * n + j];
+            for r in 0..rows {
+                let wv = w1[r * count + i];
+                let (s, z) = cur[r];
+                // Round in f32 like the reference (updates accumulate in f64).
+                let code = grid.code_f32(wv as f32, s as f32, z as f32);
+                codes_p[r * n + j] = code as u8;
+                let q = f64::from(Grid::dequant(code, s, z));
+                error += (wv - q) * (wv - q) / (d * d) / 2.0;
+                let e = (wv - q) / d;
+                err1[r * count + i] = e;
+                let row = &mut w1[r * count..(r + 1) * count];
+                for (k, x) in row.iter_mut().enumerate().skip(i) {
+                    *x -= e * hinv[j * n + i1 + k];
+                }
+            }
+        }
+        // Lazy batched update of every later column: W[:, i2:] -= Err1 · Hinv[i1:i2, i2:].
+        for r in 0..rows {
+            let e = &err1[r * count..(r + 1) * count];
+            for c in i2..n {
+                let mut s = 0.0;
+                for (k, &ek) in e.iter().enumerate() {
+                    s += ek * hinv[(i1 + k) * n + c];
+                }
+                wk[r * n + c] -= s;
+            }
+        }
+    }
+
+    // Codes back to original column order.
+    let mut codes = vec![0u8; rows * n];
+    for r in 0..rows {
+        for (j, &c) in perm.iter().enumerate() {
+            codes[r * n + c] = codes_p[r * n + j];
+        }
+    }
+    Ok(QuantizedLayer {
+        rows,
+        cols: n,
+        codes,
+        scales,
+        zeros,
+        n_groups,
+        g_idx,
+        perm,
+        damp_added: damp,
+        error,
+    })
+}
