@@ -4,7 +4,8 @@
 //! the workspace crates:
 //!
 //! * [`format`] — the `.nib` single-file format and the GGUF / Hugging Face importers;
-//! * [`runtime`] — the Llama-family runtime: [`Model`], [`Session`], [`Sampler`].
+//! * [`runtime`] — the Llama-family runtime: [`Model`], [`Session`], [`Sampler`];
+//! * [`quantizer`] — GPTQ (per layer) and RTN (whole models) into packed integer groups.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -26,6 +27,7 @@
 //! ```
 
 pub use nibble_format as format;
+pub use nibble_quantizer as quantizer;
 pub use nibble_runtime as runtime;
 pub use nibble_runtime::{
     ChatMessage, GenerateParams, GenerationStats, Model, RuntimeError, Sampler, SamplerParams,

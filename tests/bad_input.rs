@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::shared;
 use nibble::format::import::{import_to_memory, ImportOptions};
-use nibble::format::{AlignedBytes, DType, MetadataBuilder, NibFile, NibWriter, OwnedValue, Value};
+use nibble::format::{AlignedBytes, DType, MetadataBuilder, NibFile, NibWriter, OwnedValue};
 use nibble::{Model, RuntimeError};
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -128,19 +128,7 @@ fn rebuilt(
     )
     .unwrap();
     let v = f.view().unwrap();
-    let mut m = MetadataBuilder::new();
-    for (k, val) in &v.metadata.entries {
-        let o = match *val {
-            Value::U64(x) => OwnedValue::U64(x),
-            Value::I64(x) => OwnedValue::I64(x),
-            Value::F64(x) => OwnedValue::F64(x),
-            Value::Bool(x) => OwnedValue::Bool(x),
-            Value::Str(s) => OwnedValue::Str(s.into()),
-            Value::Bytes(b) => OwnedValue::Bytes(b.to_vec()),
-            Value::U64Array(_) => OwnedValue::U64Array(val.u64_array().collect()),
-        };
-        m.set(k, o);
-    }
+    let mut m = MetadataBuilder::from(&v.metadata);
     meta(&mut m);
     let mut w = NibWriter::new(AlignedBytes::new(), &m).unwrap();
     for t in &v.tensors {

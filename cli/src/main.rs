@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod quantize;
 
 use std::path::PathBuf;
 
@@ -33,6 +34,8 @@ struct Cli {
 enum Command {
     /// Convert a Hugging Face folder or a GGUF file into a single .nib file.
     Convert(commands::ConvertArgs),
+    /// Quantize a model's linear weights to 2/3/4/8-bit integer groups (RTN).
+    Quantize(quantize::QuantizeArgs),
     /// Generate text from a prompt.
     Run(commands::RunArgs),
     /// Chat with an instruction-tuned model (interactive, or one-shot with -p).
@@ -66,6 +69,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Convert(a) => commands::convert(a),
+        Command::Quantize(a) => quantize::quantize(a),
         Command::Run(a) => commands::run(a),
         Command::Chat(a) => commands::chat(a),
         Command::Perplexity(a) => commands::perplexity(a),

@@ -261,3 +261,53 @@ fn help_teaches() {
         "{out}"
     );
 }
+
+#[test]
+fn quantize_writes_a_runnable_model_and_a_report() {
+    let d = tmp("quantize");
+    let out = d.join("st8.nib");
+    let src = shared().join("models/stories260k");
+    ok(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&out),
+        "--bits",
+        "8",
+        "--group-size",
+        "32",
+    ]);
+    let report = std::fs::read_to_string(d.join("st8.nib.report.json")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(r["layers"].as_array().unwrap().len(), 35);
+    assert!(r["layers"][0]["rel_weight_error"].as_f64().unwrap() < 1e-3);
+    let info = ok(&["inspect", s(&out), "--verify"]);
+    assert!(
+        info.contains("Q8G") && info.contains("quant.method") && info.contains("\"rtn\""),
+        "{info}"
+    );
+    let story = ok(&["run", "-m", s(&out), "-n", "30", "--temp", "0"]);
+    assert!(
+        story.starts_with("Once upon a time, there was a little girl named Lily."),
+        "{story}"
+    );
+
+    // Bad settings fail before any work and leave nothing behind.
+    let bad = d.join("bad.nib");
+    let err = fails(&["quantize", "-m", s(&src), "-o", s(&bad), "--bits", "5"]);
+    assert!(err.contains("--bits 5"), "{err}");
+    let err = fails(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&bad),
+        "--group-size",
+        "33",
+    ]);
+    assert!(err.contains("multiple of 32"), "{err}");
+    let err = fails(&["quantize", "-m", s(&src), "-o", s(&bad), "--method", "gptq"]);
+    assert!(err.contains("not implemented"), "{err}");
+    assert!(!bad.exists());
+}

@@ -1,49 +1,96 @@
 //! Tensor element types of the `.nib` format and their on-disk codes.
+//!
+//! Float types are plain arrays. The packed integer group types (`Q2G`,
+//! `Q3G`, `Q4G`, `Q8G`) store 2-D weights `[rows, cols]` as groups of
+//! `group_size` consecutive input columns (the tensor's `quant_param`), each
+//! with an f16 scale and an integer zero point; `FORMAT.md` gives the bytes.
 
 use std::fmt;
 
 /// Element type of a tensor stored in a `.nib` file.
-///
-/// Codes 0..=15 are plain element types; codes 16..=47 are reserved for the
-/// packed integer group types (see `FORMAT.md`, "Reserved quantized types").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     F16,
     BF16,
+    /// Unsigned 32-bit integers (act-order permutations).
+    U32,
+    /// Packed 2-bit integer groups.
+    Q2G,
+    /// Packed 3-bit integer groups.
+    Q3G,
+    /// Packed 4-bit integer groups.
+    Q4G,
+    /// 8-bit integer groups.
+    Q8G,
 }
 
+/// Elements per packed sub-block: every group is stored as whole sub-blocks.
+pub const SUB_BLOCK: usize = 32;
+/// Bytes of a group header: f16 scale, u8 zero point, u8 reserved (0).
+pub const GROUP_HEADER: usize = 4;
+
 impl DType {
-    pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+    pub const ALL: [DType; 8] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::U32,
+        DType::Q2G,
+        DType::Q3G,
+        DType::Q4G,
+        DType::Q8G,
+    ];
 
     pub fn code(self) -> u16 {
         match self {
             DType::F32 => 0,
             DType::F16 => 1,
             DType::BF16 => 2,
+            DType::U32 => 3,
+            DType::Q2G => 16,
+            DType::Q3G => 17,
+            DType::Q4G => 18,
+            DType::Q8G => 19,
         }
     }
 
     pub fn from_code(code: u16) -> Option<DType> {
-        match code {
-            0 => Some(DType::F32),
-            1 => Some(DType::F16),
-            2 => Some(DType::BF16),
+        DType::ALL.into_iter().find(|d| d.code() == code)
+    }
+
+    /// Bits per code of a packed group type.
+    pub fn quant_bits(self) -> Option<u32> {
+        match self {
+            DType::Q2G => Some(2),
+            DType::Q3G => Some(3),
+            DType::Q4G => Some(4),
+            DType::Q8G => Some(8),
             _ => None,
         }
     }
 
-    /// Bytes per element.
-    pub fn size(self) -> u64 {
-        match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
+    pub fn from_quant_bits(bits: u32) -> Option<DType> {
+        match bits {
+            2 => Some(DType::Q2G),
+            3 => Some(DType::Q3G),
+            4 => Some(DType::Q4G),
+            8 => Some(DType::Q8G),
+            _ => None,
         }
     }
 
-    /// Storage cost in bits per weight.
-    pub fn bits_per_weight(self) -> f64 {
-        self.size() as f64 * 8.0
+    pub fn is_quantized(self) -> bool {
+        self.quant_bits().is_some()
+    }
+
+    /// Bytes per element of a plain type (panics for packed types: use [`tensor_bytes`]).
+    pub fn size(self) -> u64 {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            q => panic!("{q} has no per-element size"),
+        }
     }
 
     pub fn name(self) -> &'static str {
@@ -51,9 +98,15 @@ impl DType {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::U32 => "U32",
+            DType::Q2G => "Q2G",
+            DType::Q3G => "Q3G",
+            DType::Q4G => "Q4G",
+            DType::Q8G => "Q8G",
         }
     }
 
+    /// Parse a float storage type name (f32, f16, bf16).
     pub fn parse(s: &str) -> Option<DType> {
         match s.to_ascii_lowercase().as_str() {
             "f32" => Some(DType::F32),
@@ -68,4 +121,56 @@ impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// Bytes of one packed sub-block of 32 codes.
+pub fn sub_block_bytes(bits: u32) -> usize {
+    match bits {
+        2 => 8,
+        3 => 12,
+        4 => 16,
+        8 => 32,
+        _ => panic!("unsupported bit width {bits}"),
+    }
+}
+
+/// Bytes of one packed row of `cols` columns in groups of `group_size`.
+pub fn row_bytes(bits: u32, cols: usize, group_size: usize) -> usize {
+    let full = cols / group_size;
+    let tail = cols % group_size;
+    let group = |n: usize| GROUP_HEADER + n.div_ceil(SUB_BLOCK) * sub_block_bytes(bits);
+    full * group(group_size) + if tail > 0 { group(tail) } else { 0 }
+}
+
+/// Byte length of a tensor: plain types `Π shape × size`; packed types need
+/// a 2-D shape and a group size. `None` on overflow or an invalid combination.
+pub fn tensor_bytes(dtype: DType, shape: &[u64], quant_param: u32) -> Option<u64> {
+    match dtype.quant_bits() {
+        None => {
+            if quant_param != 0 {
+                return None;
+            }
+            shape
+                .iter()
+                .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+        }
+        Some(bits) => {
+            let [rows, cols] = *shape else { return None };
+            let gs = quant_param as u64;
+            if !valid_group_size(gs, cols) {
+                return None;
+            }
+            let cols = usize::try_from(cols).ok()?;
+            (row_bytes(bits, cols, gs as usize) as u64).checked_mul(rows)
+        }
+    }
+}
+
+/// Group sizes allowed for a row of `cols`: a multiple of 32, at most the
+/// row length rounded up to 32 (one group per row).
+pub fn valid_group_size(gs: u64, cols: u64) -> bool {
+    (gs > 0
+        && gs.is_multiple_of(SUB_BLOCK as u64)
+        && gs <= cols.div_ceil(SUB_BLOCK as u64) * SUB_BLOCK as u64)
+        || (gs == cols && cols > 0)
 }

@@ -218,6 +218,7 @@ pub fn encode(data: &[f32], dtype: DType) -> Vec<u8> {
             .iter()
             .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
             .collect(),
+        other => panic!("encode: {other} is not a float type"),
     }
 }
 

@@ -20,6 +20,7 @@ pub mod gguf;
 pub mod hparams;
 pub mod import;
 pub mod nib;
+pub mod quant;
 pub mod storage;
 
 pub use dtype::DType;

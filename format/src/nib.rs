@@ -146,6 +146,8 @@ impl<'a> Metadata<'a> {
 pub struct TensorInfo<'a> {
     pub name: &'a str,
     pub dtype: DType,
+    /// Group size of packed integer types; 0 for plain types.
+    pub quant_param: u32,
     /// Row-major shape, outermost first: a linear weight is `[n_out, n_in]`.
     pub shape: Vec<u64>,
     /// Absolute file offset of the first byte (a multiple of 64).
@@ -406,7 +408,7 @@ fn parse_directory<'a>(
             name: name.into(),
             code: code.into(),
         })?;
-        if quant_param != 0 {
+        if !dtype.is_quantized() && quant_param != 0 {
             return Err(FormatError::BadValue {
                 key: format!("tensor '{name}' quant parameter"),
                 why: format!("{quant_param}, must be 0 for {dtype}"),
@@ -434,11 +436,26 @@ fn parse_directory<'a>(
                 why: "zero-sized dimension".into(),
             });
         }
+        if dtype.is_quantized() {
+            let ok = matches!(*shape, [_, cols] if crate::dtype::valid_group_size(quant_param.into(), cols));
+            if !ok {
+                return Err(FormatError::BadShape {
+                    name: name.into(),
+                    shape,
+                    why: format!("{dtype} needs a 2-D shape and a group size that is a multiple of 32 or the row length (got {quant_param})"),
+                });
+            }
+        }
         let mut n_elements = 1u64;
         for &d in &shape {
             n_elements = mul(n_elements, d, &w)?;
         }
-        let expected = mul(n_elements, dtype.size(), &w)?;
+        let expected = crate::dtype::tensor_bytes(dtype, &shape, quant_param).ok_or_else(|| {
+            FormatError::BadValue {
+                key: w(),
+                why: format!("byte size of shape {shape:?} overflows"),
+            }
+        })?;
         if expected != nbytes {
             return Err(FormatError::ShapeMismatch {
                 name: name.into(),
@@ -473,6 +490,7 @@ fn parse_directory<'a>(
         tensors.push(TensorInfo {
             name,
             dtype,
+            quant_param,
             shape,
             offset: data_base + rel_offset,
             crc32,
@@ -510,6 +528,30 @@ pub enum OwnedValue {
     Str(String),
     Bytes(Vec<u8>),
     U64Array(Vec<u64>),
+}
+
+impl From<Value<'_>> for OwnedValue {
+    fn from(v: Value<'_>) -> OwnedValue {
+        match v {
+            Value::U64(x) => OwnedValue::U64(x),
+            Value::I64(x) => OwnedValue::I64(x),
+            Value::F64(x) => OwnedValue::F64(x),
+            Value::Bool(x) => OwnedValue::Bool(x),
+            Value::Str(s) => OwnedValue::Str(s.into()),
+            Value::Bytes(b) => OwnedValue::Bytes(b.to_vec()),
+            a @ Value::U64Array(_) => OwnedValue::U64Array(a.u64_array().collect()),
+        }
+    }
+}
+
+impl From<&Metadata<'_>> for MetadataBuilder {
+    fn from(m: &Metadata<'_>) -> MetadataBuilder {
+        let mut b = MetadataBuilder::new();
+        for (k, v) in &m.entries {
+            b.set(k, (*v).into());
+        }
+        b
+    }
 }
 
 /// Metadata to be written, in insertion order; setting a key twice replaces it.
@@ -604,6 +646,7 @@ impl MetadataBuilder {
 struct DirEntry {
     name: String,
     dtype: DType,
+    quant_param: u32,
     shape: Vec<u64>,
     rel_offset: u64,
     nbytes: u64,
@@ -644,11 +687,23 @@ impl<W: Write + Seek> NibWriter<W> {
         })
     }
 
-    /// Append one tensor. `shape` is row-major, outermost first.
+    /// Append one tensor of a plain type. `shape` is row-major, outermost first.
     pub fn add_tensor(
         &mut self,
         name: &str,
         dtype: DType,
+        shape: &[u64],
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        self.add_tensor_q(name, dtype, 0, shape, data)
+    }
+
+    /// Append one tensor; `quant_param` is the group size of packed types.
+    pub fn add_tensor_q(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        quant_param: u32,
         shape: &[u64],
         data: &[u8],
     ) -> std::io::Result<()> {
@@ -662,9 +717,7 @@ impl<W: Write + Seek> NibWriter<W> {
         if shape.is_empty() || shape.len() as u64 > MAX_DIMS || shape.contains(&0) {
             return Err(invalid(format!("tensor '{name}': bad shape {shape:?}")));
         }
-        let expected = shape
-            .iter()
-            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d));
+        let expected = crate::dtype::tensor_bytes(dtype, shape, quant_param);
         if expected != Some(data.len() as u64) {
             return Err(invalid(format!(
                 "tensor '{name}': shape {shape:?} × {dtype} needs {expected:?} bytes, got {}",
@@ -678,6 +731,7 @@ impl<W: Write + Seek> NibWriter<W> {
         self.dir.push(DirEntry {
             name: name.to_string(),
             dtype,
+            quant_param,
             shape: shape.to_vec(),
             rel_offset,
             nbytes: data.len() as u64,
@@ -695,7 +749,7 @@ impl<W: Write + Seek> NibWriter<W> {
             dir.extend_from_slice(e.name.as_bytes());
             dir.extend_from_slice(&e.dtype.code().to_le_bytes());
             dir.extend_from_slice(&(e.shape.len() as u16).to_le_bytes());
-            dir.extend_from_slice(&0u32.to_le_bytes());
+            dir.extend_from_slice(&e.quant_param.to_le_bytes());
             for d in &e.shape {
                 dir.extend_from_slice(&d.to_le_bytes());
             }

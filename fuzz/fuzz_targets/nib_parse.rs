@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(v) = NibView::parse(data) {
         let _ = v.verify_checksums();
         for t in &v.tensors {
-            assert_eq!(t.data.len() as u64, t.n_elements() * t.dtype.size());
+            assert_eq!(Some(t.data.len() as u64), nibble_format::dtype::tensor_bytes(t.dtype, &t.shape, t.quant_param));
         }
         for (k, _) in &v.metadata.entries {
             assert!(v.metadata.get(k).is_some());

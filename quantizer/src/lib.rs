@@ -6,14 +6,17 @@
 //! [`gptq::gptq`] (act-order, static groups, dead inputs, damping with
 //! automatic increase, lazy block updates) and [`gptq::rtn`], on the grids of
 //! [`grid::Grid`] (2/3/4/8 bits, symmetric or asymmetric, per-channel or
-//! grouped). Not yet: the packed `.nib` group types, calibration and
-//! block-by-block Hessian collection over a whole model, and `nibble quantize`.
+//! grouped). [`model::quantize_model`] packs a whole model into the `.nib`
+//! integer group types with RTN. Not yet: calibration and block-by-block
+//! Hessian collection, i.e. GPTQ over a whole model.
 
 pub mod error;
 pub mod gptq;
 pub mod grid;
 pub mod linalg;
+pub mod model;
 
 pub use error::{QuantError, Result};
 pub use gptq::{gptq, rtn, GptqConfig, QuantizedLayer};
 pub use grid::Grid;
+pub use model::{quantize_model, LayerReport, Method, QuantizeOptions};

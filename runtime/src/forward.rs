@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::{dot_bf16, dot_f16, dot_f32};
+use crate::kernels::{dot_bf16, dot_f16, dot_f32, dot_qg_f32};
 use crate::model::{Model, Weight, WeightData};
 
 /// Every buffer a forward pass needs, sized once from the config and `n_ctx`.
@@ -31,6 +31,8 @@ pub struct RunState {
     pub hb2: Vec<f32>,
     /// `[n_vocab]` output logits.
     pub logits: Vec<f32>,
+    /// `[max input width]` input gathered through an act-order permutation.
+    xperm: Vec<f32>,
     /// `[n_layer, n_ctx, n_head_kv·head_dim]` keys (after RoPE).
     pub key_cache: Vec<f32>,
     /// `[n_layer, n_ctx, n_head_kv·head_dim]` values.
@@ -68,6 +70,7 @@ impl RunState {
             hb: vec![0.0; hp.n_ff],
             hb2: vec![0.0; hp.n_ff],
             logits: vec![0.0; hp.n_vocab],
+            xperm: vec![0.0; hp.n_embd.max(hp.n_ff).max(q_dim)],
             key_cache: vec![0.0; hp.n_layer * n_ctx * kv_dim],
             value_cache: vec![0.0; hp.n_layer * n_ctx * kv_dim],
             rope_cos,
@@ -86,6 +89,7 @@ impl RunState {
             + self.hb.len()
             + self.hb2.len()
             + self.logits.len()
+            + self.xperm.len()
             + self.key_cache.len()
             + self.value_cache.len()
             + self.rope_cos.len()
@@ -93,31 +97,91 @@ impl RunState {
     }
 }
 
+/// Dot product of row `r` of a weight with `x` (already permuted if the
+/// weight has an act-order permutation).
+fn row_dot(data: &WeightData<'_>, r: usize, cols: usize, x: &[f32]) -> f32 {
+    let span = r * cols..(r + 1) * cols;
+    match data {
+        WeightData::F32(d) => dot_f32(&d[span], x),
+        WeightData::F16(d) => dot_f16(&d[span], x),
+        WeightData::BF16(d) => dot_bf16(&d[span], x),
+        WeightData::Packed {
+            bits,
+            group_size,
+            row_bytes,
+            data,
+        } => dot_qg_f32(
+            *bits,
+            *group_size,
+            &data[r * row_bytes..(r + 1) * row_bytes],
+            x,
+        ),
+    }
+}
+
+/// Decode row `r` of a weight to f32 in stored column order.
+pub fn decode_row(data: &WeightData<'_>, r: usize, cols: usize, out: &mut [f32]) {
+    let span = r * cols..(r + 1) * cols;
+    match data {
+        WeightData::F32(d) => out.copy_from_slice(&d[span]),
+        WeightData::F16(d) => {
+            use half::slice::HalfFloatSliceExt;
+            d[span].convert_to_f32_slice(out);
+        }
+        WeightData::BF16(d) => {
+            for (o, v) in out.iter_mut().zip(&d[span]) {
+                *o = v.to_f32();
+            }
+        }
+        WeightData::Packed {
+            bits,
+            group_size,
+            row_bytes,
+            data,
+        } => nibble_format::quant::dequantize_row(
+            *bits,
+            *group_size,
+            &data[r * row_bytes..(r + 1) * row_bytes],
+            out,
+        ),
+    }
+}
+
 /// out = W · x for a `[rows, cols]` weight, rows split across the current
-/// rayon pool when `parallel` (no allocation either way).
-pub fn matvec(model: &Model, w: &Weight, x: &[f32], out: &mut [f32], parallel: bool) {
+/// rayon pool when `parallel` (no allocation either way). `xperm` is scratch
+/// for weights stored with an act-order permutation (gathered once here).
+pub fn matvec(
+    model: &Model,
+    w: &Weight,
+    x: &[f32],
+    out: &mut [f32],
+    xperm: &mut [f32],
+    parallel: bool,
+) {
     debug_assert_eq!(x.len(), w.cols);
     debug_assert_eq!(out.len(), w.rows);
     let cols = w.cols;
-    let data = model.data(w);
-    let row_dot = |r: usize| -> f32 {
-        let span = r * cols..(r + 1) * cols;
-        match &data {
-            WeightData::F32(d) => dot_f32(&d[span], x),
-            WeightData::F16(d) => dot_f16(&d[span], x),
-            WeightData::BF16(d) => dot_bf16(&d[span], x),
+    let x: &[f32] = match model.perm(w) {
+        Some(perm) => {
+            let xp = &mut xperm[..cols];
+            for (o, &p) in xp.iter_mut().zip(perm) {
+                *o = x[p as usize];
+            }
+            xp
         }
+        None => x,
     };
+    let data = model.data(w);
     if parallel && w.rows >= 64 {
         let chunk = w.rows.div_ceil(rayon::current_num_threads() * 4).max(16);
         out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
             for (i, v) in o.iter_mut().enumerate() {
-                *v = row_dot(c * chunk + i);
+                *v = row_dot(&data, c * chunk + i, cols, x);
             }
         });
     } else {
         for (r, v) in out.iter_mut().enumerate() {
-            *v = row_dot(r);
+            *v = row_dot(&data, r, cols, x);
         }
     }
 }
@@ -146,20 +210,7 @@ fn rope(v: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
 
 fn embed(model: &Model, token: u32, out: &mut [f32]) {
     let w = &model.token_embd;
-    let span = token as usize * w.cols..(token as usize + 1) * w.cols;
-    match model.data(w) {
-        WeightData::F32(d) => out.copy_from_slice(&d[span]),
-        WeightData::F16(d) => {
-            for (o, v) in out.iter_mut().zip(&d[span]) {
-                *o = v.to_f32();
-            }
-        }
-        WeightData::BF16(d) => {
-            for (o, v) in out.iter_mut().zip(&d[span]) {
-                *o = v.to_f32();
-            }
-        }
-    }
+    decode_row(&model.data(w), token as usize, w.cols, out);
 }
 
 /// Run one token at position `pos` (< n_ctx, checked by the caller), filling
@@ -198,10 +249,10 @@ pub fn forward(
         );
         let cache_row = (l * n_ctx + pos) * kv_dim;
         let layer_base = l * n_ctx * kv_dim;
-        matvec(model, &lw.attn_q, &s.xb, &mut s.q, parallel);
+        matvec(model, &lw.attn_q, &s.xb, &mut s.q, &mut s.xperm, parallel);
         {
             let k = &mut s.key_cache[cache_row..cache_row + kv_dim];
-            matvec(model, &lw.attn_k, &s.xb, k, parallel);
+            matvec(model, &lw.attn_k, &s.xb, k, &mut s.xperm, parallel);
             rope(k, hd, cos, sin);
         }
         matvec(
@@ -209,6 +260,7 @@ pub fn forward(
             &lw.attn_v,
             &s.xb,
             &mut s.value_cache[cache_row..cache_row + kv_dim],
+            &mut s.xperm,
             parallel,
         );
         rope(&mut s.q, hd, cos, sin);
@@ -240,19 +292,40 @@ pub fn forward(
                 }
             }
         }
-        matvec(model, &lw.attn_output, &s.att_out, &mut s.xb2, parallel);
+        matvec(
+            model,
+            &lw.attn_output,
+            &s.att_out,
+            &mut s.xb2,
+            &mut s.xperm,
+            parallel,
+        );
         for (x, d) in s.x.iter_mut().zip(&s.xb2) {
             *x += d;
         }
 
         rmsnorm(&mut s.xb, &s.x, model.vector(&lw.ffn_norm), hp.rms_norm_eps);
-        matvec(model, &lw.ffn_gate, &s.xb, &mut s.hb, parallel);
-        matvec(model, &lw.ffn_up, &s.xb, &mut s.hb2, parallel);
+        matvec(
+            model,
+            &lw.ffn_gate,
+            &s.xb,
+            &mut s.hb,
+            &mut s.xperm,
+            parallel,
+        );
+        matvec(model, &lw.ffn_up, &s.xb, &mut s.hb2, &mut s.xperm, parallel);
         for (g, &u) in s.hb.iter_mut().zip(&s.hb2) {
             let silu = *g / (1.0 + (-*g).exp());
             *g = silu * u;
         }
-        matvec(model, &lw.ffn_down, &s.hb, &mut s.xb2, parallel);
+        matvec(
+            model,
+            &lw.ffn_down,
+            &s.hb,
+            &mut s.xb2,
+            &mut s.xperm,
+            parallel,
+        );
         for (x, d) in s.x.iter_mut().zip(&s.xb2) {
             *x += d;
         }
@@ -265,7 +338,14 @@ pub fn forward(
             model.vector(&model.output_norm),
             hp.rms_norm_eps,
         );
-        matvec(model, &model.output, &s.xb, &mut s.logits, parallel);
+        matvec(
+            model,
+            &model.output,
+            &s.xb,
+            &mut s.logits,
+            &mut s.xperm,
+            parallel,
+        );
     }
 }
 
@@ -302,11 +382,6 @@ impl BatchState {
         let hp = &model.hparams;
         let q_dim = hp.n_head * hp.head_dim;
         let max_in = hp.n_embd.max(hp.n_ff).max(q_dim);
-        let float_weights = model
-            .layers
-            .iter()
-            .all(|l| l.attn_q.dtype == nibble_format::DType::F32)
-            && model.output.dtype == nibble_format::DType::F32;
         BatchState {
             n_batch,
             x: vec![0.0; n_batch * hp.n_embd],
@@ -318,11 +393,8 @@ impl BatchState {
             hb: vec![0.0; n_batch * hp.n_ff],
             hb2: vec![0.0; n_batch * hp.n_ff],
             logits: Vec::new(),
-            wtile: if float_weights {
-                Vec::new()
-            } else {
-                vec![0.0; WEIGHT_TILE_ROWS * max_in]
-            },
+            // A tile of decoded rows plus one row of scratch.
+            wtile: vec![0.0; (WEIGHT_TILE_ROWS + 1) * max_in],
         }
     }
 }
@@ -372,28 +444,30 @@ fn linear_batch(
             threads,
         );
     };
-    match model.data(w) {
-        WeightData::F32(d) => emit(0, rows, d, out),
-        other => {
-            for r0 in (0..rows).step_by(WEIGHT_TILE_ROWS) {
-                let n = WEIGHT_TILE_ROWS.min(rows - r0);
-                let tile = &mut wtile[..n * cols];
-                let span = r0 * cols..(r0 + n) * cols;
-                match &other {
-                    WeightData::F16(d) => {
-                        use half::slice::HalfFloatSliceExt;
-                        d[span].convert_to_f32_slice(tile);
+    let data = model.data(w);
+    let perm = model.perm(w);
+    if let (WeightData::F32(d), None) = (&data, perm) {
+        return emit(0, rows, d, out);
+    }
+    // Other types: decode a tile of rows to f32 (scattering columns back to
+    // input order when the weight is stored act-order permuted), then gemm.
+    for r0 in (0..rows).step_by(WEIGHT_TILE_ROWS) {
+        let n = WEIGHT_TILE_ROWS.min(rows - r0);
+        let (tile, rowbuf) = wtile.split_at_mut(WEIGHT_TILE_ROWS * cols);
+        for r in 0..n {
+            let dst = &mut tile[r * cols..(r + 1) * cols];
+            match perm {
+                None => decode_row(&data, r0 + r, cols, dst),
+                Some(perm) => {
+                    let tmp = &mut rowbuf[..cols];
+                    decode_row(&data, r0 + r, cols, tmp);
+                    for (&p, &v) in perm.iter().zip(tmp.iter()) {
+                        dst[p as usize] = v;
                     }
-                    WeightData::BF16(d) => {
-                        for (t, v) in tile.iter_mut().zip(&d[span]) {
-                            *t = v.to_f32();
-                        }
-                    }
-                    WeightData::F32(_) => unreachable!(),
                 }
-                emit(r0, n, tile, out);
             }
         }
+        emit(r0, n, &tile[..n * cols], out);
     }
 }
 
@@ -622,7 +696,14 @@ pub fn forward_batch(
         Some(false) => {
             let last = &bs.x[(b - 1) * e..b * e];
             rmsnorm(&mut s.xb, last, norm, hp.rms_norm_eps);
-            matvec(model, &model.output, &s.xb, &mut s.logits, threads > 1);
+            matvec(
+                model,
+                &model.output,
+                &s.xb,
+                &mut s.logits,
+                &mut s.xperm,
+                threads > 1,
+            );
         }
         Some(true) => {
             for i in 0..b {

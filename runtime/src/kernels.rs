@@ -9,6 +9,9 @@
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
+use nibble_format::dtype::{sub_block_bytes, GROUP_HEADER, SUB_BLOCK};
+use nibble_format::quant::unpack_sub_block;
+
 const LANES: usize = 16;
 
 /// Σ a[i]·b[i] in f32 with 16 independent partial sums.
@@ -65,9 +68,86 @@ pub fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
     sum
 }
 
+/// Σ ŵ[i]·x[i] over one packed row (`format::quant` layout) with f32
+/// activations: per group, scale · (Σ code·x − zero · Σ x). Scalar reference
+/// for the SIMD dequant-dot kernels. `x.len()` is the row's column count.
+pub fn dot_qg_f32(bits: u32, group_size: usize, row: &[u8], x: &[f32]) -> f32 {
+    let sb = sub_block_bytes(bits);
+    let mut codes = [0u8; SUB_BLOCK];
+    let mut p = 0;
+    let mut sum = 0f32;
+    for xg in x.chunks(group_size) {
+        let scale = f16::from_le_bytes([row[p], row[p + 1]]).to_f32();
+        let zero = f32::from(row[p + 2]);
+        p += GROUP_HEADER;
+        let (mut acc, mut xsum) = (0f32, 0f32);
+        for xs in xg.chunks(SUB_BLOCK) {
+            unpack_sub_block(bits, &row[p..p + sb], &mut codes);
+            p += sb;
+            for (&c, &xv) in codes.iter().zip(xs) {
+                acc += f32::from(c) * xv;
+                xsum += xv;
+            }
+        }
+        sum += scale * (acc - zero * xsum);
+    }
+    sum
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_qg_matches_dequantized_dot_on_ragged_rows_and_zero_groups() {
+        // Named tolerance for packed groups with f32 activations: relative to Σ|ŵ·x|.
+        const TOL_QG_F32: f64 = 1e-5;
+        let mut seed = 11u64;
+        for bits in [2u32, 3, 4, 8] {
+            let maxq = (1u32 << bits) - 1;
+            for (cols, gs) in [
+                (32usize, 32usize),
+                (172, 32),
+                (172, 64),
+                (172, 172),
+                (8, 8),
+                (576, 128),
+                (1536, 128),
+            ] {
+                let n_groups = cols.div_ceil(gs);
+                let codes: Vec<u8> = (0..cols)
+                    .map(|_| ((lcg(&mut seed) + 1.0) * 0.5 * (maxq as f32 + 0.99)) as u8)
+                    .collect();
+                let mut scales: Vec<f32> = (0..n_groups)
+                    .map(|_| lcg(&mut seed).abs() * 0.1 + 1e-3)
+                    .collect();
+                let zeros: Vec<u8> = (0..n_groups)
+                    .map(|g| (g as u32 * 3 % (maxq + 1)) as u8)
+                    .collect();
+                scales[0] = 0.0; // an all-zero group
+                let x: Vec<f32> = (0..cols).map(|_| lcg(&mut seed)).collect();
+                let mut row = Vec::new();
+                nibble_format::quant::pack_row(bits, gs, &codes, &scales, &zeros, &mut row);
+                let mut w = vec![0f32; cols];
+                nibble_format::quant::dequantize_row(bits, gs, &row, &mut w);
+                let want: f64 = w
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum();
+                let mag: f64 = w
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| (f64::from(*a) * f64::from(*b)).abs())
+                    .sum();
+                let got = f64::from(dot_qg_f32(bits, gs, &row, &x));
+                assert!(
+                    (got - want).abs() <= TOL_QG_F32 * mag.max(1e-6),
+                    "bits {bits} cols {cols} gs {gs}: {got} vs {want}"
+                );
+            }
+        }
+    }
 
     fn reference(a: &[f32], b: &[f32]) -> f64 {
         a.iter()

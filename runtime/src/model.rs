@@ -22,8 +22,22 @@ pub struct Weight {
     pub rows: usize,
     /// Input dimension (contiguous).
     pub cols: usize,
+    /// Group size of packed integer types (0 for float types).
+    pub group_size: usize,
     offset: usize,
     nbytes: usize,
+    /// Act-order permutation `(offset, len)`: stored column j multiplies
+    /// input `perm[j]`. Applied once per input vector, never per group.
+    perm: Option<(usize, usize)>,
+}
+
+impl Weight {
+    pub fn nbytes(&self) -> usize {
+        self.nbytes
+    }
+    pub fn has_perm(&self) -> bool {
+        self.perm.is_some()
+    }
 }
 
 /// Typed, zero-copy rows of a weight: `rows × cols`, row-major.
@@ -31,6 +45,13 @@ pub enum WeightData<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    /// Packed integer groups (`format::quant` layout), `row_bytes` per row.
+    Packed {
+        bits: u32,
+        group_size: usize,
+        row_bytes: usize,
+        data: &'a [u8],
+    },
 }
 
 /// Weights of one decoder block. Shapes are `[rows, cols]` = `[out, in]`.
@@ -133,12 +154,45 @@ impl Model {
                 [r, c] => (r as usize, c as usize),
                 _ => unreachable!("model tensors are 1-D or 2-D"),
             };
+            if matches!(t.dtype, DType::U32) {
+                return Err(RuntimeError::TensorDtype {
+                    model: name.clone(),
+                    name: tname.into(),
+                    expected: "a float or packed integer type",
+                    found: t.dtype.to_string(),
+                });
+            }
+            let perm_name = format!("{}.perm", tname.trim_end_matches(".weight"));
+            let perm = match view.tensor(&perm_name) {
+                None => None,
+                Some(p) => {
+                    let bad = |why: &str| RuntimeError::TensorShape {
+                        model: name.clone(),
+                        name: format!("{perm_name} ({why})"),
+                        expected: vec![cols as u64],
+                        found: p.shape.clone(),
+                    };
+                    if p.dtype != DType::U32 || p.shape != [cols as u64] {
+                        return Err(bad("must be U32 of the weight's input width"));
+                    }
+                    let mut seen = vec![false; cols];
+                    for c in p.data.chunks_exact(4) {
+                        let v = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize;
+                        if v >= cols || std::mem::replace(&mut seen[v], true) {
+                            return Err(bad("not a permutation"));
+                        }
+                    }
+                    Some((p.offset as usize, p.data.len()))
+                }
+            };
             Ok(Weight {
                 dtype: t.dtype,
                 rows,
                 cols,
+                group_size: t.quant_param as usize,
                 offset: t.offset as usize,
                 nbytes: t.data.len(),
+                perm,
             })
         };
         let specs = hp.tensor_specs();
@@ -262,7 +316,20 @@ impl Model {
             DType::F32 => WeightData::F32(bytemuck::cast_slice(bytes)),
             DType::F16 => WeightData::F16(bytemuck::cast_slice(bytes)),
             DType::BF16 => WeightData::BF16(bytemuck::cast_slice(bytes)),
+            DType::Q2G | DType::Q3G | DType::Q4G | DType::Q8G => WeightData::Packed {
+                bits: w.dtype.quant_bits().expect("packed type"),
+                group_size: w.group_size,
+                row_bytes: w.nbytes / w.rows,
+                data: bytes,
+            },
+            DType::U32 => unreachable!("rejected at load"),
         }
+    }
+
+    /// The act-order permutation of a weight, if any.
+    pub fn perm(&self, w: &Weight) -> Option<&[u32]> {
+        w.perm
+            .map(|(off, len)| bytemuck::cast_slice(&self.file.bytes()[off..off + len]))
     }
 
     /// An F32 vector weight (norms).
