@@ -281,7 +281,7 @@ fn quantize_writes_a_runnable_model_and_a_report() {
     let report = std::fs::read_to_string(d.join("st8.nib.report.json")).unwrap();
     let r: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(r["layers"].as_array().unwrap().len(), 35);
-    assert!(r["layers"][0]["rel_weight_error"].as_f64().unwrap() < 1e-3);
+    assert!(r["layers"][0]["rel_error"].as_f64().unwrap() < 1e-3);
     let info = ok(&["inspect", s(&out), "--verify"]);
     assert!(
         info.contains("Q8G") && info.contains("quant.method") && info.contains("\"rtn\""),
@@ -308,6 +308,23 @@ fn quantize_writes_a_runnable_model_and_a_report() {
     ]);
     assert!(err.contains("multiple of 32"), "{err}");
     let err = fails(&["quantize", "-m", s(&src), "-o", s(&bad), "--method", "gptq"]);
-    assert!(err.contains("not implemented"), "{err}");
+    assert!(err.contains("--calib"), "{err}");
+    let short = d.join("short.txt");
+    std::fs::write(&short, "Once upon a time.").unwrap();
+    let err = fails(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&bad),
+        "--calib",
+        s(&short),
+        "--seqlen",
+        "64",
+    ]);
+    assert!(
+        err.contains("short.txt") && err.contains("fewer than one window"),
+        "{err}"
+    );
     assert!(!bad.exists());
 }

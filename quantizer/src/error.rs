@@ -12,6 +12,12 @@ pub enum QuantError {
     NonFinite { what: &'static str, index: usize },
     #[error("the Hessian is not positive definite even after raising the damping to {damp:e}")]
     NotPositiveDefinite { damp: f64 },
+    #[error("calibration: {0}")]
+    Calibration(String),
+    #[error("writing the output: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Format(#[from] nibble_format::FormatError),
     #[error("invalid damping {0} (must be > 0 and finite)")]
     BadDamp(f64),
 }

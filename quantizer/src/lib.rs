@@ -6,10 +6,11 @@
 //! [`gptq::gptq`] (act-order, static groups, dead inputs, damping with
 //! automatic increase, lazy block updates) and [`gptq::rtn`], on the grids of
 //! [`grid::Grid`] (2/3/4/8 bits, symmetric or asymmetric, per-channel or
-//! grouped). [`model::quantize_model`] packs a whole model into the `.nib`
-//! integer group types with RTN. Not yet: calibration and block-by-block
-//! Hessian collection, i.e. GPTQ over a whole model.
+//! grouped). [`model::quantize_model`] quantizes a whole model into the
+//! `.nib` integer group types with RTN, or with GPTQ block by block over
+//! calibration windows ([`calib`]).
 
+pub mod calib;
 pub mod error;
 pub mod gptq;
 pub mod grid;
@@ -19,4 +20,4 @@ pub mod model;
 pub use error::{QuantError, Result};
 pub use gptq::{gptq, rtn, GptqConfig, QuantizedLayer};
 pub use grid::Grid;
-pub use model::{quantize_model, LayerReport, Method, QuantizeOptions};
+pub use model::{quantize_model, CalibInfo, LayerReport, Method, QuantizeOptions, Timings};

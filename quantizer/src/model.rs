@@ -1,19 +1,31 @@
-//! Whole-model quantization: every linear weight of a `.nib` image is
-//! quantized and packed into the format's integer group types; norms stay
-//! F32 and the embedding / output head are stored as F16.
+//! Whole-model quantization into the `.nib` integer group types.
 //!
-//! Implemented: RTN (needs no calibration). GPTQ over a whole model
-//! (calibration, block-by-block Hessians) is not implemented yet; the
-//! per-layer algorithm it will call is [`crate::gptq::gptq`].
+//! * RTN: every linear weight rounded on its own; no calibration.
+//! * GPTQ: block by block. The calibration windows' hidden states enter a
+//!   block; the inputs of each linear layer are collected into Hessians
+//!   H = 2/N · Σ x·xᵀ; GPTQ quantizes the layer; then the *quantized* block
+//!   produces the next block's inputs. With `true_sequential`, q/k/v are
+//!   quantized first, then o sees inputs produced by the quantized q/k/v,
+//!   then gate/up, then down. Only one block's activations live at a time.
+//!
+//! Norms stay F32; the embedding and output head are stored as F16.
+//! Act-order with dynamic groups stores columns in processing order (groups
+//! contiguous) plus the permutation as `<name>.perm`, applied by the runtime
+//! once per input; static groups are contiguous in the original order, so
+//! they need no permutation at run time.
 
 use std::io::{Seek, Write};
+use std::time::Instant;
 
 use nibble_format::import::encode;
 use nibble_format::quant::pack_row;
-use nibble_format::{keys, DType, MetadataBuilder, NibView, NibWriter, OwnedValue, TensorInfo};
+use nibble_format::{
+    keys, DType, HParams, MetadataBuilder, NibView, NibWriter, OwnedValue, TensorInfo,
+};
 
+use crate::calib::{accumulate_xtx, linear, BlockCtx, BlockWeights};
 use crate::error::{QuantError, Result};
-use crate::gptq::{rtn, QuantizedLayer};
+use crate::gptq::{gptq, rtn, GptqConfig, QuantizedLayer};
 use crate::grid::Grid;
 
 /// Quantization method.
@@ -21,6 +33,25 @@ use crate::grid::Grid;
 pub enum Method {
     Rtn,
     Gptq,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+        }
+    }
+}
+
+/// Where the calibration windows came from (recorded as provenance).
+#[derive(Clone, Debug, Default)]
+pub struct CalibInfo {
+    pub file: String,
+    pub sha256: String,
+    pub nsamples: usize,
+    pub seqlen: usize,
+    pub seed: u64,
 }
 
 /// Settings of `nibble quantize`.
@@ -31,6 +62,31 @@ pub struct QuantizeOptions {
     /// Columns per group; `None` = one group per row.
     pub group_size: Option<usize>,
     pub sym: bool,
+    pub act_order: bool,
+    pub static_groups: bool,
+    pub true_sequential: bool,
+    /// GPTQ damping as a fraction of mean(diag H).
+    pub damp: f64,
+    /// Threads for the matrix products (the caller's rayon pool).
+    pub threads: usize,
+    pub calib: Option<CalibInfo>,
+}
+
+impl QuantizeOptions {
+    pub fn rtn(bits: u32, group_size: Option<usize>, sym: bool) -> QuantizeOptions {
+        QuantizeOptions {
+            method: Method::Rtn,
+            bits,
+            group_size,
+            sym,
+            act_order: false,
+            static_groups: false,
+            true_sequential: false,
+            damp: 0.01,
+            threads: 1,
+            calib: None,
+        }
+    }
 }
 
 /// Per-layer outcome for the report.
@@ -39,8 +95,19 @@ pub struct LayerReport {
     pub name: String,
     pub rows: usize,
     pub cols: usize,
-    /// ‖W − Ŵ‖² / ‖W‖² (weight space: RTN has no calibration inputs).
-    pub rel_weight_error: f64,
+    /// GPTQ: ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs. RTN: ‖W − Ŵ‖² / ‖W‖².
+    pub rel_error: f64,
+    /// GPTQ only: RTN's relative output error on the same inputs.
+    pub rel_error_rtn: Option<f64>,
+}
+
+/// Where the time went (seconds).
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    pub forward: f64,
+    pub hessian: f64,
+    pub gptq: f64,
+    pub write: f64,
 }
 
 /// Is this tensor a linear weight that gets quantized?
@@ -55,7 +122,6 @@ pub fn is_linear(name: &str) -> bool {
         "ffn_down",
     ];
     name.starts_with("blk.")
-        && name.ends_with(".weight")
         && LINEAR
             .iter()
             .any(|l| name.ends_with(&format!(".{l}.weight")))
@@ -96,35 +162,168 @@ pub fn tensor_f32(t: &TensorInfo<'_>) -> Result<Vec<f32>> {
     })
 }
 
-/// Pack a quantized layer's rows in the `.nib` layout.
-pub fn pack_layer(q: &QuantizedLayer, bits: u32, group_size: usize) -> Vec<u8> {
+/// Pack a quantized layer's rows; `order` lists original columns in storage order.
+pub fn pack_layer(
+    q: &QuantizedLayer,
+    bits: u32,
+    group_size: usize,
+    order: Option<&[usize]>,
+) -> Vec<u8> {
     let mut out =
         Vec::with_capacity(q.rows * nibble_format::dtype::row_bytes(bits, q.cols, group_size));
     let mut zeros = vec![0u8; q.n_groups];
+    let mut codes = vec![0u8; q.cols];
     for r in 0..q.rows {
         let g = r * q.n_groups..(r + 1) * q.n_groups;
         for (z, &v) in zeros.iter_mut().zip(&q.zeros[g.clone()]) {
             *z = v as u8;
         }
-        pack_row(
-            bits,
-            group_size,
-            &q.codes[r * q.cols..(r + 1) * q.cols],
-            &q.scales[g],
-            &zeros,
-            &mut out,
-        );
+        let row = &q.codes[r * q.cols..(r + 1) * q.cols];
+        match order {
+            Some(order) => {
+                for (c, &o) in codes.iter_mut().zip(order) {
+                    *c = row[o];
+                }
+            }
+            None => codes.copy_from_slice(row),
+        }
+        pack_row(bits, group_size, &codes, &q.scales[g], &zeros, &mut out);
     }
     out
 }
 
-/// Quantize every linear weight of `src` into `out`. `progress(done, total, name)`.
+/// Σ_r δ_r·H·δ_rᵀ / Σ_r w_r·H·w_rᵀ with δ = W − Ŵ: the relative output error
+/// on the inputs that built H (H's scale cancels).
+fn rel_output_error(
+    w: &[f32],
+    wq: &[f32],
+    h: &[f32],
+    rows: usize,
+    cols: usize,
+    threads: usize,
+) -> f64 {
+    let quad = |m: &[f32]| {
+        let mut mh = vec![0f32; rows * cols];
+        linear(m, h, rows, cols, cols, &mut mh, threads);
+        m.iter()
+            .zip(&mh)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum::<f64>()
+    };
+    let delta: Vec<f32> = w.iter().zip(wq).map(|(a, b)| a - b).collect();
+    let den = quad(w);
+    if den > 0.0 {
+        quad(&delta) / den
+    } else {
+        0.0
+    }
+}
+
+struct Ctx<'a, 'p, W: Write + Seek> {
+    src: &'a NibView<'a>,
+    progress: &'p mut dyn FnMut(usize, usize, &str),
+    opts: &'a QuantizeOptions,
+    grid: Grid,
+    writer: NibWriter<W>,
+    reports: Vec<LayerReport>,
+    timings: Timings,
+    done: usize,
+    total: usize,
+}
+
+impl<W: Write + Seek> Ctx<'_, '_, W> {
+    fn report(&mut self, what: &str) {
+        (self.progress)(self.done, self.total, what);
+    }
+
+    fn tensor(&self, name: &str) -> Result<&TensorInfo<'_>> {
+        self.src
+            .tensor(name)
+            .ok_or_else(|| QuantError::Shape(format!("missing tensor '{name}'")))
+    }
+
+    /// Quantize one linear weight (with Hessian `h` for GPTQ), write it, and
+    /// return the dequantized weights in original column order.
+    fn quantize_one(
+        &mut self,
+        name: &str,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        h: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        self.report(name);
+        let o = self.opts;
+        let gs = effective_group_size(o.group_size, cols);
+        let t0 = Instant::now();
+        let (q, report) = match h {
+            None => {
+                let q = rtn(w, rows, cols, self.grid, Some(gs))?;
+                let deq = q.dequantize();
+                let (num, den) = w.iter().zip(&deq).fold((0f64, 0f64), |(n, d), (a, b)| {
+                    (n + f64::from(a - b).powi(2), d + f64::from(*a).powi(2))
+                });
+                let rel = if den > 0.0 { num / den } else { 0.0 };
+                (q, (rel, None))
+            }
+            Some(h) => {
+                let cfg = GptqConfig {
+                    grid: self.grid,
+                    group_size: Some(gs),
+                    act_order: o.act_order,
+                    static_groups: o.static_groups,
+                    damp: o.damp,
+                    block_size: 128,
+                };
+                let q = gptq(w, h, rows, cols, &cfg)?;
+                let rtn_q = rtn(w, rows, cols, self.grid, Some(gs))?.dequantize();
+                let e = rel_output_error(w, &q.dequantize(), h, rows, cols, o.threads);
+                let e_rtn = rel_output_error(w, &rtn_q, h, rows, cols, o.threads);
+                (q, (e, Some(e_rtn)))
+            }
+        };
+        self.timings.gptq += t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let permuted = o.act_order && !o.static_groups && h.is_some();
+        let packed = pack_layer(&q, self.grid.bits, gs, permuted.then_some(&q.perm[..]));
+        let dtype = DType::from_quant_bits(self.grid.bits).expect("validated");
+        self.writer
+            .add_tensor_q(name, dtype, gs as u32, &[rows as u64, cols as u64], &packed)?;
+        if permuted {
+            let perm: Vec<u8> = q
+                .perm
+                .iter()
+                .flat_map(|&p| (p as u32).to_le_bytes())
+                .collect();
+            self.writer.add_tensor(
+                &name.replace(".weight", ".perm"),
+                DType::U32,
+                &[cols as u64],
+                &perm,
+            )?;
+        }
+        self.timings.write += t1.elapsed().as_secs_f64();
+        self.reports.push(LayerReport {
+            name: name.to_string(),
+            rows,
+            cols,
+            rel_error: report.0,
+            rel_error_rtn: report.1,
+        });
+        self.done += 1;
+        Ok(q.dequantize())
+    }
+}
+
+/// Quantize every linear weight of `src` into `out`; GPTQ needs `calib`
+/// (equal-length token windows). `progress(done, total, what)` counts layers.
 pub fn quantize_model<W: Write + Seek>(
     src: &NibView<'_>,
     opts: &QuantizeOptions,
+    calib: Option<&[Vec<u32>]>,
     out: W,
     progress: &mut dyn FnMut(usize, usize, &str),
-) -> Result<(W, Vec<LayerReport>)> {
+) -> Result<(W, Vec<LayerReport>, Timings)> {
     let grid = Grid::new(opts.bits, opts.sym)?;
     if let Some(g) = opts.group_size {
         if g == 0 || g % 32 != 0 {
@@ -134,23 +333,53 @@ pub fn quantize_model<W: Write + Seek>(
             });
         }
     }
-    if opts.method == Method::Gptq {
-        return Err(QuantError::Shape(
-            "GPTQ over a whole model is not implemented yet (use --method rtn)".into(),
-        ));
+    if !(opts.damp.is_finite() && opts.damp > 0.0) {
+        return Err(QuantError::BadDamp(opts.damp));
     }
-    // Check every linear weight before any heavy work.
-    for t in src.tensors.iter().filter(|t| is_linear(t.name)) {
+    let hp = HParams::read(&src.metadata)?;
+    // Everything is checked before any heavy work.
+    for t in src
+        .tensors
+        .iter()
+        .filter(|t| is_linear(t.name) || t.name == "token_embd.weight")
+    {
         let v = tensor_f32(t)?;
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
             return Err(QuantError::NonFinite {
                 what: "weights",
                 index: i,
-            });
+            })
+            .map_err(|e| QuantError::Shape(format!("tensor '{}': {e}", t.name)));
         }
     }
+    let windows = match (opts.method, calib) {
+        (Method::Rtn, _) => None,
+        (Method::Gptq, None) => {
+            return Err(QuantError::Calibration(
+                "GPTQ needs calibration text".into(),
+            ))
+        }
+        (Method::Gptq, Some(w)) => {
+            let len = w.first().map_or(0, Vec::len);
+            if w.is_empty() || len == 0 || w.iter().any(|s| s.len() != len) {
+                return Err(QuantError::Calibration(
+                    "windows must be non-empty and of equal length".into(),
+                ));
+            }
+            if let Some(&t) = w.iter().flatten().find(|&&t| t as usize >= hp.n_vocab) {
+                return Err(QuantError::Calibration(format!(
+                    "token id {t} outside the vocabulary"
+                )));
+            }
+            Some(w)
+        }
+    };
+
     let mut meta = MetadataBuilder::from(&src.metadata);
-    meta.set(keys::QUANT_METHOD, OwnedValue::Str("rtn".into()));
+    meta.set(
+        keys::QUANT_METHOD,
+        OwnedValue::Str(opts.method.name().into()),
+    );
     meta.set(
         keys::QUANT_DTYPE,
         OwnedValue::Str(
@@ -166,7 +395,25 @@ pub fn quantize_model<W: Write + Seek>(
         OwnedValue::U64(opts.group_size.unwrap_or(0) as u64),
     );
     meta.set(keys::QUANT_SYM, OwnedValue::Bool(opts.sym));
-    meta.set(keys::QUANT_ACT_ORDER, OwnedValue::Bool(false));
+    if opts.method == Method::Gptq {
+        meta.set(keys::QUANT_ACT_ORDER, OwnedValue::Bool(opts.act_order));
+        meta.set(
+            keys::QUANT_STATIC_GROUPS,
+            OwnedValue::Bool(opts.static_groups),
+        );
+        meta.set(
+            keys::QUANT_TRUE_SEQUENTIAL,
+            OwnedValue::Bool(opts.true_sequential),
+        );
+        meta.set(keys::QUANT_DAMP, OwnedValue::F64(opts.damp));
+    }
+    if let Some(c) = &opts.calib {
+        meta.set(keys::QUANT_CALIB_FILE, OwnedValue::Str(c.file.clone()));
+        meta.set(keys::QUANT_CALIB_SHA256, OwnedValue::Str(c.sha256.clone()));
+        meta.set(keys::QUANT_NSAMPLES, OwnedValue::U64(c.nsamples as u64));
+        meta.set(keys::QUANT_SEQLEN, OwnedValue::U64(c.seqlen as u64));
+        meta.set(keys::QUANT_SEED, OwnedValue::U64(c.seed));
+    }
     meta.set(
         keys::PROV_TOOL,
         OwnedValue::Str(format!("nibble-quantizer {}", env!("CARGO_PKG_VERSION"))),
@@ -175,46 +422,244 @@ pub fn quantize_model<W: Write + Seek>(
         keys::PROV_CREATED,
         OwnedValue::Str(nibble_format::hparams::utc_now_rfc3339()),
     );
-    let io = |e: std::io::Error| QuantError::Shape(format!("writing the output: {e}"));
-    let mut w = NibWriter::new(out, &meta).map_err(io)?;
-    let mut reports = Vec::new();
-    let total = src.tensors.len();
-    for (i, t) in src.tensors.iter().enumerate() {
-        progress(i, total, t.name);
+    let mut ctx = Ctx {
+        src,
+        progress,
+        opts,
+        grid,
+        writer: NibWriter::new(out, &meta)?,
+        reports: Vec::new(),
+        timings: Timings::default(),
+        done: 0,
+        total: src.tensors.iter().filter(|t| is_linear(t.name)).count(),
+    };
+
+    // Tensors that are not quantized: norms as they are, 2-D floats as F16.
+    for t in &src.tensors {
         if is_linear(t.name) {
-            let [rows, cols] = t.shape[..] else {
-                return Err(QuantError::Shape(format!("'{}' is not 2-D", t.name)));
-            };
-            let (rows, cols) = (rows as usize, cols as usize);
-            let wf = tensor_f32(t)?;
-            let gs = effective_group_size(opts.group_size, cols);
-            let q = rtn(&wf, rows, cols, grid, Some(gs))?;
-            let deq = q.dequantize();
-            let (mut num, mut den) = (0f64, 0f64);
-            for (a, b) in wf.iter().zip(&deq) {
-                num += f64::from(a - b).powi(2);
-                den += f64::from(*a).powi(2);
-            }
-            reports.push(LayerReport {
-                name: t.name.to_string(),
-                rows,
-                cols,
-                rel_weight_error: if den > 0.0 { num / den } else { 0.0 },
-            });
-            let packed = pack_layer(&q, opts.bits, gs);
-            let dtype = DType::from_quant_bits(opts.bits).expect("validated");
-            w.add_tensor_q(t.name, dtype, gs as u32, &t.shape, &packed)
-                .map_err(io)?;
-        } else if t.shape.len() == 2 && t.dtype == DType::F32 {
-            // Embedding / output head: F16.
+            continue;
+        }
+        if t.shape.len() == 2 && t.dtype == DType::F32 {
             let v = tensor_f32(t)?;
-            w.add_tensor(t.name, DType::F16, &t.shape, &encode(&v, DType::F16))
-                .map_err(io)?;
+            ctx.writer
+                .add_tensor(t.name, DType::F16, &t.shape, &encode(&v, DType::F16))?;
         } else {
-            w.add_tensor_q(t.name, t.dtype, t.quant_param, &t.shape, t.data)
-                .map_err(io)?;
+            ctx.writer
+                .add_tensor_q(t.name, t.dtype, t.quant_param, &t.shape, t.data)?;
         }
     }
-    progress(total, total, "");
-    Ok((w.finish().map_err(io)?, reports))
+
+    match windows {
+        None => {
+            for t in &src.tensors {
+                if !is_linear(t.name) {
+                    continue;
+                }
+                let [rows, cols] = t.shape[..] else {
+                    return Err(QuantError::Shape(format!("'{}' is not 2-D", t.name)));
+                };
+                let w = tensor_f32(t)?;
+                ctx.quantize_one(t.name, &w, rows as usize, cols as usize, None)?;
+            }
+        }
+        Some(windows) => gptq_blocks(&mut ctx, &hp, windows)?,
+    }
+    ctx.done = ctx.total;
+    ctx.report("");
+    let Ctx {
+        writer,
+        reports,
+        mut timings,
+        ..
+    } = ctx;
+    let t = Instant::now();
+    let w = writer.finish()?;
+    timings.write += t.elapsed().as_secs_f64();
+    Ok((w, reports, timings))
+}
+
+fn gptq_blocks<W: Write + Seek>(
+    ctx: &mut Ctx<'_, '_, W>,
+    hp: &HParams,
+    windows: &[Vec<u32>],
+) -> Result<()> {
+    let threads = ctx.opts.threads;
+    let seqlen = windows[0].len();
+    let n_seq = windows.len();
+    let n = n_seq * seqlen;
+    let (e, f) = (hp.n_embd, hp.n_ff);
+    let bc = BlockCtx::new(hp, seqlen, threads);
+    let q_dim = bc.q_dim();
+    let kv_dim = hp.n_head_kv * hp.head_dim;
+
+    // Block 0's inputs: the embeddings of every calibration token.
+    let t0 = Instant::now();
+    let mut x = vec![0f32; n * e];
+    {
+        let embd = tensor_f32(ctx.tensor("token_embd.weight")?)?;
+        for (row, &tok) in x.chunks_exact_mut(e).zip(windows.iter().flatten()) {
+            row.copy_from_slice(&embd[tok as usize * e..(tok as usize + 1) * e]);
+        }
+    }
+    ctx.timings.forward += t0.elapsed().as_secs_f64();
+    let mut att = vec![0f32; n * q_dim];
+    let mut x1 = vec![0f32; n * e];
+    let mut scratch = Vec::new();
+    let scale_h =
+        |h: &[f64]| -> Vec<f32> { h.iter().map(|&v| (v * 2.0 / n as f64) as f32).collect() };
+
+    for l in 0..hp.n_layer {
+        let name = |s: &str| format!("blk.{l}.{s}.weight");
+        let get =
+            |c: &Ctx<'_, '_, W>, s: &str| -> Result<Vec<f32>> { tensor_f32(c.tensor(&name(s))?) };
+        let mut w = BlockWeights {
+            attn_norm: get(ctx, "attn_norm")?,
+            q: get(ctx, "attn_q")?,
+            k: get(ctx, "attn_k")?,
+            v: get(ctx, "attn_v")?,
+            o: get(ctx, "attn_output")?,
+            ffn_norm: get(ctx, "ffn_norm")?,
+            gate: get(ctx, "ffn_gate")?,
+            up: get(ctx, "ffn_up")?,
+            down: get(ctx, "ffn_down")?,
+        };
+        let ts = ctx.opts.true_sequential;
+        let mut xn = vec![0f32; seqlen * e];
+
+        // q/k/v: inputs are the normalized block inputs.
+        ctx.report(&format!("block {l}: q/k/v inputs"));
+        let t = Instant::now();
+        let mut h_qkv = vec![0f64; e * e];
+        for s in 0..n_seq {
+            bc.norm_rows(
+                &x[s * seqlen * e..(s + 1) * seqlen * e],
+                &w.attn_norm,
+                &mut xn,
+            );
+            accumulate_xtx(&mut h_qkv, &xn, seqlen, e, &mut scratch, threads);
+        }
+        let h_qkv = scale_h(&h_qkv);
+        ctx.timings.hessian += t.elapsed().as_secs_f64();
+        let quantize_qkv = |ctx: &mut Ctx<'_, '_, W>, w: &mut BlockWeights| -> Result<()> {
+            w.q = ctx.quantize_one(&name("attn_q"), &w.q, q_dim, e, Some(&h_qkv))?;
+            w.k = ctx.quantize_one(&name("attn_k"), &w.k, kv_dim, e, Some(&h_qkv))?;
+            w.v = ctx.quantize_one(&name("attn_v"), &w.v, kv_dim, e, Some(&h_qkv))?;
+            Ok(())
+        };
+        if ts {
+            quantize_qkv(ctx, &mut w)?;
+        }
+
+        // o: inputs are the attention outputs (with quantized q/k/v if true-sequential).
+        let (mut h_o, mut fwd, mut hes) = (vec![0f64; q_dim * q_dim], 0.0, 0.0);
+        for s in 0..n_seq {
+            let t = Instant::now();
+            bc.norm_rows(
+                &x[s * seqlen * e..(s + 1) * seqlen * e],
+                &w.attn_norm,
+                &mut xn,
+            );
+            let a = &mut att[s * seqlen * q_dim..(s + 1) * seqlen * q_dim];
+            bc.attention(&w, &xn, a);
+            fwd += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            accumulate_xtx(&mut h_o, a, seqlen, q_dim, &mut scratch, threads);
+            hes += t.elapsed().as_secs_f64();
+        }
+        let h_o = scale_h(&h_o);
+        ctx.timings.forward += fwd;
+        ctx.timings.hessian += hes;
+        if ts {
+            w.o = ctx.quantize_one(&name("attn_output"), &w.o, e, q_dim, Some(&h_o))?;
+        }
+
+        // gate/up: inputs are the normalized residual after attention.
+        let post_attention = |w: &BlockWeights, att: &[f32], x: &[f32], x1: &mut [f32]| {
+            linear(att, &w.o, n, e, q_dim, x1, threads);
+            for (a, b) in x1.iter_mut().zip(x) {
+                *a += b;
+            }
+        };
+        let t = Instant::now();
+        post_attention(&w, &att, &x, &mut x1);
+        ctx.timings.forward += t.elapsed().as_secs_f64();
+        let mut h_gu = vec![0f64; e * e];
+        let t = Instant::now();
+        for s in 0..n_seq {
+            bc.norm_rows(
+                &x1[s * seqlen * e..(s + 1) * seqlen * e],
+                &w.ffn_norm,
+                &mut xn,
+            );
+            accumulate_xtx(&mut h_gu, &xn, seqlen, e, &mut scratch, threads);
+        }
+        let h_gu = scale_h(&h_gu);
+        ctx.timings.hessian += t.elapsed().as_secs_f64();
+        let quantize_gu = |ctx: &mut Ctx<'_, '_, W>, w: &mut BlockWeights| -> Result<()> {
+            w.gate = ctx.quantize_one(&name("ffn_gate"), &w.gate, f, e, Some(&h_gu))?;
+            w.up = ctx.quantize_one(&name("ffn_up"), &w.up, f, e, Some(&h_gu))?;
+            Ok(())
+        };
+        if ts {
+            quantize_gu(ctx, &mut w)?;
+        }
+
+        // down: inputs are the SwiGLU activations.
+        let mut hidden = vec![0f32; seqlen * f];
+        let (mut h_down, mut fwd, mut hes) = (vec![0f64; f * f], 0.0, 0.0);
+        for s in 0..n_seq {
+            let t = Instant::now();
+            bc.norm_rows(
+                &x1[s * seqlen * e..(s + 1) * seqlen * e],
+                &w.ffn_norm,
+                &mut xn,
+            );
+            bc.mlp_hidden(&w, &xn, seqlen, &mut hidden);
+            fwd += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            accumulate_xtx(&mut h_down, &hidden, seqlen, f, &mut scratch, threads);
+            hes += t.elapsed().as_secs_f64();
+        }
+        let h_down = scale_h(&h_down);
+        ctx.timings.forward += fwd;
+        ctx.timings.hessian += hes;
+        if !ts {
+            // All Hessians came from the float block; quantize everything now.
+            quantize_qkv(ctx, &mut w)?;
+            w.o = ctx.quantize_one(&name("attn_output"), &w.o, e, q_dim, Some(&h_o))?;
+            quantize_gu(ctx, &mut w)?;
+        }
+        w.down = ctx.quantize_one(&name("ffn_down"), &w.down, e, f, Some(&h_down))?;
+
+        // The next block's inputs come from the quantized block.
+        ctx.report(&format!("block {l}: quantized forward"));
+        let t = Instant::now();
+        if !ts {
+            for s in 0..n_seq {
+                bc.norm_rows(
+                    &x[s * seqlen * e..(s + 1) * seqlen * e],
+                    &w.attn_norm,
+                    &mut xn,
+                );
+                bc.attention(
+                    &w,
+                    &xn,
+                    &mut att[s * seqlen * q_dim..(s + 1) * seqlen * q_dim],
+                );
+            }
+            post_attention(&w, &att, &x, &mut x1);
+        }
+        let mut out = vec![0f32; seqlen * e];
+        for s in 0..n_seq {
+            let rows = s * seqlen * e..(s + 1) * seqlen * e;
+            bc.norm_rows(&x1[rows.clone()], &w.ffn_norm, &mut xn);
+            bc.mlp_hidden(&w, &xn, seqlen, &mut hidden);
+            linear(&hidden, &w.down, seqlen, e, f, &mut out, threads);
+            for ((xo, a), b) in x[rows.clone()].iter_mut().zip(&x1[rows]).zip(&out) {
+                *xo = a + b;
+            }
+        }
+        ctx.timings.forward += t.elapsed().as_secs_f64();
+    }
+    Ok(())
 }

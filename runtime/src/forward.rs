@@ -47,18 +47,7 @@ impl RunState {
         let hp = &model.hparams;
         let q_dim = hp.n_head * hp.head_dim;
         let kv_dim = hp.n_head_kv * hp.head_dim;
-        let half = hp.head_dim / 2;
-        let mut rope_cos = vec![0f32; n_ctx * half];
-        let mut rope_sin = vec![0f32; n_ctx * half];
-        // As Hugging Face: inv_freq_i = 1 / theta^(2i/d) in f32, angle = pos · inv_freq in f32.
-        for i in 0..half {
-            let inv_freq = (1.0 / hp.rope_theta.powf(2.0 * i as f64 / hp.head_dim as f64)) as f32;
-            for pos in 0..n_ctx {
-                let angle = f64::from(pos as f32 * inv_freq);
-                rope_cos[pos * half + i] = angle.cos() as f32;
-                rope_sin[pos * half + i] = angle.sin() as f32;
-            }
-        }
+        let (rope_cos, rope_sin) = rope_tables(hp.rope_theta, hp.head_dim, n_ctx);
         RunState {
             n_ctx,
             x: vec![0.0; hp.n_embd],
@@ -195,8 +184,26 @@ pub fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f64) {
     }
 }
 
-/// Rotate-half RoPE on each `head_dim` slice of `v` at table row `pos`.
-fn rope(v: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+/// RoPE tables `[n_ctx, head_dim/2]` (cos, sin), as Hugging Face computes
+/// them: inv_freq_i = 1 / theta^(2i/d) in f32, angle = pos · inv_freq in f32.
+pub fn rope_tables(theta: f64, head_dim: usize, n_ctx: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let mut cos = vec![0f32; n_ctx * half];
+    let mut sin = vec![0f32; n_ctx * half];
+    for i in 0..half {
+        let inv_freq = (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32;
+        for pos in 0..n_ctx {
+            let angle = f64::from(pos as f32 * inv_freq);
+            cos[pos * half + i] = angle.cos() as f32;
+            sin[pos * half + i] = angle.sin() as f32;
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotate-half RoPE on each `head_dim` slice of `v`, with one position's
+/// `cos`/`sin` rows (`head_dim/2` each).
+pub fn rope(v: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
     let half = head_dim / 2;
     for head in v.chunks_exact_mut(head_dim) {
         let (a, b) = head.split_at_mut(half);
