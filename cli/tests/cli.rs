@@ -273,6 +273,8 @@ fn quantize_writes_a_runnable_model_and_a_report() {
         s(&src),
         "-o",
         s(&out),
+        "--method",
+        "rtn",
         "--bits",
         "8",
         "--group-size",
@@ -327,4 +329,54 @@ fn quantize_writes_a_runnable_model_and_a_report() {
         "{err}"
     );
     assert!(!bad.exists());
+}
+
+#[test]
+fn gptq_quantize_reports_gptq_beside_rtn() {
+    let d = tmp("gptq");
+    let out = d.join("st4.nib");
+    let src = shared().join("models/stories260k");
+    let calib = shared().join("data/tinyshakespeare.txt");
+    ok(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&out),
+        "--method",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--act-order",
+        "--true-sequential",
+        "--calib",
+        s(&calib),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "64",
+        "-t",
+        "2",
+    ]);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("st4.nib.report.json")).unwrap())
+            .unwrap();
+    let layers = r["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 35);
+    for l in layers {
+        assert!(
+            l["rel_error"].as_f64().unwrap() < l["rel_error_rtn"].as_f64().unwrap(),
+            "{l}"
+        );
+    }
+    assert!(r["seconds"]["hessian"].as_f64().is_some());
+    let info = ok(&["inspect", s(&out), "--verify", "--tensors"]);
+    assert!(
+        info.contains("blk.0.attn_q.perm") && info.contains("quant.calib_sha256"),
+        "{info}"
+    );
+    let story = ok(&["run", "-m", s(&out), "-n", "12", "--temp", "0"]);
+    assert!(story.starts_with("Once upon a time"), "{story}");
 }
