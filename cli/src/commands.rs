@@ -341,6 +341,9 @@ pub struct PerplexityArgs {
     /// Evaluate only the first N windows (0 = all).
     #[arg(long, default_value_t = 0)]
     chunks: usize,
+    /// Tokens evaluated together as one matrix-matrix batch.
+    #[arg(short = 'b', long, default_value_t = 512)]
+    batch_size: usize,
 }
 
 pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
@@ -363,7 +366,17 @@ pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
     if a.chunks > 0 {
         n_windows = n_windows.min(a.chunks);
     }
-    let mut session = new_session(&model, &a.model)?;
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let mut session = Session::new(
+        Arc::clone(&model),
+        &SessionParams {
+            n_ctx,
+            n_threads: a.model.threads,
+            n_batch: a.batch_size,
+        },
+    )?;
     let pb = bar((n_windows * n_ctx) as u64, "perplexity");
     let t0 = Instant::now();
     let mut nll = 0f64;

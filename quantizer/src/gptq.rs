@@ -9,7 +9,7 @@
 
 use crate::error::{QuantError, Result};
 use crate::grid::Grid;
-use crate::linalg::{cholesky_inverse, cholesky_lower, cholesky_upper};
+use crate::linalg::upper_factor_of_inverse;
 
 /// GPTQ settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +25,8 @@ pub struct GptqConfig {
     pub damp: f64,
     /// Columns per lazy-update block.
     pub block_size: usize,
+    /// Threads for the lazy block updates (the caller's rayon pool).
+    pub threads: usize,
 }
 
 impl GptqConfig {
@@ -36,6 +38,7 @@ impl GptqConfig {
             static_groups: false,
             damp: 0.01,
             block_size: 128,
+            threads: 1,
         })
     }
 }
@@ -156,18 +159,33 @@ pub fn rtn(
     Ok(layer)
 }
 
-/// GPTQ on one layer given its Hessian `h` = 2/n Σ x·xᵀ (any positive scale).
-pub fn gptq(
-    w: &[f32],
+/// A Hessian made ready for GPTQ: dead inputs handled, act-order
+/// permutation chosen, damped, inverted and factored. Layers that share an
+/// input (q/k/v; gate/up) share one.
+#[derive(Clone, Debug)]
+pub struct PreparedHessian {
+    pub cols: usize,
+    /// Upper Cholesky factor of (H + λI)⁻¹ in processing order, `[cols, cols]`.
+    hinv: Vec<f64>,
+    /// Processing order: position j handles original column perm[j].
+    pub perm: Vec<usize>,
+    /// Inputs with H[d,d] = 0: their weights are zeroed.
+    dead: Vec<usize>,
+    /// Damping actually added to the diagonal.
+    pub damp_added: f64,
+}
+
+/// Prepare `h` (`[cols, cols]`, any positive scale) for GPTQ.
+pub fn prepare_hessian(
     h: &[f32],
-    rows: usize,
     cols: usize,
-    cfg: &GptqConfig,
-) -> Result<QuantizedLayer> {
-    check_inputs(w, rows, cols, cfg.group_size)?;
-    if h.len() != cols * cols {
+    act_order: bool,
+    damp: f64,
+) -> Result<PreparedHessian> {
+    let n = cols;
+    if h.len() != n * n {
         return Err(QuantError::Shape(format!(
-            "Hessian has {} values, expected {cols}×{cols}",
+            "Hessian has {} values, expected {n}×{n}",
             h.len()
         )));
     }
@@ -177,27 +195,97 @@ pub fn gptq(
             index: i,
         });
     }
-    if !(cfg.damp.is_finite() && cfg.damp > 0.0) {
-        return Err(QuantError::BadDamp(cfg.damp));
+    if !(damp.is_finite() && damp > 0.0) {
+        return Err(QuantError::BadDamp(damp));
+    }
+    let mut hk: Vec<f64> = h.iter().map(|&v| f64::from(v)).collect();
+    let mut dead = Vec::new();
+    for d in 0..n {
+        if hk[d * n + d] == 0.0 {
+            hk[d * n + d] = 1.0;
+            dead.push(d);
+        }
+    }
+    let perm: Vec<usize> = if act_order {
+        let mut p: Vec<usize> = (0..n).collect();
+        // Descending diag H; stable for ties.
+        p.sort_by(|&a, &b| hk[b * n + b].total_cmp(&hk[a * n + a]));
+        p
+    } else {
+        (0..n).collect()
+    };
+    let hp: Vec<f64> = (0..n * n)
+        .map(|i| hk[perm[i / n] * n + perm[i % n]])
+        .collect();
+    drop(hk);
+    let mean_diag = (0..n).map(|i| hp[i * n + i]).sum::<f64>() / n as f64;
+    let mut lambda = damp * mean_diag;
+    let hinv = loop {
+        let mut a = hp.clone();
+        for i in 0..n {
+            a[i * n + i] += lambda;
+        }
+        if let Some(u) = upper_factor_of_inverse(&a, n) {
+            break u;
+        }
+        if lambda > mean_diag * 1e3 || !lambda.is_finite() || lambda == 0.0 {
+            return Err(QuantError::NotPositiveDefinite { damp: lambda });
+        }
+        eprintln!(
+            "warning: Hessian not positive definite with damping {lambda:e}; raising it tenfold"
+        );
+        lambda *= 10.0;
+    };
+    Ok(PreparedHessian {
+        cols: n,
+        hinv,
+        perm,
+        dead,
+        damp_added: lambda,
+    })
+}
+
+/// GPTQ on one layer given its Hessian `h` = 2/n Σ x·xᵀ (any positive scale).
+pub fn gptq(
+    w: &[f32],
+    h: &[f32],
+    rows: usize,
+    cols: usize,
+    cfg: &GptqConfig,
+) -> Result<QuantizedLayer> {
+    check_inputs(w, rows, cols, cfg.group_size)?;
+    let prep = prepare_hessian(h, cols, cfg.act_order, cfg.damp)?;
+    gptq_prepared(w, &prep, rows, cols, cfg)
+}
+
+/// GPTQ on one layer with a [`PreparedHessian`] (prepared with the same
+/// `act_order` and `damp` as `cfg`).
+pub fn gptq_prepared(
+    w: &[f32],
+    prep: &PreparedHessian,
+    rows: usize,
+    cols: usize,
+    cfg: &GptqConfig,
+) -> Result<QuantizedLayer> {
+    check_inputs(w, rows, cols, cfg.group_size)?;
+    if prep.cols != cols {
+        return Err(QuantError::Shape(format!(
+            "Hessian is for {} inputs, weight has {cols}",
+            prep.cols
+        )));
     }
     let grid = cfg.grid;
     let n = cols;
     let mut wk: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
-    let mut hk: Vec<f64> = h.iter().map(|&v| f64::from(v)).collect();
 
     // Per-channel params come from the whole original W (before dead-column zeroing).
     let per_channel = cfg
         .group_size
         .is_none()
         .then(|| row_params(&grid, &wk, n, rows, 0..n));
-
-    // Dead inputs: H[d,d] = 1 and their weights zeroed.
-    for d in 0..n {
-        if hk[d * n + d] == 0.0 {
-            hk[d * n + d] = 1.0;
-            for r in 0..rows {
-                wk[r * n + d] = 0.0;
-            }
+    for &d in &prep.dead {
+        for r in 0..rows {
+            wk[r * n + d] = 0.0;
         }
     }
     let gs = cfg.group_size.unwrap_or(n);
@@ -209,45 +297,12 @@ pub fn gptq(
                 .map(|c0| row_params(&grid, &wk, n, rows, c0..(c0 + gs).min(n)))
                 .collect()
         });
-
-    let perm: Vec<usize> = if cfg.act_order {
-        let mut p: Vec<usize> = (0..n).collect();
-        // Descending diag H; stable for ties.
-        p.sort_by(|&a, &b| hk[b * n + b].total_cmp(&hk[a * n + a]));
-        p
-    } else {
-        (0..n).collect()
-    };
-    // Permute W's columns and H's rows and columns into processing order.
-    let wp: Vec<f64> = (0..rows * n)
+    let perm = &prep.perm;
+    let hinv = &prep.hinv;
+    // W's columns in processing order.
+    let mut wk: Vec<f64> = (0..rows * n)
         .map(|i| wk[(i / n) * n + perm[i % n]])
         .collect();
-    let mut hp: Vec<f64> = (0..n * n)
-        .map(|i| hk[perm[i / n] * n + perm[i % n]])
-        .collect();
-    let mut wk = wp;
-
-    let mean_diag = (0..n).map(|i| hp[i * n + i]).sum::<f64>() / n as f64;
-    let mut damp = cfg.damp * mean_diag;
-    let hinv = loop {
-        let mut a = hp.clone();
-        for i in 0..n {
-            a[i * n + i] += damp;
-        }
-        if cholesky_lower(&mut a, n) {
-            if let Some(u) = cholesky_upper(&cholesky_inverse(&a, n), n) {
-                break u;
-            }
-        }
-        if damp > mean_diag * 1e3 || !damp.is_finite() || damp == 0.0 {
-            return Err(QuantError::NotPositiveDefinite { damp });
-        }
-        eprintln!(
-            "warning: Hessian not positive definite with damping {damp:e}; raising it tenfold"
-        );
-        damp *= 10.0;
-    };
-    hp.clear();
 
     // Groups in processing order: dynamic groups are (scale, zero) per row,
     // set when their first column is reached.
@@ -311,15 +366,15 @@ pub fn gptq(
             }
         }
         // Lazy batched update of every later column: W[:, i2:] -= Err1 · Hinv[i1:i2, i2:].
-        for r in 0..rows {
-            let e = &err1[r * count..(r + 1) * count];
-            for c in i2..n {
-                let mut s = 0.0;
-                for (k, &ek) in e.iter().enumerate() {
-                    s += ek * hinv[(i1 + k) * n + c];
-                }
-                wk[r * n + c] -= s;
-            }
+        if i2 < n {
+            nibble_runtime::kernels::matmul_f64(
+                (&mut wk[i2..], rows, n - i2, n, 1),
+                (&err1, rows, count, count, 1),
+                (&hinv[i1 * n + i2..], count, n - i2, n, 1),
+                -1.0,
+                true,
+                cfg.threads,
+            );
         }
     }
 
@@ -338,8 +393,8 @@ pub fn gptq(
         zeros,
         n_groups,
         g_idx,
-        perm,
-        damp_added: damp,
+        perm: perm.clone(),
+        damp_added: prep.damp_added,
         error,
     })
 }

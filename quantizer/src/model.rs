@@ -25,7 +25,9 @@ use nibble_format::{
 
 use crate::calib::{accumulate_xtx, linear, BlockCtx, BlockWeights};
 use crate::error::{QuantError, Result};
-use crate::gptq::{gptq, rtn, GptqConfig, QuantizedLayer};
+use crate::gptq::{
+    gptq_prepared, prepare_hessian, rtn, GptqConfig, PreparedHessian, QuantizedLayer,
+};
 use crate::grid::Grid;
 
 /// Quantization method.
@@ -232,6 +234,14 @@ struct Ctx<'a, 'p, W: Write + Seek> {
 }
 
 impl<W: Write + Seek> Ctx<'_, '_, W> {
+    /// Damp, invert and factor a Hessian once for the layers that share it.
+    fn prepare(&mut self, h: &[f32], cols: usize) -> Result<PreparedHessian> {
+        let t = Instant::now();
+        let p = prepare_hessian(h, cols, self.opts.act_order, self.opts.damp)?;
+        self.timings.gptq += t.elapsed().as_secs_f64();
+        Ok(p)
+    }
+
     fn report(&mut self, what: &str) {
         (self.progress)(self.done, self.total, what);
     }
@@ -250,7 +260,7 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
         w: &[f32],
         rows: usize,
         cols: usize,
-        h: Option<&[f32]>,
+        h: Option<(&[f32], &PreparedHessian)>,
     ) -> Result<Vec<f32>> {
         self.report(name);
         let o = self.opts;
@@ -266,7 +276,7 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
                 let rel = if den > 0.0 { num / den } else { 0.0 };
                 (q, (rel, None))
             }
-            Some(h) => {
+            Some((h, prep)) => {
                 let cfg = GptqConfig {
                     grid: self.grid,
                     group_size: Some(gs),
@@ -274,8 +284,9 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
                     static_groups: o.static_groups,
                     damp: o.damp,
                     block_size: 128,
+                    threads: o.threads,
                 };
-                let q = gptq(w, h, rows, cols, &cfg)?;
+                let q = gptq_prepared(w, prep, rows, cols, &cfg)?;
                 let rtn_q = rtn(w, rows, cols, self.grid, Some(gs))?.dequantize();
                 let e = rel_output_error(w, &q.dequantize(), h, rows, cols, o.threads);
                 let e_rtn = rel_output_error(w, &rtn_q, h, rows, cols, o.threads);
@@ -540,10 +551,11 @@ fn gptq_blocks<W: Write + Seek>(
         }
         let h_qkv = scale_h(&h_qkv);
         ctx.timings.hessian += t.elapsed().as_secs_f64();
+        let p_qkv = ctx.prepare(&h_qkv, e)?;
         let quantize_qkv = |ctx: &mut Ctx<'_, '_, W>, w: &mut BlockWeights| -> Result<()> {
-            w.q = ctx.quantize_one(&name("attn_q"), &w.q, q_dim, e, Some(&h_qkv))?;
-            w.k = ctx.quantize_one(&name("attn_k"), &w.k, kv_dim, e, Some(&h_qkv))?;
-            w.v = ctx.quantize_one(&name("attn_v"), &w.v, kv_dim, e, Some(&h_qkv))?;
+            w.q = ctx.quantize_one(&name("attn_q"), &w.q, q_dim, e, Some((&h_qkv, &p_qkv)))?;
+            w.k = ctx.quantize_one(&name("attn_k"), &w.k, kv_dim, e, Some((&h_qkv, &p_qkv)))?;
+            w.v = ctx.quantize_one(&name("attn_v"), &w.v, kv_dim, e, Some((&h_qkv, &p_qkv)))?;
             Ok(())
         };
         if ts {
@@ -569,8 +581,9 @@ fn gptq_blocks<W: Write + Seek>(
         let h_o = scale_h(&h_o);
         ctx.timings.forward += fwd;
         ctx.timings.hessian += hes;
+        let p_o = ctx.prepare(&h_o, q_dim)?;
         if ts {
-            w.o = ctx.quantize_one(&name("attn_output"), &w.o, e, q_dim, Some(&h_o))?;
+            w.o = ctx.quantize_one(&name("attn_output"), &w.o, e, q_dim, Some((&h_o, &p_o)))?;
         }
 
         // gate/up: inputs are the normalized residual after attention.
@@ -595,9 +608,10 @@ fn gptq_blocks<W: Write + Seek>(
         }
         let h_gu = scale_h(&h_gu);
         ctx.timings.hessian += t.elapsed().as_secs_f64();
+        let p_gu = ctx.prepare(&h_gu, e)?;
         let quantize_gu = |ctx: &mut Ctx<'_, '_, W>, w: &mut BlockWeights| -> Result<()> {
-            w.gate = ctx.quantize_one(&name("ffn_gate"), &w.gate, f, e, Some(&h_gu))?;
-            w.up = ctx.quantize_one(&name("ffn_up"), &w.up, f, e, Some(&h_gu))?;
+            w.gate = ctx.quantize_one(&name("ffn_gate"), &w.gate, f, e, Some((&h_gu, &p_gu)))?;
+            w.up = ctx.quantize_one(&name("ffn_up"), &w.up, f, e, Some((&h_gu, &p_gu)))?;
             Ok(())
         };
         if ts {
@@ -623,13 +637,14 @@ fn gptq_blocks<W: Write + Seek>(
         let h_down = scale_h(&h_down);
         ctx.timings.forward += fwd;
         ctx.timings.hessian += hes;
+        let p_down = ctx.prepare(&h_down, f)?;
         if !ts {
             // All Hessians came from the float block; quantize everything now.
             quantize_qkv(ctx, &mut w)?;
-            w.o = ctx.quantize_one(&name("attn_output"), &w.o, e, q_dim, Some(&h_o))?;
+            w.o = ctx.quantize_one(&name("attn_output"), &w.o, e, q_dim, Some((&h_o, &p_o)))?;
             quantize_gu(ctx, &mut w)?;
         }
-        w.down = ctx.quantize_one(&name("ffn_down"), &w.down, e, f, Some(&h_down))?;
+        w.down = ctx.quantize_one(&name("ffn_down"), &w.down, e, f, Some((&h_down, &p_down)))?;
 
         // The next block's inputs come from the quantized block.
         ctx.report(&format!("block {l}: quantized forward"));

@@ -232,22 +232,60 @@ pub fn matmul(
     accumulate: bool,
     threads: usize,
 ) {
-    assert_eq!(dst.rows, lhs.rows, "matmul: dst/lhs rows");
-    assert_eq!(dst.cols, rhs.cols, "matmul: dst/rhs cols");
-    assert_eq!(lhs.cols, rhs.rows, "matmul: inner dimension");
-    assert!(
-        fits(dst.data.len(), dst.rows, dst.cols, dst.rs, dst.cs),
-        "matmul: dst out of bounds"
+    gemm_checked(
+        (dst.data, dst.rows, dst.cols, dst.rs, dst.cs),
+        (lhs.data, lhs.rows, lhs.cols, lhs.rs, lhs.cs),
+        (rhs.data, rhs.rows, rhs.cols, rhs.rs, rhs.cs),
+        1.0,
+        scale,
+        accumulate,
+        threads,
     );
+}
+
+/// A strided f64 matrix view: `(data, rows, cols, row stride, column stride)`.
+pub type MatF64<'a> = (&'a [f64], usize, usize, usize, usize);
+
+/// The f64 version of [`matmul`] (used by the quantizer's GPTQ updates).
+pub fn matmul_f64(
+    dst: (&mut [f64], usize, usize, usize, usize),
+    lhs: MatF64<'_>,
+    rhs: MatF64<'_>,
+    scale: f64,
+    accumulate: bool,
+    threads: usize,
+) {
+    gemm_checked(dst, lhs, rhs, 1.0, scale, accumulate, threads);
+}
+
+#[allow(clippy::type_complexity)]
+fn gemm_checked<T: Copy + 'static>(
+    (dst, m, n, drs, dcs): (&mut [T], usize, usize, usize, usize),
+    (lhs, lm, lk, lrs, lcs): (&[T], usize, usize, usize, usize),
+    (rhs, rk, rn, rrs, rcs): (&[T], usize, usize, usize, usize),
+    one: T,
+    scale: T,
+    accumulate: bool,
+    threads: usize,
+) {
     assert!(
-        fits(lhs.data.len(), lhs.rows, lhs.cols, lhs.rs, lhs.cs),
+        std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            || std::any::TypeId::of::<T>() == std::any::TypeId::of::<f64>(),
+        "matmul: f32 or f64 only"
+    );
+    assert_eq!(m, lm, "matmul: dst/lhs rows");
+    assert_eq!(n, rn, "matmul: dst/rhs cols");
+    assert_eq!(lk, rk, "matmul: inner dimension");
+    assert!(fits(dst.len(), m, n, drs, dcs), "matmul: dst out of bounds");
+    assert!(
+        fits(lhs.len(), lm, lk, lrs, lcs),
         "matmul: lhs out of bounds"
     );
     assert!(
-        fits(rhs.data.len(), rhs.rows, rhs.cols, rhs.rs, rhs.cs),
+        fits(rhs.len(), rk, rn, rrs, rcs),
         "matmul: rhs out of bounds"
     );
-    if dst.rows == 0 || dst.cols == 0 {
+    if m == 0 || n == 0 {
         return;
     }
     let par = if threads > 1 {
@@ -255,27 +293,28 @@ pub fn matmul(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: every element the call touches, (r, c) for r < rows, c < cols
-    // of each operand, lies inside its slice (checked by `fits` above, with
+    // SAFETY: T is f32 or f64 (asserted), the element types gemm dispatches
+    // to. Every element the call touches, (r, c) for r < rows, c < cols of
+    // each operand, lies inside its slice (checked by `fits` above, with
     // strides ≤ isize::MAX). `dst` is a unique borrow, so it cannot alias
     // `lhs` or `rhs`. gemm reads `dst` only when `read_dst` (accumulate) is
-    // set, and all of it is initialized f32.
+    // set, and all of it is initialized.
     unsafe {
         gemm::gemm(
-            dst.rows,
-            dst.cols,
-            lhs.cols,
-            dst.data.as_mut_ptr(),
-            dst.cs as isize,
-            dst.rs as isize,
+            m,
+            n,
+            lk,
+            dst.as_mut_ptr(),
+            dcs as isize,
+            drs as isize,
             accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            1.0,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            one,
             scale,
             false,
             false,
