@@ -380,3 +380,46 @@ fn gptq_quantize_reports_gptq_beside_rtn() {
     let story = ok(&["run", "-m", s(&out), "-n", "12", "--temp", "0"]);
     assert!(story.starts_with("Once upon a time"), "{story}");
 }
+
+#[test]
+fn interactive_chat_keeps_the_conversation() {
+    use std::io::Write as _;
+    let gguf = shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let bin = env!("CARGO_BIN_EXE_nibble");
+    let args = ["chat", "-m", s(&gguf), "--temp", "0", "-n", "24", "-t", "2"];
+    let mut cmd = match std::env::var("NIBBLE_TEST_RUNNER") {
+        Ok(r) if !r.is_empty() => {
+            let mut c = Command::new(r);
+            c.arg(bin);
+            c
+        }
+        _ => Command::new(bin),
+    };
+    let mut child = cmd
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\nAnd of Italy?\n/exit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let answers: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(answers.len() >= 2, "two answers expected: {text:?}");
+    assert!(text.contains("Paris"), "{text}");
+    assert!(
+        text.contains("Rome"),
+        "the second turn sees the first: {text}"
+    );
+}

@@ -117,8 +117,45 @@ pub fn import_to_memory(
     opts: &ImportOptions,
     progress: Progress<'_>,
 ) -> Result<NibFile> {
-    let buf = import_to(src, opts, AlignedBytes::new(), progress)?;
+    // Reserve the image's size up front so a large model is never copied by
+    // buffer doubling (which would double the peak memory of the import).
+    let reserve = estimate_size(src, opts).unwrap_or(0);
+    let buf = import_to(src, opts, AlignedBytes::with_capacity(reserve), progress)?;
     NibFile::from_memory(buf)
+}
+
+/// An upper estimate of the `.nib` size an import produces (tensor bytes,
+/// alignment padding, and the source's tokenizer/metadata files).
+fn estimate_size(src: &Path, opts: &ImportOptions) -> Option<usize> {
+    let hp = match detect(src).ok()? {
+        InputKind::HfFolder => HfSource::open(src).ok()?.hp,
+        InputKind::Gguf => {
+            let map = mmap_file(src).ok()?;
+            GgufSource::new(&map, src).ok()?.hp
+        }
+        InputKind::Nib => return None,
+    };
+    let dir = if src.is_dir() { src } else { src.parent()? };
+    let side_files: u64 = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ]
+    .iter()
+    .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+    .map(|m| m.len())
+    .sum();
+    let mut total = 1 << 16;
+    for (_, shape) in hp.tensor_specs() {
+        let n: u64 = shape.iter().product();
+        let size = if shape.len() == 1 {
+            4
+        } else {
+            opts.dtype.size()
+        };
+        total += n * size + 64 + 256;
+    }
+    usize::try_from(total + side_files + (1 << 20)).ok()
 }
 
 /// Import into a file, atomically (temp file + fsync + rename).

@@ -42,6 +42,15 @@ impl AlignedBytes {
         self.len == 0
     }
 
+    /// An empty buffer with room for `bytes` without reallocating.
+    pub fn with_capacity(bytes: usize) -> Self {
+        AlignedBytes {
+            blocks: Vec::with_capacity(bytes.div_ceil(64)),
+            len: 0,
+            pos: 0,
+        }
+    }
+
     /// Copy arbitrary bytes into a fresh aligned buffer.
     pub fn from_slice(bytes: &[u8]) -> Self {
         let mut a = AlignedBytes::new();
@@ -55,7 +64,13 @@ impl Write for AlignedBytes {
         let end = self.pos + buf.len();
         let need_blocks = end.div_ceil(64);
         if need_blocks > self.blocks.len() {
-            let grow = need_blocks.max(self.blocks.len() * 2);
+            // Within a reserved capacity, grow only to what is needed (no doubling
+            // of a multi-hundred-MB model image); beyond it, amortized doubling.
+            let grow = if need_blocks <= self.blocks.capacity() {
+                need_blocks
+            } else {
+                need_blocks.max(self.blocks.len() * 2)
+            };
             self.blocks.resize(grow, Block([0; 64]));
         }
         let bytes = bytemuck::cast_slice_mut::<Block, u8>(&mut self.blocks);
