@@ -174,3 +174,23 @@ pub fn valid_group_size(gs: u64, cols: u64) -> bool {
         && gs <= cols.div_ceil(SUB_BLOCK as u64) * SUB_BLOCK as u64)
         || (gs == cols && cols > 0)
 }
+
+/// Little-endian F32/F16/BF16 bytes as f32 values; `None` for other types.
+pub fn decode_f32(dtype: DType, data: &[u8]) -> Option<Vec<f32>> {
+    use half::{bf16, f16};
+    Some(match dtype {
+        DType::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => data
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => data
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}

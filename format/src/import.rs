@@ -534,21 +534,11 @@ impl Source for HfSource {
                 }
                 .in_file(path));
             }
-            let d = view.data();
             use safetensors::Dtype as S;
-            return Ok(match view.dtype() {
-                S::F32 => d
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                S::F16 => d
-                    .chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                S::BF16 => d
-                    .chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
+            let dtype = match view.dtype() {
+                S::F32 => DType::F32,
+                S::F16 => DType::F16,
+                S::BF16 => DType::BF16,
                 other => {
                     return Err(FormatError::UnsupportedTensorType {
                         name: hf,
@@ -556,7 +546,8 @@ impl Source for HfSource {
                     }
                     .in_file(path))
                 }
-            });
+            };
+            return Ok(crate::dtype::decode_f32(dtype, view.data()).expect("float dtype"));
         }
         Err(FormatError::MissingTensor { name: hf })
     }

@@ -4,7 +4,7 @@
 //! whole model's activations.
 
 use nibble_format::HParams;
-use nibble_runtime::forward::{rmsnorm, rope, rope_tables};
+use nibble_runtime::forward::{causal_softmax_row, rmsnorm, rope, rope_tables};
 use nibble_runtime::kernels::{matmul, MatMut, MatRef};
 
 use crate::error::{QuantError, Result};
@@ -228,18 +228,7 @@ impl<'a> BlockCtx<'a> {
                 } else {
                     0
                 };
-                let row = &mut scores[i * l..(i + 1) * l];
-                let max = row[lo..=i].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut sum = 0f32;
-                for x in &mut row[lo..=i] {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                for x in &mut row[lo..=i] {
-                    *x /= sum;
-                }
-                row[..lo].fill(0.0);
-                row[i + 1..].fill(0.0);
+                causal_softmax_row(&mut scores[i * l..(i + 1) * l], lo, i);
             }
             matmul(
                 MatMut {

@@ -140,27 +140,11 @@ pub fn effective_group_size(group_size: Option<usize>, cols: usize) -> usize {
 
 /// A float tensor's values as f32.
 pub fn tensor_f32(t: &TensorInfo<'_>) -> Result<Vec<f32>> {
-    use half::{bf16, f16};
-    let d = t.data;
-    Ok(match t.dtype {
-        DType::F32 => d
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::F16 => d
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::BF16 => d
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(QuantError::Shape(format!(
-                "tensor '{}' is already {other}; quantize from a float model",
-                t.name
-            )))
-        }
+    nibble_format::dtype::decode_f32(t.dtype, t.data).ok_or_else(|| {
+        QuantError::Shape(format!(
+            "tensor '{}' is already {}; quantize from a float model",
+            t.name, t.dtype
+        ))
     })
 }
 

@@ -215,6 +215,25 @@ pub fn rope(v: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// Causal (and sliding-window) softmax of one attention row in place: the
+/// entries `lo..=pos` become probabilities, every other entry 0.
+pub fn causal_softmax_row(row: &mut [f32], lo: usize, pos: usize) {
+    let max = row[lo..=pos]
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in &mut row[lo..=pos] {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in &mut row[lo..=pos] {
+        *v *= inv;
+    }
+    row[..lo].fill(0.0);
+    row[pos + 1..].fill(0.0);
+}
+
 fn embed(model: &Model, token: u32, out: &mut [f32]) {
     let w = &model.token_embd;
     decode_row(&model.data(w), token as usize, w.cols, out);
@@ -592,21 +611,7 @@ pub fn forward_batch(
                 } else {
                     0
                 };
-                let row = &mut bs.scores[i * n_keys..(i + 1) * n_keys];
-                let max = row[lo..=pos]
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0f32;
-                for v in &mut row[lo..=pos] {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                for v in &mut row[lo..=pos] {
-                    *v *= inv;
-                }
-                row[..lo].fill(0.0);
-                row[pos + 1..].fill(0.0);
+                causal_softmax_row(&mut bs.scores[i * n_keys..(i + 1) * n_keys], lo, pos);
             }
             matmul(
                 MatMut {
