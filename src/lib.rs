@@ -3,9 +3,9 @@
 //! Run large language models well on ordinary CPUs. This facade re-exports
 //! the workspace crates:
 //!
-//! * [`format`] — the `.nib` single-file format and the GGUF / Hugging Face importers;
-//! * [`runtime`] — the Llama-family runtime: [`Model`], [`Session`], [`Sampler`];
-//! * [`quantizer`] — GPTQ (per layer) and RTN (whole models) into packed integer groups.
+//! * `format` ([`nibble_format`]) — the `.nib` single-file format and the GGUF / Hugging Face importers;
+//! * `runtime` ([`nibble_runtime`]) — the Llama-family runtime: [`Model`], [`Session`], [`Sampler`];
+//! * `quantizer` ([`nibble_quantizer`]) — GPTQ and RTN over whole models into packed integer groups.
 //!
 //! ```no_run
 //! use std::sync::Arc;

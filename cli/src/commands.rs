@@ -407,7 +407,7 @@ pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
-/// −log softmax(logits)[target], in f64.
+/// `−log softmax(logits)[target]`, in f64.
 pub fn nll_of(logits: &[f32], target: u32) -> f64 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let sum: f64 = logits.iter().map(|&v| f64::from(v - max).exp()).sum();

@@ -31,7 +31,7 @@ pub struct QuantizeArgs {
     #[arg(short = 'm', long = "model")]
     model: PathBuf,
     /// Output .nib (appears only when quantization completes); a report is
-    /// written beside it as <output>.report.json.
+    /// written beside it as `<output>.report.json`.
     #[arg(short = 'o', long)]
     output: PathBuf,
     #[arg(long, value_enum, default_value = "gptq")]

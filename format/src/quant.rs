@@ -8,12 +8,12 @@
 //! last sub-block is padded with the zero point, so padding decodes to 0.
 //! Weight = scale · (code − zero). Within a sub-block of codes c[0..32]:
 //!
-//! * 8-bit: byte j = c[j];
-//! * 4-bit: byte j (0..16) = c[j] | c[j+16] << 4 — one AND and one shift give
+//! * 8-bit: byte `j` = `c[j]`;
+//! * 4-bit: byte `j` (0..16) = `c[j] | c[j+16] << 4` — one AND and one shift give
 //!   two 16-lane halves;
-//! * 2-bit: byte j (0..8) = c[j] | c[j+8] << 2 | c[j+16] << 4 | c[j+24] << 6;
+//! * 2-bit: byte `j` (0..8) = `c[j] | c[j+8] << 2 | c[j+16] << 4 | c[j+24] << 6`;
 //! * 3-bit: the 2-bit layout of the low two bits (8 bytes), then a
-//!   little-endian u32 whose bit j is bit 2 of c[j] (4 bytes).
+//!   little-endian u32 whose bit `j` is bit 2 of `c[j]` (4 bytes).
 
 use half::f16;
 

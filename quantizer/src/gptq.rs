@@ -57,11 +57,11 @@ pub struct QuantizedLayer {
     pub n_groups: usize,
     /// For each original column, its group (column of `scales`).
     pub g_idx: Vec<u32>,
-    /// Processing order: position j handled original column perm[j].
+    /// Processing order: position `j` handled original column `perm[j]`.
     pub perm: Vec<usize>,
     /// Damping actually added to diag H (after any automatic increase).
     pub damp_added: f64,
-    /// The reference's printed error: ½ Σ (w − q)² / Hinv[i,i]².
+    /// The reference's printed error: ½ Σ (w − q)² / `Hinv[i,i]`².
     pub error: f64,
 }
 
@@ -167,7 +167,7 @@ pub struct PreparedHessian {
     pub cols: usize,
     /// Upper Cholesky factor of (H + λI)⁻¹ in processing order, `[cols, cols]`.
     hinv: Vec<f64>,
-    /// Processing order: position j handles original column perm[j].
+    /// Processing order: position `j` handles original column `perm[j]`.
     pub perm: Vec<usize>,
     /// Inputs with H[d,d] = 0: their weights are zeroed.
     dead: Vec<usize>,

@@ -14,7 +14,7 @@ use nibble_format::quant::unpack_sub_block;
 
 const LANES: usize = 16;
 
-/// Σ a[i]·b[i] in f32 with 16 independent partial sums.
+/// `Σ a[i]·b[i]` in f32 with 16 independent partial sums.
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; LANES];
@@ -40,7 +40,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
-/// Σ w[i]·x[i] with f16 weights, converted in 64-element tiles on the stack.
+/// `Σ w[i]·x[i]` with f16 weights, converted in 64-element tiles on the stack.
 pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
     debug_assert_eq!(w.len(), x.len());
     let mut tile = [0f32; 64];
@@ -53,7 +53,7 @@ pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
     sum
 }
 
-/// Σ w[i]·x[i] with bf16 weights.
+/// `Σ w[i]·x[i]` with bf16 weights.
 pub fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
     debug_assert_eq!(w.len(), x.len());
     let mut tile = [0f32; 64];
@@ -68,7 +68,7 @@ pub fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
     sum
 }
 
-/// Σ ŵ[i]·x[i] over one packed row (`format::quant` layout) with f32
+/// `Σ ŵ[i]·x[i]` over one packed row (`format::quant` layout) with f32
 /// activations: per group, scale · (Σ code·x − zero · Σ x). Scalar reference
 /// for the SIMD dequant-dot kernels. `x.len()` is the row's column count.
 pub fn dot_qg_f32(bits: u32, group_size: usize, row: &[u8], x: &[f32]) -> f32 {

@@ -1,7 +1,12 @@
 //! `nibble-runtime`: runs Llama-family decoders from `.nib` images.
 //!
 //! * [`Model`] maps the file and records where every weight lives; weights
-//!   are used in place (F16/BF16 converted inside the dot products).
+//!   are used in place: F16/BF16 converted inside the dot products, packed
+//!   integer groups (Q2G/Q3G/Q4G/Q8G) decoded inside the scalar reference
+//!   dequant-dot kernel, act-order permutations applied once per input.
+//! * Prompts run as matrix-matrix products through `gemm`
+//!   ([`forward::forward_batch`]); single tokens as threaded matrix-vector
+//!   products ([`forward::forward`]).
 //! * [`Session`] owns a run state sized once from the config (KV cache
 //!   included): evaluating or decoding a token allocates nothing.
 //! * [`Sampler`] implements greedy, temperature, top-k, top-p, min-p and a

@@ -2,7 +2,7 @@
 //! hyper-parameters, a table of weight locations, and the tokenizer.
 //!
 //! Weights are never copied at load: [`Weight`] records where a tensor lives
-//! in the image and [`Model::rows`] hands out zero-copy typed slices, so
+//! in the image and [`Model::data`] hands out zero-copy typed slices, so
 //! loading costs O(metadata) and the resident memory is the mapped file.
 
 use std::path::Path;
