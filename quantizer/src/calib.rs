@@ -259,6 +259,31 @@ impl<'a> BlockCtx<'a> {
         }
     }
 
+    /// One whole block over `n_seq` sequences in place: `x[n_seq·seqlen, n_embd]`
+    /// becomes the block's output (the residual stream after the MLP).
+    pub fn block_forward(&self, w: &BlockWeights, x: &mut [f32]) {
+        let hp = self.hp;
+        let (l, e, f, q_dim) = (self.seqlen, hp.n_embd, hp.n_ff, self.q_dim());
+        let mut xn = vec![0f32; l * e];
+        let mut att = vec![0f32; l * q_dim];
+        let mut o = vec![0f32; l * e];
+        let mut hidden = vec![0f32; l * f];
+        for xs in x.chunks_exact_mut(l * e) {
+            self.norm_rows(xs, &w.attn_norm, &mut xn);
+            self.attention(w, &xn, &mut att);
+            linear(&att, &w.o, l, e, q_dim, &mut o, self.threads);
+            for (a, b) in xs.iter_mut().zip(&o) {
+                *a += b;
+            }
+            self.norm_rows(xs, &w.ffn_norm, &mut xn);
+            self.mlp_hidden(w, &xn, l, &mut hidden);
+            linear(&hidden, &w.down, l, e, f, &mut o, self.threads);
+            for (a, b) in xs.iter_mut().zip(&o) {
+                *a += b;
+            }
+        }
+    }
+
     /// SwiGLU input of the down projection: `h = silu(xn2·gateᵀ) ⊙ (xn2·upᵀ)`.
     pub fn mlp_hidden(&self, w: &BlockWeights, xn2: &[f32], n: usize, h: &mut [f32]) {
         let (e, f) = (self.hp.n_embd, self.hp.n_ff);
