@@ -118,15 +118,7 @@ fn rebuilt(
     edit: impl Fn(&str, &[u64]) -> Option<Vec<u64>>,
     meta: impl Fn(&mut MetadataBuilder),
 ) -> nibble::format::Result<NibFile> {
-    let f = import_to_memory(
-        &shared().join("models/stories260k"),
-        &ImportOptions {
-            dtype: DType::F32,
-            hash_source: false,
-        },
-        &mut |_, _, _| {},
-    )
-    .unwrap();
+    let f = common::import_f32(&shared().join("models/stories260k"));
     let v = f.view().unwrap();
     let mut m = MetadataBuilder::from(&v.metadata);
     meta(&mut m);

@@ -7,22 +7,13 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use nibble::format::import::{import_to_memory, ImportOptions};
-use nibble::format::{DType, HParams};
+use nibble::format::HParams;
 use nibble::quantizer::calib::{linear, BlockCtx, BlockWeights};
 use nibble::quantizer::model::tensor_f32;
 use nibble::Model;
 
 fn check(model_path: &std::path::Path, seqlen: usize) {
-    let f = import_to_memory(
-        model_path,
-        &ImportOptions {
-            dtype: DType::F32,
-            hash_source: false,
-        },
-        &mut |_, _, _| {},
-    )
-    .unwrap();
+    let f = import_f32(model_path);
     let v = f.view().unwrap();
     let hp = HParams::read(&v.metadata).unwrap();
     let t = |n: &str| tensor_f32(v.tensor(n).unwrap()).unwrap();

@@ -5,21 +5,12 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use nibble::format::import::{import_to_memory, ImportOptions};
 use nibble::format::{AlignedBytes, DType, MetadataBuilder, NibFile, NibWriter};
 use nibble::quantizer::{quantize_model, QuantizeOptions};
 use nibble::Model;
 
 fn float_stories() -> NibFile {
-    import_to_memory(
-        &shared().join("models/stories260k"),
-        &ImportOptions {
-            dtype: DType::F32,
-            hash_source: false,
-        },
-        &mut |_, _, _| {},
-    )
-    .unwrap()
+    import_f32(&shared().join("models/stories260k"))
 }
 
 fn rtn_model(src: &NibFile, bits: u32, group_size: Option<usize>, sym: bool) -> Arc<Model> {

@@ -197,19 +197,30 @@ pub fn run(a: RunArgs) -> Result<()> {
         stop_strings: a.sampling.stop.clone(),
         ignore_eos: a.ignore_eos,
     };
-    let stdout = std::io::stdout();
     print!("{}", a.prompt);
-    let out = session.generate(&prompt, &params, &mut sampler, |_, text| {
+    generate_to_stdout(&mut session, &prompt, &params, &mut sampler, a.stats)?;
+    Ok(())
+}
+
+/// Generate, streaming text to stdout as it comes (stopping if stdout is
+/// closed), then a newline and, with `stats`, the timings on stderr.
+fn generate_to_stdout(
+    session: &mut Session,
+    prompt: &[u32],
+    params: &GenerateParams,
+    sampler: &mut Sampler,
+    stats: bool,
+) -> Result<nibble_runtime::GenerationStats> {
+    let stdout = std::io::stdout();
+    let out = session.generate(prompt, params, sampler, |_, text| {
         let mut o = stdout.lock();
-        let _ = o.write_all(text.as_bytes());
-        let _ = o.flush();
-        true
+        o.write_all(text.as_bytes()).and_then(|_| o.flush()).is_ok()
     })?;
     println!();
-    if a.stats {
+    if stats {
         print_stats(&out);
     }
-    Ok(())
+    Ok(out)
 }
 
 #[derive(Args)]
@@ -305,17 +316,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             stop_strings: a.sampling.stop.clone(),
             ignore_eos: false,
         };
-        let stdout = std::io::stdout();
-        let out = session.generate(&ids[common..], &params, &mut sampler, |_, t| {
-            let mut o = stdout.lock();
-            let _ = o.write_all(t.as_bytes());
-            let _ = o.flush();
-            true
-        })?;
-        println!();
-        if a.stats {
-            print_stats(&out);
-        }
+        let out = generate_to_stdout(&mut session, &ids[common..], &params, &mut sampler, a.stats)?;
         if out.stop == StopReason::ContextFull {
             eprintln!("(context full: conversation ends)");
             break;

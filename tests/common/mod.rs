@@ -164,3 +164,16 @@ pub fn check_hf_reference(model_dir: &std::path::Path, reference: &std::path::Pa
         s.eval(&[next]).unwrap();
     }
 }
+
+/// A model file converted to an F32 `.nib` image in memory.
+pub fn import_f32(path: &std::path::Path) -> nibble::format::NibFile {
+    nibble::format::import::import_to_memory(
+        path,
+        &nibble::format::import::ImportOptions {
+            dtype: nibble::format::DType::F32,
+            hash_source: false,
+        },
+        &mut |_, _, _| {},
+    )
+    .expect("import")
+}
