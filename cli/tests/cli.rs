@@ -12,17 +12,20 @@ fn shared() -> PathBuf {
 
 /// Run the binary; under cross-testing `NIBBLE_TEST_RUNNER` (e.g.
 /// `qemu-aarch64`) runs it, as cargo's target runner does for test binaries.
-fn nibble(args: &[&str]) -> Output {
+fn command() -> Command {
     let bin = env!("CARGO_BIN_EXE_nibble");
-    let mut cmd = match std::env::var("NIBBLE_TEST_RUNNER") {
+    match std::env::var("NIBBLE_TEST_RUNNER") {
         Ok(runner) if !runner.is_empty() => {
             let mut c = Command::new(runner);
             c.arg(bin);
             c
         }
         _ => Command::new(bin),
-    };
-    cmd.args(args).output().expect("run nibble")
+    }
+}
+
+fn nibble(args: &[&str]) -> Output {
+    command().args(args).output().expect("run nibble")
 }
 
 fn ok(args: &[&str]) -> String {
@@ -385,17 +388,8 @@ fn gptq_quantize_reports_gptq_beside_rtn() {
 fn interactive_chat_keeps_the_conversation() {
     use std::io::Write as _;
     let gguf = shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let bin = env!("CARGO_BIN_EXE_nibble");
     let args = ["chat", "-m", s(&gguf), "--temp", "0", "-n", "24", "-t", "2"];
-    let mut cmd = match std::env::var("NIBBLE_TEST_RUNNER") {
-        Ok(r) if !r.is_empty() => {
-            let mut c = Command::new(r);
-            c.arg(bin);
-            c
-        }
-        _ => Command::new(bin),
-    };
-    let mut child = cmd
+    let mut child = command()
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
