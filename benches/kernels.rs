@@ -1,15 +1,20 @@
-//! Matrix-vector kernels on the real SmolLM2-135M shapes, per weight type,
-//! reporting bytes of weights streamed per second (criterion `Throughput`).
+//! Matrix-vector kernels on the real SmolLM2-135M shapes, for every weight
+//! type and every instruction set this CPU runs (scalar included), reporting
+//! bytes of weights streamed per second (criterion `Throughput`). One
+//! single-threaded call is one full matrix-vector product, activation
+//! quantization included for the packed types (as in decoding).
 //!
-//! Run: `cargo bench --bench kernels` (add `-- --quick` for a fast pass).
-//! Only the scalar reference kernels exist so far; the SIMD kernels will be
-//! added to this sweep as one more axis (instruction set) when they land.
+//! Run: `cargo bench --bench kernels` (add `-- --quick` for a fast pass, or a
+//! filter such as `-- "Q4GM g32"`). `NIBBLE_BENCH_ISA=avx2,scalar` limits the
+//! instruction sets.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
-use nibble::runtime::kernels::{dot_f16, dot_f32, dot_qg_f32};
+use nibble::format::quant::{pack_row, pack_row_q4gm};
+use nibble::format::DType;
+use nibble::runtime::kernels::{dot_qg_f32, Isa, Kernels, PackedRows, Q8Buf};
 
 /// (rows = outputs, cols = inputs) of SmolLM2's linear layers and output head.
 const SHAPES: [(usize, usize, &str); 5] = [
@@ -18,6 +23,17 @@ const SHAPES: [(usize, usize, &str); 5] = [
     (1536, 576, "gate/up 1536x576"),
     (576, 1536, "down 576x1536"),
     (49152, 576, "head 49152x576"),
+];
+
+/// Packed types as they occur: GGUF imports (Q4GM/Q4G/Q8G in groups of 32),
+/// GPTQ outputs (groups of 128).
+const PACKED: [(DType, usize); 6] = [
+    (DType::Q4GM, 32),
+    (DType::Q4G, 128),
+    (DType::Q8G, 32),
+    (DType::Q4G, 32),
+    (DType::Q3G, 128),
+    (DType::Q2G, 128),
 ];
 
 fn seeded(n: usize, seed: u64) -> Vec<f32> {
@@ -32,7 +48,8 @@ fn seeded(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn packed(rows: usize, cols: usize, bits: u32, gs: usize) -> Vec<u8> {
+fn packed(rows: usize, cols: usize, dtype: DType, gs: usize) -> Vec<u8> {
+    let bits = dtype.quant_bits().unwrap();
     let maxq = (1u32 << bits) - 1;
     let codes: Vec<u8> = seeded(cols, 3)
         .iter()
@@ -40,54 +57,87 @@ fn packed(rows: usize, cols: usize, bits: u32, gs: usize) -> Vec<u8> {
         .collect();
     let n_groups = cols.div_ceil(gs);
     let scales = vec![0.01f32; n_groups];
-    let zeros = vec![(maxq / 2) as u8; n_groups];
     let mut row = Vec::new();
-    nibble::format::quant::pack_row(bits, gs, &codes, &scales, &zeros, &mut row);
+    if dtype == DType::Q4GM {
+        pack_row_q4gm(gs, &codes, &scales, &vec![-0.08; n_groups], &mut row);
+    } else {
+        pack_row(
+            bits,
+            gs,
+            &codes,
+            &scales,
+            &vec![(maxq / 2) as u8; n_groups],
+            &mut row,
+        );
+    }
     row.repeat(rows)
+}
+
+fn isas() -> Vec<&'static Kernels> {
+    match std::env::var("NIBBLE_BENCH_ISA") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| Kernels::named(n).expect("NIBBLE_BENCH_ISA"))
+            .collect(),
+        Err(_) => Isa::available()
+            .into_iter()
+            .filter_map(Kernels::for_isa)
+            .collect(),
+    }
 }
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("matvec");
     g.sample_size(10);
+    let kernels = isas();
     for (rows, cols, label) in SHAPES {
         let x = seeded(cols, 1);
         let mut out = vec![0f32; rows];
         let w32 = seeded(rows * cols, 2);
-        g.throughput(Throughput::Bytes((rows * cols * 4) as u64));
-        g.bench_function(BenchmarkId::new("F32 scalar", label), |b| {
-            b.iter(|| {
-                for (r, o) in out.iter_mut().enumerate() {
-                    *o = dot_f32(&w32[r * cols..(r + 1) * cols], &x);
-                }
-                black_box(&out);
-            })
-        });
         let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
-        g.throughput(Throughput::Bytes((rows * cols * 2) as u64));
-        g.bench_function(BenchmarkId::new("F16 scalar", label), |b| {
-            b.iter(|| {
-                for (r, o) in out.iter_mut().enumerate() {
-                    *o = dot_f16(&w16[r * cols..(r + 1) * cols], &x);
-                }
-                black_box(&out);
-            })
-        });
-        for (bits, gs) in [(4u32, 32usize), (4, 128), (8, 32), (3, 128), (2, 128)] {
-            let w = packed(rows, cols, bits, gs);
-            let rb = w.len() / rows;
-            g.throughput(Throughput::Bytes(w.len() as u64));
-            g.bench_function(
-                BenchmarkId::new(format!("Q{bits}G g{gs} scalar"), label),
-                |b| {
-                    b.iter(|| {
-                        for (r, o) in out.iter_mut().enumerate() {
-                            *o = dot_qg_f32(bits, gs, &w[r * rb..(r + 1) * rb], &x);
-                        }
-                        black_box(&out);
-                    })
-                },
-            );
+        for k in &kernels {
+            let isa = k.isa;
+            g.throughput(Throughput::Bytes((rows * cols * 4) as u64));
+            g.bench_function(BenchmarkId::new(format!("F32 {isa}"), label), |b| {
+                b.iter(|| (k.matvec_f32)(black_box(&w32), cols, &x, &mut out))
+            });
+            g.throughput(Throughput::Bytes((rows * cols * 2) as u64));
+            g.bench_function(BenchmarkId::new(format!("F16 {isa}"), label), |b| {
+                b.iter(|| (k.matvec_f16)(black_box(&w16), cols, &x, &mut out))
+            });
+            let mut xq = Q8Buf::new(cols);
+            for (dtype, gs) in PACKED {
+                let w = packed(rows, cols, dtype, gs);
+                let view = PackedRows::new(dtype, &w, rows, cols, gs).unwrap();
+                let f = k.matvec_qg(dtype);
+                g.throughput(Throughput::Bytes(w.len() as u64));
+                g.bench_function(
+                    BenchmarkId::new(format!("{dtype} g{gs} {isa}"), label),
+                    |b| {
+                        b.iter(|| {
+                            xq.quantize(k.quantize_q8, black_box(&x));
+                            f(view, &xq.as_ref(), &mut out);
+                            black_box(&out);
+                        })
+                    },
+                );
+            }
         }
+        // The float-activation variant (dequantize + multiply-add), for comparison.
+        let w = packed(rows, cols, DType::Q4G, 128);
+        let rb = w.len() / rows;
+        g.throughput(Throughput::Bytes(w.len() as u64));
+        g.bench_function(
+            BenchmarkId::new("Q4G g128 f32-activations scalar", label),
+            |b| {
+                b.iter(|| {
+                    for (r, o) in out.iter_mut().enumerate() {
+                        *o = dot_qg_f32(4, 128, &w[r * rb..(r + 1) * rb], &x);
+                    }
+                    black_box(&out);
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -226,6 +226,7 @@ fn mutated_model_files_never_panic_the_loader_or_forward_pass() {
         &ImportOptions {
             dtype: DType::F16,
             hash_source: false,
+            keep_gguf_blocks: false,
         },
         &mut |_, _, _| {},
     )

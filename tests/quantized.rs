@@ -74,7 +74,10 @@ fn rtn_8bit_tracks_float_and_4bit_costs_little() {
     let r8 = (mean_nll(&q8, &ids) - nll_f).exp();
     eprintln!("RTN 8-bit g32: logits rel err {e8:.2e}, perplexity ×{r8:.4} of float");
     assert!(r8 < 1.01, "8-bit perplexity ×{r8:.4}");
-    // Greedy story from BOS: identical for 30 tokens.
+    // Greedy story from BOS: the same opening. Not all 30 tokens: the packed
+    // path rounds activations to int8 blocks (float weights do not), and on a
+    // 64-wide model one rounding step is ~1 % of a logit, enough to flip a
+    // near-tie after ~20 tokens (it does at token 21 here).
     let greedy = |m: &Arc<Model>| {
         let mut s = session(m, 64, 1);
         let mut t = 1u32;
@@ -85,7 +88,12 @@ fn rtn_8bit_tracks_float_and_4bit_costs_little() {
             })
             .collect::<Vec<_>>()
     };
-    assert_eq!(greedy(&q8), greedy(&float));
+    let (gq, gf) = (greedy(&q8), greedy(&float));
+    assert_eq!(
+        gq[..16],
+        gf[..16],
+        "8-bit vs float greedy: {gq:?} vs {gf:?}"
+    );
 
     let base = forward_logits(&float, &ids, 1);
     let mut errs = vec![];
@@ -127,8 +135,7 @@ fn packed_weights_batched_and_sequential_paths_agree() {
         let ids = text_ids(&q, 40);
         let a = forward_logits_batched(&q, &ids, 2, 16);
         let b = forward_logits_sequential(&q, &ids, 1);
-        let e = rel_err(&a, &b);
-        assert!(e < 1e-5, "{bits}-bit: batched vs sequential {e:.2e}");
+        assert_packed_paths_agree(&a, &b, &ids, q.hparams.n_vocab, &format!("{bits}-bit"));
     }
 }
 
@@ -247,11 +254,13 @@ fn gptq_beats_rtn_on_every_layer_of_stories260k_at_4_and_3_bits() {
             Arc::new(Model::from_nib(NibFile::from_memory(buf).unwrap(), "gptq".into()).unwrap());
         assert_eq!(m.layers[0].attn_q.has_perm(), act_order);
         let ids = text_ids(&m, 40);
-        let e = rel_err(
+        assert_packed_paths_agree(
             &forward_logits_batched(&m, &ids, 2, 16),
             &forward_logits_sequential(&m, &ids, 1),
+            &ids,
+            m.hparams.n_vocab,
+            &format!("GPTQ act-order {act_order}: batched vs sequential"),
         );
-        assert!(e < 1e-5, "batched vs sequential {e:.2e}");
     }
 }
 
@@ -282,4 +291,63 @@ fn gptq_rejects_bad_calibration_before_work() {
         .unwrap_err()
         .to_string()
         .contains("fewer than one window"));
+}
+
+#[test]
+fn head_bits_store_the_tied_embedding_as_groups_and_cost_little() {
+    let src = float_stories();
+    let float = Arc::new(Model::from_nib(float_stories(), "float".into()).unwrap());
+    let ids = text_ids(&float, 128);
+    let nll_f = mean_nll(&float, &ids);
+    // Against the same 8-bit layers with the F16 head: what the head costs.
+    let nll_base = mean_nll(&rtn_model(&src, 8, Some(32), false), &ids);
+    eprintln!(
+        "8-bit layers, F16 head: perplexity ×{:.4} of float",
+        (nll_base - nll_f).exp()
+    );
+    for (bits, dtype, max_ratio) in [(8, DType::Q8G, 1.03), (4, DType::Q4G, 1.15)] {
+        let opts = QuantizeOptions {
+            head_bits: Some(bits),
+            ..QuantizeOptions::rtn(8, Some(32), false)
+        };
+        let (buf, _, _) = quantize_model(
+            &src.view().unwrap(),
+            &opts,
+            None,
+            AlignedBytes::new(),
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        let m =
+            Arc::new(Model::from_nib(NibFile::from_memory(buf).unwrap(), "head".into()).unwrap());
+        assert_eq!(m.token_embd.dtype, dtype);
+        assert_eq!(m.output.dtype, dtype, "tied: the head is the embedding");
+        let nll = mean_nll(&m, &ids);
+        let ratio = (nll - nll_base).exp();
+        eprintln!(
+            "8-bit layers, {bits}-bit head: perplexity ×{:.4} of float, ×{ratio:.4} of the F16 head",
+            (nll - nll_f).exp()
+        );
+        assert!(
+            ratio > 0.97 && ratio < max_ratio,
+            "{bits}-bit head: ×{ratio:.4}"
+        );
+        let a = forward_logits_batched(&m, &ids[..40], 2, 16);
+        let b = forward_logits_sequential(&m, &ids[..40], 1);
+        assert_packed_paths_agree(&a, &b, &ids[..40], m.hparams.n_vocab, "packed head");
+    }
+    let bad = QuantizeOptions {
+        head_bits: Some(3),
+        ..QuantizeOptions::rtn(4, Some(32), false)
+    };
+    let err = quantize_model(
+        &src.view().unwrap(),
+        &bad,
+        None,
+        AlignedBytes::new(),
+        &mut |_, _, _| {},
+    )
+    .err()
+    .expect("3-bit head refused");
+    assert!(err.to_string().contains("4 or 8"), "{err}");
 }

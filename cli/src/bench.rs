@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use nibble_runtime::{argmax, Model, Session, SessionParams};
+use nibble_runtime::kernels::{Isa, Kernels};
+use nibble_runtime::{argmax, Model, PoolKind, Session, SessionParams};
 use rayon::prelude::*;
 
 use crate::commands::load_model;
@@ -18,8 +19,9 @@ pub struct BenchArgs {
     /// Model: a .nib file, a GGUF file, or a Hugging Face model folder.
     #[arg(short = 'm', long = "model", value_name = "MODEL")]
     model: std::path::PathBuf,
-    /// Weight type used when a GGUF/HF model is converted in memory (f32, f16, bf16).
-    #[arg(long, default_value = "f32")]
+    /// Weight type when a GGUF/HF model is converted in memory: native (GGUF
+    /// Q4_0/Q4_1/Q8_0 weights as they are), f32, f16, bf16.
+    #[arg(long, default_value = "native")]
     dtype: String,
     /// Prompt lengths to measure (comma-separated; 0 skips).
     #[arg(
@@ -51,6 +53,15 @@ pub struct BenchArgs {
     /// Skip the memory-bandwidth probe.
     #[arg(long)]
     no_bandwidth: bool,
+    /// Kernel instruction sets to measure, comma-separated (scalar, avx2,
+    /// avx512, neon), or `all` for every one this CPU runs. Default: the one
+    /// chosen at load (the best, or NIBBLE_ISA).
+    #[arg(long, value_delimiter = ',')]
+    isa: Vec<String>,
+    /// Thread pools of the per-token products to measure, comma-separated:
+    /// spin (persistent spin/park pool, the default) and/or rayon.
+    #[arg(long, value_delimiter = ',', default_value = "spin")]
+    pool: Vec<String>,
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -93,14 +104,36 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.thread_list.contains(&0) {
         bail!("-t takes thread counts of at least 1");
     }
+    let pools: Vec<PoolKind> = a
+        .pool
+        .iter()
+        .map(|p| match p.trim() {
+            "spin" => Ok(PoolKind::Spin),
+            "rayon" => Ok(PoolKind::Rayon),
+            other => Err(anyhow::anyhow!("--pool {other}: use spin or rayon")),
+        })
+        .collect::<Result<_>>()?;
     let t0 = Instant::now();
-    let model: Arc<Model> = load_model(&ModelArgs {
+    let mut model: Arc<Model> = load_model(&ModelArgs {
         model: a.model.clone(),
         dtype: a.dtype.clone(),
         threads: 1,
         ctx_size: 0,
     })?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let kernels: Vec<&'static Kernels> = if a.isa.is_empty() {
+        vec![model.kernels()]
+    } else if a.isa.len() == 1 && a.isa[0] == "all" {
+        Isa::available()
+            .into_iter()
+            .filter_map(Kernels::for_isa)
+            .collect()
+    } else {
+        a.isa
+            .iter()
+            .map(|n| Kernels::named(n).map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?
+    };
     let bytes_per_token = model.weight_bytes();
     let max_len = a
         .n_prompt
@@ -117,25 +150,44 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         load_ms
     );
     println!(
-        "| threads | test | tokens/s (mean ± sd, {} reps) | bandwidth bound | % of bound |",
+        "| isa | pool | threads | test | tokens/s (mean ± sd, {} reps) | bandwidth bound | % of bound |",
         a.repetitions
     );
-    println!("|--:|--|--:|--:|--:|");
+    println!("|--|--|--:|--|--:|--:|--:|");
     let n_vocab = model.hparams.n_vocab as u32;
-    for &threads in &a.thread_list {
+    let mut probes: Vec<(usize, f64)> = vec![];
+    for (&threads, &k, &pool) in a
+        .thread_list
+        .iter()
+        .flat_map(|t| kernels.iter().map(move |k| (t, k)))
+        .flat_map(|(t, k)| pools.iter().map(move |p| (t, k, p)))
+    {
+        Arc::get_mut(&mut model)
+            .expect("no session alive between runs")
+            .set_kernels(k);
+        let isa = k.isa;
+        let pool_name = match pool {
+            PoolKind::Spin => "spin",
+            PoolKind::Rayon => "rayon",
+        };
+        let bw = if a.no_bandwidth {
+            None
+        } else if let Some(&(_, bw)) = probes.iter().find(|(t, _)| *t == threads) {
+            Some(bw)
+        } else {
+            let bw = bandwidth_probe(threads)?;
+            probes.push((threads, bw));
+            Some(bw)
+        };
         let mut s = Session::new(
             Arc::clone(&model),
             &SessionParams {
                 n_ctx: max_len.max(16),
                 n_threads: threads,
+                pool,
                 ..Default::default()
             },
         )?;
-        let bw = if a.no_bandwidth {
-            None
-        } else {
-            Some(bandwidth_probe(threads)?)
-        };
         // Deterministic pseudo-random prompt tokens.
         let tokens: Vec<u32> = (0..max_len as u32)
             .map(|i| (i * 7919 + 13) % n_vocab)
@@ -151,7 +203,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 rates.push(n as f64 / t.elapsed().as_secs_f64());
             }
             let (m, sd) = mean_sd(&rates);
-            println!("| {threads} | pp{n} | {m:.1} ± {sd:.1} | | |");
+            println!("| {isa} | {pool_name} | {threads} | pp{n} | {m:.1} ± {sd:.1} | | |");
         }
         for &n in a.n_gen.iter().filter(|&&n| n > 0) {
             let mut rates = vec![];
@@ -172,11 +224,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 Some(bw) => {
                     let bound = bw * 1e9 / bytes_per_token as f64;
                     println!(
-                        "| {threads} | tg{n} | {m:.1} ± {sd:.1} | {bound:.0} tok/s ({bw:.1} GB/s) | {:.0}% |",
+                        "| {isa} | {pool_name} | {threads} | tg{n} | {m:.1} ± {sd:.1} | {bound:.0} tok/s ({bw:.1} GB/s) | {:.0}% |",
                         100.0 * m / bound
                     );
                 }
-                None => println!("| {threads} | tg{n} | {m:.1} ± {sd:.1} | | |"),
+                None => {
+                    println!("| {isa} | {pool_name} | {threads} | tg{n} | {m:.1} ± {sd:.1} | | |")
+                }
             }
         }
     }

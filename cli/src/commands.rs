@@ -29,16 +29,26 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
-    DType::parse(s).with_context(|| format!("unknown dtype '{s}' (use f32, f16 or bf16)"))
+/// `--dtype`: f32, f16, bf16, or `native` (GGUF Q4_0/Q4_1/Q8_0 weights kept as
+/// packed groups, losslessly; everything else F32).
+pub fn import_options(s: &str, hash_source: bool) -> Result<ImportOptions> {
+    let keep = s.eq_ignore_ascii_case("native");
+    let dtype = if keep {
+        DType::F32
+    } else {
+        DType::parse(s)
+            .with_context(|| format!("unknown dtype '{s}' (use native, f32, f16 or bf16)"))?
+    };
+    Ok(ImportOptions {
+        dtype,
+        hash_source,
+        keep_gguf_blocks: keep,
+    })
 }
 
 /// Load any supported model path, with a progress bar while converting.
 pub fn load_model(a: &ModelArgs) -> Result<Arc<Model>> {
-    let opts = ImportOptions {
-        dtype: parse_dtype(&a.dtype)?,
-        hash_source: false,
-    };
+    let opts = import_options(&a.dtype, false)?;
     let pb = bar(0, "loading");
     let model = Model::load_with(&a.model, &opts, &mut |done, total, name| {
         pb.set_length(total as u64);
@@ -69,16 +79,15 @@ pub struct ConvertArgs {
     /// Output .nib file (written atomically: it appears only when complete).
     #[arg(short = 'o', long)]
     output: PathBuf,
-    /// Weight type of the linear and embedding weights (f16, f32, bf16); norms stay f32.
+    /// Weight type of the linear and embedding weights: f16, f32, bf16, or
+    /// native (GGUF Q4_0/Q4_1/Q8_0 kept as packed groups, losslessly, the rest
+    /// f32); norms stay f32.
     #[arg(long, default_value = "f16")]
     dtype: String,
 }
 
 pub fn convert(a: ConvertArgs) -> Result<()> {
-    let opts = ImportOptions {
-        dtype: parse_dtype(&a.dtype)?,
-        hash_source: true,
-    };
+    let opts = import_options(&a.dtype, true)?;
     let t0 = Instant::now();
     let pb = bar(0, "converting");
     import_to_file(&a.model, &a.output, &opts, &mut |done, total, name| {
@@ -93,7 +102,11 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         "wrote {} ({:.1} MB, {}) in {:.1}s",
         a.output.display(),
         size as f64 / 1e6,
-        opts.dtype,
+        if opts.keep_gguf_blocks {
+            "native GGUF blocks, other weights F32".to_string()
+        } else {
+            opts.dtype.to_string()
+        },
         t0.elapsed().as_secs_f64()
     );
     Ok(())
@@ -376,6 +389,7 @@ pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
             n_ctx,
             n_threads: a.model.threads,
             n_batch: a.batch_size,
+            ..Default::default()
         },
     )?;
     let pb = bar((n_windows * n_ctx) as u64, "perplexity");

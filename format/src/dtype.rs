@@ -23,6 +23,9 @@ pub enum DType {
     Q4G,
     /// 8-bit integer groups.
     Q8G,
+    /// Packed 4-bit groups with an f16 minimum instead of an integer zero
+    /// point (weight = scale · code + min): GGUF `Q4_1` blocks, byte for byte.
+    Q4GM,
 }
 
 /// Elements per packed sub-block: every group is stored as whole sub-blocks.
@@ -31,7 +34,7 @@ pub const SUB_BLOCK: usize = 32;
 pub const GROUP_HEADER: usize = 4;
 
 impl DType {
-    pub const ALL: [DType; 8] = [
+    pub const ALL: [DType; 9] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -40,6 +43,7 @@ impl DType {
         DType::Q3G,
         DType::Q4G,
         DType::Q8G,
+        DType::Q4GM,
     ];
 
     pub fn code(self) -> u16 {
@@ -52,6 +56,7 @@ impl DType {
             DType::Q3G => 17,
             DType::Q4G => 18,
             DType::Q8G => 19,
+            DType::Q4GM => 20,
         }
     }
 
@@ -64,10 +69,16 @@ impl DType {
         match self {
             DType::Q2G => Some(2),
             DType::Q3G => Some(3),
-            DType::Q4G => Some(4),
+            DType::Q4G | DType::Q4GM => Some(4),
             DType::Q8G => Some(8),
             _ => None,
         }
+    }
+
+    /// Whether the group header holds an f16 minimum (`Q4GM`) rather than an
+    /// integer zero point.
+    pub fn has_float_min(self) -> bool {
+        self == DType::Q4GM
     }
 
     pub fn from_quant_bits(bits: u32) -> Option<DType> {
@@ -103,6 +114,7 @@ impl DType {
             DType::Q3G => "Q3G",
             DType::Q4G => "Q4G",
             DType::Q8G => "Q8G",
+            DType::Q4GM => "Q4GM",
         }
     }
 

@@ -544,3 +544,41 @@ pub fn dequantize(t: &GgufTensor<'_>, out: &mut [f32]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Transcode a 2-D tensor of GGUF `Q4_0`, `Q4_1` or `Q8_0` blocks into
+/// nibble's packed groups of 32, losslessly (every weight decodes to the
+/// same f32 as [`dequantize`]): `Q4_0` → `Q4G` with zero point 8 (the codes
+/// and their nibble order are the same), `Q4_1` → `Q4GM` (byte for byte),
+/// `Q8_0` → `Q8G` with zero point 128 (codes shifted by 128). Returns the
+/// type and the bytes in nibble's row layout, or `None` for other types.
+pub fn transcode_blocks(t: &GgufTensor<'_>) -> Option<(crate::DType, Vec<u8>)> {
+    use crate::DType;
+    let (block, bytes) = t.ggml_type.block();
+    if t.ne.len() != 2 || block != 32 || !t.ne[0].is_multiple_of(32) {
+        return None;
+    }
+    let n_blocks = t.data.len() / bytes as usize;
+    let mut out = Vec::with_capacity(n_blocks * (4 + 32));
+    let dtype = match t.ggml_type {
+        GgmlType::Q4_0 => {
+            for b in t.data.chunks_exact(18) {
+                out.extend_from_slice(&[b[0], b[1], 8, 0]);
+                out.extend_from_slice(&b[2..18]);
+            }
+            DType::Q4G
+        }
+        GgmlType::Q4_1 => {
+            out.extend_from_slice(t.data);
+            DType::Q4GM
+        }
+        GgmlType::Q8_0 => {
+            for b in t.data.chunks_exact(34) {
+                out.extend_from_slice(&[b[0], b[1], 128, 0]);
+                out.extend(b[2..34].iter().map(|&q| (q as i8 as i16 + 128) as u8));
+            }
+            DType::Q8G
+        }
+        _ => return None,
+    };
+    Some((dtype, out))
+}

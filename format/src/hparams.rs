@@ -27,6 +27,8 @@ pub mod keys {
     pub const QUANT_METHOD: &str = "quant.method";
     pub const QUANT_DTYPE: &str = "quant.dtype";
     pub const QUANT_BITS: &str = "quant.bits";
+    /// Bits of the token embedding / output head (absent: F16).
+    pub const QUANT_HEAD_BITS: &str = "quant.head_bits";
     pub const QUANT_GROUP_SIZE: &str = "quant.group_size";
     pub const QUANT_SYM: &str = "quant.sym";
     pub const QUANT_ACT_ORDER: &str = "quant.act_order";

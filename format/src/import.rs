@@ -58,6 +58,9 @@ pub struct ImportOptions {
     pub dtype: DType,
     /// Hash the source files into the provenance (costs one read of them).
     pub hash_source: bool,
+    /// Keep GGUF `Q4_0` / `Q4_1` / `Q8_0` weights as packed groups (lossless
+    /// transcoding, the bytes llama.cpp runs) instead of converting them to `dtype`.
+    pub keep_gguf_blocks: bool,
 }
 
 impl Default for ImportOptions {
@@ -65,6 +68,7 @@ impl Default for ImportOptions {
         ImportOptions {
             dtype: DType::F16,
             hash_source: true,
+            keep_gguf_blocks: false,
         }
     }
 }
@@ -77,6 +81,15 @@ trait Source {
     fn hparams(&self) -> &HParams;
     /// Row-major f32 data of a canonical tensor (`expected_shape` for checks).
     fn tensor_f32(&self, name: &str, expected_shape: &[u64]) -> Result<Vec<f32>>;
+    /// The tensor as packed groups `(dtype, group size, bytes)` when the
+    /// source stores it in a block format nibble can take over losslessly.
+    fn tensor_packed(
+        &self,
+        _name: &str,
+        _expected_shape: &[u64],
+    ) -> Result<Option<(DType, u32, Vec<u8>)>> {
+        Ok(None)
+    }
 }
 
 /// Import `src` (HF folder or GGUF) into a `.nib` written to `out`.
@@ -203,7 +216,12 @@ fn write_nib<W: Write + Seek>(
             OwnedValue::Str(name.to_string_lossy().into_owned()),
         );
     }
-    meta.set(keys::QUANT_METHOD, OwnedValue::Str("none".into()));
+    let method = if opts.keep_gguf_blocks {
+        "gguf-blocks"
+    } else {
+        "none"
+    };
+    meta.set(keys::QUANT_METHOD, OwnedValue::Str(method.into()));
     meta.set(keys::QUANT_DTYPE, OwnedValue::Str(opts.dtype.name().into()));
     meta.set(
         keys::PROV_SOURCE,
@@ -223,6 +241,12 @@ fn write_nib<W: Write + Seek>(
     let specs = hp.tensor_specs();
     for (i, (name, shape)) in specs.iter().enumerate() {
         progress(i, specs.len(), name);
+        if opts.keep_gguf_blocks && shape.len() == 2 {
+            if let Some((dtype, gs, bytes)) = s.tensor_packed(name, shape)? {
+                w.add_tensor_q(name, dtype, gs, shape, &bytes).map_err(io)?;
+                continue;
+            }
+        }
         let data = s.tensor_f32(name, shape)?;
         if let Some(pos) = data.iter().position(|v| !v.is_finite()) {
             return Err(FormatError::BadValue {
@@ -699,17 +723,60 @@ impl Source for GgufSource<'_> {
         }
         Ok(data)
     }
+
+    fn tensor_packed(&self, name: &str, expected: &[u64]) -> Result<Option<(DType, u32, Vec<u8>)>> {
+        let t = self
+            .file
+            .tensor(name)
+            .ok_or_else(|| FormatError::MissingTensor { name: name.into() })?;
+        let shape: Vec<u64> = t.ne.iter().rev().copied().collect();
+        if shape != expected {
+            return Err(FormatError::BadShape {
+                name: name.into(),
+                shape,
+                why: format!("expected {expected:?} from the GGUF hyper-parameters"),
+            });
+        }
+        let Some((dtype, mut bytes)) = crate::gguf::transcode_blocks(t) else {
+            return Ok(None);
+        };
+        let (rows, cols) = (expected[0] as usize, expected[1] as usize);
+        let row_bytes = bytes.len() / rows;
+        // Every group header starts with an f16 scale (and Q4GM an f16 min).
+        for (g, h) in bytes.chunks_exact(row_bytes / (cols / 32)).enumerate() {
+            let bad = |v: f16| !v.is_finite();
+            let scale = f16::from_le_bytes([h[0], h[1]]);
+            let min = f16::from_le_bytes([h[2], h[3]]);
+            if bad(scale) || (dtype.has_float_min() && bad(min)) {
+                return Err(FormatError::BadValue {
+                    key: name.into(),
+                    why: format!("non-finite scale or minimum in block {g}"),
+                });
+            }
+        }
+        let heads = if name.ends_with("attn_q.weight") {
+            Some(self.hp.n_head)
+        } else if name.ends_with("attn_k.weight") {
+            Some(self.hp.n_head_kv)
+        } else {
+            None
+        };
+        if let Some(n_heads) = heads {
+            bytes = unpermute_rotary_rows(&bytes, n_heads, self.hp.head_dim, row_bytes);
+        }
+        Ok(Some((dtype, 32, bytes)))
+    }
 }
 
 /// Undo llama.cpp's q/k row permutation: GGUF row `h*hd + 2i + j` holds
 /// Hugging Face row `h*hd + j*hd/2 + i` (interleaved vs. rotate-half RoPE pairs).
-pub fn unpermute_rotary_rows(
-    w: &[f32],
+pub fn unpermute_rotary_rows<T: Copy + Default>(
+    w: &[T],
     n_heads: usize,
     head_dim: usize,
     n_cols: usize,
-) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
+) -> Vec<T> {
+    let mut out = vec![T::default(); w.len()];
     let half = head_dim / 2;
     for h in 0..n_heads {
         for i in 0..half {

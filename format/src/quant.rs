@@ -14,10 +14,14 @@
 //! * 2-bit: byte `j` (0..8) = `c[j] | c[j+8] << 2 | c[j+16] << 4 | c[j+24] << 6`;
 //! * 3-bit: the 2-bit layout of the low two bits (8 bytes), then a
 //!   little-endian u32 whose bit `j` is bit 2 of `c[j]` (4 bytes).
+//!
+//! `Q4GM` has the 4-bit code layout with a header of two f16 values, scale
+//! and minimum (weight = scale · code + min), so a GGUF `Q4_1` block is a
+//! `Q4GM` group of 32 byte for byte.
 
 use half::f16;
 
-use crate::dtype::{sub_block_bytes, GROUP_HEADER, SUB_BLOCK};
+use crate::dtype::{sub_block_bytes, DType, GROUP_HEADER, SUB_BLOCK};
 
 /// Pack one sub-block of ≤ 32 codes (padded with `pad`) into `out`.
 pub fn pack_sub_block(bits: u32, codes: &[u8], pad: u8, out: &mut Vec<u8>) {
@@ -87,7 +91,50 @@ pub fn pack_row(
     }
 }
 
-/// Decode one packed row into `out[cols]` (the scalar reference).
+/// Pack one `Q4GM` row: `codes[cols]` (0..=15), per-group `scales` and `mins`.
+pub fn pack_row_q4gm(
+    group_size: usize,
+    codes: &[u8],
+    scales: &[f32],
+    mins: &[f32],
+    out: &mut Vec<u8>,
+) {
+    for (g, chunk) in codes.chunks(group_size).enumerate() {
+        out.extend_from_slice(&f16::from_f32(scales[g]).to_le_bytes());
+        out.extend_from_slice(&f16::from_f32(mins[g]).to_le_bytes());
+        for sub in chunk.chunks(SUB_BLOCK) {
+            pack_sub_block(4, sub, 0, out);
+        }
+    }
+}
+
+/// Decode one packed row of any packed type into `out[cols]`.
+pub fn dequantize(dtype: DType, group_size: usize, row: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::Q4GM => dequantize_row_q4gm(group_size, row, out),
+        d => dequantize_row(d.quant_bits().expect("a packed type"), group_size, row, out),
+    }
+}
+
+/// Decode one `Q4GM` row into `out[cols]`.
+pub fn dequantize_row_q4gm(group_size: usize, row: &[u8], out: &mut [f32]) {
+    let mut p = 0;
+    let mut codes = [0u8; SUB_BLOCK];
+    for chunk in out.chunks_mut(group_size) {
+        let scale = f16::from_le_bytes([row[p], row[p + 1]]).to_f32();
+        let min = f16::from_le_bytes([row[p + 2], row[p + 3]]).to_f32();
+        p += GROUP_HEADER;
+        for sub in chunk.chunks_mut(SUB_BLOCK) {
+            unpack_sub_block(4, &row[p..p + 16], &mut codes);
+            p += 16;
+            for (o, &c) in sub.iter_mut().zip(&codes) {
+                *o = scale * f32::from(c) + min;
+            }
+        }
+    }
+}
+
+/// Decode one packed row (integer zero points) into `out[cols]` (the scalar reference).
 pub fn dequantize_row(bits: u32, group_size: usize, row: &[u8], out: &mut [f32]) {
     let sb = sub_block_bytes(bits);
     let mut p = 0;
@@ -147,6 +194,22 @@ mod tests {
                     assert_eq!(*v, want, "bits {bits} cols {cols} gs {gs} i {i}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn q4gm_round_trips_with_ragged_tail() {
+        let cols = 172;
+        let codes: Vec<u8> = (0..cols).map(|i| (i * 5 % 16) as u8).collect();
+        let (scales, mins) = ([0.5f32, 0.25], [-1.0f32, 2.0]);
+        let mut packed = Vec::new();
+        pack_row_q4gm(128, &codes, &scales, &mins, &mut packed);
+        assert_eq!(packed.len(), row_bytes(4, cols, 128));
+        let mut out = vec![0f32; cols];
+        dequantize(DType::Q4GM, 128, &packed, &mut out);
+        for (i, v) in out.iter().enumerate() {
+            let g = i / 128;
+            assert_eq!(*v, scales[g] * f32::from(codes[i]) + mins[g]);
         }
     }
 

@@ -401,3 +401,109 @@ fn gguf_mutation_test_100k_never_panics() {
     eprintln!("gguf mutation test: {ok} parsed, {err} rejected");
     assert!(err > 30_000 && ok + err == 100_000);
 }
+
+/// Decode transcoded bytes row by row with nibble's own decoder.
+fn decode_transcoded(
+    dtype: nibble_format::DType,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Vec<f32> {
+    let rb = nibble_format::dtype::row_bytes(dtype.quant_bits().unwrap(), cols, 32);
+    assert_eq!(bytes.len(), rows * rb, "{dtype} row layout");
+    let mut out = vec![0f32; rows * cols];
+    for (o, row) in out.chunks_exact_mut(cols).zip(bytes.chunks_exact(rb)) {
+        nibble_format::quant::dequantize(dtype, 32, row, o);
+    }
+    out
+}
+
+#[test]
+fn q4_0_q4_1_q8_0_blocks_transcode_losslessly() {
+    use nibble_format::gguf::{transcode_blocks, GgufTensor};
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut byte = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 24) as u8
+    };
+    let (rows, cols) = (3usize, 96usize);
+    for (ty, block, want) in [
+        (GgmlType::Q4_0, 18usize, nibble_format::DType::Q4G),
+        (GgmlType::Q4_1, 20, nibble_format::DType::Q4GM),
+        (GgmlType::Q8_0, 34, nibble_format::DType::Q8G),
+    ] {
+        let n_blocks = rows * cols / 32;
+        let mut data: Vec<u8> = (0..n_blocks * block).map(|_| byte()).collect();
+        for (i, b) in data.chunks_exact_mut(block).enumerate() {
+            // Finite scales (and minimums), negative ones and zero included.
+            let s = [0.0f32, -0.031, 0.5, 1e-3][i % 4];
+            b[..2].copy_from_slice(&half::f16::from_f32(s).to_le_bytes());
+            if ty == GgmlType::Q4_1 {
+                b[2..4].copy_from_slice(&half::f16::from_f32(-0.7 + i as f32 * 0.1).to_le_bytes());
+            }
+        }
+        let t = GgufTensor {
+            name: "w",
+            ggml_type: ty,
+            ne: vec![cols as u64, rows as u64],
+            data: &data,
+        };
+        let (dtype, bytes) = transcode_blocks(&t).unwrap();
+        assert_eq!(dtype, want);
+        let mut reference = vec![0f32; rows * cols];
+        dequantize(&t, &mut reference).unwrap();
+        let got = decode_transcoded(dtype, &bytes, rows, cols);
+        assert!(
+            reference
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{ty:?}: transcoded weights differ"
+        );
+    }
+    let f32_tensor = GgufTensor {
+        name: "w",
+        ggml_type: GgmlType::F32,
+        ne: vec![32, 1],
+        data: &[0; 128],
+    };
+    assert!(transcode_blocks(&f32_tensor).is_none());
+}
+
+/// The real SmolLM2 GGUF (Q4_1 linear weights, Q8_0 embedding): every block
+/// tensor decodes, after transcoding, to exactly the f32 values llama.cpp's
+/// dequantization gives.
+#[test]
+fn real_gguf_block_tensors_transcode_losslessly() {
+    use nibble_format::gguf::transcode_blocks;
+    let shared = std::env::var_os("NIBBLE_SHARED").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"),
+        std::path::PathBuf::from,
+    );
+    let path = shared.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let g = GgufFile::parse(&bytes).unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    for t in &g.tensors {
+        let Some((dtype, packed)) = transcode_blocks(t) else {
+            continue;
+        };
+        *seen.entry(dtype.name()).or_insert(0) += 1;
+        let (cols, rows) = (t.ne[0] as usize, t.ne[1] as usize);
+        let mut reference = vec![0f32; rows * cols];
+        dequantize(t, &mut reference).unwrap();
+        let got = decode_transcoded(dtype, &packed, rows, cols);
+        assert!(
+            reference
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{}: transcoded weights differ",
+            t.name
+        );
+    }
+    assert_eq!(seen.get("Q4GM"), Some(&210), "{seen:?}");
+    assert_eq!(seen.get("Q8G"), Some(&1), "{seen:?}");
+}

@@ -72,7 +72,14 @@ pub struct QuantizeOptions {
     /// Threads for the matrix products (the caller's rayon pool).
     pub threads: usize,
     pub calib: Option<CalibInfo>,
+    /// Store the token embedding and output head as RTN groups of 32 at
+    /// these bits (4 or 8) instead of F16. On small models they are a large
+    /// share of each token's bytes (SmolLM2: 49152 × 576 of ~135 M weights).
+    pub head_bits: Option<u32>,
 }
+
+/// Group size of a quantized embedding / output head.
+pub const HEAD_GROUP_SIZE: usize = 32;
 
 impl QuantizeOptions {
     pub fn rtn(bits: u32, group_size: Option<usize>, sym: bool) -> QuantizeOptions {
@@ -87,6 +94,7 @@ impl QuantizeOptions {
             damp: 0.01,
             threads: 1,
             calib: None,
+            head_bits: None,
         }
     }
 }
@@ -320,6 +328,15 @@ pub fn quantize_model<W: Write + Seek>(
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<(W, Vec<LayerReport>, Timings)> {
     let grid = Grid::new(opts.bits, opts.sym)?;
+    let head_grid = match opts.head_bits {
+        None => None,
+        Some(b @ (4 | 8)) => Some(Grid::new(b, false)?),
+        Some(b) => {
+            return Err(QuantError::Shape(format!(
+                "head bits {b}: the embedding / output head can be stored at 4 or 8 bits"
+            )))
+        }
+    };
     if let Some(g) = opts.group_size {
         if g == 0 || g % 32 != 0 {
             return Err(QuantError::BadGroupSize {
@@ -390,6 +407,9 @@ pub fn quantize_model<W: Write + Seek>(
         OwnedValue::U64(opts.group_size.unwrap_or(0) as u64),
     );
     meta.set(keys::QUANT_SYM, OwnedValue::Bool(opts.sym));
+    if let Some(b) = opts.head_bits {
+        meta.set(keys::QUANT_HEAD_BITS, OwnedValue::U64(b.into()));
+    }
     if opts.method == Method::Gptq {
         meta.set(keys::QUANT_ACT_ORDER, OwnedValue::Bool(opts.act_order));
         meta.set(
@@ -429,9 +449,27 @@ pub fn quantize_model<W: Write + Seek>(
         total: src.tensors.iter().filter(|t| is_linear(t.name)).count(),
     };
 
-    // Tensors that are not quantized: norms as they are, 2-D floats as F16.
+    // Tensors that are not quantized: norms as they are, 2-D floats as F16
+    // (or the embedding / head as RTN groups with `head_bits`).
     for t in &src.tensors {
         if is_linear(t.name) {
+            continue;
+        }
+        let is_head = matches!(t.name, "token_embd.weight" | "output.weight");
+        if let (true, Some(hg), [rows, cols]) = (is_head, head_grid, &t.shape[..]) {
+            let (rows, cols) = (*rows as usize, *cols as usize);
+            let v = tensor_f32(t)?;
+            let gs = HEAD_GROUP_SIZE.min(cols);
+            let gs = if nibble_format::dtype::valid_group_size(gs as u64, cols as u64) {
+                gs
+            } else {
+                cols
+            };
+            let q = rtn(&v, rows, cols, hg, Some(gs))?;
+            let packed = pack_layer(&q, hg.bits, gs, None);
+            let dtype = DType::from_quant_bits(hg.bits).expect("4 or 8");
+            ctx.writer
+                .add_tensor_q(t.name, dtype, gs as u32, &t.shape, &packed)?;
             continue;
         }
         if t.shape.len() == 2 && t.dtype == DType::F32 {

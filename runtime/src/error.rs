@@ -38,6 +38,8 @@ pub enum RuntimeError {
     InvalidParam(String),
     #[error("could not start the thread pool: {0}")]
     ThreadPool(#[from] rayon::ThreadPoolBuildError),
+    #[error("cannot start the worker threads: {0}")]
+    Threads(#[source] std::io::Error),
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -4,11 +4,129 @@
 //!
 //! Nothing here allocates: every buffer, the KV cache and the RoPE tables
 //! live in the run state, and the thread pool is created with the session.
+//!
+//! Packed weights multiply int8 activation blocks: each layer input is
+//! quantized once ([`LayerInput`]) and shared by the matrices that read it
+//! (q/k/v, gate/up), through the kernel table chosen at load.
 
 use rayon::prelude::*;
 
-use crate::kernels::{dot_bf16, dot_f16, dot_f32, dot_qg_f32};
+use crate::kernels::pool::SpinPool;
+use crate::kernels::{dot_f32, Kernels, Q8Buf, Q8Ref};
 use crate::model::{Model, Weight, WeightData};
+
+/// How the matrix-vector products of one token are spread over threads.
+#[derive(Clone, Copy)]
+pub enum Par<'a> {
+    /// On the calling thread.
+    Serial,
+    /// On a persistent spin/park pool (the default).
+    Spin(&'a SpinPool),
+    /// On the current rayon pool (for comparison: `nibble bench --pool rayon`).
+    Rayon,
+}
+
+impl Par<'_> {
+    fn threads(&self) -> usize {
+        match self {
+            Par::Serial => 1,
+            Par::Spin(p) => p.n_threads(),
+            Par::Rayon => rayon::current_num_threads(),
+        }
+    }
+
+    /// Run `f(first_row, out_rows)` over `out` split into row chunks.
+    fn rows(&self, out: &mut [f32], f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+        let t = self.threads();
+        if t <= 1 || out.len() < 64 {
+            return f(0, out);
+        }
+        let chunk = out.len().div_ceil(t * 8).max(16);
+        match self {
+            Par::Spin(p) => p.for_chunks_mut(out, chunk, f),
+            _ => out
+                .par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(c, o)| f(c * chunk, o)),
+        }
+    }
+}
+
+/// One layer input as the kernels need it: int8 blocks of the vector as
+/// given, and of the vector gathered through an act-order permutation.
+/// Quantized once per input and reused by every matrix that reads it;
+/// [`LayerInput::reset`] marks a new input.
+pub struct LayerInput {
+    /// `[max input width]` input gathered through a permutation.
+    xperm: Vec<f32>,
+    /// Which permutation (its offset in the image) `xperm` holds.
+    xperm_key: Option<usize>,
+    /// Int8 blocks of the input as given.
+    q8: Q8Buf,
+    q8_valid: bool,
+    /// Int8 blocks of the permuted input, and which permutation.
+    q8p: Q8Buf,
+    q8p_key: Option<usize>,
+}
+
+impl LayerInput {
+    pub fn new(max_in: usize) -> LayerInput {
+        LayerInput {
+            xperm: vec![0.0; max_in],
+            xperm_key: None,
+            q8: Q8Buf::new(max_in),
+            q8_valid: false,
+            q8p: Q8Buf::new(max_in),
+            q8p_key: None,
+        }
+    }
+
+    /// The input vector changed: forget what was derived from it.
+    pub fn reset(&mut self) {
+        self.xperm_key = None;
+        self.q8_valid = false;
+        self.q8p_key = None;
+    }
+
+    fn gather(&mut self, x: &[f32], perm: &[u32], key: usize) {
+        if self.xperm_key != Some(key) {
+            for (o, &p) in self.xperm[..x.len()].iter_mut().zip(perm) {
+                *o = x[p as usize];
+            }
+            self.xperm_key = Some(key);
+        }
+    }
+
+    fn permuted<'s>(&'s mut self, x: &'s [f32], perm: Option<(&[u32], usize)>) -> &'s [f32] {
+        match perm {
+            None => x,
+            Some((perm, key)) => {
+                self.gather(x, perm, key);
+                &self.xperm[..x.len()]
+            }
+        }
+    }
+
+    fn quantized(&mut self, k: &Kernels, x: &[f32], perm: Option<(&[u32], usize)>) -> Q8Ref<'_> {
+        match perm {
+            None => {
+                if !self.q8_valid {
+                    self.q8.quantize(k.quantize_q8, x);
+                    self.q8_valid = true;
+                }
+                self.q8.as_ref()
+            }
+            Some((perm, key)) => {
+                if self.q8p_key != Some(key) {
+                    self.gather(x, perm, key);
+                    self.q8p.quantize(k.quantize_q8, &self.xperm[..x.len()]);
+                    self.q8p_key = Some(key);
+                }
+                self.q8p.as_ref()
+            }
+        }
+    }
+}
 
 /// Every buffer a forward pass needs, sized once from the config and `n_ctx`.
 pub struct RunState {
@@ -31,8 +149,8 @@ pub struct RunState {
     pub hb2: Vec<f32>,
     /// `[n_vocab]` output logits.
     pub logits: Vec<f32>,
-    /// `[max input width]` input gathered through an act-order permutation.
-    xperm: Vec<f32>,
+    /// The current layer input, quantized / permuted once for its readers.
+    pub inp: LayerInput,
     /// `[n_layer, n_ctx, n_head_kv·head_dim]` keys (after RoPE).
     pub key_cache: Vec<f32>,
     /// `[n_layer, n_ctx, n_head_kv·head_dim]` values.
@@ -59,7 +177,7 @@ impl RunState {
             hb: vec![0.0; hp.n_ff],
             hb2: vec![0.0; hp.n_ff],
             logits: vec![0.0; hp.n_vocab],
-            xperm: vec![0.0; hp.n_embd.max(hp.n_ff).max(q_dim)],
+            inp: LayerInput::new(hp.n_embd.max(hp.n_ff).max(q_dim)),
             key_cache: vec![0.0; hp.n_layer * n_ctx * kv_dim],
             value_cache: vec![0.0; hp.n_layer * n_ctx * kv_dim],
             rope_cos,
@@ -78,33 +196,11 @@ impl RunState {
             + self.hb.len()
             + self.hb2.len()
             + self.logits.len()
-            + self.xperm.len()
+            + 3 * self.inp.xperm.len()
             + self.key_cache.len()
             + self.value_cache.len()
             + self.rope_cos.len()
             + self.rope_sin.len())
-    }
-}
-
-/// Dot product of row `r` of a weight with `x` (already permuted if the
-/// weight has an act-order permutation).
-fn row_dot(data: &WeightData<'_>, r: usize, cols: usize, x: &[f32]) -> f32 {
-    let span = r * cols..(r + 1) * cols;
-    match data {
-        WeightData::F32(d) => dot_f32(&d[span], x),
-        WeightData::F16(d) => dot_f16(&d[span], x),
-        WeightData::BF16(d) => dot_bf16(&d[span], x),
-        WeightData::Packed {
-            bits,
-            group_size,
-            row_bytes,
-            data,
-        } => dot_qg_f32(
-            *bits,
-            *group_size,
-            &data[r * row_bytes..(r + 1) * row_bytes],
-            x,
-        ),
     }
 }
 
@@ -122,55 +218,54 @@ pub fn decode_row(data: &WeightData<'_>, r: usize, cols: usize, out: &mut [f32])
                 *o = v.to_f32();
             }
         }
-        WeightData::Packed {
-            bits,
-            group_size,
-            row_bytes,
-            data,
-        } => nibble_format::quant::dequantize_row(
-            *bits,
-            *group_size,
-            &data[r * row_bytes..(r + 1) * row_bytes],
-            out,
-        ),
+        WeightData::Packed(p) => {
+            nibble_format::quant::dequantize(p.dtype(), p.group_size(), p.row(r), out)
+        }
     }
 }
 
-/// out = W · x for a `[rows, cols]` weight, rows split across the current
-/// rayon pool when `parallel` (no allocation either way). `xperm` is scratch
-/// for weights stored with an act-order permutation (gathered once here).
+/// out = W · x for a `[rows, cols]` weight, rows split over `par` (no
+/// allocation either way). `inp` holds `x`'s derived forms (int8 blocks,
+/// act-order gather), computed on first use after [`LayerInput::reset`].
 pub fn matvec(
     model: &Model,
     w: &Weight,
     x: &[f32],
     out: &mut [f32],
-    xperm: &mut [f32],
-    parallel: bool,
+    inp: &mut LayerInput,
+    par: Par<'_>,
 ) {
-    debug_assert_eq!(x.len(), w.cols);
-    debug_assert_eq!(out.len(), w.rows);
+    assert_eq!(x.len(), w.cols, "matvec: input width");
+    assert_eq!(out.len(), w.rows, "matvec: output height");
+    let k = model.kernels();
     let cols = w.cols;
-    let x: &[f32] = match model.perm(w) {
-        Some(perm) => {
-            let xp = &mut xperm[..cols];
-            for (o, &p) in xp.iter_mut().zip(perm) {
-                *o = x[p as usize];
-            }
-            xp
+    let perm = model.perm(w).map(|p| (p, w.perm_key()));
+    match model.data(w) {
+        WeightData::Packed(p) => {
+            let xq = inp.quantized(k, x, perm);
+            let f = k.matvec_qg(p.dtype());
+            par.rows(out, &|r0, o| f(p.slice(r0, o.len()), &xq, o));
         }
-        None => x,
-    };
-    let data = model.data(w);
-    if parallel && w.rows >= 64 {
-        let chunk = w.rows.div_ceil(rayon::current_num_threads() * 4).max(16);
-        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
-            for (i, v) in o.iter_mut().enumerate() {
-                *v = row_dot(&data, c * chunk + i, cols, x);
-            }
-        });
-    } else {
-        for (r, v) in out.iter_mut().enumerate() {
-            *v = row_dot(&data, r, cols, x);
+        WeightData::F32(d) => {
+            let x = inp.permuted(x, perm);
+            let f = k.matvec_f32;
+            par.rows(out, &|r0, o| {
+                f(&d[r0 * cols..(r0 + o.len()) * cols], cols, x, o)
+            });
+        }
+        WeightData::F16(d) => {
+            let x = inp.permuted(x, perm);
+            let f = k.matvec_f16;
+            par.rows(out, &|r0, o| {
+                f(&d[r0 * cols..(r0 + o.len()) * cols], cols, x, o)
+            });
+        }
+        WeightData::BF16(d) => {
+            let x = inp.permuted(x, perm);
+            let f = k.matvec_bf16;
+            par.rows(out, &|r0, o| {
+                f(&d[r0 * cols..(r0 + o.len()) * cols], cols, x, o)
+            });
         }
     }
 }
@@ -247,7 +342,7 @@ pub fn forward(
     token: u32,
     pos: usize,
     want_logits: bool,
-    parallel: bool,
+    par: Par<'_>,
 ) {
     let hp = &model.hparams;
     let (hd, n_head, n_kv) = (hp.head_dim, hp.n_head, hp.n_head_kv);
@@ -273,12 +368,13 @@ pub fn forward(
             model.vector(&lw.attn_norm),
             hp.rms_norm_eps,
         );
+        s.inp.reset();
         let cache_row = (l * n_ctx + pos) * kv_dim;
         let layer_base = l * n_ctx * kv_dim;
-        matvec(model, &lw.attn_q, &s.xb, &mut s.q, &mut s.xperm, parallel);
+        matvec(model, &lw.attn_q, &s.xb, &mut s.q, &mut s.inp, par);
         {
             let k = &mut s.key_cache[cache_row..cache_row + kv_dim];
-            matvec(model, &lw.attn_k, &s.xb, k, &mut s.xperm, parallel);
+            matvec(model, &lw.attn_k, &s.xb, k, &mut s.inp, par);
             rope(k, hd, cos, sin);
         }
         matvec(
@@ -286,8 +382,8 @@ pub fn forward(
             &lw.attn_v,
             &s.xb,
             &mut s.value_cache[cache_row..cache_row + kv_dim],
-            &mut s.xperm,
-            parallel,
+            &mut s.inp,
+            par,
         );
         rope(&mut s.q, hd, cos, sin);
 
@@ -318,40 +414,29 @@ pub fn forward(
                 }
             }
         }
+        s.inp.reset();
         matvec(
             model,
             &lw.attn_output,
             &s.att_out,
             &mut s.xb2,
-            &mut s.xperm,
-            parallel,
+            &mut s.inp,
+            par,
         );
         for (x, d) in s.x.iter_mut().zip(&s.xb2) {
             *x += d;
         }
 
         rmsnorm(&mut s.xb, &s.x, model.vector(&lw.ffn_norm), hp.rms_norm_eps);
-        matvec(
-            model,
-            &lw.ffn_gate,
-            &s.xb,
-            &mut s.hb,
-            &mut s.xperm,
-            parallel,
-        );
-        matvec(model, &lw.ffn_up, &s.xb, &mut s.hb2, &mut s.xperm, parallel);
+        s.inp.reset();
+        matvec(model, &lw.ffn_gate, &s.xb, &mut s.hb, &mut s.inp, par);
+        matvec(model, &lw.ffn_up, &s.xb, &mut s.hb2, &mut s.inp, par);
         for (g, &u) in s.hb.iter_mut().zip(&s.hb2) {
             let silu = *g / (1.0 + (-*g).exp());
             *g = silu * u;
         }
-        matvec(
-            model,
-            &lw.ffn_down,
-            &s.hb,
-            &mut s.xb2,
-            &mut s.xperm,
-            parallel,
-        );
+        s.inp.reset();
+        matvec(model, &lw.ffn_down, &s.hb, &mut s.xb2, &mut s.inp, par);
         for (x, d) in s.x.iter_mut().zip(&s.xb2) {
             *x += d;
         }
@@ -364,14 +449,8 @@ pub fn forward(
             model.vector(&model.output_norm),
             hp.rms_norm_eps,
         );
-        matvec(
-            model,
-            &model.output,
-            &s.xb,
-            &mut s.logits,
-            &mut s.xperm,
-            parallel,
-        );
+        s.inp.reset();
+        matvec(model, &model.output, &s.xb, &mut s.logits, &mut s.inp, par);
     }
 }
 
@@ -399,8 +478,16 @@ pub struct BatchState {
     hb2: Vec<f32>,
     /// `[n_batch, n_vocab]` logits of every row (only when requested).
     pub logits: Vec<f32>,
-    /// `[WEIGHT_TILE_ROWS, max(n_embd, n_ff, q_dim)]` f32 copy of a weight tile.
+    scratch: BatchScratch,
+}
+
+/// Scratch of [`linear_batch`].
+struct BatchScratch {
+    /// `[WEIGHT_TILE_ROWS + 1, max_in]`: a tile of decoded weight rows plus one row.
     wtile: Vec<f32>,
+    /// `[n_batch, max_in]`: activations rounded through int8 blocks.
+    xhat: Vec<f32>,
+    q8: Q8Buf,
 }
 
 impl BatchState {
@@ -419,8 +506,11 @@ impl BatchState {
             hb: vec![0.0; n_batch * hp.n_ff],
             hb2: vec![0.0; n_batch * hp.n_ff],
             logits: Vec::new(),
-            // A tile of decoded rows plus one row of scratch.
-            wtile: vec![0.0; (WEIGHT_TILE_ROWS + 1) * max_in],
+            scratch: BatchScratch {
+                wtile: vec![0.0; (WEIGHT_TILE_ROWS + 1) * max_in],
+                xhat: vec![0.0; n_batch * max_in],
+                q8: Q8Buf::new(max_in),
+            },
         }
     }
 }
@@ -428,7 +518,10 @@ impl BatchState {
 use crate::kernels::{matmul, MatMut, MatRef};
 
 /// `out[i, :] = W · x[i, :]` for `b` rows; `out` rows are `out_rs` apart.
-/// F16/BF16 weights are converted tile by tile into `wtile` and fed to gemm.
+/// Non-F32 weights are decoded tile by tile to f32 and fed to gemm. Packed
+/// weights see the activations rounded through the same int8 blocks as the
+/// one-token kernels (in stored column order), so that both paths compute
+/// the same Ŵ·x̂ and differ only by float reassociation.
 #[allow(clippy::too_many_arguments)]
 fn linear_batch(
     model: &Model,
@@ -437,10 +530,41 @@ fn linear_batch(
     b: usize,
     out: &mut [f32],
     out_rs: usize,
-    wtile: &mut [f32],
+    scratch: &mut BatchScratch,
     threads: usize,
 ) {
     let (rows, cols) = (w.rows, w.cols);
+    let data = model.data(w);
+    let perm = model.perm(w);
+    let BatchScratch { wtile, xhat, q8 } = scratch;
+    let x: &[f32] = if let WeightData::Packed(_) = data {
+        let quantize = model.kernels().quantize_q8;
+        let (tmp, tmp2) = wtile.split_at_mut(cols);
+        for i in 0..b {
+            let row = &x[i * cols..(i + 1) * cols];
+            let dst = &mut xhat[i * cols..(i + 1) * cols];
+            match perm {
+                None => {
+                    q8.quantize(quantize, row);
+                    q8.as_ref().dequantize_into(dst);
+                }
+                Some(perm) => {
+                    let (g, back) = (&mut tmp[..cols], &mut tmp2[..cols]);
+                    for (o, &p) in g.iter_mut().zip(perm) {
+                        *o = row[p as usize];
+                    }
+                    q8.quantize(quantize, g);
+                    q8.as_ref().dequantize_into(back);
+                    for (&p, &v) in perm.iter().zip(back.iter()) {
+                        dst[p as usize] = v;
+                    }
+                }
+            }
+        }
+        &xhat[..b * cols]
+    } else {
+        x
+    };
     let lhs = MatRef {
         data: x,
         rows: b,
@@ -470,8 +594,6 @@ fn linear_batch(
             threads,
         );
     };
-    let data = model.data(w);
-    let perm = model.perm(w);
     if let (WeightData::F32(d), None) = (&data, perm) {
         return emit(0, rows, d, out);
     }
@@ -480,11 +602,19 @@ fn linear_batch(
     for r0 in (0..rows).step_by(WEIGHT_TILE_ROWS) {
         let n = WEIGHT_TILE_ROWS.min(rows - r0);
         let (tile, rowbuf) = wtile.split_at_mut(WEIGHT_TILE_ROWS * cols);
-        for r in 0..n {
-            let dst = &mut tile[r * cols..(r + 1) * cols];
-            match perm {
-                None => decode_row(&data, r0 + r, cols, dst),
-                Some(perm) => {
+        match perm {
+            None if threads > 1 => tile[..n * cols]
+                .par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(r, dst)| decode_row(&data, r0 + r, cols, dst)),
+            None => {
+                for (r, dst) in tile[..n * cols].chunks_exact_mut(cols).enumerate() {
+                    decode_row(&data, r0 + r, cols, dst);
+                }
+            }
+            Some(perm) => {
+                for r in 0..n {
+                    let dst = &mut tile[r * cols..(r + 1) * cols];
                     let tmp = &mut rowbuf[..cols];
                     decode_row(&data, r0 + r, cols, tmp);
                     for (&p, &v) in perm.iter().zip(tmp.iter()) {
@@ -540,7 +670,7 @@ pub fn forward_batch(
             b,
             &mut bs.q,
             q_dim,
-            &mut bs.wtile,
+            &mut bs.scratch,
             threads,
         );
         linear_batch(
@@ -550,7 +680,7 @@ pub fn forward_batch(
             b,
             &mut s.key_cache[rows.clone()],
             kv_dim,
-            &mut bs.wtile,
+            &mut bs.scratch,
             threads,
         );
         linear_batch(
@@ -560,7 +690,7 @@ pub fn forward_batch(
             b,
             &mut s.value_cache[rows.clone()],
             kv_dim,
-            &mut bs.wtile,
+            &mut bs.scratch,
             threads,
         );
         for i in 0..b {
@@ -647,7 +777,7 @@ pub fn forward_batch(
             b,
             &mut bs.xb2,
             e,
-            &mut bs.wtile,
+            &mut bs.scratch,
             threads,
         );
         for (x, d) in bs.x[..b * e].iter_mut().zip(&bs.xb2) {
@@ -671,7 +801,7 @@ pub fn forward_batch(
             b,
             &mut bs.hb,
             n_ff,
-            &mut bs.wtile,
+            &mut bs.scratch,
             threads,
         );
         linear_batch(
@@ -681,7 +811,7 @@ pub fn forward_batch(
             b,
             &mut bs.hb2,
             n_ff,
-            &mut bs.wtile,
+            &mut bs.scratch,
             threads,
         );
         for (g, &u) in bs.hb[..b * n_ff].iter_mut().zip(&bs.hb2) {
@@ -694,7 +824,7 @@ pub fn forward_batch(
             b,
             &mut bs.xb2,
             e,
-            &mut bs.wtile,
+            &mut bs.scratch,
             threads,
         );
         for (x, d) in bs.x[..b * e].iter_mut().zip(&bs.xb2) {
@@ -708,14 +838,9 @@ pub fn forward_batch(
         Some(false) => {
             let last = &bs.x[(b - 1) * e..b * e];
             rmsnorm(&mut s.xb, last, norm, hp.rms_norm_eps);
-            matvec(
-                model,
-                &model.output,
-                &s.xb,
-                &mut s.logits,
-                &mut s.xperm,
-                threads > 1,
-            );
+            s.inp.reset();
+            let par = if threads > 1 { Par::Rayon } else { Par::Serial };
+            matvec(model, &model.output, &s.xb, &mut s.logits, &mut s.inp, par);
         }
         Some(true) => {
             for i in 0..b {
@@ -737,7 +862,7 @@ pub fn forward_batch(
                 b,
                 &mut bs.logits,
                 n_vocab,
-                &mut bs.wtile,
+                &mut bs.scratch,
                 threads,
             );
         }

@@ -2,11 +2,13 @@
 //!
 //! * [`Model`] maps the file and records where every weight lives; weights
 //!   are used in place: F16/BF16 converted inside the dot products, packed
-//!   integer groups (Q2G/Q3G/Q4G/Q8G) decoded inside the scalar reference
-//!   dequant-dot kernel, act-order permutations applied once per input.
+//!   integer groups (Q2G/Q3G/Q4G/Q8G/Q4GM) multiplied by int8 activation
+//!   blocks in integer arithmetic, act-order permutations applied once per
+//!   input. The kernels (scalar, AVX2, AVX-512 VNNI, NEON) are picked once at
+//!   load ([`kernels::Kernels`], `NIBBLE_ISA`).
 //! * Prompts run as matrix-matrix products through `gemm`
-//!   ([`forward::forward_batch`]); single tokens as threaded matrix-vector
-//!   products ([`forward::forward`]).
+//!   ([`forward::forward_batch`]); single tokens as matrix-vector products
+//!   split by rows over a persistent spin/park pool ([`forward::forward`]).
 //! * [`Session`] owns a run state sized once from the config (KV cache
 //!   included): evaluating or decoding a token allocates nothing.
 //! * [`Sampler`] implements greedy, temperature, top-k, top-p, min-p and a
@@ -23,5 +25,5 @@ pub mod tokenizer;
 pub use error::{Result, RuntimeError};
 pub use model::Model;
 pub use sampler::{argmax, Sampler, SamplerParams};
-pub use session::{GenerateParams, GenerationStats, Session, SessionParams, StopReason};
+pub use session::{GenerateParams, GenerationStats, PoolKind, Session, SessionParams, StopReason};
 pub use tokenizer::{render_chat, ChatMessage, TextStream, Tokenizer};

@@ -12,6 +12,7 @@ use nibble_format::import::{open_any, ImportOptions, Progress};
 use nibble_format::{keys, DType, HParams, NibFile, TensorInfo};
 
 use crate::error::{Result, RuntimeError};
+use crate::kernels::{Kernels, PackedRows};
 use crate::tokenizer::Tokenizer;
 
 /// Location and type of one weight matrix (or vector) inside the image.
@@ -38,6 +39,11 @@ impl Weight {
     pub fn has_perm(&self) -> bool {
         self.perm.is_some()
     }
+    /// Identifies the permutation (its offset in the image): weights that
+    /// share an input and a permutation share its gathered input.
+    pub fn perm_key(&self) -> usize {
+        self.perm.map_or(usize::MAX, |(off, _)| off)
+    }
 }
 
 /// Typed, zero-copy rows of a weight: `rows × cols`, row-major.
@@ -45,13 +51,8 @@ pub enum WeightData<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
-    /// Packed integer groups (`format::quant` layout), `row_bytes` per row.
-    Packed {
-        bits: u32,
-        group_size: usize,
-        row_bytes: usize,
-        data: &'a [u8],
-    },
+    /// Packed integer groups (`format::quant` layout), validated rows.
+    Packed(PackedRows<'a>),
 }
 
 /// Weights of one decoder block. Shapes are `[rows, cols]` = `[out, in]`.
@@ -97,6 +98,8 @@ pub struct Model {
     pub chat_template: Option<String>,
     pub bos_id: Option<u32>,
     pub eos_ids: Vec<u32>,
+    /// The kernels chosen at load (CPU features or `NIBBLE_ISA`).
+    kernels: &'static Kernels,
 }
 
 impl Model {
@@ -106,6 +109,7 @@ impl Model {
         let opts = ImportOptions {
             dtype: DType::F32,
             hash_source: false,
+            keep_gguf_blocks: false,
         };
         Self::load_with(path, &opts, &mut |_, _, _| {})
     }
@@ -262,6 +266,7 @@ impl Model {
             .map(to_id)
             .collect::<Result<Vec<u32>>>()?;
         drop(view);
+        let kernels = Kernels::from_env().map_err(RuntimeError::InvalidParam)?;
         Ok(Model {
             file,
             name,
@@ -275,7 +280,18 @@ impl Model {
             chat_template,
             bos_id,
             eos_ids,
+            kernels,
         })
+    }
+
+    /// The kernel table this model runs with.
+    pub fn kernels(&self) -> &'static Kernels {
+        self.kernels
+    }
+
+    /// Use another kernel table (benchmarks and tests compare paths).
+    pub fn set_kernels(&mut self, kernels: &'static Kernels) {
+        self.kernels = kernels;
     }
 
     /// Display name (the path it was loaded from).
@@ -316,12 +332,10 @@ impl Model {
             DType::F32 => WeightData::F32(bytemuck::cast_slice(bytes)),
             DType::F16 => WeightData::F16(bytemuck::cast_slice(bytes)),
             DType::BF16 => WeightData::BF16(bytemuck::cast_slice(bytes)),
-            DType::Q2G | DType::Q3G | DType::Q4G | DType::Q8G => WeightData::Packed {
-                bits: w.dtype.quant_bits().expect("packed type"),
-                group_size: w.group_size,
-                row_bytes: w.nbytes / w.rows,
-                data: bytes,
-            },
+            DType::Q2G | DType::Q3G | DType::Q4G | DType::Q8G | DType::Q4GM => WeightData::Packed(
+                PackedRows::new(w.dtype, bytes, w.rows, w.cols, w.group_size)
+                    .expect("packed sizes are checked at load"),
+            ),
             DType::U32 => unreachable!("rejected at load"),
         }
     }

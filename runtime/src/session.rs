@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use crate::error::{Result, RuntimeError};
-use crate::forward::{forward, forward_batch, BatchState, RunState};
+use crate::forward::{forward, forward_batch, BatchState, Par, RunState};
+use crate::kernels::pool::SpinPool;
 use crate::model::Model;
 use crate::sampler::Sampler;
 use crate::tokenizer::TextStream;
@@ -18,6 +19,20 @@ pub struct SessionParams {
     pub n_threads: usize,
     /// Prompt tokens evaluated together as matrix-matrix products (≥ 1).
     pub n_batch: usize,
+    /// Thread pool of the per-token products (prompts always use rayon,
+    /// through `gemm`).
+    pub pool: PoolKind,
+}
+
+/// Which thread pool runs the per-token matrix-vector products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PoolKind {
+    /// A persistent spin/park pool ([`SpinPool`]): no allocation, no wake-up
+    /// latency between the products of one token.
+    #[default]
+    Spin,
+    /// rayon's work-stealing pool (kept to measure against).
+    Rayon,
 }
 
 impl Default for SessionParams {
@@ -26,6 +41,7 @@ impl Default for SessionParams {
             n_ctx: 0,
             n_threads: 0,
             n_batch: 128,
+            pool: PoolKind::Spin,
         }
     }
 }
@@ -74,6 +90,8 @@ pub struct Session {
     /// Tokens currently in the KV cache, in order (capacity n_ctx).
     tokens: Vec<u32>,
     pool: Option<rayon::ThreadPool>,
+    /// The decode pool when `PoolKind::Spin` and more than one thread.
+    spin: Option<SpinPool>,
     n_threads: usize,
     n_batch: usize,
     /// Buffers of the batched prompt path, created on first use.
@@ -111,12 +129,18 @@ impl Session {
                 "n_batch must be at least 1".into(),
             ));
         }
+        let spin = if n_threads > 1 && params.pool == PoolKind::Spin {
+            Some(SpinPool::new(n_threads).map_err(RuntimeError::Threads)?)
+        } else {
+            None
+        };
         let state = RunState::new(&model, n_ctx);
         Ok(Session {
             model,
             state,
             tokens: Vec::with_capacity(n_ctx),
             pool,
+            spin,
             n_threads,
             n_batch: params.n_batch.min(n_ctx),
             batch: None,
@@ -174,9 +198,12 @@ impl Session {
     fn step(&mut self, token: u32, want_logits: bool) {
         let pos = self.tokens.len();
         let (model, state) = (&*self.model, &mut self.state);
-        match &self.pool {
-            Some(pool) => pool.install(|| forward(model, state, token, pos, want_logits, true)),
-            None => forward(model, state, token, pos, want_logits, false),
+        match (&self.spin, &self.pool) {
+            (Some(spin), _) => forward(model, state, token, pos, want_logits, Par::Spin(spin)),
+            (None, Some(pool)) => {
+                pool.install(|| forward(model, state, token, pos, want_logits, Par::Rayon))
+            }
+            (None, None) => forward(model, state, token, pos, want_logits, Par::Serial),
         }
         self.tokens.push(token);
     }

@@ -64,6 +64,65 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     num / den
 }
 
+/// The batched and one-token paths of a model with packed weights compute the
+/// same Ŵ·x̂ (activations rounded through the same int8 blocks), in a
+/// different float order. A last-bit difference can move an activation
+/// across an int8 rounding boundary; that changes the position by about one
+/// activation step and, through its K/V entries, every later position. So:
+/// the first positions agree to float reassociation (a wrong kernel fails
+/// there), none differs by more than activation rounding allows, and the
+/// mean log-likelihood of `ids` is the same to 1 %.
+pub fn assert_packed_paths_agree(a: &[f32], b: &[f32], ids: &[u32], n_vocab: usize, what: &str) {
+    /// Per-position error of float reassociation alone.
+    const TOL_REASSOC: f64 = 1e-4;
+    /// The most int8 rounding flips may move a position's logits (normwise).
+    const TOL_FLIP: f64 = 6e-2;
+    let errs: Vec<f64> = a
+        .chunks(n_vocab)
+        .zip(b.chunks(n_vocab))
+        .map(|(x, y)| rel_err(x, y))
+        .collect();
+    let first_off = errs
+        .iter()
+        .position(|&e| e > TOL_REASSOC)
+        .unwrap_or(errs.len());
+    let worst = errs.iter().fold(0f64, |m, &e| m.max(e));
+    let (na, nb) = (mean_nll_of(a, ids, n_vocab), mean_nll_of(b, ids, n_vocab));
+    eprintln!(
+        "{what}: the first {first_off} of {} positions agree to {TOL_REASSOC:e}, worst {worst:.2e}, nll {na:.4} vs {nb:.4}",
+        errs.len()
+    );
+    assert!(
+        first_off >= 4.min(errs.len()),
+        "{what}: paths differ from position {first_off}: {errs:?}"
+    );
+    assert!(
+        worst < TOL_FLIP,
+        "{what}: worst position differs by {worst:.2e}"
+    );
+    assert!(
+        (na - nb).abs() < 0.01 * nb.abs().max(1.0),
+        "{what}: nll {na} vs {nb}"
+    );
+}
+
+/// Mean negative log-likelihood of `ids[1..]` from logits `[len, n_vocab]`.
+pub fn mean_nll_of(logits: &[f32], ids: &[u32], n_vocab: usize) -> f64 {
+    let mut nll = 0f64;
+    for i in 0..ids.len() - 1 {
+        let row = &logits[i * n_vocab..(i + 1) * n_vocab];
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let lse = f64::from(max)
+            + row
+                .iter()
+                .map(|&v| f64::from(v - max).exp())
+                .sum::<f64>()
+                .ln();
+        nll += lse - f64::from(row[ids[i + 1] as usize]);
+    }
+    nll / (ids.len() - 1) as f64
+}
+
 pub fn session(model: &Arc<Model>, n_ctx: usize, threads: usize) -> Session {
     Session::new(
         Arc::clone(model),
@@ -95,6 +154,7 @@ pub fn forward_logits_batched(
             n_ctx: ids.len().max(8),
             n_threads: threads,
             n_batch,
+            ..Default::default()
         },
     )
     .expect("session");
@@ -172,6 +232,7 @@ pub fn import_f32(path: &std::path::Path) -> nibble::format::NibFile {
         &nibble::format::import::ImportOptions {
             dtype: nibble::format::DType::F32,
             hash_source: false,
+            keep_gguf_blocks: false,
         },
         &mut |_, _, _| {},
     )

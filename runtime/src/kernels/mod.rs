@@ -1,0 +1,278 @@
+//! Compute kernels and the table that picks them once per process.
+//!
+//! Decoding a token streams every weight once, so the matrix-vector products
+//! decide generation speed. Each kernel exists as a portable scalar
+//! reference and, where it pays, as AVX2, AVX-512 (VNNI) and NEON versions
+//! with the same signature in the same module ([`float`], [`q8`], [`qg`]).
+//! [`Kernels`] is a table of function pointers for one instruction set,
+//! chosen at model load from the CPU's features ([`Isa::detect`]) or forced
+//! with `NIBBLE_ISA=scalar|avx2|avx512|neon`, so tests and benchmarks can
+//! run every path side by side. A table for an instruction set the CPU lacks
+//! cannot be obtained ([`Kernels::for_isa`] returns `None`): that is what
+//! makes calling the `#[target_feature]` code behind the safe wrappers sound.
+
+pub mod float;
+mod gemm;
+pub mod pool;
+pub mod q8;
+pub mod qg;
+
+use std::sync::OnceLock;
+
+use half::f16;
+use nibble_format::DType;
+
+pub use float::{dot_bf16, dot_f16, dot_f32, FloatMatvecFn};
+pub use gemm::{matmul, matmul_f64, MatF64, MatMut, MatRef};
+pub use q8::{Q8Buf, Q8Ref, QuantizeQ8Fn};
+pub use qg::{dot_qg_f32, PackedRows, QgMatvecFn};
+
+/// Elements per packed sub-block and per activation block.
+pub use nibble_format::dtype::SUB_BLOCK;
+
+/// An instruction set with its own kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable Rust; the reference for every other path.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL/DQ + VNNI (`vpdpbusd`), on top of AVX2.
+    Avx512,
+    /// aarch64 Advanced SIMD.
+    Neon,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Isa> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// Whether this CPU can run the instruction set.
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.is_available()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512dq")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Every instruction set this CPU can run, scalar first.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.is_available()).collect()
+    }
+
+    /// The fastest available instruction set.
+    pub fn detect() -> Isa {
+        [Isa::Avx512, Isa::Avx2, Isa::Neon]
+            .into_iter()
+            .find(|i| i.is_available())
+            .unwrap_or(Isa::Scalar)
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The kernels of one instruction set.
+#[derive(Debug)]
+pub struct Kernels {
+    pub isa: Isa,
+    /// f32 → int8 activation blocks.
+    pub quantize_q8: QuantizeQ8Fn,
+    /// Packed groups × int8 activations, by type: Q2G, Q3G, Q4G, Q8G, Q4GM.
+    qg: [QgMatvecFn; 5],
+    pub matvec_f32: FloatMatvecFn<f32>,
+    pub matvec_f16: FloatMatvecFn<f16>,
+    pub matvec_bf16: FloatMatvecFn<half::bf16>,
+}
+
+static SCALAR: Kernels = Kernels {
+    isa: Isa::Scalar,
+    quantize_q8: q8::quantize_q8_scalar,
+    qg: [
+        qg::vec_dot_q2g_q8_scalar,
+        qg::vec_dot_q3g_q8_scalar,
+        qg::vec_dot_q4g_q8_scalar,
+        qg::vec_dot_q8g_q8_scalar,
+        qg::vec_dot_q4gm_q8_scalar,
+    ],
+    matvec_f32: float::matvec_f32_scalar,
+    matvec_f16: float::matvec_f16_scalar,
+    matvec_bf16: float::matvec_bf16_scalar,
+};
+
+#[cfg(target_arch = "x86_64")]
+static AVX2: Kernels = Kernels {
+    isa: Isa::Avx2,
+    quantize_q8: q8::avx2::quantize_q8_avx2,
+    qg: [
+        qg::x86::vec_dot_q2g_q8_avx2,
+        qg::x86::vec_dot_q3g_q8_avx2,
+        qg::x86::vec_dot_q4g_q8_avx2,
+        qg::x86::vec_dot_q8g_q8_avx2,
+        qg::x86::vec_dot_q4gm_q8_avx2,
+    ],
+    matvec_f32: float::avx2::matvec_f32_avx2,
+    matvec_f16: float::avx2::matvec_f16_avx2,
+    matvec_bf16: float::matvec_bf16_scalar,
+};
+
+#[cfg(target_arch = "x86_64")]
+static AVX512: Kernels = Kernels {
+    isa: Isa::Avx512,
+    quantize_q8: q8::avx2::quantize_q8_avx2,
+    qg: [
+        qg::x86::vec_dot_q2g_q8_avx512,
+        qg::x86::vec_dot_q3g_q8_avx512,
+        qg::x86::vec_dot_q4g_q8_avx512,
+        qg::x86::vec_dot_q8g_q8_avx512,
+        qg::x86::vec_dot_q4gm_q8_avx512,
+    ],
+    matvec_f32: float::avx2::matvec_f32_avx2,
+    matvec_f16: float::avx2::matvec_f16_avx2,
+    matvec_bf16: float::matvec_bf16_scalar,
+};
+
+#[cfg(target_arch = "aarch64")]
+static NEON: Kernels = Kernels {
+    isa: Isa::Neon,
+    quantize_q8: q8::neon::quantize_q8_neon,
+    qg: [
+        qg::neon::vec_dot_q2g_q8_neon,
+        qg::neon::vec_dot_q3g_q8_neon,
+        qg::neon::vec_dot_q4g_q8_neon,
+        qg::neon::vec_dot_q8g_q8_neon,
+        qg::neon::vec_dot_q4gm_q8_neon,
+    ],
+    matvec_f32: float::neon::matvec_f32_neon,
+    matvec_f16: float::matvec_f16_scalar,
+    matvec_bf16: float::matvec_bf16_scalar,
+};
+
+impl Kernels {
+    /// The table of `isa`, or `None` when this CPU cannot run it.
+    pub fn for_isa(isa: Isa) -> Option<&'static Kernels> {
+        if !isa.is_available() {
+            return None;
+        }
+        match isa {
+            Isa::Scalar => Some(&SCALAR),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Some(&AVX2),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Some(&AVX512),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => Some(&NEON),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The table named by `NIBBLE_ISA`, else the best for this CPU; decided
+    /// once per process. An unknown or unavailable `NIBBLE_ISA` is an error.
+    pub fn from_env() -> Result<&'static Kernels, String> {
+        static CHOICE: OnceLock<Result<&'static Kernels, String>> = OnceLock::new();
+        CHOICE
+            .get_or_init(|| match std::env::var("NIBBLE_ISA") {
+                Ok(v) if !v.trim().is_empty() => Self::named(&v),
+                _ => Ok(Self::for_isa(Isa::detect()).expect("detected ISA is available")),
+            })
+            .clone()
+    }
+
+    /// The table for an instruction-set name (`scalar`, `avx2`, `avx512`, `neon`).
+    pub fn named(name: &str) -> Result<&'static Kernels, String> {
+        let isa = Isa::parse(name).ok_or_else(|| {
+            format!("NIBBLE_ISA={name:?} is not one of scalar, avx2, avx512, neon")
+        })?;
+        Self::for_isa(isa).ok_or_else(|| {
+            let have: Vec<&str> = Isa::available().iter().map(|i| i.name()).collect();
+            format!(
+                "NIBBLE_ISA={name}: this CPU cannot run {isa} (available: {})",
+                have.join(", ")
+            )
+        })
+    }
+
+    /// The packed-group kernel for a packed `dtype`.
+    pub fn matvec_qg(&self, dtype: DType) -> QgMatvecFn {
+        self.qg[match dtype {
+            DType::Q2G => 0,
+            DType::Q3G => 1,
+            DType::Q4G => 2,
+            DType::Q8G => 3,
+            DType::Q4GM => 4,
+            other => panic!("{other} is not a packed group type"),
+        }]
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// A seeded uniform value in [-1, 1).
+    pub fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scalar_is_always_available_and_names_round_trip() {
+        assert!(Kernels::for_isa(Isa::Scalar).is_some());
+        for isa in Isa::ALL {
+            assert_eq!(Isa::parse(isa.name()), Some(isa));
+            assert_eq!(Kernels::for_isa(isa).is_some(), isa.is_available());
+        }
+        assert!(Kernels::named("sse9").unwrap_err().contains("not one of"));
+        assert!(Isa::available().contains(&Isa::detect()));
+    }
+
+    #[test]
+    fn unavailable_isa_is_refused_with_the_list_of_available_ones() {
+        let missing = Isa::ALL.into_iter().find(|i| !i.is_available());
+        if let Some(isa) = missing {
+            let e = Kernels::named(isa.name()).unwrap_err();
+            assert!(e.contains("cannot run") && e.contains("scalar"), "{e}");
+        }
+    }
+}

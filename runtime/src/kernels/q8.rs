@@ -1,0 +1,291 @@
+//! Activations quantized to int8 blocks of 32, once per layer input.
+//!
+//! Packed-weight dot products run in integer arithmetic: each input vector
+//! `x` is turned into blocks of 32 signed bytes `q` with one f32 scale `d`
+//! (x ≈ d·q, d = max|x| / 127), so that a sub-block of 32 weight codes `c`
+//! contributes `d · Σ c·q` — one `maddubs`/`vpdpbusd`/`sdot` chain. Zero
+//! points and minimums need `Σ q` per block, kept premultiplied as
+//! `ds = d · Σ q`. A vector of `n` values has `⌈n/32⌉` blocks; the padding of
+//! the last block is 0, so it contributes nothing whatever the codes there.
+//!
+//! Rounding is to nearest, ties to even, in every implementation (the x86
+//! `cvtps2dq` and NEON `fcvtns` default), so all of them produce identical
+//! bytes and scales.
+
+use crate::kernels::SUB_BLOCK;
+
+/// `quantize(x, qs, d, ds)`: `qs.len() == 32·⌈x.len()/32⌉`, `d`/`ds` one per block.
+pub type QuantizeQ8Fn = fn(x: &[f32], qs: &mut [i8], d: &mut [f32], ds: &mut [f32]);
+
+/// An owned quantized activation vector, sized once for the widest input.
+#[derive(Clone, Debug, Default)]
+pub struct Q8Buf {
+    /// `[n_blocks·32]` codes.
+    qs: Vec<i8>,
+    /// `[n_blocks]` scales.
+    d: Vec<f32>,
+    /// `[n_blocks]` `d · Σ q`.
+    ds: Vec<f32>,
+    /// Values held (the last `quantize` input length).
+    len: usize,
+}
+
+/// A borrowed quantized activation vector of `len` values.
+#[derive(Clone, Copy, Debug)]
+pub struct Q8Ref<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub ds: &'a [f32],
+    pub len: usize,
+}
+
+impl Q8Ref<'_> {
+    /// The values the blocks stand for, `q · d`, into `out[len]`.
+    pub fn dequantize_into(&self, out: &mut [f32]) {
+        assert_eq!(out.len(), self.len, "Q8Ref::dequantize_into: length");
+        for (o, (q, d)) in out
+            .chunks_mut(SUB_BLOCK)
+            .zip(self.qs.chunks_exact(SUB_BLOCK).zip(self.d))
+        {
+            for (v, &qi) in o.iter_mut().zip(q) {
+                *v = f32::from(qi) * d;
+            }
+        }
+    }
+}
+
+impl Q8Buf {
+    /// Room for vectors of up to `max_len` values.
+    pub fn new(max_len: usize) -> Q8Buf {
+        let nb = max_len.div_ceil(SUB_BLOCK);
+        Q8Buf {
+            qs: vec![0; nb * SUB_BLOCK],
+            d: vec![0.0; nb],
+            ds: vec![0.0; nb],
+            len: 0,
+        }
+    }
+
+    /// Quantize `x` (at most the capacity) with `quantize`; allocates nothing.
+    pub fn quantize(&mut self, quantize: QuantizeQ8Fn, x: &[f32]) {
+        let nb = x.len().div_ceil(SUB_BLOCK);
+        assert!(nb <= self.d.len(), "Q8Buf: input longer than its capacity");
+        quantize(
+            x,
+            &mut self.qs[..nb * SUB_BLOCK],
+            &mut self.d[..nb],
+            &mut self.ds[..nb],
+        );
+        self.len = x.len();
+    }
+
+    pub fn as_ref(&self) -> Q8Ref<'_> {
+        let nb = self.len.div_ceil(SUB_BLOCK);
+        Q8Ref {
+            qs: &self.qs[..nb * SUB_BLOCK],
+            d: &self.d[..nb],
+            ds: &self.ds[..nb],
+            len: self.len,
+        }
+    }
+}
+
+fn check(x: &[f32], qs: &[i8], d: &[f32], ds: &[f32]) {
+    let nb = x.len().div_ceil(SUB_BLOCK);
+    assert!(
+        qs.len() == nb * SUB_BLOCK && d.len() == nb && ds.len() == nb,
+        "quantize_q8: output sizes do not match {} inputs",
+        x.len()
+    );
+}
+
+/// Scalar reference of one block of ≤ 32 values (used by the SIMD tails).
+fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (i, q) in qs.iter_mut().enumerate() {
+        let v = x.get(i).map_or(0, |&v| (v * id).round_ties_even() as i32);
+        *q = v as i8;
+        sum += v;
+    }
+    (d, d * sum as f32)
+}
+
+/// Scalar reference.
+pub fn quantize_q8_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], ds: &mut [f32]) {
+    check(x, qs, d, ds);
+    for (b, (xs, q)) in x
+        .chunks(SUB_BLOCK)
+        .zip(qs.chunks_exact_mut(SUB_BLOCK))
+        .enumerate()
+    {
+        (d[b], ds[b]) = quantize_block(xs, q);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// AVX2: full blocks in vectors, the ragged last block by the reference.
+    /// Only reachable through a kernel table built after AVX2 was detected.
+    pub fn quantize_q8_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], ds: &mut [f32]) {
+        check(x, qs, d, ds);
+        let full = x.len() / SUB_BLOCK;
+        for b in 0..full {
+            let xs = &x[b * SUB_BLOCK..(b + 1) * SUB_BLOCK];
+            let q = &mut qs[b * SUB_BLOCK..(b + 1) * SUB_BLOCK];
+            // SAFETY: AVX2 was detected (see above); both slices hold 32.
+            (d[b], ds[b]) = unsafe { block_avx2(xs, q) };
+        }
+        if full < d.len() {
+            (d[full], ds[full]) =
+                quantize_block(&x[full * SUB_BLOCK..], &mut qs[full * SUB_BLOCK..]);
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_avx2(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+        assert!(x.len() == SUB_BLOCK && q.len() == SUB_BLOCK);
+        let p = x.as_ptr();
+        // SAFETY: 4 × 8 floats = the 32 elements of `x`.
+        let v = unsafe {
+            [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ]
+        };
+        let sign = _mm256_set1_ps(-0.0);
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for vi in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vi));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        let amax = _mm_cvtss_f32(m4);
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let i: [__m256i; 4] = std::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id)));
+        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s4 = _mm_hadd_epi32(s4, s4);
+        let sum = _mm_cvtsi128_si32(_mm_hadd_epi32(s4, s4));
+        // packs work per 128-bit lane: fix the order with one permute.
+        let p16a = _mm256_packs_epi32(i[0], i[1]);
+        let p16b = _mm256_packs_epi32(i[2], i[3]);
+        let p8 = _mm256_packs_epi16(p16a, p16b);
+        let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: `q` holds 32 bytes.
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, p8) };
+        (d, d * sum as f32)
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+pub(super) mod neon {
+    use super::*;
+    use std::arch::aarch64::*;
+
+    /// NEON: full blocks in vectors, the ragged last block by the reference.
+    pub fn quantize_q8_neon(x: &[f32], qs: &mut [i8], d: &mut [f32], ds: &mut [f32]) {
+        check(x, qs, d, ds);
+        let full = x.len() / SUB_BLOCK;
+        for b in 0..full {
+            let xs = &x[b * SUB_BLOCK..(b + 1) * SUB_BLOCK];
+            let q = &mut qs[b * SUB_BLOCK..(b + 1) * SUB_BLOCK];
+            // SAFETY: NEON is baseline on aarch64; both slices hold 32.
+            (d[b], ds[b]) = unsafe { block_neon(xs, q) };
+        }
+        if full < d.len() {
+            (d[full], ds[full]) =
+                quantize_block(&x[full * SUB_BLOCK..], &mut qs[full * SUB_BLOCK..]);
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    unsafe fn block_neon(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+        assert!(x.len() == SUB_BLOCK && q.len() == SUB_BLOCK);
+        let p = x.as_ptr();
+        // SAFETY: 8 × 4 floats = the 32 elements of `x`.
+        let v: [float32x4_t; 8] = std::array::from_fn(|k| unsafe { vld1q_f32(p.add(4 * k)) });
+        let mut m = vabsq_f32(v[0]);
+        for vi in &v[1..] {
+            m = vmaxq_f32(m, vabsq_f32(*vi));
+        }
+        let amax = vmaxvq_f32(m);
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let i: [int32x4_t; 8] = std::array::from_fn(|k| vcvtnq_s32_f32(vmulq_n_f32(v[k], id)));
+        let mut s = i[0];
+        for ii in &i[1..] {
+            s = vaddq_s32(s, *ii);
+        }
+        let sum = vaddvq_s32(s);
+        for h in 0..2 {
+            let a = vcombine_s16(vqmovn_s32(i[4 * h]), vqmovn_s32(i[4 * h + 1]));
+            let b = vcombine_s16(vqmovn_s32(i[4 * h + 2]), vqmovn_s32(i[4 * h + 3]));
+            let bytes = vcombine_s8(vqmovn_s16(a), vqmovn_s16(b));
+            // SAFETY: `q` holds 32 bytes; this writes 16 at 16·h.
+            unsafe { vst1q_s8(q.as_mut_ptr().add(16 * h), bytes) };
+        }
+        (d, d * sum as f32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{test_util::lcg, Isa, Kernels};
+
+    #[test]
+    fn reference_reconstructs_within_half_a_step_and_pads_with_zero() {
+        let mut seed = 3;
+        for n in [1usize, 31, 32, 33, 172, 576] {
+            let x: Vec<f32> = (0..n).map(|_| lcg(&mut seed) * 3.0).collect();
+            let mut b = Q8Buf::new(n);
+            b.quantize(quantize_q8_scalar, &x);
+            let r = b.as_ref();
+            for (i, &v) in x.iter().enumerate() {
+                let d = r.d[i / 32];
+                assert!((f32::from(r.qs[i]) * d - v).abs() <= 0.5 * d * 1.0001);
+            }
+            assert!(r.qs[n..].iter().all(|&q| q == 0));
+            for (blk, (&d, &ds)) in r.d.iter().zip(r.ds).enumerate() {
+                let s: i32 = r.qs[blk * 32..blk * 32 + 32]
+                    .iter()
+                    .map(|&q| i32::from(q))
+                    .sum();
+                assert_eq!(ds, d * s as f32);
+            }
+        }
+    }
+
+    /// Bit-identical across instruction sets: same rounding everywhere.
+    #[test]
+    fn every_isa_quantizes_bit_identically() {
+        let mut seed = 9;
+        for isa in Isa::available() {
+            let k = Kernels::for_isa(isa).unwrap();
+            for n in [1usize, 8, 31, 32, 33, 64, 100, 172, 576, 1536] {
+                let mut x: Vec<f32> = (0..n).map(|_| lcg(&mut seed) * 2.5).collect();
+                if n >= 64 {
+                    x[32..64].fill(0.0); // an all-zero block
+                    x[0] = 0.5 / 127.0 * 2.5; // a rounding tie candidate
+                }
+                let (mut a, mut b) = (Q8Buf::new(n), Q8Buf::new(n));
+                a.quantize(quantize_q8_scalar, &x);
+                b.quantize(k.quantize_q8, &x);
+                let (a, b) = (a.as_ref(), b.as_ref());
+                assert_eq!(a.qs, b.qs, "{isa:?} n {n}");
+                assert_eq!(a.d, b.d, "{isa:?} n {n}");
+                assert_eq!(a.ds, b.ds, "{isa:?} n {n}");
+            }
+        }
+    }
+}

@@ -1,0 +1,748 @@
+//! Packed-group weights (`Q2G`, `Q3G`, `Q4G`, `Q8G`, `Q4GM`) times int8
+//! activation blocks ([`super::q8`]): `vec_dot_q4g_q8` and its siblings, the
+//! scalar references and their AVX2, AVX-512 VNNI and NEON versions.
+//!
+//! Per sub-block `b` of 32 columns, the integer dot `Σ c·q` is exact; per
+//! group `g` (header: f16 scale `s`, integer zero `z` or f16 minimum `m`):
+//!
+//! ```text
+//! Σ_j ŵ_j·x_j ≈ Σ_g s_g · Σ_{b∈g} d_b·Σ c·q  −  Σ_g s_g·z_g · Σ_{b∈g} ds_b      (zero point)
+//!             ≈ Σ_g s_g · Σ_{b∈g} d_b·Σ c·q  +  Σ_g m_g   · Σ_{b∈g} ds_b      (minimum)
+//! ```
+//!
+//! The first term is the vector work; the second is one scalar multiply-add
+//! per group. The SIMD versions differ from the reference only in the order
+//! of the float additions (per-lane partial sums), hence the named
+//! tolerances in the tests.
+//!
+//! Instruction choices:
+//! * AVX2: 4-bit codes unpack with one AND and one shift per 16 bytes; `vpmaddubsw` (u8 × i8 → i16
+//!   pairs) then `vpmaddwd` by ones. Codes ≤ 15 cannot saturate the i16 pairs. 8-bit codes can, so
+//!   Q8G flips them to signed (c − 128, with z − 128) and uses the `abs`/`sign` form.
+//! * AVX-512 VNNI: `vpdpbusd` does u8 × i8 → i32 in one instruction without intermediate
+//!   saturation, for every width (on 256-bit registers through AVX-512VL).
+//! * NEON: codes as signed bytes (8-bit ones flipped as above), `smull`/`smlal` into i16, pairwise
+//!   widening adds into i32.
+
+use half::f16;
+use nibble_format::dtype::{row_bytes, sub_block_bytes, DType, GROUP_HEADER};
+use nibble_format::quant::unpack_sub_block;
+
+use super::q8::Q8Ref;
+use super::SUB_BLOCK;
+
+/// Rows of one packed weight, validated once: `rows × row_bytes` bytes, each
+/// row `cols` columns in groups of `group_size` (FORMAT.md's layout).
+#[derive(Clone, Copy, Debug)]
+pub struct PackedRows<'a> {
+    data: &'a [u8],
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    group_size: usize,
+    row_bytes: usize,
+}
+
+impl<'a> PackedRows<'a> {
+    /// `None` unless `dtype` is packed, the group size is valid and `data`
+    /// holds exactly `rows` rows.
+    pub fn new(
+        dtype: DType,
+        data: &'a [u8],
+        rows: usize,
+        cols: usize,
+        group_size: usize,
+    ) -> Option<PackedRows<'a>> {
+        let bits = dtype.quant_bits()?;
+        if cols == 0 || !nibble_format::dtype::valid_group_size(group_size as u64, cols as u64) {
+            return None;
+        }
+        let rb = row_bytes(bits, cols, group_size);
+        (rows.checked_mul(rb)? == data.len()).then_some(PackedRows {
+            data,
+            dtype,
+            rows,
+            cols,
+            group_size,
+            row_bytes: rb,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn group_size(&self) -> usize {
+        self.group_size
+    }
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+    /// The bytes of row `r`.
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+    /// Rows `r0..r0 + n` as their own view.
+    pub fn slice(&self, r0: usize, n: usize) -> PackedRows<'a> {
+        assert!(r0 + n <= self.rows, "PackedRows::slice out of range");
+        PackedRows {
+            data: &self.data[r0 * self.row_bytes..(r0 + n) * self.row_bytes],
+            rows: n,
+            ..*self
+        }
+    }
+}
+
+/// `out[r] = Σ_c ŵ[r, c] · x[c]` for every row of `w` (`out.len() == w.rows()`).
+pub type QgMatvecFn = fn(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]);
+
+/// The preconditions every kernel relies on, checked once per call.
+fn check(w: &PackedRows<'_>, bits: u32, x: &Q8Ref<'_>, out: &[f32]) {
+    assert_eq!(w.dtype.quant_bits(), Some(bits), "qg kernel: weight type");
+    assert_eq!(out.len(), w.rows, "qg kernel: output length");
+    let nb = w.cols.div_ceil(SUB_BLOCK);
+    assert!(
+        x.len == w.cols && x.d.len() == nb && x.ds.len() == nb && x.qs.len() == nb * SUB_BLOCK,
+        "qg kernel: activation blocks do not match {} columns",
+        w.cols
+    );
+}
+
+fn f16_at(b: &[u8], p: usize) -> f32 {
+    f16::from_le_bytes([b[p], b[p + 1]]).to_f32()
+}
+
+/// Scalar reference for one row (`MIN`: the header holds an f16 minimum).
+fn row_dot_scalar<const BITS: u32, const MIN: bool>(
+    row: &[u8],
+    cols: usize,
+    gs: usize,
+    x: &Q8Ref<'_>,
+) -> f32 {
+    let sb = sub_block_bytes(BITS);
+    let mut codes = [0u8; SUB_BLOCK];
+    let (mut p, mut blk, mut col) = (0, 0, 0);
+    let mut sum = 0f32;
+    while col < cols {
+        let len = gs.min(cols - col);
+        col += len;
+        let scale = f16_at(row, p);
+        let (mut accf, mut accs) = (0f32, 0f32);
+        let hp = p;
+        p += GROUP_HEADER;
+        for _ in 0..len.div_ceil(SUB_BLOCK) {
+            unpack_sub_block(BITS, &row[p..p + sb], &mut codes);
+            p += sb;
+            let q = &x.qs[blk * SUB_BLOCK..(blk + 1) * SUB_BLOCK];
+            let isum: i32 = codes
+                .iter()
+                .zip(q)
+                .map(|(&c, &q)| i32::from(c) * i32::from(q))
+                .sum();
+            accf += x.d[blk] * isum as f32;
+            accs += x.ds[blk];
+            blk += 1;
+        }
+        sum += if MIN {
+            scale * accf + f16_at(row, hp + 2) * accs
+        } else {
+            scale * (accf - f32::from(row[hp + 2]) * accs)
+        };
+    }
+    sum
+}
+
+fn matvec_scalar<const BITS: u32, const MIN: bool>(
+    w: PackedRows<'_>,
+    x: &Q8Ref<'_>,
+    out: &mut [f32],
+) {
+    check(&w, BITS, x, out);
+    assert_eq!(w.dtype.has_float_min(), MIN, "qg kernel: header kind");
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = row_dot_scalar::<BITS, MIN>(w.row(r), w.cols, w.group_size, x);
+    }
+}
+
+/// Scalar reference, `Q2G`.
+pub fn vec_dot_q2g_q8_scalar(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+    matvec_scalar::<2, false>(w, x, out)
+}
+/// Scalar reference, `Q3G`.
+pub fn vec_dot_q3g_q8_scalar(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+    matvec_scalar::<3, false>(w, x, out)
+}
+/// Scalar reference, `Q4G`.
+pub fn vec_dot_q4g_q8_scalar(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+    matvec_scalar::<4, false>(w, x, out)
+}
+/// Scalar reference, `Q8G`.
+pub fn vec_dot_q8g_q8_scalar(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+    matvec_scalar::<8, false>(w, x, out)
+}
+/// Scalar reference, `Q4GM`.
+pub fn vec_dot_q4gm_q8_scalar(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+    matvec_scalar::<4, true>(w, x, out)
+}
+
+/// `Σ ŵ[i]·x[i]` over one packed row with f32 activations: per group,
+/// scale · (Σ code·x − zero · Σ x). The float-activation variant (dequantize
+/// and multiply-add), kept for comparison with the integer kernels and for
+/// the quantizer's checks. `x.len()` is the row's column count.
+pub fn dot_qg_f32(bits: u32, group_size: usize, row: &[u8], x: &[f32]) -> f32 {
+    let sb = sub_block_bytes(bits);
+    let mut codes = [0u8; SUB_BLOCK];
+    let mut p = 0;
+    let mut sum = 0f32;
+    for xg in x.chunks(group_size) {
+        let scale = f16_at(row, p);
+        let zero = f32::from(row[p + 2]);
+        p += GROUP_HEADER;
+        let (mut acc, mut xsum) = (0f32, 0f32);
+        for xs in xg.chunks(SUB_BLOCK) {
+            unpack_sub_block(bits, &row[p..p + sb], &mut codes);
+            p += sb;
+            for (&c, &xv) in codes.iter().zip(xs) {
+                acc += f32::from(c) * xv;
+                xsum += xv;
+            }
+        }
+        sum += scale * (acc - zero * xsum);
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    //! AVX2 and AVX-512 VNNI versions. They share one row loop (a macro, so
+    //! each is compiled with its own target features); only the 32-lane
+    //! integer dot differs.
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// 32 codes of one sub-block as unsigned bytes (lane j = code j).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn unpack<const BITS: u32>(p: *const u8) -> __m256i {
+        // SAFETY (all arms): the caller guarantees `sub_block_bytes(BITS)`
+        // readable bytes at `p`.
+        unsafe {
+            match BITS {
+                4 => {
+                    let v = _mm_loadu_si128(p as *const __m128i);
+                    let m = _mm_set1_epi8(0x0F);
+                    let lo = _mm_and_si128(v, m);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+                    _mm256_set_m128i(hi, lo)
+                }
+                8 => _mm256_loadu_si256(p as *const __m256i),
+                _ => {
+                    let v = _mm256_set1_epi64x((p as *const i64).read_unaligned());
+                    let v = _mm256_srlv_epi64(v, _mm256_set_epi64x(6, 4, 2, 0));
+                    let low = _mm256_and_si256(v, _mm256_set1_epi8(3));
+                    if BITS == 2 {
+                        return low;
+                    }
+                    let h = _mm256_set1_epi32((p.add(8) as *const i32).read_unaligned());
+                    let idx = _mm256_setr_epi64x(
+                        0,
+                        0x0101_0101_0101_0101,
+                        0x0202_0202_0202_0202,
+                        0x0303_0303_0303_0303,
+                    );
+                    let b = _mm256_shuffle_epi8(h, idx);
+                    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit);
+                    _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(4)))
+                }
+            }
+        }
+    }
+
+    /// Σ c·q per 4 lanes (8 i32 partial sums), AVX2. For BITS = 8 the codes
+    /// arrive flipped to signed (c − 128).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn dot_avx2<const BITS: u32>(c: __m256i, q: __m256i) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        if BITS == 8 {
+            let s = _mm256_xor_si256(c, _mm256_set1_epi8(-128));
+            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(s, s), _mm256_sign_epi8(q, s));
+            _mm256_madd_epi16(p, ones)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(c, q), ones)
+        }
+    }
+
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    #[inline]
+    unsafe fn dot_vnni<const BITS: u32>(c: __m256i, q: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, q)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "f16c")]
+    #[inline]
+    unsafe fn half(bits: u16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    macro_rules! row_kernel {
+        ($row:ident, $matvec:ident, $features:literal, $dot:ident, $zero_shift:expr) => {
+            /// One row. SAFETY (caller): `row` holds `row_bytes(BITS, cols, gs)`
+            /// bytes and `x` has `⌈cols/32⌉` blocks (`check`).
+            #[target_feature(enable = $features)]
+            unsafe fn $row<const BITS: u32, const MIN: bool>(
+                row: &[u8],
+                cols: usize,
+                gs: usize,
+                x: &Q8Ref<'_>,
+            ) -> f32 {
+                let sb = sub_block_bytes(BITS);
+                let (qs, d, ds) = (x.qs.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
+                let mut p = row.as_ptr();
+                let mut acc = _mm256_setzero_ps();
+                let mut corr = 0f32;
+                let (mut blk, mut col) = (0usize, 0usize);
+                while col < cols {
+                    let len = gs.min(cols - col);
+                    col += len;
+                    // SAFETY: every group starts with a 4-byte header, then
+                    // ⌈len/32⌉ sub-blocks of `sb` bytes (the row's layout), and
+                    // block `blk` < ⌈cols/32⌉ exists in `x` (checked by caller).
+                    unsafe {
+                        let hdr = (p as *const u32).read_unaligned();
+                        let scale = half(hdr as u16);
+                        p = p.add(GROUP_HEADER);
+                        let mut accs = 0f32;
+                        for _ in 0..len.div_ceil(SUB_BLOCK) {
+                            let c = unpack::<BITS>(p);
+                            p = p.add(sb);
+                            let q = _mm256_loadu_si256(qs.add(blk * SUB_BLOCK) as *const __m256i);
+                            let i = $dot::<BITS>(c, q);
+                            let f = _mm256_set1_ps(scale * *d.add(blk));
+                            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), f, acc);
+                            accs += *ds.add(blk);
+                            blk += 1;
+                        }
+                        if MIN {
+                            corr -= half((hdr >> 16) as u16) * accs;
+                        } else {
+                            let z = ((hdr >> 16) & 0xFF) as i32
+                                - if BITS == 8 { $zero_shift } else { 0 };
+                            corr += scale * z as f32 * accs;
+                        }
+                    }
+                }
+                hsum(acc) - corr
+            }
+
+            fn $matvec<const BITS: u32, const MIN: bool>(
+                w: PackedRows<'_>,
+                x: &Q8Ref<'_>,
+                out: &mut [f32],
+            ) {
+                check(&w, BITS, x, out);
+                assert_eq!(w.dtype.has_float_min(), MIN, "qg kernel: header kind");
+                for (r, o) in out.iter_mut().enumerate() {
+                    // SAFETY: the table holding this kernel is built only when
+                    // its features were detected; `check` established the sizes.
+                    *o = unsafe { $row::<BITS, MIN>(w.row(r), w.cols, w.group_size, x) };
+                }
+            }
+        };
+    }
+
+    // AVX2 flips 8-bit codes to signed, so its zero points shift by 128.
+    row_kernel!(row_avx2, matvec_avx2, "avx2,fma,f16c", dot_avx2, 128);
+
+    row_kernel!(
+        row_vnni,
+        matvec_vnni,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni",
+        dot_vnni,
+        0
+    );
+
+    pub fn vec_dot_q2g_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_avx2::<2, false>(w, x, out)
+    }
+    pub fn vec_dot_q3g_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_avx2::<3, false>(w, x, out)
+    }
+    pub fn vec_dot_q4g_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_avx2::<4, false>(w, x, out)
+    }
+    pub fn vec_dot_q8g_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_avx2::<8, false>(w, x, out)
+    }
+    pub fn vec_dot_q4gm_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_avx2::<4, true>(w, x, out)
+    }
+    pub fn vec_dot_q2g_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_vnni::<2, false>(w, x, out)
+    }
+    pub fn vec_dot_q3g_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_vnni::<3, false>(w, x, out)
+    }
+    pub fn vec_dot_q4g_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_vnni::<4, false>(w, x, out)
+    }
+    pub fn vec_dot_q8g_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_vnni::<8, false>(w, x, out)
+    }
+    pub fn vec_dot_q4gm_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_vnni::<4, true>(w, x, out)
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+pub(super) mod neon {
+    use super::*;
+    use std::arch::aarch64::*;
+
+    /// 32 codes as two signed 16-byte halves (8-bit codes flipped to c − 128).
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn unpack<const BITS: u32>(p: *const u8) -> (int8x16_t, int8x16_t) {
+        // SAFETY (all arms): the caller guarantees `sub_block_bytes(BITS)`
+        // readable bytes at `p`.
+        unsafe {
+            match BITS {
+                4 => {
+                    let v = vld1q_u8(p);
+                    let m = vdupq_n_u8(0x0F);
+                    (
+                        vreinterpretq_s8_u8(vandq_u8(v, m)),
+                        vreinterpretq_s8_u8(vshrq_n_u8(v, 4)),
+                    )
+                }
+                8 => {
+                    let f = vdupq_n_u8(0x80);
+                    (
+                        vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p), f)),
+                        vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p.add(16)), f)),
+                    )
+                }
+                _ => {
+                    let b = vld1_u8(p);
+                    let m = vdupq_n_u8(3);
+                    let mut lo = vandq_u8(vcombine_u8(b, vshr_n_u8(b, 2)), m);
+                    let mut hi = vandq_u8(vcombine_u8(vshr_n_u8(b, 4), vshr_n_u8(b, 6)), m);
+                    if BITS == 3 {
+                        let h: [u8; 4] = std::ptr::read_unaligned(p.add(8) as *const [u8; 4]);
+                        let bit = vld1_u8([1u8, 2, 4, 8, 16, 32, 64, 128].as_ptr());
+                        let four = vdupq_n_u8(4);
+                        let e = |k: usize| vtst_u8(vdup_n_u8(h[k]), bit);
+                        lo = vorrq_u8(lo, vandq_u8(vcombine_u8(e(0), e(1)), four));
+                        hi = vorrq_u8(hi, vandq_u8(vcombine_u8(e(2), e(3)), four));
+                    }
+                    (vreinterpretq_s8_u8(lo), vreinterpretq_s8_u8(hi))
+                }
+            }
+        }
+    }
+
+    /// Σ c·q into 4 i32 partial sums (|c| ≤ 128, |q| ≤ 127: pairs fit i16).
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn dot16(c: int8x16_t, q: int8x16_t) -> int32x4_t {
+        let p = vmull_s8(vget_low_s8(c), vget_low_s8(q));
+        let p = vmlal_s8(p, vget_high_s8(c), vget_high_s8(q));
+        vpaddlq_s16(p)
+    }
+
+    /// One row. SAFETY (caller): `row` holds `row_bytes(BITS, cols, gs)` bytes
+    /// and `x` has `⌈cols/32⌉` blocks (`check`).
+    #[target_feature(enable = "neon")]
+    unsafe fn row_neon<const BITS: u32, const MIN: bool>(
+        row: &[u8],
+        cols: usize,
+        gs: usize,
+        x: &Q8Ref<'_>,
+    ) -> f32 {
+        let sb = sub_block_bytes(BITS);
+        let (qs, d, ds) = (x.qs.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
+        let mut p = row.as_ptr();
+        let mut acc = vdupq_n_f32(0.0);
+        let mut corr = 0f32;
+        let (mut blk, mut col) = (0usize, 0usize);
+        while col < cols {
+            let len = gs.min(cols - col);
+            col += len;
+            // SAFETY: the row's layout (header, then ⌈len/32⌉ sub-blocks) and
+            // blk < ⌈cols/32⌉ blocks of `x`, established by the caller.
+            unsafe {
+                let hdr = (p as *const u32).read_unaligned();
+                let scale = f16::from_bits(hdr as u16).to_f32();
+                p = p.add(GROUP_HEADER);
+                let mut accg = vdupq_n_f32(0.0);
+                let mut accs = 0f32;
+                for _ in 0..len.div_ceil(SUB_BLOCK) {
+                    let (c0, c1) = unpack::<BITS>(p);
+                    p = p.add(sb);
+                    let q = qs.add(blk * SUB_BLOCK);
+                    let i = vaddq_s32(dot16(c0, vld1q_s8(q)), dot16(c1, vld1q_s8(q.add(16))));
+                    accg = vfmaq_n_f32(accg, vcvtq_f32_s32(i), *d.add(blk));
+                    accs += *ds.add(blk);
+                    blk += 1;
+                }
+                acc = vfmaq_n_f32(acc, accg, scale);
+                if MIN {
+                    corr -= f16::from_bits((hdr >> 16) as u16).to_f32() * accs;
+                } else {
+                    let z = ((hdr >> 16) & 0xFF) as i32 - if BITS == 8 { 128 } else { 0 };
+                    corr += scale * z as f32 * accs;
+                }
+            }
+        }
+        vaddvq_f32(acc) - corr
+    }
+
+    fn matvec_neon<const BITS: u32, const MIN: bool>(
+        w: PackedRows<'_>,
+        x: &Q8Ref<'_>,
+        out: &mut [f32],
+    ) {
+        check(&w, BITS, x, out);
+        assert_eq!(w.dtype.has_float_min(), MIN, "qg kernel: header kind");
+        for (r, o) in out.iter_mut().enumerate() {
+            // SAFETY: NEON is baseline on aarch64; `check` established the sizes.
+            *o = unsafe { row_neon::<BITS, MIN>(w.row(r), w.cols, w.group_size, x) };
+        }
+    }
+
+    pub fn vec_dot_q2g_q8_neon(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_neon::<2, false>(w, x, out)
+    }
+    pub fn vec_dot_q3g_q8_neon(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_neon::<3, false>(w, x, out)
+    }
+    pub fn vec_dot_q4g_q8_neon(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_neon::<4, false>(w, x, out)
+    }
+    pub fn vec_dot_q8g_q8_neon(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_neon::<8, false>(w, x, out)
+    }
+    pub fn vec_dot_q4gm_q8_neon(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_neon::<4, true>(w, x, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::q8::{quantize_q8_scalar, Q8Buf};
+    use crate::kernels::{test_util::lcg, Isa, Kernels};
+    use nibble_format::quant::{dequantize, pack_row, pack_row_q4gm};
+
+    /// Tolerance of a SIMD kernel against the scalar reference, relative to
+    /// Σ_j |ŵ_j·x̂_j| of the row (x̂ the quantized activations): both compute
+    /// the same exact integer sums, so only f32 reassociation differs.
+    const TOL_QG_Q8_VS_SCALAR: f64 = 2e-6;
+    /// Tolerance of the int8-activation result against the f64 dot of the
+    /// dequantized row with the *float* activations, relative to Σ|ŵ·x|:
+    /// the activation rounding (≤ half a step of max|x|/127 per block).
+    const TOL_QG_Q8_VS_F32: f64 = 1.5e-2;
+
+    fn make_row(dtype: DType, cols: usize, gs: usize, seed: &mut u64, zero_group: bool) -> Vec<u8> {
+        let bits = dtype.quant_bits().unwrap();
+        let maxq = (1u32 << bits) - 1;
+        let n_groups = cols.div_ceil(gs);
+        let codes: Vec<u8> = (0..cols)
+            .map(|_| (((lcg(seed) + 1.0) * 0.5 * (maxq as f32 + 0.99)) as u32).min(maxq) as u8)
+            .collect();
+        let mut scales: Vec<f32> = (0..n_groups)
+            .map(|_| lcg(seed).abs() * 0.1 + 1e-3)
+            .collect();
+        if zero_group {
+            scales[0] = 0.0;
+        }
+        let mut row = Vec::new();
+        if dtype == DType::Q4GM {
+            let mins: Vec<f32> = (0..n_groups).map(|_| lcg(seed) * 0.2).collect();
+            pack_row_q4gm(gs, &codes, &scales, &mins, &mut row);
+        } else {
+            // Zero points across the whole range, extremes included.
+            let zeros: Vec<u8> = (0..n_groups)
+                .map(|g| match g % 3 {
+                    0 => 0,
+                    1 => maxq as u8,
+                    _ => (lcg(seed).abs() * maxq as f32) as u8,
+                })
+                .collect();
+            pack_row(bits, gs, &codes, &scales, &zeros, &mut row);
+        }
+        row
+    }
+
+    const TYPES: [DType; 5] = [DType::Q2G, DType::Q3G, DType::Q4G, DType::Q8G, DType::Q4GM];
+    const SHAPES: [(usize, usize); 9] = [
+        (32, 32),
+        (64, 32),
+        (172, 32),
+        (172, 64),
+        (172, 172),
+        (8, 8),
+        (576, 128),
+        (1536, 128),
+        (576, 576),
+    ];
+
+    #[test]
+    fn every_isa_matches_the_scalar_reference() {
+        let mut seed = 21u64;
+        for isa in Isa::available() {
+            let k = Kernels::for_isa(isa).unwrap();
+            for dtype in TYPES {
+                for (cols, gs) in SHAPES {
+                    let rows = 6;
+                    let mut data = Vec::new();
+                    for r in 0..rows {
+                        data.extend(make_row(dtype, cols, gs, &mut seed, r == 0));
+                    }
+                    let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
+                    let mut x: Vec<f32> = (0..cols).map(|_| lcg(&mut seed) * 4.0).collect();
+                    if cols >= 64 {
+                        x[32..64].fill(0.0); // an all-zero activation block
+                    }
+                    let mut xq = Q8Buf::new(cols);
+                    xq.quantize(quantize_q8_scalar, &x);
+                    let xr = xq.as_ref();
+                    let (mut want, mut got) = (vec![0f32; rows], vec![0f32; rows]);
+                    let reference = Kernels::for_isa(Isa::Scalar).unwrap();
+                    (reference.matvec_qg(dtype))(w, &xr, &mut want);
+                    (k.matvec_qg(dtype))(w, &xr, &mut got);
+                    let mut deq = vec![0f32; cols];
+                    for r in 0..rows {
+                        dequantize(dtype, gs, w.row(r), &mut deq);
+                        let xh: Vec<f64> = (0..cols)
+                            .map(|i| f64::from(xr.qs[i]) * f64::from(xr.d[i / 32]))
+                            .collect();
+                        let mag: f64 = deq
+                            .iter()
+                            .zip(&xh)
+                            .map(|(a, b)| (f64::from(*a) * b).abs())
+                            .sum();
+                        let exact: f64 = deq.iter().zip(&xh).map(|(a, b)| f64::from(*a) * b).sum();
+                        let tol = TOL_QG_Q8_VS_SCALAR * mag.max(1e-9) + 1e-6 * exact.abs();
+                        assert!(
+                            (f64::from(got[r]) - f64::from(want[r])).abs() <= tol.max(1e-7),
+                            "{isa:?} {dtype} cols {cols} gs {gs} row {r}: {} vs {}",
+                            got[r],
+                            want[r]
+                        );
+                        // And the reference is the exact dot of what it was given.
+                        assert!(
+                            (f64::from(want[r]) - exact).abs()
+                                <= TOL_QG_Q8_VS_SCALAR * mag.max(1e-9) * 4.0 + 1e-7,
+                            "{dtype} cols {cols} gs {gs}: reference {} vs exact {exact}",
+                            want[r]
+                        );
+                        // Against float activations: bounded by activation rounding.
+                        let mag32: f64 = deq
+                            .iter()
+                            .zip(&x)
+                            .map(|(a, b)| f64::from(a * b).abs())
+                            .sum();
+                        let f: f64 = deq
+                            .iter()
+                            .zip(&x)
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum();
+                        assert!(
+                            (f64::from(want[r]) - f).abs()
+                                <= TOL_QG_Q8_VS_F32 * mag32.max(1e-9) + 1e-6,
+                            "{dtype} cols {cols} gs {gs}: q8 {} vs f32 {f}",
+                            want[r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_zero_weights_and_activations_give_zero() {
+        for isa in Isa::available() {
+            let k = Kernels::for_isa(isa).unwrap();
+            for dtype in TYPES {
+                let (cols, gs) = (172, 64);
+                let bits = dtype.quant_bits().unwrap();
+                let data = vec![0u8; 3 * row_bytes(bits, cols, gs)];
+                let w = PackedRows::new(dtype, &data, 3, cols, gs).unwrap();
+                let mut xq = Q8Buf::new(cols);
+                xq.quantize(quantize_q8_scalar, &vec![1.0; cols]);
+                let mut out = vec![1f32; 3];
+                (k.matvec_qg(dtype))(w, &xq.as_ref(), &mut out);
+                assert_eq!(out, [0.0; 3], "{isa:?} {dtype}");
+                xq.quantize(quantize_q8_scalar, &vec![0.0; cols]);
+                let data = make_row(dtype, cols, gs, &mut 5, false).repeat(3);
+                let w = PackedRows::new(dtype, &data, 3, cols, gs).unwrap();
+                (k.matvec_qg(dtype))(w, &xq.as_ref(), &mut out);
+                assert_eq!(out, [0.0; 3], "{isa:?} {dtype} zero input");
+            }
+        }
+    }
+
+    #[test]
+    fn dot_qg_f32_matches_dequantized_dot() {
+        const TOL_QG_F32: f64 = 1e-5;
+        let mut seed = 11u64;
+        for dtype in [DType::Q2G, DType::Q3G, DType::Q4G, DType::Q8G] {
+            for (cols, gs) in SHAPES {
+                let row = make_row(dtype, cols, gs, &mut seed, true);
+                let x: Vec<f32> = (0..cols).map(|_| lcg(&mut seed)).collect();
+                let mut w = vec![0f32; cols];
+                dequantize(dtype, gs, &row, &mut w);
+                let want: f64 = w
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum();
+                let mag: f64 = w
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| (f64::from(*a) * f64::from(*b)).abs())
+                    .sum();
+                let got = f64::from(dot_qg_f32(dtype.quant_bits().unwrap(), gs, &row, &x));
+                assert!(
+                    (got - want).abs() <= TOL_QG_F32 * mag.max(1e-6),
+                    "{dtype} {cols} {gs}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_reject_mismatched_inputs() {
+        let data = vec![0u8; 2 * row_bytes(4, 64, 32)];
+        assert!(PackedRows::new(DType::Q4G, &data, 3, 64, 32).is_none());
+        assert!(PackedRows::new(DType::Q4G, &data, 2, 64, 48).is_none());
+        assert!(PackedRows::new(DType::F16, &data, 2, 64, 32).is_none());
+        let w = PackedRows::new(DType::Q4G, &data, 2, 64, 32).unwrap();
+        let mut xq = Q8Buf::new(96);
+        xq.quantize(quantize_q8_scalar, &[0.5; 96]);
+        let r = std::panic::catch_unwind(|| {
+            let mut out = [0f32; 2];
+            vec_dot_q4g_q8_scalar(w, &xq.as_ref(), &mut out);
+        });
+        assert!(
+            r.is_err(),
+            "a 96-value input for 64 columns must be refused"
+        );
+    }
+}
