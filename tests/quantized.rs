@@ -29,21 +29,7 @@ fn rtn_model(src: &NibFile, bits: u32, group_size: Option<usize>, sym: bool) -> 
 
 /// Mean negative log-likelihood of `ids[1..]` given the prefix.
 fn mean_nll(model: &Arc<Model>, ids: &[u32]) -> f64 {
-    let logits = forward_logits(model, ids, 1);
-    let n_vocab = model.hparams.n_vocab;
-    let mut nll = 0f64;
-    for i in 0..ids.len() - 1 {
-        let row = &logits[i * n_vocab..(i + 1) * n_vocab];
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let lse = f64::from(max)
-            + row
-                .iter()
-                .map(|&v| f64::from(v - max).exp())
-                .sum::<f64>()
-                .ln();
-        nll += lse - f64::from(row[ids[i + 1] as usize]);
-    }
-    nll / (ids.len() - 1) as f64
+    mean_nll_of(&forward_logits(model, ids, 1), ids, model.hparams.n_vocab)
 }
 
 fn text_ids(model: &Model, n: usize) -> Vec<u32> {

@@ -665,6 +665,34 @@ impl<'a> GgufSource<'a> {
         })
     }
 
+    /// The tensor `name`, checked to have the (row-major) shape `expected`.
+    fn checked_tensor(&self, name: &str, expected: &[u64]) -> Result<&crate::gguf::GgufTensor<'a>> {
+        let t = self
+            .file
+            .tensor(name)
+            .ok_or_else(|| FormatError::MissingTensor { name: name.into() })?;
+        let shape: Vec<u64> = t.ne.iter().rev().copied().collect();
+        if shape != expected {
+            return Err(FormatError::BadShape {
+                name: name.into(),
+                shape,
+                why: format!("expected {expected:?} from the GGUF hyper-parameters"),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Heads whose rows llama.cpp permuted for its rotary order (q and k).
+    fn rotary_heads(&self, name: &str) -> Option<usize> {
+        if name.ends_with("attn_q.weight") {
+            Some(self.hp.n_head)
+        } else if name.ends_with("attn_k.weight") {
+            Some(self.hp.n_head_kv)
+        } else {
+            None
+        }
+    }
+
     fn tokenizer_info(&self) -> Result<TokenizerInfo> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let tj = dir.join("tokenizer.json");
@@ -697,46 +725,17 @@ impl Source for GgufSource<'_> {
     }
 
     fn tensor_f32(&self, name: &str, expected: &[u64]) -> Result<Vec<f32>> {
-        let t = self
-            .file
-            .tensor(name)
-            .ok_or_else(|| FormatError::MissingTensor { name: name.into() })?;
-        let shape: Vec<u64> = t.ne.iter().rev().copied().collect();
-        if shape != expected {
-            return Err(FormatError::BadShape {
-                name: name.into(),
-                shape,
-                why: format!("expected {expected:?} from the GGUF hyper-parameters"),
-            });
-        }
+        let t = self.checked_tensor(name, expected)?;
         let mut data = vec![0f32; t.n_elements() as usize];
         dequantize(t, &mut data)?;
-        let heads = if name.ends_with("attn_q.weight") {
-            Some(self.hp.n_head)
-        } else if name.ends_with("attn_k.weight") {
-            Some(self.hp.n_head_kv)
-        } else {
-            None
-        };
-        if let Some(n_heads) = heads {
+        if let Some(n_heads) = self.rotary_heads(name) {
             data = unpermute_rotary_rows(&data, n_heads, self.hp.head_dim, self.hp.n_embd);
         }
         Ok(data)
     }
 
     fn tensor_packed(&self, name: &str, expected: &[u64]) -> Result<Option<(DType, u32, Vec<u8>)>> {
-        let t = self
-            .file
-            .tensor(name)
-            .ok_or_else(|| FormatError::MissingTensor { name: name.into() })?;
-        let shape: Vec<u64> = t.ne.iter().rev().copied().collect();
-        if shape != expected {
-            return Err(FormatError::BadShape {
-                name: name.into(),
-                shape,
-                why: format!("expected {expected:?} from the GGUF hyper-parameters"),
-            });
-        }
+        let t = self.checked_tensor(name, expected)?;
         let Some((dtype, mut bytes)) = crate::gguf::transcode_blocks(t) else {
             return Ok(None);
         };
@@ -754,14 +753,7 @@ impl Source for GgufSource<'_> {
                 });
             }
         }
-        let heads = if name.ends_with("attn_q.weight") {
-            Some(self.hp.n_head)
-        } else if name.ends_with("attn_k.weight") {
-            Some(self.hp.n_head_kv)
-        } else {
-            None
-        };
-        if let Some(n_heads) = heads {
+        if let Some(n_heads) = self.rotary_heads(name) {
             bytes = unpermute_rotary_rows(&bytes, n_heads, self.hp.head_dim, row_bytes);
         }
         Ok(Some((dtype, 32, bytes)))

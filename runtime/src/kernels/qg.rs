@@ -223,6 +223,7 @@ pub(super) mod x86 {
     //! each is compiled with its own target features); only the 32-lane
     //! integer dot differs.
     use super::*;
+    use crate::kernels::float::avx2::hsum;
     use std::arch::x86_64::*;
 
     /// 32 codes of one sub-block as unsigned bytes (lane j = code j).
@@ -283,15 +284,6 @@ pub(super) mod x86 {
     #[inline]
     unsafe fn dot_vnni<const BITS: u32>(c: __m256i, q: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, q)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
     }
 
     #[target_feature(enable = "f16c")]
