@@ -54,9 +54,10 @@ pub struct ModelArgs {
     /// Model: a .nib file, a GGUF file, or a Hugging Face model folder.
     #[arg(short = 'm', long = "model", value_name = "MODEL")]
     pub model: PathBuf,
-    /// Weight type when a GGUF/HF model is converted in memory: native (GGUF
-    /// Q4_0/Q4_1/Q8_0 weights run as they are, losslessly; all else f32), f32, f16, bf16.
-    #[arg(long, default_value = "native", value_name = "DTYPE")]
+    /// Weight type when a GGUF/HF model is converted in memory: f32, f16, bf16,
+    /// or native (GGUF Q4_0/Q4_1/Q8_0 weights run as they are, losslessly, with
+    /// int8 activations; all else f32).
+    #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: String,
     /// Worker threads (0 = all cores).
     #[arg(short = 't', long, default_value_t = 0)]
