@@ -14,17 +14,22 @@ fn float_stories() -> NibFile {
 }
 
 fn rtn_model(src: &NibFile, bits: u32, group_size: Option<usize>, sym: bool) -> Arc<Model> {
-    let opts = QuantizeOptions::rtn(bits, group_size, sym);
+    quantized(src, &QuantizeOptions::rtn(bits, group_size, sym))
+}
+
+/// RTN-quantize `src` in memory and load the result.
+fn quantized(src: &NibFile, opts: &QuantizeOptions) -> Arc<Model> {
     let (buf, reports, _) = quantize_model(
         &src.view().unwrap(),
-        &opts,
+        opts,
         None,
         AlignedBytes::new(),
         &mut |_, _, _| {},
     )
     .unwrap();
     assert_eq!(reports.len(), 35, "5 layers × 7 linear weights");
-    Arc::new(Model::from_nib(NibFile::from_memory(buf).unwrap(), format!("rtn{bits}")).unwrap())
+    let name = format!("rtn{}", opts.bits);
+    Arc::new(Model::from_nib(NibFile::from_memory(buf).unwrap(), name).unwrap())
 }
 
 /// Mean negative log-likelihood of `ids[1..]` given the prefix.
@@ -292,20 +297,13 @@ fn head_bits_store_the_tied_embedding_as_groups_and_cost_little() {
         (nll_base - nll_f).exp()
     );
     for (bits, dtype, max_ratio) in [(8, DType::Q8G, 1.03), (4, DType::Q4G, 1.15)] {
-        let opts = QuantizeOptions {
-            head_bits: Some(bits),
-            ..QuantizeOptions::rtn(8, Some(32), false)
-        };
-        let (buf, _, _) = quantize_model(
-            &src.view().unwrap(),
-            &opts,
-            None,
-            AlignedBytes::new(),
-            &mut |_, _, _| {},
-        )
-        .unwrap();
-        let m =
-            Arc::new(Model::from_nib(NibFile::from_memory(buf).unwrap(), "head".into()).unwrap());
+        let m = quantized(
+            &src,
+            &QuantizeOptions {
+                head_bits: Some(bits),
+                ..QuantizeOptions::rtn(8, Some(32), false)
+            },
+        );
         assert_eq!(m.token_embd.dtype, dtype);
         assert_eq!(m.output.dtype, dtype, "tied: the head is the embedding");
         let nll = mean_nll(&m, &ids);

@@ -35,19 +35,20 @@ impl Par<'_> {
         }
     }
 
-    /// Run `f(first_row, out_rows)` over `out` split into row chunks.
+    /// Run `f(first_row, out_rows)` over `out` split into row ranges (one
+    /// per thread on the spin pool, work-stolen chunks on rayon).
     fn rows(&self, out: &mut [f32], f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
-        let t = self.threads();
-        if t <= 1 || out.len() < 64 {
+        if self.threads() <= 1 || out.len() < 64 {
             return f(0, out);
         }
-        let chunk = out.len().div_ceil(t * 8).max(16);
         match self {
-            Par::Spin(p) => p.for_chunks_mut(out, chunk, f),
-            _ => out
-                .par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(c, o)| f(c * chunk, o)),
+            Par::Spin(p) => p.split_mut(out, f),
+            _ => {
+                let chunk = out.len().div_ceil(self.threads() * 8).max(16);
+                out.par_chunks_mut(chunk)
+                    .enumerate()
+                    .for_each(|(c, o)| f(c * chunk, o))
+            }
         }
     }
 }
@@ -79,6 +80,11 @@ impl LayerInput {
             q8p: Q8Buf::new(max_in),
             q8p_key: None,
         }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * self.xperm.len() + self.q8.bytes() + self.q8p.bytes()
     }
 
     /// The input vector changed: forget what was derived from it.
@@ -196,7 +202,7 @@ impl RunState {
             + self.hb.len()
             + self.hb2.len()
             + self.logits.len()
-            + 3 * self.inp.xperm.len()
+            + self.inp.bytes() / 4
             + self.key_cache.len()
             + self.value_cache.len()
             + self.rope_cos.len()
@@ -246,28 +252,24 @@ pub fn matvec(
             let f = k.matvec_qg(p.dtype());
             par.rows(out, &|r0, o| f(p.slice(r0, o.len()), &xq, o));
         }
-        WeightData::F32(d) => {
-            let x = inp.permuted(x, perm);
-            let f = k.matvec_f32;
-            par.rows(out, &|r0, o| {
-                f(&d[r0 * cols..(r0 + o.len()) * cols], cols, x, o)
-            });
-        }
-        WeightData::F16(d) => {
-            let x = inp.permuted(x, perm);
-            let f = k.matvec_f16;
-            par.rows(out, &|r0, o| {
-                f(&d[r0 * cols..(r0 + o.len()) * cols], cols, x, o)
-            });
-        }
-        WeightData::BF16(d) => {
-            let x = inp.permuted(x, perm);
-            let f = k.matvec_bf16;
-            par.rows(out, &|r0, o| {
-                f(&d[r0 * cols..(r0 + o.len()) * cols], cols, x, o)
-            });
-        }
+        WeightData::F32(d) => float_rows(par, d, cols, inp.permuted(x, perm), out, k.matvec_f32),
+        WeightData::F16(d) => float_rows(par, d, cols, inp.permuted(x, perm), out, k.matvec_f16),
+        WeightData::BF16(d) => float_rows(par, d, cols, inp.permuted(x, perm), out, k.matvec_bf16),
     }
+}
+
+/// A float weight's rows `[out.len(), cols]` times `x`, split over `par`.
+fn float_rows<T: Sync>(
+    par: Par<'_>,
+    d: &[T],
+    cols: usize,
+    x: &[f32],
+    out: &mut [f32],
+    f: crate::kernels::FloatMatvecFn<T>,
+) {
+    par.rows(out, &|r0, o| {
+        f(&d[r0 * cols..(r0 + o.len()) * cols], cols, x, o)
+    });
 }
 
 /// out = x / rms(x) · weight, as Hugging Face's LlamaRMSNorm (f32 in/out).

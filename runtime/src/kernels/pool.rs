@@ -5,7 +5,7 @@
 //! waking sleeping workers and queues jobs on the heap; this pool keeps its
 //! workers spinning on an epoch counter for a while after each job (then
 //! parks them on a condition variable), hands every worker the same borrowed
-//! closure, and joins on an atomic counter: no allocation and no thread
+//! closure, and joins on an atomic `done` counter: no allocation and no thread
 //! spawn per call. `nibble bench --pool rayon|spin` measures it against rayon.
 //!
 //! The one `unsafe` here erases the closure's lifetime to publish it to the
@@ -121,16 +121,6 @@ impl SpinPool {
             panic!("a nibble worker thread panicked");
         }
     }
-
-    /// Split `0..n` into one contiguous range per thread and run `f(range)`.
-    pub fn for_ranges(&self, n: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
-        self.run(&|i, t| {
-            let (lo, hi) = (n * i / t, n * (i + 1) / t);
-            if lo < hi {
-                f(lo..hi);
-            }
-        });
-    }
 }
 
 /// A raw pointer that may cross threads (the disjoint-chunk split below).
@@ -143,33 +133,26 @@ impl SendPtr {
         self.0
     }
 }
-// SAFETY: only used by `for_chunks_mut`, which hands every thread disjoint
+// SAFETY: only used by `split_mut`, which hands every thread disjoint
 // ranges of one slice that is mutably borrowed for the whole call.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SpinPool {
-    /// Split `out` into chunks of `chunk` elements and run `f(start, chunk)`
-    /// on each, the threads taking chunks from a shared counter (so a thread
-    /// that the OS delays does not hold the others up).
-    pub fn for_chunks_mut(
-        &self,
-        out: &mut [f32],
-        chunk: usize,
-        f: &(dyn Fn(usize, &mut [f32]) + Sync),
-    ) {
-        let chunk = chunk.max(1);
+    /// Split `out` into one contiguous part per thread (thread `i` of `t`
+    /// gets `out[n·i/t .. n·(i+1)/t]`) and run `f(start, part)` on each.
+    /// Static parts measured faster than handing out chunks through an
+    /// atomic counter (188 vs 148 tok/s on SmolLM2 at 2 threads, separate runs).
+    pub fn split_mut(&self, out: &mut [f32], f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
         let n = out.len();
-        let n_chunks = n.div_ceil(chunk);
         let base = SendPtr(out.as_mut_ptr());
         self.run(&|i, t| {
-            for c in (n_chunks * i / t)..(n_chunks * (i + 1) / t) {
-                let lo = c * chunk;
-                let len = chunk.min(n - lo);
-                // SAFETY: chunk `c` is claimed by exactly one thread (fetch_add),
-                // `lo + len ≤ n`, and `out` stays mutably borrowed until `run`
-                // returns, after every thread has finished.
-                let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(lo), len) };
+            let (lo, hi) = (n * i / t, n * (i + 1) / t);
+            if lo < hi {
+                // SAFETY: the parts of different threads are disjoint and
+                // inside `out` (lo ≤ hi ≤ n), and `out` stays mutably borrowed
+                // until `run` returns, after every thread has finished.
+                let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(lo), hi - lo) };
                 f(lo, part);
             }
         });
@@ -241,7 +224,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_thread_runs_once_per_job_and_ranges_cover_exactly() {
+    fn every_thread_runs_once_per_job_and_parts_cover_exactly() {
         for n in [1usize, 2, 3] {
             let pool = SpinPool::new(n).unwrap();
             for round in 0..200 {
@@ -254,29 +237,14 @@ mod tests {
                     hits.iter().all(|h| h.load(Ordering::SeqCst) == 1),
                     "round {round}"
                 );
-                let len = round % 37;
-                let cover: Vec<AtomicUsize> = (0..len).map(|_| AtomicUsize::new(0)).collect();
-                pool.for_ranges(len, &|r| {
-                    for i in r {
-                        cover[i].fetch_add(1, Ordering::SeqCst);
+                let mut out = vec![0f32; round % 37];
+                pool.split_mut(&mut out, &|lo, part| {
+                    for (i, v) in part.iter_mut().enumerate() {
+                        *v += (lo + i) as f32 + 1.0;
                     }
                 });
-                assert!(cover.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+                assert!(out.iter().enumerate().all(|(i, &v)| v == i as f32 + 1.0));
             }
-        }
-    }
-
-    #[test]
-    fn chunks_cover_the_output_exactly_once() {
-        let pool = SpinPool::new(2).unwrap();
-        for (n, chunk) in [(0usize, 4usize), (1, 4), (17, 4), (64, 16), (1000, 7)] {
-            let mut out = vec![0f32; n];
-            pool.for_chunks_mut(&mut out, chunk, &|lo, part| {
-                for (i, v) in part.iter_mut().enumerate() {
-                    *v += (lo + i) as f32 + 1.0;
-                }
-            });
-            assert!(out.iter().enumerate().all(|(i, &v)| v == i as f32 + 1.0));
         }
     }
 

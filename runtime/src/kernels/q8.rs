@@ -66,6 +66,11 @@ impl Q8Buf {
         }
     }
 
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 4 * (self.d.len() + self.ds.len())
+    }
+
     /// Quantize `x` (at most the capacity) with `quantize`; allocates nothing.
     pub fn quantize(&mut self, quantize: QuantizeQ8Fn, x: &[f32]) {
         let nb = x.len().div_ceil(SUB_BLOCK);

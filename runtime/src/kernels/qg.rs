@@ -102,8 +102,9 @@ impl<'a> PackedRows<'a> {
 pub type QgMatvecFn = fn(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]);
 
 /// The preconditions every kernel relies on, checked once per call.
-fn check(w: &PackedRows<'_>, bits: u32, x: &Q8Ref<'_>, out: &[f32]) {
+fn check(w: &PackedRows<'_>, bits: u32, min: bool, x: &Q8Ref<'_>, out: &[f32]) {
     assert_eq!(w.dtype.quant_bits(), Some(bits), "qg kernel: weight type");
+    assert_eq!(w.dtype.has_float_min(), min, "qg kernel: header kind");
     assert_eq!(out.len(), w.rows, "qg kernel: output length");
     let nb = w.cols.div_ceil(SUB_BLOCK);
     assert!(
@@ -157,16 +158,27 @@ fn row_dot_scalar<const BITS: u32, const MIN: bool>(
     sum
 }
 
+/// Every kernel's driver: check the preconditions once (`check`), then
+/// `out[r] = row_dot(row r, cols, group size, x)`. The SIMD row functions
+/// rely on exactly these checks for their unchecked reads.
+fn each_row<const BITS: u32, const MIN: bool>(
+    w: PackedRows<'_>,
+    x: &Q8Ref<'_>,
+    out: &mut [f32],
+    row_dot: impl Fn(&[u8], usize, usize, &Q8Ref<'_>) -> f32,
+) {
+    check(&w, BITS, MIN, x, out);
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = row_dot(w.row(r), w.cols, w.group_size, x);
+    }
+}
+
 fn matvec_scalar<const BITS: u32, const MIN: bool>(
     w: PackedRows<'_>,
     x: &Q8Ref<'_>,
     out: &mut [f32],
 ) {
-    check(&w, BITS, x, out);
-    assert_eq!(w.dtype.has_float_min(), MIN, "qg kernel: header kind");
-    for (r, o) in out.iter_mut().enumerate() {
-        *o = row_dot_scalar::<BITS, MIN>(w.row(r), w.cols, w.group_size, x);
-    }
+    each_row::<BITS, MIN>(w, x, out, row_dot_scalar::<BITS, MIN>)
 }
 
 /// Scalar reference, `Q2G`.
@@ -347,13 +359,11 @@ pub(super) mod x86 {
                 x: &Q8Ref<'_>,
                 out: &mut [f32],
             ) {
-                check(&w, BITS, x, out);
-                assert_eq!(w.dtype.has_float_min(), MIN, "qg kernel: header kind");
-                for (r, o) in out.iter_mut().enumerate() {
-                    // SAFETY: the table holding this kernel is built only when
-                    // its features were detected; `check` established the sizes.
-                    *o = unsafe { $row::<BITS, MIN>(w.row(r), w.cols, w.group_size, x) };
-                }
+                // SAFETY: the table holding this kernel is built only when its
+                // features were detected; `each_row` checked the sizes.
+                each_row::<BITS, MIN>(w, x, out, |row, cols, gs, x| unsafe {
+                    $row::<BITS, MIN>(row, cols, gs, x)
+                })
             }
         };
     }
@@ -509,12 +519,10 @@ pub(super) mod neon {
         x: &Q8Ref<'_>,
         out: &mut [f32],
     ) {
-        check(&w, BITS, x, out);
-        assert_eq!(w.dtype.has_float_min(), MIN, "qg kernel: header kind");
-        for (r, o) in out.iter_mut().enumerate() {
-            // SAFETY: NEON is baseline on aarch64; `check` established the sizes.
-            *o = unsafe { row_neon::<BITS, MIN>(w.row(r), w.cols, w.group_size, x) };
-        }
+        // SAFETY: NEON is baseline on aarch64; `each_row` checked the sizes.
+        each_row::<BITS, MIN>(w, x, out, |row, cols, gs, x| unsafe {
+            row_neon::<BITS, MIN>(row, cols, gs, x)
+        })
     }
 
     pub fn vec_dot_q2g_q8_neon(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
