@@ -136,6 +136,7 @@ impl fmt::Display for DType {
 }
 
 /// Bytes of one packed sub-block of 32 codes.
+#[inline]
 pub fn sub_block_bytes(bits: u32) -> usize {
     match bits {
         2 => 8,

@@ -305,7 +305,76 @@ pub(super) mod x86 {
     }
 
     macro_rules! row_kernel {
-        ($row:ident, $matvec:ident, $features:literal, $dot:ident, $zero_shift:expr) => {
+        ($sub:ident, $group:ident, $row:ident, $matvec:ident, $features:literal, $dot:ident, $zero_shift:expr) => {
+            /// `a + f · Σ c·q` over the sub-block at `p` and activation block `b`.
+            /// SAFETY (caller): both exist.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn $sub<const BITS: u32>(
+                p: *const u8,
+                qs: *const i8,
+                b: usize,
+                f: f32,
+                a: __m256,
+            ) -> __m256 {
+                // SAFETY: guaranteed by the caller.
+                unsafe {
+                    let c = unpack::<BITS>(p);
+                    let q = _mm256_loadu_si256(qs.add(b * SUB_BLOCK) as *const __m256i);
+                    let i = $dot::<BITS>(c, q);
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(f), a)
+                }
+            }
+
+            /// One group of `n` sub-blocks at `p` (header first), whose first
+            /// activation block is `blk`: adds scale·d·Σc·q into `a0`/`a1`
+            /// (alternating, so consecutive multiply-adds do not wait on each
+            /// other) and returns the end of the group and its zero-point /
+            /// minimum correction. SAFETY (caller): the group's bytes and
+            /// blocks `blk..blk + n` exist.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn $group<const BITS: u32, const MIN: bool>(
+                p: *const u8,
+                n: usize,
+                blk: usize,
+                x: &Q8Ref<'_>,
+                a0: &mut __m256,
+                a1: &mut __m256,
+            ) -> (*const u8, f32) {
+                let sb = sub_block_bytes(BITS);
+                let (qs, d, ds) = (x.qs.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
+                // SAFETY: guaranteed by the caller (see above).
+                unsafe {
+                    let hdr = (p as *const u32).read_unaligned();
+                    let scale = half(hdr as u16);
+                    let mut p = p.add(GROUP_HEADER);
+                    let mut accs = 0f32;
+                    let mut k = 0;
+                    while k + 2 <= n {
+                        let (b0, b1) = (blk + k, blk + k + 1);
+                        *a0 = $sub::<BITS>(p, qs, b0, scale * *d.add(b0), *a0);
+                        *a1 = $sub::<BITS>(p.add(sb), qs, b1, scale * *d.add(b1), *a1);
+                        accs += *ds.add(blk + k) + *ds.add(blk + k + 1);
+                        p = p.add(2 * sb);
+                        k += 2;
+                    }
+                    if k < n {
+                        *a0 = $sub::<BITS>(p, qs, blk + k, scale * *d.add(blk + k), *a0);
+                        accs += *ds.add(blk + k);
+                        p = p.add(sb);
+                    }
+                    let corr = if MIN {
+                        -half((hdr >> 16) as u16) * accs
+                    } else {
+                        let z =
+                            ((hdr >> 16) & 0xFF) as i32 - if BITS == 8 { $zero_shift } else { 0 };
+                        scale * z as f32 * accs
+                    };
+                    (p, corr)
+                }
+            }
+
             /// One row. SAFETY (caller): `row` holds `row_bytes(BITS, cols, gs)`
             /// bytes and `x` has `⌈cols/32⌉` blocks (`check`).
             #[target_feature(enable = $features)]
@@ -315,43 +384,39 @@ pub(super) mod x86 {
                 gs: usize,
                 x: &Q8Ref<'_>,
             ) -> f32 {
-                let sb = sub_block_bytes(BITS);
-                let (qs, d, ds) = (x.qs.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
-                let mut p = row.as_ptr();
-                let mut acc = _mm256_setzero_ps();
-                let mut corr = 0f32;
-                let (mut blk, mut col) = (0usize, 0usize);
-                while col < cols {
-                    let len = gs.min(cols - col);
-                    col += len;
-                    // SAFETY: every group starts with a 4-byte header, then
-                    // ⌈len/32⌉ sub-blocks of `sb` bytes (the row's layout), and
-                    // block `blk` < ⌈cols/32⌉ exists in `x` (checked by caller).
-                    unsafe {
-                        let hdr = (p as *const u32).read_unaligned();
-                        let scale = half(hdr as u16);
-                        p = p.add(GROUP_HEADER);
-                        let mut accs = 0f32;
-                        for _ in 0..len.div_ceil(SUB_BLOCK) {
-                            let c = unpack::<BITS>(p);
-                            p = p.add(sb);
-                            let q = _mm256_loadu_si256(qs.add(blk * SUB_BLOCK) as *const __m256i);
-                            let i = $dot::<BITS>(c, q);
-                            let f = _mm256_set1_ps(scale * *d.add(blk));
-                            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), f, acc);
-                            accs += *ds.add(blk);
-                            blk += 1;
+                let nsb = gs.div_ceil(SUB_BLOCK);
+                let full = cols / gs;
+                let tail = (cols - full * gs).div_ceil(SUB_BLOCK);
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let (mut p, mut corr, mut blk) = (row.as_ptr(), 0f32, 0usize);
+                // SAFETY: the row is `full` groups of `nsb` sub-blocks, then a
+                // group of `tail` (FORMAT.md), and `x` has a block for each.
+                unsafe {
+                    if nsb == 1 {
+                        // Groups of 32 (GGUF blocks): alternate the accumulators
+                        // between groups.
+                        let mut g = 0;
+                        while g + 2 <= full {
+                            let (q, c0) = $group::<BITS, MIN>(p, 1, blk, x, &mut a0, &mut a1);
+                            let (q, c1) = $group::<BITS, MIN>(q, 1, blk + 1, x, &mut a1, &mut a0);
+                            (p, corr, blk, g) = (q, corr + c0 + c1, blk + 2, g + 2);
                         }
-                        if MIN {
-                            corr -= half((hdr >> 16) as u16) * accs;
-                        } else {
-                            let z = ((hdr >> 16) & 0xFF) as i32
-                                - if BITS == 8 { $zero_shift } else { 0 };
-                            corr += scale * z as f32 * accs;
+                        if g < full {
+                            let (q, c) = $group::<BITS, MIN>(p, 1, blk, x, &mut a0, &mut a1);
+                            (p, corr, blk) = (q, corr + c, blk + 1);
+                        }
+                    } else {
+                        for _ in 0..full {
+                            let (q, c) = $group::<BITS, MIN>(p, nsb, blk, x, &mut a0, &mut a1);
+                            (p, corr, blk) = (q, corr + c, blk + nsb);
                         }
                     }
+                    if tail > 0 {
+                        let (_, c) = $group::<BITS, MIN>(p, tail, blk, x, &mut a0, &mut a1);
+                        corr += c;
+                    }
                 }
-                hsum(acc) - corr
+                hsum(_mm256_add_ps(a0, a1)) - corr
             }
 
             fn $matvec<const BITS: u32, const MIN: bool>(
@@ -369,9 +434,19 @@ pub(super) mod x86 {
     }
 
     // AVX2 flips 8-bit codes to signed, so its zero points shift by 128.
-    row_kernel!(row_avx2, matvec_avx2, "avx2,fma,f16c", dot_avx2, 128);
+    row_kernel!(
+        sub_avx2,
+        group_avx2,
+        row_avx2,
+        matvec_avx2,
+        "avx2,fma,f16c",
+        dot_avx2,
+        128
+    );
 
     row_kernel!(
+        sub_vnni,
+        group_vnni,
         row_vnni,
         matvec_vnni,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni",
