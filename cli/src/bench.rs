@@ -54,7 +54,7 @@ pub struct BenchArgs {
     #[arg(long)]
     no_bandwidth: bool,
     /// Kernel instruction sets to measure, comma-separated (scalar, avx2,
-    /// avx512, neon), or `all` for every one this CPU runs. Default: the one
+    /// avx512, neon, neondot), or `all` for every one this CPU runs. Default: the one
     /// chosen at load (the best, or NIBBLE_ISA).
     #[arg(long, value_delimiter = ',')]
     isa: Vec<String>,

@@ -6,7 +6,7 @@
 //! with the same signature in the same module ([`float`], [`q8`], [`qg`]).
 //! [`Kernels`] is a table of function pointers for one instruction set,
 //! chosen at model load from the CPU's features ([`Isa::detect`]) or forced
-//! with `NIBBLE_ISA=scalar|avx2|avx512|neon`, so tests and benchmarks can
+//! with `NIBBLE_ISA=scalar|avx2|avx512|neon|neondot`, so tests and benchmarks can
 //! run every path side by side. A table for an instruction set the CPU lacks
 //! cannot be obtained ([`Kernels::for_isa`] returns `None`): that is what
 //! makes calling the `#[target_feature]` code behind the safe wrappers sound.
@@ -41,10 +41,12 @@ pub enum Isa {
     Avx512,
     /// aarch64 Advanced SIMD.
     Neon,
+    /// aarch64 Advanced SIMD with the dot-product extension (`sdot`).
+    NeonDot,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
+    pub const ALL: [Isa; 5] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon, Isa::NeonDot];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -52,6 +54,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Neon => "neon",
+            Isa::NeonDot => "neondot",
         }
     }
 
@@ -82,6 +85,11 @@ impl Isa {
             }
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => {
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
             #[allow(unreachable_patterns)]
             _ => false,
         }
@@ -94,7 +102,7 @@ impl Isa {
 
     /// The fastest available instruction set.
     pub fn detect() -> Isa {
-        [Isa::Avx512, Isa::Avx2, Isa::Neon]
+        [Isa::Avx512, Isa::Avx2, Isa::NeonDot, Isa::Neon]
             .into_iter()
             .find(|i| i.is_available())
             .unwrap_or(Isa::Scalar)
@@ -168,7 +176,10 @@ static AVX512: Kernels = Kernels {
 };
 
 #[cfg(target_arch = "aarch64")]
-static NEON: Kernels = Kernels {
+static NEON: Kernels = NEON_TABLE;
+
+#[cfg(target_arch = "aarch64")]
+const NEON_TABLE: Kernels = Kernels {
     isa: Isa::Neon,
     quantize_q8: q8::neon::quantize_q8_neon,
     qg: [
@@ -181,6 +192,19 @@ static NEON: Kernels = Kernels {
     matvec_f32: float::neon::matvec_f32_neon,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
+};
+
+#[cfg(target_arch = "aarch64")]
+static NEONDOT: Kernels = Kernels {
+    isa: Isa::NeonDot,
+    qg: [
+        qg::neon::vec_dot_q2g_q8_neondot,
+        qg::neon::vec_dot_q3g_q8_neondot,
+        qg::neon::vec_dot_q4g_q8_neondot,
+        qg::neon::vec_dot_q8g_q8_neondot,
+        qg::neon::vec_dot_q4gm_q8_neondot,
+    ],
+    ..NEON_TABLE
 };
 
 impl Kernels {
@@ -197,6 +221,8 @@ impl Kernels {
             Isa::Avx512 => Some(&AVX512),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Some(&NEON),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => Some(&NEONDOT),
             #[allow(unreachable_patterns)]
             _ => None,
         }
@@ -214,10 +240,10 @@ impl Kernels {
             .clone()
     }
 
-    /// The table for an instruction-set name (`scalar`, `avx2`, `avx512`, `neon`).
+    /// The table for an instruction-set name (`scalar`, `avx2`, `avx512`, `neon`, `neondot`).
     pub fn named(name: &str) -> Result<&'static Kernels, String> {
         let isa = Isa::parse(name).ok_or_else(|| {
-            format!("NIBBLE_ISA={name:?} is not one of scalar, avx2, avx512, neon")
+            format!("NIBBLE_ISA={name:?} is not one of scalar, avx2, avx512, neon, neondot")
         })?;
         Self::for_isa(isa).ok_or_else(|| {
             let have: Vec<&str> = Isa::available().iter().map(|i| i.name()).collect();

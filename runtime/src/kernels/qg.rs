@@ -22,7 +22,7 @@
 //! * AVX-512 VNNI: `vpdpbusd` does u8 × i8 → i32 in one instruction without intermediate
 //!   saturation, for every width (on 256-bit registers through AVX-512VL).
 //! * NEON: codes as signed bytes (8-bit ones flipped as above), `smull`/`smlal` into i16, pairwise
-//!   widening adds into i32.
+//!   widening adds into i32; with the dot-product extension, `sdot` (i8 × i8 → i32, four at a time).
 
 use half::f16;
 use nibble_format::dtype::{row_bytes, sub_block_bytes, DType, GROUP_HEADER};
@@ -542,63 +542,159 @@ pub(super) mod neon {
         vpaddlq_s16(p)
     }
 
-    /// One row. SAFETY (caller): `row` holds `row_bytes(BITS, cols, gs)` bytes
-    /// and `x` has `⌈cols/32⌉` blocks (`check`).
-    #[target_feature(enable = "neon")]
-    unsafe fn row_neon<const BITS: u32, const MIN: bool>(
-        row: &[u8],
-        cols: usize,
-        gs: usize,
-        x: &Q8Ref<'_>,
-    ) -> f32 {
-        let sb = sub_block_bytes(BITS);
-        let (qs, d, ds) = (x.qs.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
-        let mut p = row.as_ptr();
-        let mut acc = vdupq_n_f32(0.0);
-        let mut corr = 0f32;
-        let (mut blk, mut col) = (0usize, 0usize);
-        while col < cols {
-            let len = gs.min(cols - col);
-            col += len;
-            // SAFETY: the row's layout (header, then ⌈len/32⌉ sub-blocks) and
-            // blk < ⌈cols/32⌉ blocks of `x`, established by the caller.
-            unsafe {
-                let hdr = (p as *const u32).read_unaligned();
-                let scale = f16::from_bits(hdr as u16).to_f32();
-                p = p.add(GROUP_HEADER);
-                let mut accg = vdupq_n_f32(0.0);
-                let mut accs = 0f32;
-                for _ in 0..len.div_ceil(SUB_BLOCK) {
-                    let (c0, c1) = unpack::<BITS>(p);
-                    p = p.add(sb);
-                    let q = qs.add(blk * SUB_BLOCK);
-                    let i = vaddq_s32(dot16(c0, vld1q_s8(q)), dot16(c1, vld1q_s8(q.add(16))));
-                    accg = vfmaq_n_f32(accg, vcvtq_f32_s32(i), *d.add(blk));
-                    accs += *ds.add(blk);
-                    blk += 1;
-                }
-                acc = vfmaq_n_f32(acc, accg, scale);
-                if MIN {
-                    corr -= f16::from_bits((hdr >> 16) as u16).to_f32() * accs;
-                } else {
-                    let z = ((hdr >> 16) & 0xFF) as i32 - if BITS == 8 { 128 } else { 0 };
-                    corr += scale * z as f32 * accs;
-                }
-            }
+    /// Σ c·q into 4 i32 partial sums with the dot-product extension: `sdot`
+    /// through `asm!`, its intrinsic (`vdotq_s32`) not being stable yet.
+    #[target_feature(enable = "neon,dotprod")]
+    #[inline]
+    unsafe fn dot16_sdot(c: int8x16_t, q: int8x16_t) -> int32x4_t {
+        let mut acc = vdupq_n_s32(0);
+        // SAFETY: `sdot` only reads its vector operands and writes `acc`; the
+        // table holding this kernel is built only when `dotprod` was detected.
+        unsafe {
+            std::arch::asm!(
+                "sdot {acc:v}.4s, {c:v}.16b, {q:v}.16b",
+                acc = inout(vreg) acc,
+                c = in(vreg) c,
+                q = in(vreg) q,
+                options(pure, nomem, nostack, preserves_flags)
+            );
         }
-        vaddvq_f32(acc) - corr
+        acc
     }
 
-    fn matvec_neon<const BITS: u32, const MIN: bool>(
-        w: PackedRows<'_>,
-        x: &Q8Ref<'_>,
-        out: &mut [f32],
-    ) {
-        // SAFETY: NEON is baseline on aarch64; `each_row` checked the sizes.
-        each_row::<BITS, MIN>(w, x, out, |row, cols, gs, x| unsafe {
-            row_neon::<BITS, MIN>(row, cols, gs, x)
-        })
+    macro_rules! neon_kernel {
+        ($sub:ident, $group:ident, $row:ident, $matvec:ident, $features:literal, $dot:ident) => {
+            /// `a + f · Σ c·q` over the sub-block at `p` and activation block `b`.
+            /// SAFETY (caller): both exist.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn $sub<const BITS: u32>(
+                p: *const u8,
+                qs: *const i8,
+                b: usize,
+                f: f32,
+                a: float32x4_t,
+            ) -> float32x4_t {
+                // SAFETY: guaranteed by the caller.
+                unsafe {
+                    let (c0, c1) = unpack::<BITS>(p);
+                    let q = qs.add(b * SUB_BLOCK);
+                    let i = vaddq_s32($dot(c0, vld1q_s8(q)), $dot(c1, vld1q_s8(q.add(16))));
+                    vfmaq_n_f32(a, vcvtq_f32_s32(i), f)
+                }
+            }
+
+            /// One group of `n` sub-blocks at `p` (header first), first
+            /// activation block `blk`, into `a0`/`a1` alternately; returns the
+            /// end of the group and its zero-point / minimum correction.
+            /// SAFETY (caller): the group's bytes and blocks `blk..blk + n` exist.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn $group<const BITS: u32, const MIN: bool>(
+                p: *const u8,
+                n: usize,
+                blk: usize,
+                x: &Q8Ref<'_>,
+                a0: &mut float32x4_t,
+                a1: &mut float32x4_t,
+            ) -> (*const u8, f32) {
+                let sb = sub_block_bytes(BITS);
+                let (qs, d, ds) = (x.qs.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
+                // SAFETY: guaranteed by the caller (see above).
+                unsafe {
+                    let hdr = (p as *const u32).read_unaligned();
+                    let scale = f16::from_bits(hdr as u16).to_f32();
+                    let mut p = p.add(GROUP_HEADER);
+                    let mut accs = 0f32;
+                    let mut k = 0;
+                    while k + 2 <= n {
+                        let (b0, b1) = (blk + k, blk + k + 1);
+                        *a0 = $sub::<BITS>(p, qs, b0, scale * *d.add(b0), *a0);
+                        *a1 = $sub::<BITS>(p.add(sb), qs, b1, scale * *d.add(b1), *a1);
+                        accs += *ds.add(b0) + *ds.add(b1);
+                        p = p.add(2 * sb);
+                        k += 2;
+                    }
+                    if k < n {
+                        *a0 = $sub::<BITS>(p, qs, blk + k, scale * *d.add(blk + k), *a0);
+                        accs += *ds.add(blk + k);
+                        p = p.add(sb);
+                    }
+                    let corr = if MIN {
+                        -f16::from_bits((hdr >> 16) as u16).to_f32() * accs
+                    } else {
+                        let z = ((hdr >> 16) & 0xFF) as i32 - if BITS == 8 { 128 } else { 0 };
+                        scale * z as f32 * accs
+                    };
+                    (p, corr)
+                }
+            }
+
+            /// One row. SAFETY (caller): `row` holds `row_bytes(BITS, cols, gs)`
+            /// bytes and `x` has `⌈cols/32⌉` blocks (`check`).
+            #[target_feature(enable = $features)]
+            unsafe fn $row<const BITS: u32, const MIN: bool>(
+                row: &[u8],
+                cols: usize,
+                gs: usize,
+                x: &Q8Ref<'_>,
+            ) -> f32 {
+                let nsb = gs.div_ceil(SUB_BLOCK);
+                let full = cols / gs;
+                let tail = (cols - full * gs).div_ceil(SUB_BLOCK);
+                let (mut a0, mut a1) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+                let (mut p, mut corr, mut blk) = (row.as_ptr(), 0f32, 0usize);
+                // SAFETY: the row is `full` groups of `nsb` sub-blocks, then a
+                // group of `tail` (FORMAT.md), and `x` has a block for each.
+                unsafe {
+                    if nsb == 1 {
+                        let mut g = 0;
+                        while g + 2 <= full {
+                            let (q, c0) = $group::<BITS, MIN>(p, 1, blk, x, &mut a0, &mut a1);
+                            let (q, c1) = $group::<BITS, MIN>(q, 1, blk + 1, x, &mut a1, &mut a0);
+                            (p, corr, blk, g) = (q, corr + c0 + c1, blk + 2, g + 2);
+                        }
+                        if g < full {
+                            let (q, c) = $group::<BITS, MIN>(p, 1, blk, x, &mut a0, &mut a1);
+                            (p, corr, blk) = (q, corr + c, blk + 1);
+                        }
+                    } else {
+                        for _ in 0..full {
+                            let (q, c) = $group::<BITS, MIN>(p, nsb, blk, x, &mut a0, &mut a1);
+                            (p, corr, blk) = (q, corr + c, blk + nsb);
+                        }
+                    }
+                    if tail > 0 {
+                        let (_, c) = $group::<BITS, MIN>(p, tail, blk, x, &mut a0, &mut a1);
+                        corr += c;
+                    }
+                }
+                vaddvq_f32(vaddq_f32(a0, a1)) - corr
+            }
+
+            fn $matvec<const BITS: u32, const MIN: bool>(
+                w: PackedRows<'_>,
+                x: &Q8Ref<'_>,
+                out: &mut [f32],
+            ) {
+                // SAFETY: the table holding this kernel is built only when its
+                // features were detected; `each_row` checked the sizes.
+                each_row::<BITS, MIN>(w, x, out, |row, cols, gs, x| unsafe {
+                    $row::<BITS, MIN>(row, cols, gs, x)
+                })
+            }
+        };
     }
+
+    neon_kernel!(sub_neon, group_neon, row_neon, matvec_neon, "neon", dot16);
+    neon_kernel!(
+        sub_sdot,
+        group_sdot,
+        row_sdot,
+        matvec_sdot,
+        "neon,dotprod",
+        dot16_sdot
+    );
 
     pub fn vec_dot_q2g_q8_neon(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
         matvec_neon::<2, false>(w, x, out)
@@ -614,6 +710,21 @@ pub(super) mod neon {
     }
     pub fn vec_dot_q4gm_q8_neon(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
         matvec_neon::<4, true>(w, x, out)
+    }
+    pub fn vec_dot_q2g_q8_neondot(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_sdot::<2, false>(w, x, out)
+    }
+    pub fn vec_dot_q3g_q8_neondot(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_sdot::<3, false>(w, x, out)
+    }
+    pub fn vec_dot_q4g_q8_neondot(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_sdot::<4, false>(w, x, out)
+    }
+    pub fn vec_dot_q8g_q8_neondot(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_sdot::<8, false>(w, x, out)
+    }
+    pub fn vec_dot_q4gm_q8_neondot(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        matvec_sdot::<4, true>(w, x, out)
     }
 }
 
@@ -679,6 +790,7 @@ mod tests {
 
     #[test]
     fn every_isa_matches_the_scalar_reference() {
+        eprintln!("instruction sets here: {:?}", Isa::available());
         let mut seed = 21u64;
         for isa in Isa::available() {
             let k = Kernels::for_isa(isa).unwrap();
