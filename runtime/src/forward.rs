@@ -457,7 +457,7 @@ pub fn forward(
 }
 
 /// Rows of a F16/BF16 weight converted to f32 at a time for the batched path.
-const WEIGHT_TILE_ROWS: usize = 256;
+const WEIGHT_TILE_ROWS: usize = 1024;
 
 /// Buffers of the batched (prompt) path: `n_batch` tokens at a time as
 /// matrix-matrix products. Allocated once, on the first multi-token call.
@@ -601,24 +601,32 @@ fn linear_batch(
     }
     // Other types: decode a tile of rows to f32 (scattering columns back to
     // input order when the weight is stored act-order permuted), then gemm.
+    let dequant = match &data {
+        WeightData::Packed(p) => Some(model.kernels().dequant_qg(p.dtype())),
+        _ => None,
+    };
     for r0 in (0..rows).step_by(WEIGHT_TILE_ROWS) {
         let n = WEIGHT_TILE_ROWS.min(rows - r0);
         let (tile, rowbuf) = wtile.split_at_mut(WEIGHT_TILE_ROWS * cols);
+        let decode = |r: usize, dst: &mut [f32]| match (&data, dequant) {
+            (WeightData::Packed(p), Some(f)) => f(*p, r, dst),
+            _ => decode_row(&data, r, cols, dst),
+        };
         match perm {
             None if threads > 1 => tile[..n * cols]
                 .par_chunks_mut(cols)
                 .enumerate()
-                .for_each(|(r, dst)| decode_row(&data, r0 + r, cols, dst)),
+                .for_each(|(r, dst)| decode(r0 + r, dst)),
             None => {
                 for (r, dst) in tile[..n * cols].chunks_exact_mut(cols).enumerate() {
-                    decode_row(&data, r0 + r, cols, dst);
+                    decode(r0 + r, dst);
                 }
             }
             Some(perm) => {
                 for r in 0..n {
                     let dst = &mut tile[r * cols..(r + 1) * cols];
                     let tmp = &mut rowbuf[..cols];
-                    decode_row(&data, r0 + r, cols, tmp);
+                    decode(r0 + r, tmp);
                     for (&p, &v) in perm.iter().zip(tmp.iter()) {
                         dst[p as usize] = v;
                     }

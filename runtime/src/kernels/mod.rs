@@ -25,7 +25,7 @@ use nibble_format::DType;
 pub use float::{dot_bf16, dot_f16, dot_f32, FloatMatvecFn};
 pub use gemm::{matmul, matmul_f64, MatF64, MatMut, MatRef};
 pub use q8::{Q8Buf, Q8Ref, QuantizeQ8Fn};
-pub use qg::{dot_qg_f32, PackedRows, QgMatvecFn};
+pub use qg::{dot_qg_f32, DequantRowFn, PackedRows, QgMatvecFn};
 
 /// Elements per packed sub-block and per activation block.
 pub use nibble_format::dtype::SUB_BLOCK;
@@ -123,6 +123,8 @@ pub struct Kernels {
     pub quantize_q8: QuantizeQ8Fn,
     /// Packed groups × int8 activations, by type: Q2G, Q3G, Q4G, Q8G, Q4GM.
     qg: [QgMatvecFn; 5],
+    /// Packed rows decoded to f32 (prompt tiles), by type as `qg`.
+    dequant: [DequantRowFn; 5],
     pub matvec_f32: FloatMatvecFn<f32>,
     pub matvec_f16: FloatMatvecFn<f16>,
     pub matvec_bf16: FloatMatvecFn<half::bf16>,
@@ -138,6 +140,7 @@ static SCALAR: Kernels = Kernels {
         qg::vec_dot_q8g_q8_scalar,
         qg::vec_dot_q4gm_q8_scalar,
     ],
+    dequant: [qg::dequant_row_scalar; 5],
     matvec_f32: float::matvec_f32_scalar,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -154,6 +157,7 @@ static AVX2: Kernels = Kernels {
         qg::x86::vec_dot_q8g_q8_avx2,
         qg::x86::vec_dot_q4gm_q8_avx2,
     ],
+    dequant: [qg::x86::dequant_row_avx2; 5],
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -170,6 +174,7 @@ static AVX512: Kernels = Kernels {
         qg::x86::vec_dot_q8g_q8_avx512,
         qg::x86::vec_dot_q4gm_q8_avx512,
     ],
+    dequant: [qg::x86::dequant_row_avx2; 5],
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -189,6 +194,7 @@ const NEON_TABLE: Kernels = Kernels {
         qg::neon::vec_dot_q8g_q8_neon,
         qg::neon::vec_dot_q4gm_q8_neon,
     ],
+    dequant: [qg::dequant_row_scalar; 5],
     matvec_f32: float::neon::matvec_f32_neon,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -256,14 +262,23 @@ impl Kernels {
 
     /// The packed-group kernel for a packed `dtype`.
     pub fn matvec_qg(&self, dtype: DType) -> QgMatvecFn {
-        self.qg[match dtype {
-            DType::Q2G => 0,
-            DType::Q3G => 1,
-            DType::Q4G => 2,
-            DType::Q8G => 3,
-            DType::Q4GM => 4,
-            other => panic!("{other} is not a packed group type"),
-        }]
+        self.qg[packed_index(dtype)]
+    }
+
+    /// The row decoder for a packed `dtype`.
+    pub fn dequant_qg(&self, dtype: DType) -> DequantRowFn {
+        self.dequant[packed_index(dtype)]
+    }
+}
+
+fn packed_index(dtype: DType) -> usize {
+    match dtype {
+        DType::Q2G => 0,
+        DType::Q3G => 1,
+        DType::Q4G => 2,
+        DType::Q8G => 3,
+        DType::Q4GM => 4,
+        other => panic!("{other} is not a packed group type"),
     }
 }
 

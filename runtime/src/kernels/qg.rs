@@ -101,6 +101,16 @@ impl<'a> PackedRows<'a> {
 /// `out[r] = Σ_c ŵ[r, c] · x[c]` for every row of `w` (`out.len() == w.rows()`).
 pub type QgMatvecFn = fn(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]);
 
+/// `out[cols] =` row `r` of `w` decoded to f32 (stored column order), for
+/// the batched path's weight tiles. The reference is the format's decoder.
+pub type DequantRowFn = fn(w: PackedRows<'_>, r: usize, out: &mut [f32]);
+
+/// Scalar reference of [`DequantRowFn`] (every packed type).
+pub fn dequant_row_scalar(w: PackedRows<'_>, r: usize, out: &mut [f32]) {
+    assert_eq!(out.len(), w.cols, "dequant: output length");
+    nibble_format::quant::dequantize(w.dtype, w.group_size, w.row(r), out)
+}
+
 /// The preconditions every kernel relies on, checked once per call.
 fn check(w: &PackedRows<'_>, bits: u32, min: bool, x: &Q8Ref<'_>, out: &[f32]) {
     assert_eq!(w.dtype.quant_bits(), Some(bits), "qg kernel: weight type");
@@ -453,6 +463,87 @@ pub(super) mod x86 {
         dot_vnni,
         0
     );
+
+    /// AVX2 row decoder for 4- and 8-bit types (2/3-bit rows use the
+    /// reference): the same float operations as the reference, so the same
+    /// bits — `scale · (c − z)` for zero points, `scale · c + min` for Q4GM.
+    pub fn dequant_row_avx2(w: PackedRows<'_>, r: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), w.cols, "dequant: output length");
+        let row = w.row(r);
+        // SAFETY: the table holding this function is built only when AVX2,
+        // FMA and F16C were detected; `row` has the layout of `w` (PackedRows
+        // checked its size) and `out` has `cols` elements.
+        unsafe {
+            match w.dtype {
+                DType::Q4G => deq_avx2::<4, false>(row, w.cols, w.group_size, out),
+                DType::Q4GM => deq_avx2::<4, true>(row, w.cols, w.group_size, out),
+                DType::Q8G => deq_avx2::<8, false>(row, w.cols, w.group_size, out),
+                _ => dequant_row_scalar(w, r, out),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn deq_avx2<const BITS: u32, const MIN: bool>(
+        row: &[u8],
+        cols: usize,
+        gs: usize,
+        out: &mut [f32],
+    ) {
+        let sb = sub_block_bytes(BITS);
+        let (mut p, mut col) = (row.as_ptr(), 0usize);
+        let mut buf = [0f32; SUB_BLOCK];
+        while col < cols {
+            let len = gs.min(cols - col);
+            // SAFETY: the group's header and ⌈len/32⌉ sub-blocks are in `row`;
+            // full sub-blocks are written to `out[col + j..][..32]`, which
+            // exists because j + 32 ≤ len; a partial one goes through `buf`.
+            unsafe {
+                let hdr = (p as *const u32).read_unaligned();
+                let scale = _mm256_set1_ps(half(hdr as u16));
+                let other = if MIN {
+                    half((hdr >> 16) as u16)
+                } else {
+                    ((hdr >> 16) & 0xFF) as f32
+                };
+                let other = _mm256_set1_ps(other);
+                p = p.add(GROUP_HEADER);
+                let mut j = 0;
+                while j < len {
+                    let c = unpack::<BITS>(p);
+                    p = p.add(sb);
+                    let n = (len - j).min(SUB_BLOCK);
+                    let dst = if n == SUB_BLOCK {
+                        out.as_mut_ptr().add(col + j)
+                    } else {
+                        buf.as_mut_ptr()
+                    };
+                    let halves = [_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)];
+                    for (h, half8) in halves.iter().enumerate() {
+                        for k in 0..2 {
+                            let bytes = if k == 0 {
+                                *half8
+                            } else {
+                                _mm_srli_si128(*half8, 8)
+                            };
+                            let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+                            let w = if MIN {
+                                _mm256_add_ps(_mm256_mul_ps(scale, v), other)
+                            } else {
+                                _mm256_mul_ps(scale, _mm256_sub_ps(v, other))
+                            };
+                            _mm256_storeu_ps(dst.add(16 * h + 8 * k), w);
+                        }
+                    }
+                    if n < SUB_BLOCK {
+                        out[col + j..col + j + n].copy_from_slice(&buf[..n]);
+                    }
+                    j += SUB_BLOCK;
+                }
+            }
+            col += len;
+        }
+    }
 
     pub fn vec_dot_q2g_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
         matvec_avx2::<2, false>(w, x, out)
@@ -855,6 +946,33 @@ mod tests {
                                 <= TOL_QG_Q8_VS_F32 * mag32.max(1e-9) + 1e-6,
                             "{dtype} cols {cols} gs {gs}: q8 {} vs f32 {f}",
                             want[r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_isa_dequantizes_rows_bit_identically() {
+        let mut seed = 33u64;
+        for isa in Isa::available() {
+            let k = Kernels::for_isa(isa).unwrap();
+            for dtype in TYPES {
+                for (cols, gs) in SHAPES {
+                    let rows = 3;
+                    let mut data = Vec::new();
+                    for r in 0..rows {
+                        data.extend(make_row(dtype, cols, gs, &mut seed, r == 1));
+                    }
+                    let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
+                    for r in 0..rows {
+                        let (mut a, mut b) = (vec![0f32; cols], vec![1f32; cols]);
+                        dequant_row_scalar(w, r, &mut a);
+                        (k.dequant_qg(dtype))(w, r, &mut b);
+                        assert!(
+                            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "{isa:?} {dtype} cols {cols} gs {gs} row {r}"
                         );
                     }
                 }
