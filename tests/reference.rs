@@ -184,16 +184,22 @@ fn smollm2_gguf_blocks_run_natively_close_to_transformers() {
     assert!((nb - nf).abs() < 0.02 * nf, "nll {nb} vs {nf}");
 }
 
-/// Every instruction set runs the same packed model to the same greedy text,
-/// up to near-ties: activations quantize bit-identically everywhere and the
-/// integer dot products are exact, so only the float sums of the per-block
-/// products are reassociated (the SIMD paths fold scale·d per block and sum
-/// in two 8-lane accumulators, the reference sums per group). A last-bit
-/// difference can still move a later activation across an int8 rounding
-/// boundary. So: the greedy texts agree until a step where the reference's
-/// two best logits are within `TOL_NEAR_TIE` (measured: the first 22 of 24
-/// tokens agree, then a tie within 0.12), and the likelihoods agree to ~1e-3
-/// (measured 4.072971 vs 4.073096; AVX2 and AVX-512 agree exactly).
+/// Every instruction set runs the same packed model to the same results:
+///
+/// * the prompt (batched) path is bit-identical across instruction sets: its
+///   int8 rounding and row decoders are bit-identical by construction and the
+///   matrix products go through the same `gemm`; so perplexities, which use
+///   that path, do not depend on the instruction set at all;
+/// * the one-token path sums the exact integer dot products in different
+///   float orders (8-lane accumulators on x86, 4-lane on NEON, where `smull`
+///   and `sdot` also spread the products over the lanes differently). A
+///   last-bit difference can move a later activation across an int8 rounding
+///   boundary, which then moves every later position. So the greedy texts
+///   agree until a near-tie of the reference (its two best logits within
+///   `TOL_NEAR_TIE`), and the mean NLL of the 64 reference tokens agrees to
+///   `TOL_NLL_ONE_TOKEN`. Measured: splits at token 22 of 24 (margin 0.12);
+///   NLL scalar 4.072971, AVX2/AVX-512 4.073096 (x86); scalar 4.072971, NEON
+///   4.064234, NEON-dot 4.076334 (aarch64 under qemu).
 #[test]
 fn smollm2_native_blocks_agree_across_instruction_sets() {
     use nibble::runtime::kernels::{Isa, Kernels};
@@ -216,6 +222,7 @@ fn smollm2_native_blocks_agree_across_instruction_sets() {
         Arc::get_mut(&mut model)
             .unwrap()
             .set_kernels(Kernels::for_isa(isa).unwrap());
+        let batched = forward_logits(&model, &ids, 2);
         let logits = forward_logits_sequential(&model, &ids, 2);
         let nll = mean_nll_of(&logits, &ids, n_vocab);
         let mut s = session(&model, ids.len() + 32, 2);
@@ -234,12 +241,18 @@ fn smollm2_native_blocks_agree_across_instruction_sets() {
             margins.push(l[t as usize] - second);
         }
         eprintln!("{isa}: nll {nll:.6}, greedy {greedy:?}");
-        runs.push((isa, nll, greedy, margins));
+        runs.push((isa, nll, greedy, margins, batched));
     }
     /// Two logits this close are a tie for the reassociated float sums.
     const TOL_NEAR_TIE: f32 = 0.15;
-    let (_, nll0, g0, m0) = &runs[0];
-    for (isa, nll, g, _) in &runs[1..] {
+    /// Spread of the one-token path's mean NLL (64 tokens) across instruction sets.
+    const TOL_NLL_ONE_TOKEN: f64 = 1.5e-2;
+    let (_, nll0, g0, m0, b0) = &runs[0];
+    for (isa, nll, g, _, b) in &runs[1..] {
+        assert!(
+            b.iter().zip(b0).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{isa}: the batched path is not bit-identical to scalar"
+        );
         let first_diff = g.iter().zip(g0).position(|(a, b)| a != b);
         if let Some(i) = first_diff {
             eprintln!(
@@ -253,7 +266,7 @@ fn smollm2_native_blocks_agree_across_instruction_sets() {
             );
         }
         assert!(
-            (nll - nll0).abs() < 2.5e-3,
+            (nll - nll0).abs() < TOL_NLL_ONE_TOKEN,
             "{isa}: nll {nll} vs scalar {nll0}"
         );
     }
