@@ -26,6 +26,8 @@
 //! # }
 //! ```
 
+pub mod capi;
+
 pub use nibble_format as format;
 pub use nibble_quantizer as quantizer;
 pub use nibble_runtime as runtime;
