@@ -372,6 +372,30 @@ unsafe fn put<T>(p: *mut T, value: T, what: &str) -> CResult<()> {
     Ok(())
 }
 
+/// The caller's parameter struct, or `default()` when `p` is NULL.
+///
+/// # Safety
+/// `p` is null or points to a valid `T`.
+unsafe fn params_or<T: Copy>(p: *const T, default: extern "C" fn() -> T) -> CResult<T> {
+    if p.is_null() {
+        Ok(default())
+    } else {
+        // SAFETY: non-null, hence valid per the caller's contract.
+        Ok(*unsafe { borrow(p, "params") }?)
+    }
+}
+
+/// Move `value` to the heap and hand its pointer to the caller, who owns it
+/// from now on (freed by the matching `nibble_*_free`).
+///
+/// # Safety
+/// As [`put`]: `out` is null or valid for a write.
+unsafe fn put_handle<T>(out: *mut *mut T, value: T, what: &str) -> CResult<()> {
+    need(out, what)?;
+    // SAFETY: `out` is non-null (checked) and writable per the contract.
+    unsafe { put(out, Box::into_raw(Box::new(value)), what) }
+}
+
 /// Check an out-pointer before heavy work, so a NULL fails fast.
 fn need<T>(p: *mut T, what: &str) -> CResult<()> {
     if p.is_null() {
@@ -486,11 +510,7 @@ pub unsafe extern "C" fn nibble_model_load(
         // SAFETY (all helpers): per this function's contract.
         let path = unsafe { borrow_str(path, "path") }?;
         need(out_model, "out_model")?;
-        let params = if params.is_null() {
-            nibble_model_default_params()
-        } else {
-            *unsafe { borrow(params, "params") }?
-        };
+        let params = unsafe { params_or(params, nibble_model_default_params) }?;
         let kernels = if params.isa.is_null() {
             None
         } else {
@@ -511,13 +531,13 @@ pub unsafe extern "C" fn nibble_model_load(
         if let Some(k) = kernels {
             model.set_kernels(k);
         }
-        let handle = Box::new(nibble_model {
+        let handle = nibble_model {
             architecture: cstring(&model.hparams.arch),
             quantization: cstring(&describe_quantization(&model)),
             name: cstring(model.name()),
             model: Arc::new(model),
-        });
-        unsafe { put(out_model, Box::into_raw(handle), "out_model") }
+        };
+        unsafe { put_handle(out_model, handle, "out_model") }
     })
 }
 
@@ -718,11 +738,7 @@ pub unsafe extern "C" fn nibble_session_new(
         // SAFETY: per this function's contract.
         let h = unsafe { borrow(model, "model") }?;
         need(out_session, "out_session")?;
-        let p = if params.is_null() {
-            nibble_session_default_params()
-        } else {
-            *unsafe { borrow(params, "params") }?
-        };
+        let p = unsafe { params_or(params, nibble_session_default_params) }?;
         let sp = SessionParams {
             n_ctx: p.n_ctx as usize,
             n_threads: p.n_threads as usize,
@@ -730,11 +746,11 @@ pub unsafe extern "C" fn nibble_session_new(
             ..SessionParams::default()
         };
         let session = Session::new(Arc::clone(&h.model), &sp)?;
-        let handle = Box::new(nibble_session {
+        let handle = nibble_session {
             session,
             text: Vec::with_capacity(256),
-        });
-        unsafe { put(out_session, Box::into_raw(handle), "out_session") }
+        };
+        unsafe { put_handle(out_session, handle, "out_session") }
     })
 }
 
@@ -900,11 +916,7 @@ pub unsafe extern "C" fn nibble_sampler_new(
         // SAFETY: per this function's contract.
         let h = unsafe { borrow(model, "model") }?;
         need(out_sampler, "out_sampler")?;
-        let p = if params.is_null() {
-            nibble_sampler_default_params()
-        } else {
-            *unsafe { borrow(params, "params") }?
-        };
+        let p = unsafe { params_or(params, nibble_sampler_default_params) }?;
         let n_vocab = h.model.hparams.n_vocab;
         let sampler = Sampler::new(
             SamplerParams {
@@ -918,8 +930,8 @@ pub unsafe extern "C" fn nibble_sampler_new(
             },
             n_vocab,
         )?;
-        let handle = Box::new(nibble_sampler { sampler, n_vocab });
-        unsafe { put(out_sampler, Box::into_raw(handle), "out_sampler") }
+        let handle = nibble_sampler { sampler, n_vocab };
+        unsafe { put_handle(out_sampler, handle, "out_sampler") }
     })
 }
 
@@ -1020,11 +1032,7 @@ pub unsafe extern "C" fn nibble_generate(
         let s = unsafe { borrow_mut(session, "session") }?;
         let smp = unsafe { borrow_mut(sampler, "sampler") }?;
         let prompt = unsafe { borrow_slice(prompt, n_prompt, "prompt") }?;
-        let p = if params.is_null() {
-            nibble_generate_default_params()
-        } else {
-            *unsafe { borrow(params, "params") }?
-        };
+        let p = unsafe { params_or(params, nibble_generate_default_params) }?;
         let stops = unsafe { borrow_slice(p.stop_strings, p.n_stop_strings, "stop_strings") }?;
         let mut stop_strings = Vec::with_capacity(stops.len());
         for (i, &sp) in stops.iter().enumerate() {
