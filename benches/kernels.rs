@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::f16;
 use nibble::format::quant::{pack_row, pack_row_q4gm};
 use nibble::format::DType;
-use nibble::runtime::kernels::{dot_qg_f32, Isa, Kernels, PackedRows, Q8Buf};
+use nibble::runtime::kernels::{Isa, Kernels, PackedRows, Q8Buf};
 
 /// (rows = outputs, cols = inputs) of SmolLM2's linear layers and output head.
 const SHAPES: [(usize, usize, &str); 5] = [
@@ -121,23 +121,20 @@ fn bench(c: &mut Criterion) {
                         })
                     },
                 );
+                // The float-activation variant (decode to f32 + FMA, no
+                // activation rounding) on the same weights, for comparison.
+                let f32_act = k.matvec_qg_f32(dtype);
+                g.bench_function(
+                    BenchmarkId::new(format!("{dtype} g{gs} f32-act {isa}"), label),
+                    |b| {
+                        b.iter(|| {
+                            f32_act(view, black_box(&x), &mut out);
+                            black_box(&out);
+                        })
+                    },
+                );
             }
         }
-        // The float-activation variant (dequantize + multiply-add), for comparison.
-        let w = packed(rows, cols, DType::Q4G, 128);
-        let rb = w.len() / rows;
-        g.throughput(Throughput::Bytes(w.len() as u64));
-        g.bench_function(
-            BenchmarkId::new("Q4G g128 f32-activations scalar", label),
-            |b| {
-                b.iter(|| {
-                    for (r, o) in out.iter_mut().enumerate() {
-                        *o = dot_qg_f32(4, 128, &w[r * rb..(r + 1) * rb], &x);
-                    }
-                    black_box(&out);
-                })
-            },
-        );
     }
     g.finish();
 }

@@ -16,6 +16,7 @@ mod gemm;
 pub mod pool;
 pub mod q8;
 pub mod qg;
+pub mod qg_f32;
 
 use std::sync::OnceLock;
 
@@ -25,7 +26,8 @@ use nibble_format::DType;
 pub use float::{dot_bf16, dot_f16, dot_f32, FloatMatvecFn};
 pub use gemm::{matmul, matmul_f64, MatF64, MatMut, MatRef};
 pub use q8::{Q8Buf, Q8Ref, QuantizeQ8Fn};
-pub use qg::{dot_qg_f32, DequantRowFn, PackedRows, QgMatvecFn};
+pub use qg::{DequantRowFn, PackedRows, QgMatvecFn};
+pub use qg_f32::QgF32MatvecFn;
 
 /// Elements per packed sub-block and per activation block.
 pub use nibble_format::dtype::SUB_BLOCK;
@@ -125,6 +127,8 @@ pub struct Kernels {
     qg: [QgMatvecFn; 5],
     /// Packed rows decoded to f32 (prompt tiles), by type as `qg`.
     dequant: [DequantRowFn; 5],
+    /// Packed groups × f32 activations (the float-activation variant), by type as `qg`.
+    qg_f32: [QgF32MatvecFn; 5],
     pub matvec_f32: FloatMatvecFn<f32>,
     pub matvec_f16: FloatMatvecFn<f16>,
     pub matvec_bf16: FloatMatvecFn<half::bf16>,
@@ -141,6 +145,13 @@ static SCALAR: Kernels = Kernels {
         qg::vec_dot_q4gm_q8_scalar,
     ],
     dequant: [qg::dequant_row_scalar; 5],
+    qg_f32: [
+        qg_f32::vec_dot_q2g_f32_scalar,
+        qg_f32::vec_dot_q3g_f32_scalar,
+        qg_f32::vec_dot_q4g_f32_scalar,
+        qg_f32::vec_dot_q8g_f32_scalar,
+        qg_f32::vec_dot_q4gm_f32_scalar,
+    ],
     matvec_f32: float::matvec_f32_scalar,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -158,6 +169,13 @@ static AVX2: Kernels = Kernels {
         qg::x86::vec_dot_q4gm_q8_avx2,
     ],
     dequant: [qg::x86::dequant_row_avx2; 5],
+    qg_f32: [
+        qg_f32::x86::vec_dot_q2g_f32_avx2,
+        qg_f32::x86::vec_dot_q3g_f32_avx2,
+        qg_f32::x86::vec_dot_q4g_f32_avx2,
+        qg_f32::x86::vec_dot_q8g_f32_avx2,
+        qg_f32::x86::vec_dot_q4gm_f32_avx2,
+    ],
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -175,6 +193,13 @@ static AVX512: Kernels = Kernels {
         qg::x86::vec_dot_q4gm_q8_avx512,
     ],
     dequant: [qg::x86::dequant_row_avx2; 5],
+    qg_f32: [
+        qg_f32::x86::vec_dot_q2g_f32_avx2,
+        qg_f32::x86::vec_dot_q3g_f32_avx2,
+        qg_f32::x86::vec_dot_q4g_f32_avx2,
+        qg_f32::x86::vec_dot_q8g_f32_avx2,
+        qg_f32::x86::vec_dot_q4gm_f32_avx2,
+    ],
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -194,7 +219,14 @@ const NEON_TABLE: Kernels = Kernels {
         qg::neon::vec_dot_q8g_q8_neon,
         qg::neon::vec_dot_q4gm_q8_neon,
     ],
-    dequant: [qg::dequant_row_scalar; 5],
+    dequant: [qg::neon::dequant_row_neon; 5],
+    qg_f32: [
+        qg_f32::neon::vec_dot_q2g_f32_neon,
+        qg_f32::neon::vec_dot_q3g_f32_neon,
+        qg_f32::neon::vec_dot_q4g_f32_neon,
+        qg_f32::neon::vec_dot_q8g_f32_neon,
+        qg_f32::neon::vec_dot_q4gm_f32_neon,
+    ],
     matvec_f32: float::neon::matvec_f32_neon,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -265,6 +297,11 @@ impl Kernels {
         self.qg[packed_index(dtype)]
     }
 
+    /// The float-activation kernel for a packed `dtype`.
+    pub fn matvec_qg_f32(&self, dtype: DType) -> QgF32MatvecFn {
+        self.qg_f32[packed_index(dtype)]
+    }
+
     /// The row decoder for a packed `dtype`.
     pub fn dequant_qg(&self, dtype: DType) -> DequantRowFn {
         self.dequant[packed_index(dtype)]
@@ -284,12 +321,54 @@ fn packed_index(dtype: DType) -> usize {
 
 #[cfg(test)]
 pub(crate) mod test_util {
+    use nibble_format::dtype::DType;
+    use nibble_format::quant::{pack_row, pack_row_q4gm};
+
     /// A seeded uniform value in [-1, 1).
     pub fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// One packed row of `dtype` with seeded codes and scales, zero points at
+    /// both extremes; `zero_group` makes group 0's scale zero.
+    pub fn make_row(
+        dtype: DType,
+        cols: usize,
+        gs: usize,
+        seed: &mut u64,
+        zero_group: bool,
+    ) -> Vec<u8> {
+        let bits = dtype.quant_bits().unwrap();
+        let maxq = (1u32 << bits) - 1;
+        let n_groups = cols.div_ceil(gs);
+        let codes: Vec<u8> = (0..cols)
+            .map(|_| (((lcg(seed) + 1.0) * 0.5 * (maxq as f32 + 0.99)) as u32).min(maxq) as u8)
+            .collect();
+        let mut scales: Vec<f32> = (0..n_groups)
+            .map(|_| lcg(seed).abs() * 0.1 + 1e-3)
+            .collect();
+        if zero_group {
+            scales[0] = 0.0;
+        }
+        let mut row = Vec::new();
+        if dtype == DType::Q4GM {
+            let mins: Vec<f32> = (0..n_groups).map(|_| lcg(seed) * 0.2).collect();
+            pack_row_q4gm(gs, &codes, &scales, &mins, &mut row);
+        } else {
+            // Zero points across the whole range, extremes included.
+            let zeros: Vec<u8> = (0..n_groups)
+                .map(|g| match g % 3 {
+                    0 => 0,
+                    1 => maxq as u8,
+                    _ => (lcg(seed).abs() * maxq as f32) as u8,
+                })
+                .collect();
+            pack_row(bits, gs, &codes, &scales, &zeros, &mut row);
+        }
+        row
     }
 }
 

@@ -212,33 +212,6 @@ pub fn vec_dot_q4gm_q8_scalar(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32])
     matvec_scalar::<4, true>(w, x, out)
 }
 
-/// `Σ ŵ[i]·x[i]` over one packed row with f32 activations: per group,
-/// scale · (Σ code·x − zero · Σ x). The float-activation variant (dequantize
-/// and multiply-add), kept for comparison with the integer kernels and for
-/// the quantizer's checks. `x.len()` is the row's column count.
-pub fn dot_qg_f32(bits: u32, group_size: usize, row: &[u8], x: &[f32]) -> f32 {
-    let sb = sub_block_bytes(bits);
-    let mut codes = [0u8; SUB_BLOCK];
-    let mut p = 0;
-    let mut sum = 0f32;
-    for xg in x.chunks(group_size) {
-        let scale = f16_at(row, p);
-        let zero = f32::from(row[p + 2]);
-        p += GROUP_HEADER;
-        let (mut acc, mut xsum) = (0f32, 0f32);
-        for xs in xg.chunks(SUB_BLOCK) {
-            unpack_sub_block(bits, &row[p..p + sb], &mut codes);
-            p += sb;
-            for (&c, &xv) in codes.iter().zip(xs) {
-                acc += f32::from(c) * xv;
-                xsum += xv;
-            }
-        }
-        sum += scale * (acc - zero * xsum);
-    }
-    sum
-}
-
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     //! AVX2 and AVX-512 VNNI versions. They share one row loop (a macro, so
@@ -251,7 +224,7 @@ pub(super) mod x86 {
     /// 32 codes of one sub-block as unsigned bytes (lane j = code j).
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn unpack<const BITS: u32>(p: *const u8) -> __m256i {
+    pub(crate) unsafe fn unpack<const BITS: u32>(p: *const u8) -> __m256i {
         // SAFETY (all arms): the caller guarantees `sub_block_bytes(BITS)`
         // readable bytes at `p`.
         unsafe {
@@ -464,9 +437,9 @@ pub(super) mod x86 {
         0
     );
 
-    /// AVX2 row decoder for 4- and 8-bit types (2/3-bit rows use the
-    /// reference): the same float operations as the reference, so the same
-    /// bits — `scale · (c − z)` for zero points, `scale · c + min` for Q4GM.
+    /// AVX2 row decoder for every packed type: the same float operations as
+    /// the reference, so the same bits — `scale · (c − z)` for zero points,
+    /// `scale · c + min` for Q4GM (a multiply, then an add: never fused).
     pub fn dequant_row_avx2(w: PackedRows<'_>, r: usize, out: &mut [f32]) {
         assert_eq!(out.len(), w.cols, "dequant: output length");
         let row = w.row(r);
@@ -478,6 +451,8 @@ pub(super) mod x86 {
                 DType::Q4G => deq_avx2::<4, false>(row, w.cols, w.group_size, out),
                 DType::Q4GM => deq_avx2::<4, true>(row, w.cols, w.group_size, out),
                 DType::Q8G => deq_avx2::<8, false>(row, w.cols, w.group_size, out),
+                DType::Q3G => deq_avx2::<3, false>(row, w.cols, w.group_size, out),
+                DType::Q2G => deq_avx2::<2, false>(row, w.cols, w.group_size, out),
                 _ => dequant_row_scalar(w, r, out),
             }
         }
@@ -585,7 +560,7 @@ pub(super) mod neon {
     /// 32 codes as two signed 16-byte halves (8-bit codes flipped to c − 128).
     #[target_feature(enable = "neon")]
     #[inline]
-    unsafe fn unpack<const BITS: u32>(p: *const u8) -> (int8x16_t, int8x16_t) {
+    pub(crate) unsafe fn unpack<const BITS: u32>(p: *const u8) -> (int8x16_t, int8x16_t) {
         // SAFETY (all arms): the caller guarantees `sub_block_bytes(BITS)`
         // readable bytes at `p`.
         unsafe {
@@ -777,6 +752,107 @@ pub(super) mod neon {
         };
     }
 
+    /// NEON row decoder for every packed type, bit-identical to the reference
+    /// like the AVX2 one (multiply, then add or subtract; never fused).
+    pub fn dequant_row_neon(w: PackedRows<'_>, r: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), w.cols, "dequant: output length");
+        let row = w.row(r);
+        // SAFETY: the table holding this function is built only on aarch64
+        // with NEON; `row` has the layout of `w` (PackedRows checked its size)
+        // and `out` has `cols` elements.
+        unsafe {
+            match w.dtype {
+                DType::Q4G => deq_neon::<4, false>(row, w.cols, w.group_size, out),
+                DType::Q4GM => deq_neon::<4, true>(row, w.cols, w.group_size, out),
+                DType::Q8G => deq_neon::<8, false>(row, w.cols, w.group_size, out),
+                DType::Q3G => deq_neon::<3, false>(row, w.cols, w.group_size, out),
+                DType::Q2G => deq_neon::<2, false>(row, w.cols, w.group_size, out),
+                _ => dequant_row_scalar(w, r, out),
+            }
+        }
+    }
+
+    /// 32 codes of one sub-block as unsigned bytes (8-bit codes unflipped).
+    /// SAFETY (caller): `sub_block_bytes(BITS)` readable bytes at `p`.
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn unpack_u8<const BITS: u32>(p: *const u8) -> (uint8x16_t, uint8x16_t) {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            if BITS == 8 {
+                (vld1q_u8(p), vld1q_u8(p.add(16)))
+            } else {
+                // Codes < 16: the signed and unsigned bytes are the same.
+                let (a, b) = unpack::<BITS>(p);
+                (vreinterpretq_u8_s8(a), vreinterpretq_u8_s8(b))
+            }
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    unsafe fn deq_neon<const BITS: u32, const MIN: bool>(
+        row: &[u8],
+        cols: usize,
+        gs: usize,
+        out: &mut [f32],
+    ) {
+        let sb = sub_block_bytes(BITS);
+        let (mut p, mut col) = (row.as_ptr(), 0usize);
+        let mut buf = [0f32; SUB_BLOCK];
+        while col < cols {
+            let len = gs.min(cols - col);
+            // SAFETY: the group's header and ⌈len/32⌉ sub-blocks are in `row`;
+            // a full sub-block is written to `out[col + j..][..32]` (j + 32 ≤
+            // len), a partial one goes through `buf`.
+            unsafe {
+                let hdr = (p as *const u32).read_unaligned();
+                let scale = vdupq_n_f32(f16::from_bits(hdr as u16).to_f32());
+                let other = vdupq_n_f32(if MIN {
+                    f16::from_bits((hdr >> 16) as u16).to_f32()
+                } else {
+                    ((hdr >> 16) & 0xFF) as f32
+                });
+                p = p.add(GROUP_HEADER);
+                let mut j = 0;
+                while j < len {
+                    let (c0, c1) = unpack_u8::<BITS>(p);
+                    p = p.add(sb);
+                    let n = (len - j).min(SUB_BLOCK);
+                    let dst = if n == SUB_BLOCK {
+                        out.as_mut_ptr().add(col + j)
+                    } else {
+                        buf.as_mut_ptr()
+                    };
+                    for (h, c) in [c0, c1].into_iter().enumerate() {
+                        for (k, w16) in [vmovl_u8(vget_low_u8(c)), vmovl_u8(vget_high_u8(c))]
+                            .into_iter()
+                            .enumerate()
+                        {
+                            for (m, w32) in
+                                [vmovl_u16(vget_low_u16(w16)), vmovl_u16(vget_high_u16(w16))]
+                                    .into_iter()
+                                    .enumerate()
+                            {
+                                let v = vcvtq_f32_u32(w32);
+                                let w = if MIN {
+                                    vaddq_f32(vmulq_f32(scale, v), other)
+                                } else {
+                                    vmulq_f32(scale, vsubq_f32(v, other))
+                                };
+                                vst1q_f32(dst.add(16 * h + 8 * k + 4 * m), w);
+                            }
+                        }
+                    }
+                    if n < SUB_BLOCK {
+                        out[col + j..col + j + n].copy_from_slice(&buf[..n]);
+                    }
+                    j += SUB_BLOCK;
+                }
+            }
+            col += len;
+        }
+    }
+
     neon_kernel!(sub_neon, group_neon, row_neon, matvec_neon, "neon", dot16);
     neon_kernel!(
         sub_sdot,
@@ -823,8 +899,9 @@ pub(super) mod neon {
 mod tests {
     use super::*;
     use crate::kernels::q8::{quantize_q8_scalar, Q8Buf};
-    use crate::kernels::{test_util::lcg, Isa, Kernels};
-    use nibble_format::quant::{dequantize, pack_row, pack_row_q4gm};
+    use crate::kernels::test_util::{lcg, make_row};
+    use crate::kernels::{Isa, Kernels};
+    use nibble_format::quant::dequantize;
 
     /// Tolerance of a SIMD kernel against the scalar reference, relative to
     /// Σ_j |ŵ_j·x̂_j| of the row (x̂ the quantized activations): both compute
@@ -834,37 +911,6 @@ mod tests {
     /// dequantized row with the *float* activations, relative to Σ|ŵ·x|:
     /// the activation rounding (≤ half a step of max|x|/127 per block).
     const TOL_QG_Q8_VS_F32: f64 = 1.5e-2;
-
-    fn make_row(dtype: DType, cols: usize, gs: usize, seed: &mut u64, zero_group: bool) -> Vec<u8> {
-        let bits = dtype.quant_bits().unwrap();
-        let maxq = (1u32 << bits) - 1;
-        let n_groups = cols.div_ceil(gs);
-        let codes: Vec<u8> = (0..cols)
-            .map(|_| (((lcg(seed) + 1.0) * 0.5 * (maxq as f32 + 0.99)) as u32).min(maxq) as u8)
-            .collect();
-        let mut scales: Vec<f32> = (0..n_groups)
-            .map(|_| lcg(seed).abs() * 0.1 + 1e-3)
-            .collect();
-        if zero_group {
-            scales[0] = 0.0;
-        }
-        let mut row = Vec::new();
-        if dtype == DType::Q4GM {
-            let mins: Vec<f32> = (0..n_groups).map(|_| lcg(seed) * 0.2).collect();
-            pack_row_q4gm(gs, &codes, &scales, &mins, &mut row);
-        } else {
-            // Zero points across the whole range, extremes included.
-            let zeros: Vec<u8> = (0..n_groups)
-                .map(|g| match g % 3 {
-                    0 => 0,
-                    1 => maxq as u8,
-                    _ => (lcg(seed).abs() * maxq as f32) as u8,
-                })
-                .collect();
-            pack_row(bits, gs, &codes, &scales, &zeros, &mut row);
-        }
-        row
-    }
 
     const TYPES: [DType; 5] = [DType::Q2G, DType::Q3G, DType::Q4G, DType::Q8G, DType::Q4GM];
     const SHAPES: [(usize, usize); 9] = [
@@ -887,7 +933,7 @@ mod tests {
             let k = Kernels::for_isa(isa).unwrap();
             for dtype in TYPES {
                 for (cols, gs) in SHAPES {
-                    let rows = 6;
+                    let rows = 7; // odd: pairs of rows and a last single row
                     let mut data = Vec::new();
                     for r in 0..rows {
                         data.extend(make_row(dtype, cols, gs, &mut seed, r == 0));
@@ -999,35 +1045,6 @@ mod tests {
                 let w = PackedRows::new(dtype, &data, 3, cols, gs).unwrap();
                 (k.matvec_qg(dtype))(w, &xq.as_ref(), &mut out);
                 assert_eq!(out, [0.0; 3], "{isa:?} {dtype} zero input");
-            }
-        }
-    }
-
-    #[test]
-    fn dot_qg_f32_matches_dequantized_dot() {
-        const TOL_QG_F32: f64 = 1e-5;
-        let mut seed = 11u64;
-        for dtype in [DType::Q2G, DType::Q3G, DType::Q4G, DType::Q8G] {
-            for (cols, gs) in SHAPES {
-                let row = make_row(dtype, cols, gs, &mut seed, true);
-                let x: Vec<f32> = (0..cols).map(|_| lcg(&mut seed)).collect();
-                let mut w = vec![0f32; cols];
-                dequantize(dtype, gs, &row, &mut w);
-                let want: f64 = w
-                    .iter()
-                    .zip(&x)
-                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                    .sum();
-                let mag: f64 = w
-                    .iter()
-                    .zip(&x)
-                    .map(|(a, b)| (f64::from(*a) * f64::from(*b)).abs())
-                    .sum();
-                let got = f64::from(dot_qg_f32(dtype.quant_bits().unwrap(), gs, &row, &x));
-                assert!(
-                    (got - want).abs() <= TOL_QG_F32 * mag.max(1e-6),
-                    "{dtype} {cols} {gs}"
-                );
             }
         }
     }
