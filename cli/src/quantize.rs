@@ -16,7 +16,7 @@ use crate::commands::bar;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum MethodArg {
-    /// GPTQ: second-order, uses calibration text (--calib).
+    /// GPTQ: second-order, uses calibration text (--calib FILE, or text the model writes itself).
     Gptq,
     /// Round to nearest: fast, needs no calibration; the baseline.
     Rtn,
@@ -60,9 +60,13 @@ pub struct QuantizeArgs {
     /// produced by the already-quantized sub-layers.
     #[arg(long)]
     true_sequential: bool,
-    /// GPTQ calibration text (plain UTF-8). Required for GPTQ: use text like what
-    /// the model will see (a few hundred KB is plenty), never your evaluation text.
-    #[arg(long, value_name = "FILE")]
+    /// GPTQ calibration text (plain UTF-8): text like what the model will see (a
+    /// few hundred KB is plenty), never your evaluation text. Default, or
+    /// `--calib self`: the model writes its own calibration text (nsamples
+    /// sequences of seqlen tokens sampled from BOS at temperature 1, top-p
+    /// 0.95, seeded), which needs no data but costs nsamples × seqlen decoded
+    /// tokens before quantization starts.
+    #[arg(long, value_name = "FILE|self")]
     calib: Option<PathBuf>,
     /// GPTQ: number of calibration windows.
     #[arg(long, default_value_t = 128)]
@@ -110,13 +114,18 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     if a.static_groups && !a.act_order {
         bail!("--static-groups only makes sense with --act-order");
     }
+    let self_calib =
+        method == Method::Gptq && a.calib.as_ref().is_none_or(|p| p.as_os_str() == "self");
     let calib_text = match (&a.calib, method) {
-        (Some(p), _) => Some(std::fs::read_to_string(p).with_context(|| format!("cannot read calibration text {}", p.display()))?),
-        (None, Method::Gptq) => bail!(
-            "GPTQ needs calibration text: pass --calib FILE (plain text like what the model will see; a few hundred KB is plenty), or use --method rtn"
+        (Some(p), Method::Gptq) if !self_calib => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read calibration text {}", p.display()))?,
         ),
-        (None, Method::Rtn) => None,
+        _ => None,
     };
+    if self_calib && (a.nsamples == 0 || a.seqlen < 2) {
+        bail!("--nsamples must be at least 1 and --seqlen at least 2");
+    }
     let threads = if a.threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -164,6 +173,65 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             let info = CalibInfo {
                 file: path.display().to_string(),
                 sha256: sha,
+                nsamples: a.nsamples,
+                seqlen: a.seqlen,
+                seed: a.seed,
+            };
+            (Some(windows), Some(info))
+        }
+        _ if self_calib => {
+            let model = std::sync::Arc::new(
+                nibble_runtime::Model::load_with(
+                    &a.model,
+                    &ImportOptions {
+                        dtype: DType::F16,
+                        hash_source: false,
+                        keep_gguf_blocks: false,
+                    },
+                    &mut |_, _, _| {},
+                )
+                .with_context(|| {
+                    format!(
+                        "cannot load {} to generate calibration text",
+                        a.model.display()
+                    )
+                })?,
+            );
+            eprintln!(
+                "no --calib FILE: the model writes its own calibration text ({} sequences × {} tokens, seed {}); pass --calib FILE to calibrate on text from your domain",
+                a.nsamples, a.seqlen, a.seed
+            );
+            let tg = Instant::now();
+            let pb = bar(a.nsamples as u64, "calibration");
+            pb.set_prefix("self-generated");
+            let windows = nibble_quantizer::calib::self_generated_windows(
+                &model,
+                a.nsamples,
+                a.seqlen,
+                a.seed,
+                threads,
+                &|done| pb.set_position(done as u64),
+            )
+            .with_context(|| format!("generating calibration text with {}", a.model.display()))?;
+            pb.finish_and_clear();
+            eprintln!(
+                "generated {} calibration tokens in {:.1}s",
+                a.nsamples * a.seqlen,
+                tg.elapsed().as_secs_f64()
+            );
+            let mut h = sha2::Sha256::new();
+            for w in &windows {
+                for t in w {
+                    h.update(t.to_le_bytes());
+                }
+            }
+            let info = CalibInfo {
+                file: format!(
+                    "self-generated (temperature {}, top-p {})",
+                    nibble_quantizer::calib::SELF_CALIB_TEMPERATURE,
+                    nibble_quantizer::calib::SELF_CALIB_TOP_P
+                ),
+                sha256: h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
                 nsamples: a.nsamples,
                 seqlen: a.seqlen,
                 seed: a.seed,
@@ -249,7 +317,8 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         "static_groups": a.static_groups,
         "true_sequential": a.true_sequential,
         "damp": a.damp,
-        "calib": a.calib.as_ref().map(|p| p.display().to_string()),
+        "calib": opts.calib.as_ref().map(|c| c.file.clone()),
+        "calib_sha256": opts.calib.as_ref().map(|c| c.sha256.clone()),
         "nsamples": a.nsamples,
         "seqlen": a.seqlen,
         "seed": a.seed,

@@ -38,6 +38,14 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
+/// As [`ok`], returning stderr (progress and summaries).
+fn ok_stderr(args: &[&str]) -> String {
+    let o = nibble(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "nibble {args:?} failed: {err}");
+    err
+}
+
 fn fails(args: &[&str]) -> String {
     let o = nibble(args);
     assert_eq!(o.status.code(), Some(1), "nibble {args:?} should fail");
@@ -312,8 +320,20 @@ fn quantize_writes_a_runnable_model_and_a_report() {
         "33",
     ]);
     assert!(err.contains("multiple of 32"), "{err}");
-    let err = fails(&["quantize", "-m", s(&src), "-o", s(&bad), "--method", "gptq"]);
+    let err = fails(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&bad),
+        "--method",
+        "rtn",
+        "--calib",
+        "self",
+    ]);
     assert!(err.contains("--calib"), "{err}");
+    let err = fails(&["quantize", "-m", s(&src), "-o", s(&bad), "--seqlen", "1"]);
+    assert!(err.contains("--seqlen"), "{err}");
     let short = d.join("short.txt");
     std::fs::write(&short, "Once upon a time.").unwrap();
     let err = fails(&[
@@ -332,6 +352,49 @@ fn quantize_writes_a_runnable_model_and_a_report() {
         "{err}"
     );
     assert!(!bad.exists());
+}
+
+#[test]
+fn gptq_without_calibration_text_calibrates_on_the_models_own_text() {
+    let d = tmp("gptq-self");
+    let out = d.join("self4.nib");
+    let src = shared().join("models/stories260k");
+    let log = ok_stderr(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&out),
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "64",
+        "-t",
+        "2",
+    ]);
+    assert!(log.contains("writes its own calibration text"), "{log}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("self4.nib.report.json")).unwrap())
+            .unwrap();
+    assert!(
+        r["calib"].as_str().unwrap().starts_with("self-generated"),
+        "{r}"
+    );
+    assert_eq!(r["calib_sha256"].as_str().unwrap().len(), 64);
+    for l in r["layers"].as_array().unwrap() {
+        assert!(
+            l["rel_error"].as_f64().unwrap() < l["rel_error_rtn"].as_f64().unwrap(),
+            "{l}"
+        );
+    }
+    let story = ok(&["run", "-m", s(&out), "-n", "30", "--temp", "0"]);
+    assert!(story.starts_with("Once upon a time,"), "{story}");
+    let info = ok(&["inspect", s(&out)]);
+    assert!(info.contains("self-generated"), "{info}");
 }
 
 #[test]

@@ -45,6 +45,107 @@ pub fn calibration_windows(
         .collect())
 }
 
+/// How [`self_generated_windows`] samples: temperature 1 with nucleus 0.95,
+/// the model's own distribution minus its least likely tail.
+pub const SELF_CALIB_TEMPERATURE: f32 = 1.0;
+pub const SELF_CALIB_TOP_P: f32 = 0.95;
+
+/// Calibration windows written by the model itself, the default when no
+/// calibration text is given ("data-free" calibration): `nsamples`
+/// sequences of `seqlen` tokens, each BOS (when the model has one) followed
+/// by tokens sampled from the model at [`SELF_CALIB_TEMPERATURE`] and
+/// [`SELF_CALIB_TOP_P`], with end-of-sequence tokens kept and generation
+/// continued past them. Sample `i` uses seed `seed + i`, so the windows do
+/// not depend on `threads`. `threads` sequences are generated at once, each
+/// on one thread; `progress(done)` is called after each sequence.
+pub fn self_generated_windows(
+    model: &std::sync::Arc<nibble_runtime::Model>,
+    nsamples: usize,
+    seqlen: usize,
+    seed: u64,
+    threads: usize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<Vec<u32>>> {
+    use nibble_runtime::{GenerateParams, Sampler, SamplerParams, Session, SessionParams};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    if nsamples == 0 || seqlen < 2 {
+        return Err(QuantError::Calibration(
+            "--nsamples must be at least 1 and --seqlen at least 2".into(),
+        ));
+    }
+    if model.hparams.n_ctx_train > 0 && seqlen > model.hparams.n_ctx_train {
+        return Err(QuantError::Calibration(format!(
+            "--seqlen {seqlen} exceeds the model's context of {} tokens",
+            model.hparams.n_ctx_train
+        )));
+    }
+    let first = model.bos_id.unwrap_or(0);
+    let threads = threads.clamp(1, nsamples);
+    let done = AtomicUsize::new(0);
+    let generate = |t: usize| -> Result<Vec<(usize, Vec<u32>)>> {
+        let sp = SessionParams {
+            n_ctx: seqlen,
+            n_threads: 1,
+            ..SessionParams::default()
+        };
+        let mut session = Session::new(std::sync::Arc::clone(model), &sp)?;
+        let params = GenerateParams {
+            max_tokens: seqlen - 1,
+            stop_strings: Vec::new(),
+            ignore_eos: true,
+        };
+        let mut out = Vec::new();
+        for i in (t..nsamples).step_by(threads) {
+            session.reset();
+            let mut sampler = Sampler::new(
+                SamplerParams {
+                    temperature: SELF_CALIB_TEMPERATURE,
+                    top_k: 0,
+                    top_p: SELF_CALIB_TOP_P,
+                    min_p: 0.0,
+                    repeat_penalty: 1.0,
+                    repeat_last_n: 0,
+                    seed: seed.wrapping_add(i as u64),
+                },
+                model.hparams.n_vocab,
+            )?;
+            let stats = session.generate(&[first], &params, &mut sampler, |_, _| true)?;
+            let mut w = Vec::with_capacity(seqlen);
+            w.push(first);
+            w.extend_from_slice(&stats.tokens);
+            if w.len() != seqlen {
+                return Err(QuantError::Calibration(format!(
+                    "self-generated sample {i} has {} tokens, not {seqlen}",
+                    w.len()
+                )));
+            }
+            out.push((i, w));
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1);
+        }
+        Ok(out)
+    };
+    let parts: Vec<Result<Vec<(usize, Vec<u32>)>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|t| s.spawn(move || generate(t))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(QuantError::Calibration(
+                        "a generation thread panicked".into(),
+                    ))
+                })
+            })
+            .collect()
+    });
+    let mut windows = vec![Vec::new(); nsamples];
+    for part in parts {
+        for (i, w) in part? {
+            windows[i] = w;
+        }
+    }
+    Ok(windows)
+}
+
 /// Dense f32 weights of one block (`[rows, cols]` row-major, HF rotate-half q/k).
 #[derive(Clone)]
 pub struct BlockWeights {

@@ -18,6 +18,8 @@ pub enum QuantError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Format(#[from] nibble_format::FormatError),
+    #[error("generating calibration text with the model: {0}")]
+    Runtime(#[from] nibble_runtime::RuntimeError),
     #[error("invalid damping {0} (must be > 0 and finite)")]
     BadDamp(f64),
 }
