@@ -82,7 +82,9 @@ pub fn self_generated_windows(
     let first = model.bos_id.unwrap_or(0);
     let threads = threads.clamp(1, nsamples);
     let done = AtomicUsize::new(0);
-    let generate = |t: usize| -> Result<Vec<(usize, Vec<u32>)>> {
+    // (sample index, window) pairs of one thread.
+    type Numbered = Vec<(usize, Vec<u32>)>;
+    let generate = |t: usize| -> Result<Numbered> {
         let sp = SessionParams {
             n_ctx: seqlen,
             n_threads: 1,
@@ -124,7 +126,7 @@ pub fn self_generated_windows(
         }
         Ok(out)
     };
-    let parts: Vec<Result<Vec<(usize, Vec<u32>)>>> = std::thread::scope(|s| {
+    let parts: Vec<Result<Numbered>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads).map(|t| s.spawn(move || generate(t))).collect();
         handles
             .into_iter()
