@@ -2,6 +2,7 @@
 # Quantization benchmarks on SmolLM2-135M-Instruct (numbers in the README).
 #   scripts/bench-quant.sh time    # wall time + peak RSS of one GPTQ run at the default calibration
 #   scripts/bench-quant.sh table   # wikitext-2 perplexity of float / RTN / GPTQ settings
+#                                  # (GPTQ on Shakespeare and on the model's own text)
 # Environment: CHUNKS (windows of 2048 evaluated, default 20), NSAMPLES (GPTQ
 # calibration windows for the table, default 32), THREADS (default 2).
 set -euo pipefail
@@ -46,6 +47,10 @@ table)
             "$N" quantize -m "$G" -o "$f" --method gptq --bits "$bits" --group-size "$gs" $ao \
                 --calib "$CALIB" --nsamples "$NSAMPLES" --seqlen 512 -t "$THREADS" 2>/dev/null
             echo "| GPTQ $label $ao | $(size_bpw "$f") | $(ppl "$f") |"
+            f="$OUT/gptq-self-$bits-$gs$ao.nib"   # the default: self-generated calibration
+            "$N" quantize -m "$G" -o "$f" --method gptq --bits "$bits" --group-size "$gs" $ao \
+                --nsamples "$NSAMPLES" --seqlen 512 -t "$THREADS" 2>/dev/null
+            echo "| GPTQ $label $ao, self-generated calibration | $(size_bpw "$f") | $(ppl "$f") |"
         done
     done
     ;;

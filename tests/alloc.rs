@@ -148,7 +148,15 @@ fn decoding_packed_weights_on_two_threads_allocates_nothing() {
     let model = Arc::new(Model::load_with(&gguf, &opts, &mut |_, _, _| {}).unwrap());
     assert!(model.layers[0].ffn_up.dtype.is_quantized());
     for threads in [1, 2] {
-        let n = allocs_per_decode(&model, threads, SamplerParams::greedy(), 24);
+        let mut n = allocs_per_decode(&model, threads, SamplerParams::greedy(), 24);
+        if n > 0 {
+            // The counter is global: libtest's "has been running for over 60
+            // seconds" notice (slow under qemu on a loaded machine) allocates
+            // on the harness thread. It comes once per test, so a second
+            // window is clean unless decoding itself allocates.
+            eprintln!("{threads} threads: {n} allocations in the first window; measuring again");
+            n = allocs_per_decode(&model, threads, SamplerParams::greedy(), 24);
+        }
         assert_eq!(n, 0, "{threads} threads: {n} allocations in 24 tokens");
     }
 }
