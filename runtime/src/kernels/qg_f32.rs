@@ -63,6 +63,17 @@ fn header(row: &[u8], p: usize, min: bool) -> (f32, f32) {
     (scale, other)
 }
 
+/// A group's contribution from its `(Σ c·x, Σ x)`: `scale·acc + min·xsum`
+/// or `scale·(acc − zero·xsum)` (the module formula; shared by the
+/// reference and the SIMD versions' ragged tails).
+fn group_value<const MIN: bool>(scale: f32, other: f32, acc: f32, xsum: f32) -> f32 {
+    if MIN {
+        scale * acc + other * xsum
+    } else {
+        scale * (acc - other * xsum)
+    }
+}
+
 /// Scalar reference for one row.
 fn row_dot_f32_scalar<const BITS: u32, const MIN: bool>(row: &[u8], gs: usize, x: &[f32]) -> f32 {
     let sb = sub_block_bytes(BITS);
@@ -78,11 +89,7 @@ fn row_dot_f32_scalar<const BITS: u32, const MIN: bool>(row: &[u8], gs: usize, x
             xsum += s;
             p += sb;
         }
-        sum += if MIN {
-            scale * acc + other * xsum
-        } else {
-            scale * (acc - other * xsum)
-        };
+        sum += group_value::<MIN>(scale, other, acc, xsum);
     }
     sum
 }
@@ -189,11 +196,7 @@ pub(super) mod x86 {
             if j < len {
                 // The ragged last sub-block: the reference.
                 let (a, s) = sub_dot_f32_scalar(BITS, &row[p..p + sb], &x[col + j..col + len]);
-                tail += if MIN {
-                    scale * a + other * s
-                } else {
-                    scale * (a - other * s)
-                };
+                tail += group_value::<MIN>(scale, other, a, s);
                 p += sb;
             }
             col += len;
@@ -277,17 +280,12 @@ pub(super) mod neon {
             if j < len {
                 // The ragged last sub-block: the reference (unshifted codes).
                 let (a, s) = sub_dot_f32_scalar(BITS, &row[p..p + sb], &x[col + j..col + len]);
-                tail += if MIN {
-                    scale * a + other * s
-                } else {
-                    scale * (a - other * s)
-                };
+                tail += group_value::<MIN>(scale, other, a, s);
                 p += sb;
             }
             col += len;
         }
-        // SAFETY: NEON is available (caller).
-        unsafe { vaddvq_f32(tot) + tail }
+        vaddvq_f32(tot) + tail
     }
 
     fn matvec_neon<const BITS: u32, const MIN: bool>(
