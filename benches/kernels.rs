@@ -4,6 +4,9 @@
 //! single-threaded call is one full matrix-vector product, activation
 //! quantization included for the packed types (as in decoding).
 //!
+//! A second group, `prefill`, times the prompt products (128 tokens) both
+//! ways the batched path can run them.
+//!
 //! Run: `cargo bench --bench kernels` (add `-- --quick` for a fast pass, or a
 //! filter such as `-- "Q4GM g32"`). `NIBBLE_BENCH_ISA=avx2,scalar` limits the
 //! instruction sets.
@@ -139,5 +142,91 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// Prompt products: 128 tokens against one matrix, the two ways the batched
+/// path can run them: int8 activation blocks against the packed rows
+/// (`matmul_qg`, single-threaded) and rows decoded to f32 then `gemm` (one
+/// thread), activation quantization included in both. Throughput counts
+/// multiply-adds (rows × cols × tokens). The head is left out (one call
+/// takes ~0.2 s); its shape adds nothing the others lack.
+fn bench_prefill(c: &mut Criterion) {
+    use nibble::runtime::kernels::{matmul, MatMut, MatRef, Q8Batch};
+    const N_TOK: usize = 128;
+    let mut g = c.benchmark_group("prefill");
+    g.sample_size(10);
+    let kernels = isas();
+    for (rows, cols, label) in &SHAPES[..4] {
+        let (rows, cols) = (*rows, *cols);
+        let x = seeded(N_TOK * cols, 4);
+        let mut out = vec![0f32; N_TOK * rows];
+        let mut batch = Q8Batch::new(N_TOK, cols);
+        let mut xq = Q8Buf::new(cols);
+        let mut xhat = vec![0f32; N_TOK * cols];
+        let mut tile = vec![0f32; rows * cols];
+        for k in &kernels {
+            let isa = k.isa;
+            for (dtype, gs) in [(DType::Q4GM, 32), (DType::Q4G, 128)] {
+                let w = packed(rows, cols, dtype, gs);
+                let view = PackedRows::new(dtype, &w, rows, cols, gs).unwrap();
+                g.throughput(Throughput::Elements((rows * cols * N_TOK) as u64));
+                if let Some(mm) = k.matmul_qg(dtype) {
+                    g.bench_function(
+                        BenchmarkId::new(format!("{dtype} g{gs} int8 {isa}"), label),
+                        |b| {
+                            b.iter(|| {
+                                batch.quantize(k.quantize_q8, black_box(&x), N_TOK, cols, None);
+                                mm(view, &batch.as_ref(), &mut out, rows);
+                                black_box(&out);
+                            })
+                        },
+                    );
+                }
+                let deq = k.dequant_qg(dtype);
+                g.bench_function(
+                    BenchmarkId::new(format!("{dtype} g{gs} tiles+gemm {isa}"), label),
+                    |b| {
+                        b.iter(|| {
+                            for (t, dst) in xhat.chunks_exact_mut(cols).enumerate() {
+                                xq.quantize(k.quantize_q8, black_box(&x[t * cols..(t + 1) * cols]));
+                                xq.as_ref().dequantize_into(dst);
+                            }
+                            for (r, dst) in tile.chunks_exact_mut(cols).enumerate() {
+                                deq(view, r, dst);
+                            }
+                            matmul(
+                                MatMut {
+                                    data: &mut out,
+                                    rows: N_TOK,
+                                    cols: rows,
+                                    rs: rows,
+                                    cs: 1,
+                                },
+                                MatRef {
+                                    data: &xhat,
+                                    rows: N_TOK,
+                                    cols,
+                                    rs: cols,
+                                    cs: 1,
+                                },
+                                MatRef {
+                                    data: &tile,
+                                    rows: cols,
+                                    cols: rows,
+                                    rs: 1,
+                                    cs: cols,
+                                },
+                                1.0,
+                                false,
+                                1,
+                            );
+                            black_box(&out);
+                        })
+                    },
+                );
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_prefill);
 criterion_main!(benches);

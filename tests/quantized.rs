@@ -7,7 +7,7 @@ use std::sync::Arc;
 use common::*;
 use nibble::format::{AlignedBytes, DType, MetadataBuilder, NibFile, NibWriter};
 use nibble::quantizer::{quantize_model, QuantizeOptions};
-use nibble::Model;
+use nibble::{Model, PrefillKind};
 
 fn float_stories() -> NibFile {
     import_f32(&shared().join("models/stories260k"))
@@ -124,9 +124,21 @@ fn packed_weights_batched_and_sequential_paths_agree() {
     for bits in [2, 3, 4, 8] {
         let q = rtn_model(&src, bits, Some(32), false);
         let ids = text_ids(&q, 40);
-        let a = forward_logits_batched(&q, &ids, 2, 16);
         let b = forward_logits_sequential(&q, &ids, 1);
+        let a = forward_logits_batched(&q, &ids, 2, 16);
         assert_packed_paths_agree(&a, &b, &ids, q.hparams.n_vocab, &format!("{bits}-bit"));
+        // The int8 batched kernels, with batches of 13 (partial quads of
+        // tokens) on 2 threads and 7 on one.
+        for (threads, n_batch) in [(2, 13), (1, 7)] {
+            let a = forward_logits_batched_with(&q, &ids, threads, n_batch, PrefillKind::Int8);
+            assert_packed_paths_agree(
+                &a,
+                &b,
+                &ids,
+                q.hparams.n_vocab,
+                &format!("{bits}-bit, int8 prefill, {threads} threads, batches of {n_batch}"),
+            );
+        }
     }
 }
 
@@ -245,12 +257,21 @@ fn gptq_beats_rtn_on_every_layer_of_stories260k_at_4_and_3_bits() {
             Arc::new(Model::from_nib(NibFile::from_memory(buf).unwrap(), "gptq".into()).unwrap());
         assert_eq!(m.layers[0].attn_q.has_perm(), act_order);
         let ids = text_ids(&m, 40);
+        let seq = forward_logits_sequential(&m, &ids, 1);
         assert_packed_paths_agree(
             &forward_logits_batched(&m, &ids, 2, 16),
-            &forward_logits_sequential(&m, &ids, 1),
+            &seq,
             &ids,
             m.hparams.n_vocab,
             &format!("GPTQ act-order {act_order}: batched vs sequential"),
+        );
+        // Int8 prefill gathers the inputs through the permutation instead.
+        assert_packed_paths_agree(
+            &forward_logits_batched_with(&m, &ids, 2, 16, PrefillKind::Int8),
+            &seq,
+            &ids,
+            m.hparams.n_vocab,
+            &format!("GPTQ act-order {act_order}: int8 batched vs sequential"),
         );
     }
 }
@@ -316,9 +337,11 @@ fn head_bits_store_the_tied_embedding_as_groups_and_cost_little() {
             ratio > 0.97 && ratio < max_ratio,
             "{bits}-bit head: ×{ratio:.4}"
         );
-        let a = forward_logits_batched(&m, &ids[..40], 2, 16);
         let b = forward_logits_sequential(&m, &ids[..40], 1);
+        let a = forward_logits_batched(&m, &ids[..40], 2, 16);
         assert_packed_paths_agree(&a, &b, &ids[..40], m.hparams.n_vocab, "packed head");
+        let a = forward_logits_batched_with(&m, &ids[..40], 2, 16, PrefillKind::Int8);
+        assert_packed_paths_agree(&a, &b, &ids[..40], m.hparams.n_vocab, "packed head, int8");
     }
     let bad = QuantizeOptions {
         head_bits: Some(3),

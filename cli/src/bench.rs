@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 use nibble_runtime::kernels::{Isa, Kernels};
-use nibble_runtime::{argmax, Model, PoolKind, Session, SessionParams};
+use nibble_runtime::{argmax, Model, PoolKind, PrefillKind, Session, SessionParams};
 use rayon::prelude::*;
 
 use crate::commands::load_model;
@@ -62,6 +62,12 @@ pub struct BenchArgs {
     /// spin (persistent spin/park pool, the default) and/or rayon.
     #[arg(long, value_delimiter = ',', default_value = "spin")]
     pool: Vec<String>,
+    /// How prompts multiply packed weights, comma-separated: tiles (rows
+    /// decoded to f32 for gemm, the default) and/or int8 (int8 activation
+    /// blocks against the packed rows, AVX2 / AVX-512 kernels; elsewhere the
+    /// same as tiles). Only the pp rows depend on it.
+    #[arg(long, value_delimiter = ',', default_value = "tiles")]
+    prefill: Vec<String>,
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -113,6 +119,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             other => Err(anyhow::anyhow!("--pool {other}: use spin or rayon")),
         })
         .collect::<Result<_>>()?;
+    let prefills: Vec<(PrefillKind, &str)> = a
+        .prefill
+        .iter()
+        .map(|p| match p.trim() {
+            "tiles" => Ok((PrefillKind::Tiles, "tiles")),
+            "int8" => Ok((PrefillKind::Int8, "int8")),
+            other => Err(anyhow::anyhow!("--prefill {other}: use tiles or int8")),
+        })
+        .collect::<Result<_>>()?;
     let t0 = Instant::now();
     let mut model: Arc<Model> = load_model(&ModelArgs {
         model: a.model.clone(),
@@ -150,10 +165,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         load_ms
     );
     println!(
-        "| isa | pool | threads | test | tokens/s (mean ± sd, {} reps) | bandwidth bound | % of bound |",
+        "| isa | pool | prefill | threads | test | tokens/s (mean ± sd, {} reps) | bandwidth bound | % of bound |",
         a.repetitions
     );
-    println!("|--|--|--:|--|--:|--:|--:|");
+    println!("|--|--|--|--:|--|--:|--:|--:|");
     let n_vocab = model.hparams.n_vocab as u32;
     let mut probes: Vec<(usize, f64)> = vec![];
     for (&threads, &k, &pool) in a
@@ -179,32 +194,41 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             probes.push((threads, bw));
             Some(bw)
         };
-        let mut s = Session::new(
-            Arc::clone(&model),
-            &SessionParams {
-                n_ctx: max_len.max(16),
-                n_threads: threads,
-                pool,
-                ..Default::default()
-            },
-        )?;
         // Deterministic pseudo-random prompt tokens.
         let tokens: Vec<u32> = (0..max_len as u32)
             .map(|i| (i * 7919 + 13) % n_vocab)
             .collect();
-        for &n in a.n_prompt.iter().filter(|&&n| n > 0) {
-            s.reset();
-            s.eval(&tokens[..n.min(8)])?; // warm-up
-            let mut rates = vec![];
-            for _ in 0..a.repetitions {
+        let session = |prefill: PrefillKind| {
+            Session::new(
+                Arc::clone(&model),
+                &SessionParams {
+                    n_ctx: max_len.max(16),
+                    n_threads: threads,
+                    pool,
+                    prefill,
+                    ..Default::default()
+                },
+            )
+        };
+        for &(prefill, prefill_name) in &prefills {
+            let mut s = session(prefill)?;
+            for &n in a.n_prompt.iter().filter(|&&n| n > 0) {
                 s.reset();
-                let t = Instant::now();
-                s.eval(&tokens[..n])?;
-                rates.push(n as f64 / t.elapsed().as_secs_f64());
+                s.eval(&tokens[..n.min(8)])?; // warm-up
+                let mut rates = vec![];
+                for _ in 0..a.repetitions {
+                    s.reset();
+                    let t = Instant::now();
+                    s.eval(&tokens[..n])?;
+                    rates.push(n as f64 / t.elapsed().as_secs_f64());
+                }
+                let (m, sd) = mean_sd(&rates);
+                println!(
+                    "| {isa} | {pool_name} | {prefill_name} | {threads} | pp{n} | {m:.1} ± {sd:.1} | | |"
+                );
             }
-            let (m, sd) = mean_sd(&rates);
-            println!("| {isa} | {pool_name} | {threads} | pp{n} | {m:.1} ± {sd:.1} | | |");
         }
+        let mut s = session(PrefillKind::default())?;
         for &n in a.n_gen.iter().filter(|&&n| n > 0) {
             let mut rates = vec![];
             for rep in 0..=a.repetitions {
@@ -224,12 +248,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 Some(bw) => {
                     let bound = bw * 1e9 / bytes_per_token as f64;
                     println!(
-                        "| {isa} | {pool_name} | {threads} | tg{n} | {m:.1} ± {sd:.1} | {bound:.0} tok/s ({bw:.1} GB/s) | {:.0}% |",
+                        "| {isa} | {pool_name} | - | {threads} | tg{n} | {m:.1} ± {sd:.1} | {bound:.0} tok/s ({bw:.1} GB/s) | {:.0}% |",
                         100.0 * m / bound
                     );
                 }
                 None => {
-                    println!("| {isa} | {pool_name} | {threads} | tg{n} | {m:.1} ± {sd:.1} | | |")
+                    println!(
+                        "| {isa} | {pool_name} | - | {threads} | tg{n} | {m:.1} ± {sd:.1} | | |"
+                    )
                 }
             }
         }

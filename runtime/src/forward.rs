@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use crate::kernels::pool::SpinPool;
 use crate::kernels::{dot_f32, Kernels, Q8Buf, Q8Ref};
 use crate::model::{Model, Weight, WeightData};
+use crate::session::PrefillKind;
 
 /// How the matrix-vector products of one token are spread over threads.
 #[derive(Clone, Copy)]
@@ -490,10 +491,26 @@ struct BatchScratch {
     /// `[n_batch, max_in]`: activations rounded through int8 blocks.
     xhat: Vec<f32>,
     q8: Q8Buf,
+    /// `[n_batch, max_in]` int8 blocks of the current input for the batched
+    /// kernels, shared by the matrices that read it (q/k/v, gate/up).
+    q8b: Q8Batch,
+    /// Which permutation `q8b` was gathered through (`Weight::perm_key`);
+    /// `None` after [`BatchScratch::new_input`].
+    q8b_key: Option<usize>,
+    /// Use the batched int8 kernels where the table has them
+    /// ([`PrefillKind::Int8`]).
+    int8: bool,
+}
+
+impl BatchScratch {
+    /// The input of the next `linear_batch` calls changed.
+    fn new_input(&mut self) {
+        self.q8b_key = None;
+    }
 }
 
 impl BatchState {
-    pub fn new(model: &Model, n_ctx: usize, n_batch: usize) -> BatchState {
+    pub fn new(model: &Model, n_ctx: usize, n_batch: usize, prefill: PrefillKind) -> BatchState {
         let hp = &model.hparams;
         let q_dim = hp.n_head * hp.head_dim;
         let max_in = hp.n_embd.max(hp.n_ff).max(q_dim);
@@ -512,18 +529,25 @@ impl BatchState {
                 wtile: vec![0.0; (WEIGHT_TILE_ROWS + 1) * max_in],
                 xhat: vec![0.0; n_batch * max_in],
                 q8: Q8Buf::new(max_in),
+                q8b: Q8Batch::new(n_batch, max_in),
+                q8b_key: None,
+                int8: prefill == PrefillKind::Int8,
             },
         }
     }
 }
 
-use crate::kernels::{matmul, MatMut, MatRef};
+use crate::kernels::q8::QUAD;
+use crate::kernels::{matmul, MatMut, MatRef, Q8Batch};
 
 /// `out[i, :] = W · x[i, :]` for `b` rows; `out` rows are `out_rs` apart.
-/// Non-F32 weights are decoded tile by tile to f32 and fed to gemm. Packed
-/// weights see the activations rounded through the same int8 blocks as the
-/// one-token kernels (in stored column order), so that both paths compute
-/// the same Ŵ·x̂ and differ only by float reassociation.
+/// Packed weights, where the kernel table has a batched kernel
+/// ([`Kernels::matmul_qg`]), multiply the int8 blocks of the rows (quantized
+/// once per input, [`BatchScratch::new_input`]) as stored, the quads of
+/// tokens split over the threads. Otherwise non-F32 weights are decoded tile
+/// by tile to f32 and fed to gemm, packed ones against the activations
+/// rounded through the same int8 blocks. Either way, prompt and decode
+/// compute the same Ŵ·x̂ and differ only by float reassociation.
 #[allow(clippy::too_many_arguments)]
 fn linear_batch(
     model: &Model,
@@ -538,7 +562,38 @@ fn linear_batch(
     let (rows, cols) = (w.rows, w.cols);
     let data = model.data(w);
     let perm = model.perm(w);
-    let BatchScratch { wtile, xhat, q8 } = scratch;
+    if let WeightData::Packed(p) = &data {
+        if let Some(mm) = model
+            .kernels()
+            .matmul_qg(p.dtype())
+            .filter(|_| scratch.int8)
+        {
+            if scratch.q8b_key != Some(w.perm_key()) {
+                let quantize = model.kernels().quantize_q8;
+                scratch.q8b.quantize(quantize, x, b, cols, perm);
+                scratch.q8b_key = Some(w.perm_key());
+            }
+            let xb = scratch.q8b.as_ref();
+            let n_quads = xb.n_quads();
+            let parts = threads.clamp(1, n_quads);
+            let per = n_quads.div_ceil(parts);
+            let out = &mut out[..(b - 1) * out_rs + rows];
+            if parts == 1 {
+                mm(*p, &xb, out, out_rs);
+            } else {
+                out.par_chunks_mut(per * QUAD * out_rs)
+                    .enumerate()
+                    .for_each(|(i, o)| {
+                        let q0 = i * per;
+                        mm(*p, &xb.quads(q0, per.min(n_quads - q0)), o, out_rs)
+                    });
+            }
+            return;
+        }
+    }
+    let BatchScratch {
+        wtile, xhat, q8, ..
+    } = scratch;
     let x: &[f32] = if let WeightData::Packed(_) = data {
         let quantize = model.kernels().quantize_q8;
         let (tmp, tmp2) = wtile.split_at_mut(cols);
@@ -673,6 +728,7 @@ pub fn forward_batch(
         }
         let lbase = l * n_ctx * kv_dim;
         let rows = lbase + start * kv_dim..lbase + n_keys * kv_dim;
+        bs.scratch.new_input();
         linear_batch(
             model,
             &lw.attn_q,
@@ -780,6 +836,7 @@ pub fn forward_batch(
                 threads,
             );
         }
+        bs.scratch.new_input();
         linear_batch(
             model,
             &lw.attn_output,
@@ -804,6 +861,7 @@ pub fn forward_batch(
             );
         }
         let n_ff = hp.n_ff;
+        bs.scratch.new_input();
         linear_batch(
             model,
             &lw.ffn_gate,
@@ -827,6 +885,7 @@ pub fn forward_batch(
         for (g, &u) in bs.hb[..b * n_ff].iter_mut().zip(&bs.hb2) {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
+        bs.scratch.new_input();
         linear_batch(
             model,
             &lw.ffn_down,
@@ -865,6 +924,7 @@ pub fn forward_batch(
             if bs.logits.len() < bs.n_batch * n_vocab {
                 bs.logits = vec![0.0; bs.n_batch * n_vocab];
             }
+            bs.scratch.new_input();
             linear_batch(
                 model,
                 &model.output,

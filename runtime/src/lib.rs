@@ -25,5 +25,7 @@ pub mod tokenizer;
 pub use error::{Result, RuntimeError};
 pub use model::Model;
 pub use sampler::{argmax, Sampler, SamplerParams};
-pub use session::{GenerateParams, GenerationStats, PoolKind, Session, SessionParams, StopReason};
+pub use session::{
+    GenerateParams, GenerationStats, PoolKind, PrefillKind, Session, SessionParams, StopReason,
+};
 pub use tokenizer::{render_chat, ChatMessage, TextStream, Tokenizer};

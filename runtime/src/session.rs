@@ -22,6 +22,26 @@ pub struct SessionParams {
     /// Thread pool of the per-token products (prompts always use rayon,
     /// through `gemm`).
     pub pool: PoolKind,
+    /// How prompts multiply packed weights.
+    pub prefill: PrefillKind,
+}
+
+/// How the batched (prompt) path multiplies packed weights.
+///
+/// Both compute the same `Ŵ·x̂` (activations rounded through the int8
+/// blocks of the one-token path) and differ only by float reassociation.
+/// Measured on this project's AVX2 machine (`nibble bench --prefill
+/// tiles,int8`), decoded tiles were as fast or faster, so they are the
+/// default; `int8` is kept to measure on CPUs with AVX-512 VNNI.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrefillKind {
+    /// Rows decoded to f32 in tiles, multiplied by `gemm`.
+    #[default]
+    Tiles,
+    /// Int8 activation blocks against the packed weights as stored
+    /// ([`crate::kernels::qg_mm`]), where the kernel table has such a kernel
+    /// (AVX2, AVX-512); elsewhere the same as `Tiles`.
+    Int8,
 }
 
 /// Which thread pool runs the per-token matrix-vector products.
@@ -42,6 +62,7 @@ impl Default for SessionParams {
             n_threads: 0,
             n_batch: 128,
             pool: PoolKind::Spin,
+            prefill: PrefillKind::Tiles,
         }
     }
 }
@@ -94,6 +115,7 @@ pub struct Session {
     spin: Option<SpinPool>,
     n_threads: usize,
     n_batch: usize,
+    prefill: PrefillKind,
     /// Buffers of the batched prompt path, created on first use.
     batch: Option<BatchState>,
 }
@@ -143,6 +165,7 @@ impl Session {
             spin,
             n_threads,
             n_batch: params.n_batch.min(n_ctx),
+            prefill: params.prefill,
             batch: None,
         })
     }
@@ -214,7 +237,7 @@ impl Session {
         let (model, state, threads) = (&*self.model, &mut self.state, self.n_threads);
         let bs = self
             .batch
-            .get_or_insert_with(|| BatchState::new(model, state.n_ctx, self.n_batch));
+            .get_or_insert_with(|| BatchState::new(model, state.n_ctx, self.n_batch, self.prefill));
         match &self.pool {
             Some(pool) => {
                 pool.install(|| forward_batch(model, state, bs, chunk, start, logits, threads))

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use nibble::{Model, Session, SessionParams};
+use nibble::{Model, PrefillKind, Session, SessionParams};
 
 /// `$NIBBLE_SHARED`, or `../shared` beside the checkout.
 pub fn shared() -> PathBuf {
@@ -148,12 +148,24 @@ pub fn forward_logits_batched(
     threads: usize,
     n_batch: usize,
 ) -> Vec<f32> {
+    forward_logits_batched_with(model, ids, threads, n_batch, PrefillKind::default())
+}
+
+/// [`forward_logits_batched`] with a chosen prompt path for packed weights.
+pub fn forward_logits_batched_with(
+    model: &Arc<Model>,
+    ids: &[u32],
+    threads: usize,
+    n_batch: usize,
+    prefill: PrefillKind,
+) -> Vec<f32> {
     let mut s = Session::new(
         Arc::clone(model),
         &SessionParams {
             n_ctx: ids.len().max(8),
             n_threads: threads,
             n_batch,
+            prefill,
             ..Default::default()
         },
     )

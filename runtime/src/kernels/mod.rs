@@ -17,6 +17,7 @@ pub mod pool;
 pub mod q8;
 pub mod qg;
 pub mod qg_f32;
+pub mod qg_mm;
 
 use std::sync::OnceLock;
 
@@ -25,9 +26,11 @@ use nibble_format::DType;
 
 pub use float::{dot_bf16, dot_f16, dot_f32, FloatMatvecFn};
 pub use gemm::{matmul, matmul_f64, MatF64, MatMut, MatRef};
+pub use q8::{Q8Batch, Q8BatchRef};
 pub use q8::{Q8Buf, Q8Ref, QuantizeQ8Fn};
 pub use qg::{DequantRowFn, PackedRows, QgMatvecFn};
 pub use qg_f32::QgF32MatvecFn;
+pub use qg_mm::QgMatmulFn;
 
 /// Elements per packed sub-block and per activation block.
 pub use nibble_format::dtype::SUB_BLOCK;
@@ -129,6 +132,10 @@ pub struct Kernels {
     dequant: [DequantRowFn; 5],
     /// Packed groups × f32 activations (the float-activation variant), by type as `qg`.
     qg_f32: [QgF32MatvecFn; 5],
+    /// Packed groups × int8 blocks of many tokens (prompts), by type as `qg`;
+    /// `None` where no batched kernel beats decoded tiles fed to `gemm`
+    /// (scalar, NEON), which the prompt path then uses.
+    qg_mm: Option<[QgMatmulFn; 5]>,
     pub matvec_f32: FloatMatvecFn<f32>,
     pub matvec_f16: FloatMatvecFn<f16>,
     pub matvec_bf16: FloatMatvecFn<half::bf16>,
@@ -152,6 +159,7 @@ static SCALAR: Kernels = Kernels {
         qg_f32::vec_dot_q8g_f32_scalar,
         qg_f32::vec_dot_q4gm_f32_scalar,
     ],
+    qg_mm: None,
     matvec_f32: float::matvec_f32_scalar,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -176,6 +184,7 @@ static AVX2: Kernels = Kernels {
         qg_f32::x86::vec_dot_q8g_f32_avx2,
         qg_f32::x86::vec_dot_q4gm_f32_avx2,
     ],
+    qg_mm: Some(qg_mm::x86::AVX2),
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -200,6 +209,7 @@ static AVX512: Kernels = Kernels {
         qg_f32::x86::vec_dot_q8g_f32_avx2,
         qg_f32::x86::vec_dot_q4gm_f32_avx2,
     ],
+    qg_mm: Some(qg_mm::x86::AVX512),
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -227,6 +237,7 @@ const NEON_TABLE: Kernels = Kernels {
         qg_f32::neon::vec_dot_q8g_f32_neon,
         qg_f32::neon::vec_dot_q4gm_f32_neon,
     ],
+    qg_mm: None,
     matvec_f32: float::neon::matvec_f32_neon,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -300,6 +311,12 @@ impl Kernels {
     /// The float-activation kernel for a packed `dtype`.
     pub fn matvec_qg_f32(&self, dtype: DType) -> QgF32MatvecFn {
         self.qg_f32[packed_index(dtype)]
+    }
+
+    /// The batched (prompt) kernel for a packed `dtype`, where this
+    /// instruction set has one.
+    pub fn matmul_qg(&self, dtype: DType) -> Option<QgMatmulFn> {
+        self.qg_mm.map(|t| t[packed_index(dtype)])
     }
 
     /// The row decoder for a packed `dtype`.

@@ -95,6 +95,169 @@ impl Q8Buf {
     }
 }
 
+/// Tokens per interleaved group of a [`Q8Batch`]: the batched kernels
+/// decode each weight sub-block once and use it for this many tokens.
+pub const QUAD: usize = 4;
+
+/// The int8 blocks of several tokens (the rows of a prompt), interleaved by
+/// quads of tokens so that a batched kernel reads one sequential stream:
+/// block `k` of token `t` is entry `((t / 4)·nb + k)·4 + t % 4` of `d` and
+/// `ds`, and its 32 codes start at 32 × that index in `qs` (`nb` blocks per
+/// token). A last, partial quad is padded with zero tokens (codes, `d` and
+/// `ds` all 0), which contribute nothing and whose outputs are not written.
+/// Sized once for the largest batch and input width; quantizing allocates
+/// nothing.
+#[derive(Clone, Debug)]
+pub struct Q8Batch {
+    /// `[quads, nb, 4, 32]` codes.
+    qs: Vec<i8>,
+    /// `[quads, nb, 4]` scales.
+    d: Vec<f32>,
+    /// `[quads, nb, 4]` `d · Σ q`.
+    ds: Vec<f32>,
+    /// One token's blocks, before they are interleaved.
+    one: Q8Buf,
+    /// `[max_len]` one token's input gathered through a permutation.
+    gathered: Vec<f32>,
+    n_tok: usize,
+    len: usize,
+}
+
+/// A borrowed [`Q8Batch`] (or a run of its quads): `n_tok` tokens of `len` values.
+#[derive(Clone, Copy, Debug)]
+pub struct Q8BatchRef<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub ds: &'a [f32],
+    pub n_tok: usize,
+    pub len: usize,
+}
+
+impl Q8BatchRef<'_> {
+    /// Blocks per token.
+    pub fn n_blocks(&self) -> usize {
+        self.len.div_ceil(SUB_BLOCK)
+    }
+
+    /// Quads held (the last may be partial).
+    pub fn n_quads(&self) -> usize {
+        self.n_tok.div_ceil(QUAD)
+    }
+
+    /// Whether the arrays have exactly the size `n_tok` and `len` imply.
+    pub fn is_consistent(&self) -> bool {
+        let entries = self.n_quads() * self.n_blocks() * QUAD;
+        self.d.len() == entries && self.ds.len() == entries && self.qs.len() == entries * SUB_BLOCK
+    }
+
+    /// Index of block `k` of token `t` in `d`/`ds` (× 32 in `qs`).
+    pub fn index(&self, t: usize, k: usize) -> usize {
+        ((t / QUAD) * self.n_blocks() + k) * QUAD + t % QUAD
+    }
+
+    /// Quads `q0..q0 + n` as their own batch (tokens `4·q0..`).
+    pub fn quads(&self, q0: usize, n: usize) -> Q8BatchRef<'_> {
+        assert!(q0 + n <= self.n_quads(), "Q8BatchRef::quads out of range");
+        let per = self.n_blocks() * QUAD;
+        Q8BatchRef {
+            qs: &self.qs[q0 * per * SUB_BLOCK..(q0 + n) * per * SUB_BLOCK],
+            d: &self.d[q0 * per..(q0 + n) * per],
+            ds: &self.ds[q0 * per..(q0 + n) * per],
+            n_tok: (self.n_tok - q0 * QUAD).min(n * QUAD),
+            len: self.len,
+        }
+    }
+}
+
+impl Q8Batch {
+    /// Room for up to `max_tok` tokens of up to `max_len` values.
+    pub fn new(max_tok: usize, max_len: usize) -> Q8Batch {
+        let entries = max_tok.div_ceil(QUAD) * QUAD * max_len.div_ceil(SUB_BLOCK);
+        Q8Batch {
+            qs: vec![0; entries * SUB_BLOCK],
+            d: vec![0.0; entries],
+            ds: vec![0.0; entries],
+            one: Q8Buf::new(max_len),
+            gathered: vec![0.0; max_len],
+            n_tok: 0,
+            len: 0,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 4 * (self.d.len() + self.ds.len() + self.gathered.len()) + self.one.bytes()
+    }
+
+    /// Quantize `n_tok` rows of `len` values (`x` is `[n_tok, len]`), each
+    /// gathered through `perm` first when given (`row[perm[j]]` becomes
+    /// column `j`), with the same `quantize` as the one-token path, so both
+    /// paths see the same blocks. Allocates nothing.
+    pub fn quantize(
+        &mut self,
+        quantize: QuantizeQ8Fn,
+        x: &[f32],
+        n_tok: usize,
+        len: usize,
+        perm: Option<&[u32]>,
+    ) {
+        let nb = len.div_ceil(SUB_BLOCK);
+        let quads = n_tok.div_ceil(QUAD);
+        assert!(
+            x.len() >= n_tok * len
+                && quads * QUAD * nb <= self.d.len()
+                && len <= self.gathered.len(),
+            "Q8Batch: {n_tok} × {len} does not fit"
+        );
+        assert!(
+            perm.is_none_or(|p| p.len() == len),
+            "Q8Batch: permutation length"
+        );
+        (self.n_tok, self.len) = (n_tok, len);
+        let entries = quads * QUAD * nb;
+        for t in 0..quads * QUAD {
+            if t >= n_tok {
+                for k in 0..nb {
+                    let i = ((t / QUAD) * nb + k) * QUAD + t % QUAD;
+                    self.qs[i * SUB_BLOCK..(i + 1) * SUB_BLOCK].fill(0);
+                    (self.d[i], self.ds[i]) = (0.0, 0.0);
+                }
+                continue;
+            }
+            let row = &x[t * len..(t + 1) * len];
+            let row = match perm {
+                None => row,
+                Some(perm) => {
+                    for (o, &p) in self.gathered[..len].iter_mut().zip(perm) {
+                        *o = row[p as usize];
+                    }
+                    &self.gathered[..len]
+                }
+            };
+            self.one.quantize(quantize, row);
+            let one = self.one.as_ref();
+            for k in 0..nb {
+                let i = ((t / QUAD) * nb + k) * QUAD + t % QUAD;
+                self.qs[i * SUB_BLOCK..(i + 1) * SUB_BLOCK]
+                    .copy_from_slice(&one.qs[k * SUB_BLOCK..(k + 1) * SUB_BLOCK]);
+                (self.d[i], self.ds[i]) = (one.d[k], one.ds[k]);
+            }
+        }
+        debug_assert!(self.as_ref().is_consistent() && self.as_ref().d.len() == entries);
+    }
+
+    pub fn as_ref(&self) -> Q8BatchRef<'_> {
+        let entries = self.n_tok.div_ceil(QUAD) * QUAD * self.len.div_ceil(SUB_BLOCK);
+        Q8BatchRef {
+            qs: &self.qs[..entries * SUB_BLOCK],
+            d: &self.d[..entries],
+            ds: &self.ds[..entries],
+            n_tok: self.n_tok,
+            len: self.len,
+        }
+    }
+}
+
 fn check(x: &[f32], qs: &[i8], d: &[f32], ds: &[f32]) {
     let nb = x.len().div_ceil(SUB_BLOCK);
     assert!(

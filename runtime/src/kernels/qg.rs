@@ -135,6 +135,20 @@ fn row_dot_scalar<const BITS: u32, const MIN: bool>(
     gs: usize,
     x: &Q8Ref<'_>,
 ) -> f32 {
+    row_dot_blocks::<BITS, MIN>(row, cols, gs, |b| {
+        (&x.qs[b * SUB_BLOCK..(b + 1) * SUB_BLOCK], x.d[b], x.ds[b])
+    })
+}
+
+/// The reference's arithmetic for one row against activation blocks given
+/// by `block(b) = (32 codes, d, ds)`, shared by the one-token and the
+/// batched references so they compute the same bits.
+pub(super) fn row_dot_blocks<'x, const BITS: u32, const MIN: bool>(
+    row: &[u8],
+    cols: usize,
+    gs: usize,
+    block: impl Fn(usize) -> (&'x [i8], f32, f32),
+) -> f32 {
     let sb = sub_block_bytes(BITS);
     let mut codes = [0u8; SUB_BLOCK];
     let (mut p, mut blk, mut col) = (0, 0, 0);
@@ -149,14 +163,14 @@ fn row_dot_scalar<const BITS: u32, const MIN: bool>(
         for _ in 0..len.div_ceil(SUB_BLOCK) {
             unpack_sub_block(BITS, &row[p..p + sb], &mut codes);
             p += sb;
-            let q = &x.qs[blk * SUB_BLOCK..(blk + 1) * SUB_BLOCK];
+            let (q, d, ds) = block(blk);
             let isum: i32 = codes
                 .iter()
                 .zip(q)
                 .map(|(&c, &q)| i32::from(c) * i32::from(q))
                 .sum();
-            accf += x.d[blk] * isum as f32;
-            accs += x.ds[blk];
+            accf += d * isum as f32;
+            accs += ds;
             blk += 1;
         }
         sum += if MIN {
@@ -264,7 +278,7 @@ pub(super) mod x86 {
     /// arrive flipped to signed (c − 128).
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn dot_avx2<const BITS: u32>(c: __m256i, q: __m256i) -> __m256i {
+    pub(crate) unsafe fn dot_avx2<const BITS: u32>(c: __m256i, q: __m256i) -> __m256i {
         let ones = _mm256_set1_epi16(1);
         if BITS == 8 {
             let s = _mm256_xor_si256(c, _mm256_set1_epi8(-128));
@@ -277,13 +291,13 @@ pub(super) mod x86 {
 
     #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     #[inline]
-    unsafe fn dot_vnni<const BITS: u32>(c: __m256i, q: __m256i) -> __m256i {
+    pub(crate) unsafe fn dot_vnni<const BITS: u32>(c: __m256i, q: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, q)
     }
 
     #[target_feature(enable = "f16c")]
     #[inline]
-    unsafe fn half(bits: u16) -> f32 {
+    pub(crate) unsafe fn half(bits: u16) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
     }
 
