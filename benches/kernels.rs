@@ -17,7 +17,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::f16;
 use nibble::format::quant::{pack_row, pack_row_q4gm};
 use nibble::format::DType;
-use nibble::runtime::kernels::{Isa, Kernels, PackedRows, Q8Buf};
+use nibble::runtime::kernels::{Isa, Kernels, PackedRows, Q8Buf, X8Rows};
 
 /// (rows = outputs, cols = inputs) of SmolLM2's linear layers and output head.
 const SHAPES: [(usize, usize, &str); 5] = [
@@ -124,6 +124,20 @@ fn bench(c: &mut Criterion) {
                         })
                     },
                 );
+                // The same weights interleaved by eight rows, as decoding
+                // uses them where the table has the kernel (4-bit types).
+                if let (Some(f8), Some(x8)) = (k.matvec_x8, X8Rows::interleave(view)) {
+                    g.bench_function(
+                        BenchmarkId::new(format!("{dtype} g{gs} x8 {isa}"), label),
+                        |b| {
+                            b.iter(|| {
+                                xq.quantize(k.quantize_q8, black_box(&x));
+                                f8(&x8, 0, &xq.as_ref(), &mut out);
+                                black_box(&out);
+                            })
+                        },
+                    );
+                }
                 // The float-activation variant (decode to f32 + FMA, no
                 // activation rounding) on the same weights, for comparison.
                 let f32_act = k.matvec_qg_f32(dtype);
@@ -175,6 +189,18 @@ fn bench_prefill(c: &mut Criterion) {
                             b.iter(|| {
                                 batch.quantize(k.quantize_q8, black_box(&x), N_TOK, cols, None);
                                 mm(view, &batch.as_ref(), &mut out, rows);
+                                black_box(&out);
+                            })
+                        },
+                    );
+                }
+                if let (Some(mx), Some(x8)) = (k.matmul_x8, X8Rows::interleave(view)) {
+                    g.bench_function(
+                        BenchmarkId::new(format!("{dtype} g{gs} x8 {isa}"), label),
+                        |b| {
+                            b.iter(|| {
+                                batch.quantize(k.quantize_q8, black_box(&x), N_TOK, cols, None);
+                                mx(&x8, &batch.as_ref(), &mut out, rows);
                                 black_box(&out);
                             })
                         },

@@ -62,11 +62,12 @@ pub struct BenchArgs {
     /// spin (persistent spin/park pool, the default) and/or rayon.
     #[arg(long, value_delimiter = ',', default_value = "spin")]
     pool: Vec<String>,
-    /// How prompts multiply packed weights, comma-separated: tiles (rows
-    /// decoded to f32 for gemm, the default) and/or int8 (int8 activation
-    /// blocks against the packed rows, AVX2 / AVX-512 kernels; elsewhere the
-    /// same as tiles). Only the pp rows depend on it.
-    #[arg(long, value_delimiter = ',', default_value = "tiles")]
+    /// How prompts multiply packed weights, comma-separated: auto (the
+    /// default: the interleaved int8 kernel for 4-bit weights where the CPU
+    /// has it, decoded tiles otherwise), tiles (rows decoded to f32 for
+    /// gemm) and/or int8 (row-by-row int8 kernels, AVX2 / AVX-512; elsewhere
+    /// the same as tiles). Only the pp rows depend on it.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
     prefill: Vec<String>,
 }
 
@@ -123,9 +124,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .prefill
         .iter()
         .map(|p| match p.trim() {
+            "auto" => Ok((PrefillKind::Auto, "auto")),
             "tiles" => Ok((PrefillKind::Tiles, "tiles")),
             "int8" => Ok((PrefillKind::Int8, "int8")),
-            other => Err(anyhow::anyhow!("--prefill {other}: use tiles or int8")),
+            other => Err(anyhow::anyhow!(
+                "--prefill {other}: use auto, tiles or int8"
+            )),
         })
         .collect::<Result<_>>()?;
     let t0 = Instant::now();

@@ -250,8 +250,13 @@ pub fn matvec(
     match model.data(w) {
         WeightData::Packed(p) => {
             let xq = inp.quantized(k, x, perm);
-            let f = k.matvec_qg(p.dtype());
-            par.rows(out, &|r0, o| f(p.slice(r0, o.len()), &xq, o));
+            match (k.matvec_x8, model.x8(w)) {
+                (Some(f), Some(x8)) => par.rows(out, &|r0, o| f(x8, r0, &xq, o)),
+                _ => {
+                    let f = k.matvec_qg(p.dtype());
+                    par.rows(out, &|r0, o| f(p.slice(r0, o.len()), &xq, o));
+                }
+            }
         }
         WeightData::F32(d) => float_rows(par, d, cols, inp.permuted(x, perm), out, k.matvec_f32),
         WeightData::F16(d) => float_rows(par, d, cols, inp.permuted(x, perm), out, k.matvec_f16),
@@ -497,9 +502,8 @@ struct BatchScratch {
     /// Which permutation `q8b` was gathered through (`Weight::perm_key`);
     /// `None` after [`BatchScratch::new_input`].
     q8b_key: Option<usize>,
-    /// Use the batched int8 kernels where the table has them
-    /// ([`PrefillKind::Int8`]).
-    int8: bool,
+    /// Which kernels multiply packed weights.
+    prefill: PrefillKind,
 }
 
 impl BatchScratch {
@@ -531,22 +535,23 @@ impl BatchState {
                 q8: Q8Buf::new(max_in),
                 q8b: Q8Batch::new(n_batch, max_in),
                 q8b_key: None,
-                int8: prefill == PrefillKind::Int8,
+                prefill,
             },
         }
     }
 }
 
 use crate::kernels::q8::QUAD;
-use crate::kernels::{matmul, MatMut, MatRef, Q8Batch};
+use crate::kernels::{matmul, MatMut, MatRef, Q8Batch, Q8BatchRef};
 
 /// `out[i, :] = W · x[i, :]` for `b` rows; `out` rows are `out_rs` apart.
-/// Packed weights, where the kernel table has a batched kernel
-/// ([`Kernels::matmul_qg`]), multiply the int8 blocks of the rows (quantized
-/// once per input, [`BatchScratch::new_input`]) as stored, the quads of
-/// tokens split over the threads. Otherwise non-F32 weights are decoded tile
-/// by tile to f32 and fed to gemm, packed ones against the activations
-/// rounded through the same int8 blocks. Either way, prompt and decode
+/// Packed weights with an interleaved 4-bit copy ([`Model::x8`]) multiply
+/// the int8 blocks of the rows (quantized once per input,
+/// [`BatchScratch::new_input`]) through [`Kernels::matmul_x8`], the quads of
+/// tokens split over the threads ([`PrefillKind::Auto`]; `Int8` uses the
+/// row-by-row [`Kernels::matmul_qg`] instead). Otherwise non-F32 weights are
+/// decoded tile by tile to f32 and fed to gemm, packed ones against the
+/// activations rounded through the same int8 blocks. Either way, prompt and decode
 /// compute the same Ŵ·x̂ and differ only by float reassociation.
 #[allow(clippy::too_many_arguments)]
 fn linear_batch(
@@ -563,29 +568,40 @@ fn linear_batch(
     let data = model.data(w);
     let perm = model.perm(w);
     if let WeightData::Packed(p) = &data {
-        if let Some(mm) = model
-            .kernels()
-            .matmul_qg(p.dtype())
-            .filter(|_| scratch.int8)
-        {
+        let k = model.kernels();
+        // Auto: the interleaved 4-bit rows where the model keeps them;
+        // Int8: the row-by-row batched kernels; otherwise decoded tiles.
+        let x8 = match (scratch.prefill, k.matmul_x8, model.x8(w)) {
+            (PrefillKind::Auto, Some(f), Some(x8)) if x8.bits() == 4 => Some((f, x8)),
+            _ => None,
+        };
+        let rowwise = match scratch.prefill {
+            PrefillKind::Int8 => k.matmul_qg(p.dtype()),
+            _ => None,
+        };
+        if x8.is_some() || rowwise.is_some() {
             if scratch.q8b_key != Some(w.perm_key()) {
-                let quantize = model.kernels().quantize_q8;
-                scratch.q8b.quantize(quantize, x, b, cols, perm);
+                scratch.q8b.quantize(k.quantize_q8, x, b, cols, perm);
                 scratch.q8b_key = Some(w.perm_key());
             }
             let xb = scratch.q8b.as_ref();
+            let run = |xb: &Q8BatchRef<'_>, o: &mut [f32]| match (x8, rowwise) {
+                (Some((f, x8)), _) => f(x8, xb, o, out_rs),
+                (None, Some(mm)) => mm(*p, xb, o, out_rs),
+                (None, None) => unreachable!(),
+            };
             let n_quads = xb.n_quads();
             let parts = threads.clamp(1, n_quads);
             let per = n_quads.div_ceil(parts);
             let out = &mut out[..(b - 1) * out_rs + rows];
             if parts == 1 {
-                mm(*p, &xb, out, out_rs);
+                run(&xb, out);
             } else {
                 out.par_chunks_mut(per * QUAD * out_rs)
                     .enumerate()
                     .for_each(|(i, o)| {
                         let q0 = i * per;
-                        mm(*p, &xb.quads(q0, per.min(n_quads - q0)), o, out_rs)
+                        run(&xb.quads(q0, per.min(n_quads - q0)), o)
                     });
             }
             return;

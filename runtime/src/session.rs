@@ -28,17 +28,20 @@ pub struct SessionParams {
 
 /// How the batched (prompt) path multiplies packed weights.
 ///
-/// Both compute the same `Ŵ·x̂` (activations rounded through the int8
+/// All compute the same `Ŵ·x̂` (activations rounded through the int8
 /// blocks of the one-token path) and differ only by float reassociation.
 /// Measured on this project's AVX2 machine (`nibble bench --prefill
-/// tiles,int8`), decoded tiles were as fast or faster, so they are the
-/// default; `int8` is kept to measure on CPUs with AVX-512 VNNI.
+/// auto,tiles,int8`, README "Speed"): the interleaved kernel is the
+/// fastest, decoded tiles come next, the row-by-row int8 kernel last.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKind {
-    /// Rows decoded to f32 in tiles, multiplied by `gemm`.
+    /// 4-bit weights with an interleaved copy ([`crate::Model::x8`]) through
+    /// the interleaved int8 kernel; every other weight as `Tiles`.
     #[default]
+    Auto,
+    /// Rows decoded to f32 in tiles, multiplied by `gemm`.
     Tiles,
-    /// Int8 activation blocks against the packed weights as stored
+    /// Int8 activation blocks against the packed rows as stored
     /// ([`crate::kernels::qg_mm`]), where the kernel table has such a kernel
     /// (AVX2, AVX-512); elsewhere the same as `Tiles`.
     Int8,
@@ -62,7 +65,7 @@ impl Default for SessionParams {
             n_threads: 0,
             n_batch: 128,
             pool: PoolKind::Spin,
-            prefill: PrefillKind::Tiles,
+            prefill: PrefillKind::Auto,
         }
     }
 }

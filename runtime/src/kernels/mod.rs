@@ -18,6 +18,7 @@ pub mod q8;
 pub mod qg;
 pub mod qg_f32;
 pub mod qg_mm;
+pub mod qg_x8;
 
 use std::sync::OnceLock;
 
@@ -31,6 +32,7 @@ pub use q8::{Q8Buf, Q8Ref, QuantizeQ8Fn};
 pub use qg::{DequantRowFn, PackedRows, QgMatvecFn};
 pub use qg_f32::QgF32MatvecFn;
 pub use qg_mm::QgMatmulFn;
+pub use qg_x8::{X8MatmulFn, X8MatvecFn, X8Rows};
 
 /// Elements per packed sub-block and per activation block.
 pub use nibble_format::dtype::SUB_BLOCK;
@@ -136,6 +138,12 @@ pub struct Kernels {
     /// `None` where no batched kernel beats decoded tiles fed to `gemm`
     /// (scalar, NEON), which the prompt path then uses.
     qg_mm: Option<[QgMatmulFn; 5]>,
+    /// Packed weights interleaved by eight rows ([`qg_x8`]) × int8
+    /// activations; `None` where there is no such kernel (the models then
+    /// keep no interleaved copy).
+    pub matvec_x8: Option<X8MatvecFn>,
+    /// The same for many tokens (prompts), where the table has it.
+    pub matmul_x8: Option<X8MatmulFn>,
     pub matvec_f32: FloatMatvecFn<f32>,
     pub matvec_f16: FloatMatvecFn<f16>,
     pub matvec_bf16: FloatMatvecFn<half::bf16>,
@@ -160,6 +168,8 @@ static SCALAR: Kernels = Kernels {
         qg_f32::vec_dot_q4gm_f32_scalar,
     ],
     qg_mm: None,
+    matvec_x8: None,
+    matmul_x8: None,
     matvec_f32: float::matvec_f32_scalar,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -185,6 +195,8 @@ static AVX2: Kernels = Kernels {
         qg_f32::x86::vec_dot_q4gm_f32_avx2,
     ],
     qg_mm: Some(qg_mm::x86::AVX2),
+    matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx2),
+    matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx2),
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -210,6 +222,8 @@ static AVX512: Kernels = Kernels {
         qg_f32::x86::vec_dot_q4gm_f32_avx2,
     ],
     qg_mm: Some(qg_mm::x86::AVX512),
+    matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx2),
+    matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx2),
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -238,6 +252,8 @@ const NEON_TABLE: Kernels = Kernels {
         qg_f32::neon::vec_dot_q4gm_f32_neon,
     ],
     qg_mm: None,
+    matvec_x8: None,
+    matmul_x8: None,
     matvec_f32: float::neon::matvec_f32_neon,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -325,7 +341,7 @@ impl Kernels {
     }
 }
 
-fn packed_index(dtype: DType) -> usize {
+pub(crate) fn packed_index(dtype: DType) -> usize {
     match dtype {
         DType::Q2G => 0,
         DType::Q3G => 1,

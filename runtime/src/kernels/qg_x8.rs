@@ -1,0 +1,683 @@
+//! Packed rows interleaved by eight for decoding (`vec_dot_x8_q8`): an
+//! in-memory copy of `Q4G` / `Q4GM` / `Q8G` weights, built once at load, in
+//! which one 32-byte vector holds four consecutive codes of each of eight
+//! rows.
+//!
+//! Why: the row-by-row kernels ([`super::qg`]) reduce each 32-weight
+//! sub-block of one row to one number, so per 32 weights they pay an unpack,
+//! a horizontal integer widening, an i32 → f32 conversion and a multiply-add
+//! by the block scale; that keeps a core at about half the memory bandwidth
+//! (README, "Speed"). With eight rows side by side, lane `r` of every
+//! integer product belongs to row `r`: the sums never cross lanes, the
+//! i16 products of a whole sub-block accumulate before one widening, and
+//! the conversion, the block scale, the group scale and the zero-point /
+//! minimum correction are each one instruction for eight rows. The
+//! activation side is a broadcast of four int8 values per instruction.
+//! (8-bit codes can saturate `vpmaddubsw`'s i16 pairs, so they widen to
+//! i32 per chunk, as in the row kernels.)
+//!
+//! Layout of [`X8Rows`], per tile of rows `8t..8t+8`, per group `g`:
+//! 16 bytes of eight f16 scales (row order), 16 bytes of eight f16
+//! "others" (the `Q4GM` minimum; the `Q4G` zero point `z`, or `z − 128` for
+//! `Q8G`, as exact f16 integers), then per 32-column sub-block the rows'
+//! sub-block bytes in chunks of four: chunk `j` (32 bytes) holds bytes
+//! `4j..4j+4` of each row's sub-block (row `r` at `4r`); 4 chunks for 4-bit
+//! (each byte keeps the format's nibbles, low = column `i`, high = column
+//! `i + 16`, so chunk `j` gives columns `4j..` and `16+4j..`), 8 for 8-bit
+//! (columns `4j..4j+4`, stored as signed `c − 128` so that the AVX2 kernel
+//! can use `vpmaddubsw`'s sign form without flipping them per token).
+//! The last group may be shorter (SmolLM2's 576 columns are 4 groups of 128
+//! and one of 64), but only whole tiles and whole sub-blocks are
+//! interleaved (rows % 8 = 0, cols % 32 = 0); other weights keep the
+//! row-by-row kernels.
+//!
+//! The copy costs the weights' size again in memory; decoding then reads
+//! only the copy. There is an AVX2 version (also used by the AVX-512 table);
+//! NEON keeps the row kernels. The scalar reference rebuilds each row in the
+//! format's layout and runs the one-token reference on it, so its results
+//! are those of [`super::qg`]'s reference bit for bit.
+
+use half::f16;
+use nibble_format::dtype::{row_bytes, sub_block_bytes, DType, GROUP_HEADER};
+
+use super::q8::{Q8BatchRef, Q8Ref, QUAD};
+use super::qg::PackedRows;
+use super::SUB_BLOCK;
+
+/// Rows per interleaved tile.
+pub const TILE: usize = 8;
+/// Bytes of one tile's group header: eight f16 scales, eight f16 others.
+const TILE_HEADER: usize = 2 * 2 * TILE;
+
+/// A `Q4G`, `Q4GM` or `Q8G` weight interleaved by eight rows (layout above).
+#[derive(Clone, Debug)]
+pub struct X8Rows {
+    /// `[rows / 8, n_groups, 32 + nsb·128]` bytes.
+    data: Vec<u8>,
+    rows: usize,
+    cols: usize,
+    group_size: usize,
+    /// 4 or 8.
+    bits: u32,
+    /// The header holds an f16 minimum (`Q4GM`), else a zero point.
+    min: bool,
+}
+
+impl X8Rows {
+    /// The interleaved copy of `w`, or `None` when `w` is not `Q4G`,
+    /// `Q4GM` or `Q8G`, its rows are not a multiple of 8 or its columns not
+    /// a multiple of 32.
+    pub fn interleave(w: PackedRows<'_>) -> Option<X8Rows> {
+        let (bits, min) = match w.dtype() {
+            DType::Q4G => (4, false),
+            DType::Q4GM => (4, true),
+            DType::Q8G => (8, false),
+            _ => return None,
+        };
+        let sb_bytes = sub_block_bytes(bits);
+        let flip = if bits == 8 { 0x80u8 } else { 0 };
+        let (rows, cols, gs) = (w.rows(), w.cols(), w.group_size());
+        if rows == 0 || !rows.is_multiple_of(TILE) || !cols.is_multiple_of(SUB_BLOCK) {
+            return None;
+        }
+        let mut data = vec![0u8; rows * row_bytes(bits, cols, gs)];
+        let mut o = 0;
+        let mut put = |b: &[u8]| {
+            data[o..o + b.len()].copy_from_slice(b);
+            o += b.len();
+        };
+        for t in 0..rows / TILE {
+            let tile: [&[u8]; TILE] = std::array::from_fn(|r| w.row(t * TILE + r));
+            let mut h = 0;
+            for nsb in group_sub_blocks(cols, gs) {
+                for row in &tile {
+                    put(&row[h..h + 2]);
+                }
+                for row in &tile {
+                    if min {
+                        put(&row[h + 2..h + 4]);
+                    } else {
+                        let z = f32::from(row[h + 2]) - f32::from(flip);
+                        put(&f16::from_f32(z).to_le_bytes());
+                    }
+                }
+                for k in 0..nsb {
+                    let sb = h + GROUP_HEADER + k * sb_bytes;
+                    for j in 0..sb_bytes / 4 {
+                        for row in &tile {
+                            let c = &row[sb + 4 * j..sb + 4 * j + 4];
+                            put(&[c[0] ^ flip, c[1] ^ flip, c[2] ^ flip, c[3] ^ flip]);
+                        }
+                    }
+                }
+                h += GROUP_HEADER + nsb * sb_bytes;
+            }
+        }
+        debug_assert_eq!(o, data.len());
+        Some(X8Rows {
+            data,
+            rows,
+            cols,
+            group_size: gs,
+            bits,
+            min,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bits per code (4 or 8).
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+    /// Bytes held (the size of the weight it copies).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+    fn tile_bytes(&self) -> usize {
+        TILE * row_bytes(self.bits, self.cols, self.group_size)
+    }
+
+    /// Row `r` back in the format's layout (the reference and tests).
+    pub fn row_in_format(&self, r: usize, out: &mut Vec<u8>) {
+        out.clear();
+        let (t, lane) = (r / TILE, r % TILE);
+        let tile = &self.data[t * self.tile_bytes()..(t + 1) * self.tile_bytes()];
+        let sb_bytes = sub_block_bytes(self.bits);
+        let flip = if self.bits == 8 { 0x80u8 } else { 0 };
+        let mut p = 0;
+        for nsb in group_sub_blocks(self.cols, self.group_size) {
+            out.extend_from_slice(&tile[p + 2 * lane..p + 2 * lane + 2]);
+            let o = &tile[p + 16 + 2 * lane..p + 16 + 2 * lane + 2];
+            if self.min {
+                out.extend_from_slice(o);
+            } else {
+                let z = f16::from_le_bytes([o[0], o[1]]).to_f32() + f32::from(flip);
+                out.extend_from_slice(&[z as u8, 0]);
+            }
+            for k in 0..nsb {
+                let s = p + TILE_HEADER + k * TILE * sb_bytes;
+                for j in 0..sb_bytes / 4 {
+                    let c = s + 32 * j + 4 * lane;
+                    out.extend(tile[c..c + 4].iter().map(|&b| b ^ flip));
+                }
+            }
+            p += TILE_HEADER + nsb * TILE * sb_bytes;
+        }
+    }
+}
+
+/// Sub-blocks of each group of a row of `cols` (a multiple of 32) columns:
+/// full groups of `gs`, then a shorter last one if `gs` does not divide `cols`.
+fn group_sub_blocks(cols: usize, gs: usize) -> impl Iterator<Item = usize> {
+    (0..cols.div_ceil(gs)).map(move |g| (gs.min(cols - g * gs)) / SUB_BLOCK)
+}
+
+/// `out[i] = Σ_c ŵ[r0 + i, c] · x[c]` for `i < out.len()` (any row range:
+/// tiles cut by the range are computed whole and the needed rows kept).
+pub type X8MatvecFn = fn(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]);
+
+fn check(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &[f32]) {
+    assert!(r0 + out.len() <= w.rows, "x8 kernel: rows out of range");
+    let nb = w.cols / SUB_BLOCK;
+    assert!(
+        x.len == w.cols && x.d.len() == nb && x.ds.len() == nb && x.qs.len() == nb * SUB_BLOCK,
+        "x8 kernel: activation blocks do not match {} columns",
+        w.cols
+    );
+}
+
+/// Scalar reference: each row rebuilt in the format's layout, then the
+/// one-token reference (so the same bits as [`super::qg`]'s reference).
+/// Allocates a row buffer: it is the reference, not a decoding path.
+pub fn vec_dot_x8_q8_scalar(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]) {
+    check(w, r0, x, out);
+    let (dtype, reference): (DType, super::QgMatvecFn) = match (w.bits, w.min) {
+        (8, _) => (DType::Q8G, super::qg::vec_dot_q8g_q8_scalar),
+        (_, true) => (DType::Q4GM, super::qg::vec_dot_q4gm_q8_scalar),
+        _ => (DType::Q4G, super::qg::vec_dot_q4g_q8_scalar),
+    };
+    let mut row = Vec::new();
+    for (i, o) in out.iter_mut().enumerate() {
+        w.row_in_format(r0 + i, &mut row);
+        let one = PackedRows::new(dtype, &row, 1, w.cols, w.group_size).expect("one row");
+        reference(one, x, std::slice::from_mut(o));
+    }
+}
+
+/// Batched (prompt) product on the interleaved rows:
+/// `out[t·out_rs + r] = Σ_c ŵ[r, c] · x_t[c]` for every token `t` of `x`
+/// and row `r`; other entries of `out` are left as they are. Each tile's
+/// codes are unpacked once per quad of four tokens.
+pub type X8MatmulFn = fn(w: &X8Rows, x: &Q8BatchRef<'_>, out: &mut [f32], out_rs: usize);
+
+fn check_batch(w: &X8Rows, x: &Q8BatchRef<'_>, out: &[f32], out_rs: usize) {
+    assert!(
+        x.len == w.cols && x.is_consistent(),
+        "x8 matmul: activation blocks do not match {} columns",
+        w.cols
+    );
+    assert!(
+        out_rs >= w.rows,
+        "x8 matmul: output row stride below the row count"
+    );
+    assert!(
+        x.n_tok == 0 || out.len() >= (x.n_tok - 1) * out_rs + w.rows,
+        "x8 matmul: output too short"
+    );
+}
+
+/// Scalar reference of [`X8MatmulFn`]: the batched one-token reference
+/// (`qg_mm`) on each row rebuilt in the format's layout.
+pub fn matmul_x8_q8_scalar(w: &X8Rows, x: &Q8BatchRef<'_>, out: &mut [f32], out_rs: usize) {
+    check_batch(w, x, out, out_rs);
+    let (dtype, reference): (DType, super::QgMatmulFn) = match (w.bits, w.min) {
+        (8, _) => (DType::Q8G, super::qg_mm::matmul_q8g_q8_scalar),
+        (_, true) => (DType::Q4GM, super::qg_mm::matmul_q4gm_q8_scalar),
+        _ => (DType::Q4G, super::qg_mm::matmul_q4g_q8_scalar),
+    };
+    let mut row = Vec::new();
+    for r in 0..w.rows {
+        w.row_in_format(r, &mut row);
+        let one = PackedRows::new(dtype, &row, 1, w.cols, w.group_size).expect("one row");
+        reference(one, x, &mut out[r..], out_rs);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// The eight dot products of one tile starting at `p`. SAFETY (caller):
+    /// `p` points at a whole tile of a `BITS`-bit weight of `cols` columns
+    /// in groups of `gs`, and `x` has `cols / 32` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_avx2<const BITS: u32, const MIN: bool>(
+        p: *const u8,
+        cols: usize,
+        gs: usize,
+        x: &Q8Ref<'_>,
+    ) -> [f32; TILE] {
+        let (qs, d, ds) = (x.qs.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
+        let tile_sub_block = TILE * sub_block_bytes(BITS);
+        let nib = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let (mut acc, mut corr) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut p, mut blk) = (p, 0usize);
+        // SAFETY: the tile is one group header and its sub-blocks per group
+        // from `p`, and block `blk` < cols/32 of `x` exists for every one.
+        unsafe {
+            for nsb in group_sub_blocks(cols, gs) {
+                let scale = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                let other = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+                p = p.add(TILE_HEADER);
+                let mut gacc = _mm256_setzero_ps();
+                let mut accs = 0f32;
+                for _ in 0..nsb {
+                    let q = qs.add(blk * SUB_BLOCK);
+                    let dword =
+                        |k: usize| _mm256_set1_epi32((q.add(4 * k) as *const i32).read_unaligned());
+                    let i = if BITS == 4 {
+                        // Codes ≤ 15 and |q| ≤ 127: each vpmaddubsw lane is at
+                        // most 3810 in size, eight of them 30480 < 2^15.
+                        let mut s16 = _mm256_setzero_si256();
+                        for j in 0..4 {
+                            let v = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
+                            let lo = _mm256_and_si256(v, nib);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo, dword(j)));
+                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi, dword(4 + j)));
+                        }
+                        _mm256_madd_epi16(s16, ones)
+                    } else {
+                        // Signed codes s = c − 128: |s|·(q with the sign of
+                        // s), each pair at most 2·128·127 = 32512, widened
+                        // to i32 per chunk.
+                        let mut s32 = _mm256_setzero_si256();
+                        for j in 0..8 {
+                            let s = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
+                            let pr = _mm256_maddubs_epi16(
+                                _mm256_sign_epi8(s, s),
+                                _mm256_sign_epi8(dword(j), s),
+                            );
+                            s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(pr, ones));
+                        }
+                        s32
+                    };
+                    p = p.add(tile_sub_block);
+                    gacc =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(*d.add(blk)), gacc);
+                    accs += *ds.add(blk);
+                    blk += 1;
+                }
+                acc = _mm256_fmadd_ps(gacc, scale, acc);
+                let f = if MIN {
+                    other
+                } else {
+                    _mm256_mul_ps(scale, other)
+                };
+                corr = _mm256_fmadd_ps(f, _mm256_set1_ps(accs), corr);
+            }
+            let sum = if MIN {
+                _mm256_add_ps(acc, corr)
+            } else {
+                _mm256_sub_ps(acc, corr)
+            };
+            let mut out = [0f32; TILE];
+            _mm256_storeu_ps(out.as_mut_ptr(), sum);
+            out
+        }
+    }
+
+    /// One tile of a 4-bit weight against one quad of tokens: the 4 × 8
+    /// dot products, token-major. SAFETY (caller): `p` points at a whole
+    /// tile, `qs`/`d`/`ds` at the quad's `cols/32 · 4` entries.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_quad_avx2<const MIN: bool>(
+        p: *const u8,
+        cols: usize,
+        gs: usize,
+        qs: *const i8,
+        d: *const f32,
+        ds: *const f32,
+    ) -> [[f32; TILE]; QUAD] {
+        let nib = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); QUAD];
+        let mut corr = [_mm256_setzero_ps(); QUAD];
+        let (mut p, mut blk) = (p, 0usize);
+        // SAFETY: as for `tile_avx2`, with one entry per (block, token) of
+        // the quad at `qs`/`d`/`ds` (the caller's guarantee).
+        unsafe {
+            for nsb in group_sub_blocks(cols, gs) {
+                let scale = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                let other = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+                p = p.add(TILE_HEADER);
+                let mut gacc = [_mm256_setzero_ps(); QUAD];
+                let mut accs = _mm_setzero_ps();
+                for _ in 0..nsb {
+                    let c: [__m256i; 8] = std::array::from_fn(|k| {
+                        let v = _mm256_loadu_si256(p.add(32 * (k % 4)) as *const __m256i);
+                        let v = if k < 4 { v } else { _mm256_srli_epi16(v, 4) };
+                        _mm256_and_si256(v, nib)
+                    });
+                    p = p.add(TILE * 16);
+                    let e = blk * QUAD;
+                    for (t, g) in gacc.iter_mut().enumerate() {
+                        let q = qs.add((e + t) * SUB_BLOCK);
+                        // Eight vpmaddubsw lanes of codes ≤ 15: < 2^15 (see `tile_avx2`).
+                        let mut s16 = _mm256_setzero_si256();
+                        for (k, ck) in c.iter().enumerate() {
+                            let xk =
+                                _mm256_set1_epi32((q.add(4 * k) as *const i32).read_unaligned());
+                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*ck, xk));
+                        }
+                        let i = _mm256_madd_epi16(s16, ones);
+                        *g = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(i),
+                            _mm256_set1_ps(*d.add(e + t)),
+                            *g,
+                        );
+                    }
+                    accs = _mm_add_ps(accs, _mm_loadu_ps(ds.add(e)));
+                    blk += 1;
+                }
+                let f = if MIN {
+                    other
+                } else {
+                    _mm256_mul_ps(scale, other)
+                };
+                let mut a4 = [0f32; QUAD];
+                _mm_storeu_ps(a4.as_mut_ptr(), accs);
+                for t in 0..QUAD {
+                    acc[t] = _mm256_fmadd_ps(gacc[t], scale, acc[t]);
+                    corr[t] = _mm256_fmadd_ps(f, _mm256_set1_ps(a4[t]), corr[t]);
+                }
+            }
+            let mut out = [[0f32; TILE]; QUAD];
+            for t in 0..QUAD {
+                let sum = if MIN {
+                    _mm256_add_ps(acc[t], corr[t])
+                } else {
+                    _mm256_sub_ps(acc[t], corr[t])
+                };
+                _mm256_storeu_ps(out[t].as_mut_ptr(), sum);
+            }
+            out
+        }
+    }
+
+    /// AVX2 batched kernel for 4-bit interleaved rows (8-bit ones go
+    /// through the reference's arithmetic per token: they are the output
+    /// head, which prompts need only for perplexity).
+    pub fn matmul_x8_q8_avx2(w: &X8Rows, x: &Q8BatchRef<'_>, out: &mut [f32], out_rs: usize) {
+        check_batch(w, x, out, out_rs);
+        if w.bits != 4 {
+            return matmul_x8_q8_scalar(w, x, out, out_rs);
+        }
+        let tb = w.tile_bytes();
+        let per_quad = x.n_blocks() * QUAD;
+        for t in 0..w.rows / TILE {
+            let tile = &w.data[t * tb..(t + 1) * tb];
+            for qd in 0..x.n_quads() {
+                let e = qd * per_quad;
+                // SAFETY: the table holding this kernel is built only when
+                // AVX2, FMA and F16C were detected; `tile` is one whole tile
+                // and `check_batch` verified the quad's entries.
+                let v = unsafe {
+                    let (qs, d, ds) = (
+                        x.qs.as_ptr().add(e * SUB_BLOCK),
+                        x.d.as_ptr().add(e),
+                        x.ds.as_ptr().add(e),
+                    );
+                    if w.min {
+                        tile_quad_avx2::<true>(tile.as_ptr(), w.cols, w.group_size, qs, d, ds)
+                    } else {
+                        tile_quad_avx2::<false>(tile.as_ptr(), w.cols, w.group_size, qs, d, ds)
+                    }
+                };
+                let here = (x.n_tok - qd * QUAD).min(QUAD);
+                for (k, vals) in v[..here].iter().enumerate() {
+                    let o = (qd * QUAD + k) * out_rs + t * TILE;
+                    out[o..o + TILE].copy_from_slice(vals);
+                }
+            }
+        }
+    }
+
+    /// AVX2 (also in the AVX-512 table).
+    pub fn vec_dot_x8_q8_avx2(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]) {
+        check(w, r0, x, out);
+        let tb = w.tile_bytes();
+        let r1 = r0 + out.len();
+        let mut r = r0;
+        while r < r1 {
+            let t = r / TILE;
+            let tile = &w.data[t * tb..(t + 1) * tb];
+            // SAFETY: the table holding this kernel is built only when AVX2,
+            // FMA and F16C were detected; `tile` is one whole tile and
+            // `check` verified the activation blocks.
+            let v = unsafe {
+                match (w.bits, w.min) {
+                    (8, _) => tile_avx2::<8, false>(tile.as_ptr(), w.cols, w.group_size, x),
+                    (_, true) => tile_avx2::<4, true>(tile.as_ptr(), w.cols, w.group_size, x),
+                    _ => tile_avx2::<4, false>(tile.as_ptr(), w.cols, w.group_size, x),
+                }
+            };
+            let (lo, hi) = (r - t * TILE, (r1 - t * TILE).min(TILE));
+            out[r - r0..r - r0 + hi - lo].copy_from_slice(&v[lo..hi]);
+            r += hi - lo;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::q8::{quantize_q8_scalar, Q8Buf};
+    use crate::kernels::test_util::{lcg, make_row};
+    use crate::kernels::{Isa, Kernels};
+
+    /// Tolerance of the SIMD kernel against the reference, relative to
+    /// Σ_j |ŵ_j·x̂_j| of the row: exact integer sums, f32 reassociation only.
+    const TOL_X8_VS_SCALAR: f64 = 2e-6;
+
+    fn weight(dtype: DType, rows: usize, cols: usize, gs: usize, seed: &mut u64) -> Vec<u8> {
+        let mut data = Vec::new();
+        for r in 0..rows {
+            data.extend(make_row(dtype, cols, gs, seed, r == 3));
+        }
+        data
+    }
+
+    #[test]
+    fn interleaving_round_trips_and_refuses_what_it_cannot_hold() {
+        let mut seed = 4u64;
+        for dtype in [DType::Q4G, DType::Q4GM, DType::Q8G] {
+            for (rows, cols, gs) in [
+                (8, 32, 32),
+                (16, 576, 128),
+                (24, 1536, 128),
+                (8, 576, 576),
+                (8, 96, 64),
+            ] {
+                let data = weight(dtype, rows, cols, gs, &mut seed);
+                let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
+                let x8 =
+                    X8Rows::interleave(w).unwrap_or_else(|| panic!("{dtype} {rows}x{cols} g{gs}"));
+                assert_eq!(x8.bytes(), data.len());
+                let mut row = Vec::new();
+                for r in 0..rows {
+                    x8.row_in_format(r, &mut row);
+                    // The zero point's pad byte is not kept; compare what the format reads.
+                    let mut want = w.row(r).to_vec();
+                    if dtype != DType::Q4GM {
+                        let mut h = 0;
+                        for nsb in group_sub_blocks(cols, gs) {
+                            want[h + 3] = 0;
+                            h += 4 + nsb * sub_block_bytes(dtype.quant_bits().unwrap());
+                        }
+                    }
+                    assert_eq!(row, want, "{dtype} {rows}x{cols} g{gs} row {r}");
+                }
+            }
+        }
+        let refuse = |dtype, rows, cols, gs, seed: &mut u64| {
+            let data = weight(dtype, rows, cols, gs, seed);
+            X8Rows::interleave(PackedRows::new(dtype, &data, rows, cols, gs).unwrap()).is_none()
+        };
+        assert!(
+            refuse(DType::Q4G, 12, 64, 32, &mut seed),
+            "rows not a multiple of 8"
+        );
+        assert!(
+            refuse(DType::Q4G, 8, 172, 32, &mut seed),
+            "ragged last sub-block"
+        );
+        assert!(refuse(DType::Q3G, 8, 64, 32, &mut seed), "3-bit");
+    }
+
+    #[test]
+    fn every_isa_matches_the_one_token_reference_on_any_row_range() {
+        let mut seed = 31u64;
+        let scalar = Kernels::for_isa(Isa::Scalar).unwrap();
+        for dtype in [DType::Q4G, DType::Q4GM, DType::Q8G] {
+            for (rows, cols, gs) in [
+                (8, 32, 32),
+                (16, 576, 32),
+                (24, 576, 128),
+                (16, 1536, 128),
+                (8, 576, 576),
+                (8, 96, 64),
+            ] {
+                let data = weight(dtype, rows, cols, gs, &mut seed);
+                let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
+                let x8 = X8Rows::interleave(w).unwrap();
+                let mut xv: Vec<f32> = (0..cols).map(|_| lcg(&mut seed) * 4.0).collect();
+                if cols >= 64 {
+                    xv[32..64].fill(0.0); // an all-zero activation block
+                }
+                let mut xq = Q8Buf::new(cols);
+                xq.quantize(quantize_q8_scalar, &xv);
+                let x = xq.as_ref();
+                let mut want = vec![0f32; rows];
+                (scalar.matvec_qg(dtype))(w, &x, &mut want);
+                let mut deq = vec![0f32; cols];
+                let mags: Vec<f64> = (0..rows)
+                    .map(|r| {
+                        nibble_format::quant::dequantize(dtype, gs, w.row(r), &mut deq);
+                        deq.iter()
+                            .enumerate()
+                            .map(|(i, &a)| {
+                                (f64::from(a) * f64::from(x.qs[i]) * f64::from(x.d[i / 32])).abs()
+                            })
+                            .sum()
+                    })
+                    .collect();
+                let mut reference = vec![0f32; rows];
+                vec_dot_x8_q8_scalar(&x8, 0, &x, &mut reference);
+                assert_eq!(
+                    reference, want,
+                    "reference = one-token reference, bit for bit"
+                );
+                for isa in Isa::available() {
+                    let Some(f) = Kernels::for_isa(isa).unwrap().matvec_x8 else {
+                        continue;
+                    };
+                    for (r0, n) in [(0, rows), (3, rows - 5), (5, 1), (rows - 1, 1), (6, 2)] {
+                        let mut got = vec![f32::NAN; n];
+                        f(&x8, r0, &x, &mut got);
+                        for (i, &g) in got.iter().enumerate() {
+                            let e = want[r0 + i];
+                            let tol = (TOL_X8_VS_SCALAR * mags[r0 + i]).max(1e-7);
+                            assert!(
+                                (f64::from(g) - f64::from(e)).abs() <= tol,
+                                "{isa:?} {dtype} {rows}x{cols} g{gs} rows {r0}+{n}, row {}: {g} vs {e}",
+                                r0 + i
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The batched kernel against the batched reference (= the one-token
+    /// reference per token), partial quads and a row stride above the row
+    /// count included.
+    #[test]
+    fn batched_kernel_matches_the_reference() {
+        use crate::kernels::q8::Q8Batch;
+        let mut seed = 57u64;
+        for dtype in [DType::Q4G, DType::Q4GM, DType::Q8G] {
+            for (rows, cols, gs) in [
+                (8, 32, 32),
+                (16, 576, 32),
+                (24, 576, 128),
+                (8, 576, 576),
+                (8, 96, 64),
+            ] {
+                let data = weight(dtype, rows, cols, gs, &mut seed);
+                let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
+                let x8 = X8Rows::interleave(w).unwrap();
+                for n_tok in [1usize, 4, 6, 9] {
+                    let mut xv: Vec<f32> =
+                        (0..n_tok * cols).map(|_| lcg(&mut seed) * 4.0).collect();
+                    if cols >= 64 {
+                        xv[32..64].fill(0.0);
+                    }
+                    let mut batch = Q8Batch::new(12, cols);
+                    batch.quantize(quantize_q8_scalar, &xv, n_tok, cols, None);
+                    let xb = batch.as_ref();
+                    let out_rs = rows + 3;
+                    let mut want = vec![f32::NAN; n_tok * out_rs];
+                    crate::kernels::qg_mm::SCALAR[crate::kernels::packed_index(dtype)](
+                        w, &xb, &mut want, out_rs,
+                    );
+                    let mut reference = vec![f32::NAN; n_tok * out_rs];
+                    matmul_x8_q8_scalar(&x8, &xb, &mut reference, out_rs);
+                    assert_eq!(
+                        reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    );
+                    for isa in Isa::available() {
+                        let Some(f) = Kernels::for_isa(isa).unwrap().matmul_x8 else {
+                            continue;
+                        };
+                        let mut got = vec![f32::NAN; n_tok * out_rs];
+                        f(&x8, &xb, &mut got, out_rs);
+                        for t in 0..n_tok {
+                            for r in 0..rows {
+                                let (g, e) = (got[t * out_rs + r], want[t * out_rs + r]);
+                                assert!(
+                                    (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+                                    "{isa:?} {dtype} {rows}x{cols} g{gs} tokens {n_tok}: t {t} r {r}: {g} vs {e}"
+                                );
+                            }
+                            assert!(got[t * out_rs + rows..(t + 1) * out_rs]
+                                .iter()
+                                .all(|v| v.is_nan()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "rows out of range")]
+    fn kernel_refuses_rows_beyond_the_weight() {
+        let mut seed = 2u64;
+        let data = weight(DType::Q4G, 8, 32, 32, &mut seed);
+        let x8 =
+            X8Rows::interleave(PackedRows::new(DType::Q4G, &data, 8, 32, 32).unwrap()).unwrap();
+        let mut xq = Q8Buf::new(32);
+        xq.quantize(quantize_q8_scalar, &[0.5; 32]);
+        vec_dot_x8_q8_scalar(&x8, 4, &xq.as_ref(), &mut [0.0; 5]);
+    }
+}
