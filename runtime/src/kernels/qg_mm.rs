@@ -35,7 +35,7 @@
 //! 32 weights and token. There is no NEON version: on aarch64 (and for the
 //! scalar table) `Int8` runs decoded tiles too.
 
-use super::q8::{Q8BatchRef, QUAD};
+use super::q8::Q8BatchRef;
 use super::qg::{row_dot_blocks, PackedRows};
 use super::SUB_BLOCK;
 
@@ -46,6 +46,7 @@ pub type QgMatmulFn = fn(w: PackedRows<'_>, x: &Q8BatchRef<'_>, out: &mut [f32],
 /// Bytes of weight rows processed against every quad before moving on: a
 /// chunk stays in L2 (1 MiB per core on the machines measured) beside the
 /// activations.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const ROW_CHUNK_BYTES: usize = 256 * 1024;
 
 /// The preconditions every batched kernel relies on, checked once per call.
@@ -121,6 +122,7 @@ pub const SCALAR: [QgMatmulFn; 5] = [
 ];
 
 /// Rows per chunk for rows of `row_bytes` (at least one).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn rows_per_chunk(row_bytes: usize) -> usize {
     (ROW_CHUNK_BYTES / row_bytes.max(1)).max(1)
 }
@@ -131,6 +133,7 @@ pub(super) mod x86 {
     //! compiled with its own target features); only the 32-lane integer dot
     //! differs, as in the one-token kernels.
     use super::*;
+    use crate::kernels::q8::QUAD;
     use crate::kernels::qg::x86::{dot_avx2, dot_vnni, half, unpack};
     use nibble_format::dtype::{sub_block_bytes, GROUP_HEADER};
     use std::arch::x86_64::*;

@@ -40,7 +40,7 @@
 use half::f16;
 use nibble_format::dtype::{row_bytes, sub_block_bytes, DType, GROUP_HEADER};
 
-use super::q8::{Q8BatchRef, Q8Ref, QUAD};
+use super::q8::{Q8BatchRef, Q8Ref};
 use super::qg::PackedRows;
 use super::SUB_BLOCK;
 
@@ -251,6 +251,7 @@ pub fn matmul_x8_q8_scalar(w: &X8Rows, x: &Q8BatchRef<'_>, out: &mut [f32], out_
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use super::*;
+    use crate::kernels::q8::QUAD;
     use std::arch::x86_64::*;
 
     /// The eight dot products of one tile starting at `p`. SAFETY (caller):
