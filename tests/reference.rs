@@ -233,7 +233,13 @@ fn smollm2_native_blocks_agree_across_instruction_sets() {
             .unwrap()
             .set_kernels(Kernels::for_isa(isa).unwrap());
         let batched = forward_logits_batched_with(&model, &ids, 2, 128, PrefillKind::Tiles);
-        let auto = mean_nll_of(&forward_logits(&model, &ids, 2), &ids, n_vocab);
+        // Where the table has no interleaved kernel, Auto is the tiles path:
+        // skip the second pass (it is slow under qemu).
+        let auto = if model.kernels().matmul_x8.is_some() {
+            mean_nll_of(&forward_logits(&model, &ids, 2), &ids, n_vocab)
+        } else {
+            mean_nll_of(&batched, &ids, n_vocab)
+        };
         let logits = forward_logits_sequential(&model, &ids, 2);
         let nll = mean_nll_of(&logits, &ids, n_vocab);
         let mut s = session(&model, ids.len() + 32, 2);
