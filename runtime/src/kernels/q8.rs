@@ -133,6 +133,12 @@ pub struct Q8BatchRef<'a> {
     pub len: usize,
 }
 
+/// The quad layout of [`Q8Batch`]: entry of block `k` of token `t` with
+/// `nb` blocks per token.
+fn batch_index(nb: usize, t: usize, k: usize) -> usize {
+    ((t / QUAD) * nb + k) * QUAD + t % QUAD
+}
+
 impl Q8BatchRef<'_> {
     /// Blocks per token.
     pub fn n_blocks(&self) -> usize {
@@ -152,7 +158,7 @@ impl Q8BatchRef<'_> {
 
     /// Index of block `k` of token `t` in `d`/`ds` (× 32 in `qs`).
     pub fn index(&self, t: usize, k: usize) -> usize {
-        ((t / QUAD) * self.n_blocks() + k) * QUAD + t % QUAD
+        batch_index(self.n_blocks(), t, k)
     }
 
     /// Quads `q0..q0 + n` as their own batch (tokens `4·q0..`).
@@ -218,7 +224,7 @@ impl Q8Batch {
         for t in 0..quads * QUAD {
             if t >= n_tok {
                 for k in 0..nb {
-                    let i = ((t / QUAD) * nb + k) * QUAD + t % QUAD;
+                    let i = batch_index(nb, t, k);
                     self.qs[i * SUB_BLOCK..(i + 1) * SUB_BLOCK].fill(0);
                     (self.d[i], self.ds[i]) = (0.0, 0.0);
                 }
@@ -237,7 +243,7 @@ impl Q8Batch {
             self.one.quantize(quantize, row);
             let one = self.one.as_ref();
             for k in 0..nb {
-                let i = ((t / QUAD) * nb + k) * QUAD + t % QUAD;
+                let i = batch_index(nb, t, k);
                 self.qs[i * SUB_BLOCK..(i + 1) * SUB_BLOCK]
                     .copy_from_slice(&one.qs[k * SUB_BLOCK..(k + 1) * SUB_BLOCK]);
                 (self.d[i], self.ds[i]) = (one.d[k], one.ds[k]);

@@ -488,6 +488,18 @@ mod tests {
     /// Σ_j |ŵ_j·x̂_j| of the row: exact integer sums, f32 reassociation only.
     const TOL_X8_VS_SCALAR: f64 = 2e-6;
 
+    /// (rows, cols, group size): GGUF groups of 32, GPTQ groups of 128 with
+    /// a short last group (576 = 4·128 + 64), whole rows, a group of 64.
+    const SHAPES: [(usize, usize, usize); 7] = [
+        (8, 32, 32),
+        (16, 576, 32),
+        (16, 576, 128),
+        (24, 576, 128),
+        (24, 1536, 128),
+        (8, 576, 576),
+        (8, 96, 64),
+    ];
+
     fn weight(dtype: DType, rows: usize, cols: usize, gs: usize, seed: &mut u64) -> Vec<u8> {
         let mut data = Vec::new();
         for r in 0..rows {
@@ -500,13 +512,7 @@ mod tests {
     fn interleaving_round_trips_and_refuses_what_it_cannot_hold() {
         let mut seed = 4u64;
         for dtype in [DType::Q4G, DType::Q4GM, DType::Q8G] {
-            for (rows, cols, gs) in [
-                (8, 32, 32),
-                (16, 576, 128),
-                (24, 1536, 128),
-                (8, 576, 576),
-                (8, 96, 64),
-            ] {
+            for (rows, cols, gs) in SHAPES {
                 let data = weight(dtype, rows, cols, gs, &mut seed);
                 let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
                 let x8 =
@@ -548,14 +554,7 @@ mod tests {
         let mut seed = 31u64;
         let scalar = Kernels::for_isa(Isa::Scalar).unwrap();
         for dtype in [DType::Q4G, DType::Q4GM, DType::Q8G] {
-            for (rows, cols, gs) in [
-                (8, 32, 32),
-                (16, 576, 32),
-                (24, 576, 128),
-                (16, 1536, 128),
-                (8, 576, 576),
-                (8, 96, 64),
-            ] {
+            for (rows, cols, gs) in SHAPES {
                 let data = weight(dtype, rows, cols, gs, &mut seed);
                 let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
                 let x8 = X8Rows::interleave(w).unwrap();
@@ -616,13 +615,7 @@ mod tests {
         use crate::kernels::q8::Q8Batch;
         let mut seed = 57u64;
         for dtype in [DType::Q4G, DType::Q4GM, DType::Q8G] {
-            for (rows, cols, gs) in [
-                (8, 32, 32),
-                (16, 576, 32),
-                (24, 576, 128),
-                (8, 576, 576),
-                (8, 96, 64),
-            ] {
+            for (rows, cols, gs) in SHAPES {
                 let data = weight(dtype, rows, cols, gs, &mut seed);
                 let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
                 let x8 = X8Rows::interleave(w).unwrap();
@@ -652,11 +645,25 @@ mod tests {
                         };
                         let mut got = vec![f32::NAN; n_tok * out_rs];
                         f(&x8, &xb, &mut got, out_rs);
+                        let mut deq = vec![0f32; cols];
                         for t in 0..n_tok {
                             for r in 0..rows {
                                 let (g, e) = (got[t * out_rs + r], want[t * out_rs + r]);
+                                // Σ|ŵ·x̂| of this row and token: the scale of
+                                // the reassociation error (as in the one-token test).
+                                nibble_format::quant::dequantize(dtype, gs, w.row(r), &mut deq);
+                                let mag: f64 = (0..cols)
+                                    .map(|c| {
+                                        let i = xb.index(t, c / 32);
+                                        (f64::from(deq[c])
+                                            * f64::from(xb.qs[i * 32 + c % 32])
+                                            * f64::from(xb.d[i]))
+                                        .abs()
+                                    })
+                                    .sum();
                                 assert!(
-                                    (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+                                    (f64::from(g) - f64::from(e)).abs()
+                                        <= (TOL_X8_VS_SCALAR * mag).max(1e-7),
                                     "{isa:?} {dtype} {rows}x{cols} g{gs} tokens {n_tok}: t {t} r {r}: {g} vs {e}"
                                 );
                             }
