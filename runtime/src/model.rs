@@ -429,11 +429,15 @@ impl Model {
         }
     }
 
-    /// Total bytes of weights streamed per decoded token.
+    /// Total bytes of weights streamed per decoded token: every matrix
+    /// once, from its interleaved copy where it has one ([`Model::x8`]:
+    /// symmetric copies are smaller than the file's rows), plus the one
+    /// embedding row looked up when the head is a separate matrix.
     pub fn weight_bytes(&self) -> usize {
-        let mut n = self.token_embd.nbytes + self.output_norm.nbytes;
+        let read = |w: &Weight| self.x8(w).map_or(w.nbytes, X8Rows::bytes);
+        let mut n = read(&self.output) + self.output_norm.nbytes;
         if !self.hparams.tie_embeddings {
-            n += self.output.nbytes;
+            n += self.token_embd.nbytes / self.token_embd.rows.max(1);
         }
         for l in &self.layers {
             for w in [
@@ -447,7 +451,7 @@ impl Model {
                 &l.ffn_up,
                 &l.ffn_down,
             ] {
-                n += w.nbytes;
+                n += read(w);
             }
         }
         n

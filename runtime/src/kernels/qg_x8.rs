@@ -19,7 +19,11 @@
 //! Layout of [`X8Rows`], per tile of rows `8t..8t+8`, per group `g`:
 //! 16 bytes of eight f16 scales (row order), 16 bytes of eight f16
 //! "others" (the `Q4GM` minimum; the `Q4G` zero point `z`, or `z − 128` for
-//! `Q8G`, as exact f16 integers), then per 32-column sub-block the rows'
+//! `Q8G`, as exact f16 integers; left out when the weight is *symmetric*,
+//! every zero point the grid's middle 2^(bits−1), as for GGUF `Q4_0` and
+//! `Q8_0` blocks: then the copy reads 2 bytes per group and row fewer than
+//! the file, 18 instead of 20 per 32 weights for `Q4_0`, as llama.cpp
+//! does), then per 32-column sub-block the rows'
 //! sub-block bytes in chunks of four: chunk `j` (32 bytes) holds bytes
 //! `4j..4j+4` of each row's sub-block (row `r` at `4r`); 4 chunks for 4-bit
 //! (each byte keeps the format's nibbles, low = column `i`, high = column
@@ -48,6 +52,8 @@ use super::SUB_BLOCK;
 pub const TILE: usize = 8;
 /// Bytes of one tile's group header: eight f16 scales, eight f16 others.
 const TILE_HEADER: usize = 2 * 2 * TILE;
+/// Bytes of one tile's group header when the weight is symmetric: the scales.
+const TILE_HEADER_SYM: usize = 2 * TILE;
 
 /// A `Q4G`, `Q4GM` or `Q8G` weight interleaved by eight rows (layout above).
 #[derive(Clone, Debug)]
@@ -61,6 +67,8 @@ pub struct X8Rows {
     bits: u32,
     /// The header holds an f16 minimum (`Q4GM`), else a zero point.
     min: bool,
+    /// Every zero point is 2^(bits−1): the header holds only the scales.
+    sym: bool,
 }
 
 impl X8Rows {
@@ -80,12 +88,21 @@ impl X8Rows {
         if rows == 0 || !rows.is_multiple_of(TILE) || !cols.is_multiple_of(SUB_BLOCK) {
             return None;
         }
-        let mut data = vec![0u8; rows * row_bytes(bits, cols, gs)];
-        let mut o = 0;
-        let mut put = |b: &[u8]| {
-            data[o..o + b.len()].copy_from_slice(b);
-            o += b.len();
-        };
+        let mid = 1u8 << (bits - 1);
+        let sym = !min
+            && (0..rows).all(|r| {
+                let row = w.row(r);
+                let mut h = 0;
+                group_sub_blocks(cols, gs).all(|nsb| {
+                    let z = row[h + 2];
+                    h += GROUP_HEADER + nsb * sb_bytes;
+                    z == mid
+                })
+            });
+        let n_groups = cols.div_ceil(gs);
+        let size = rows * row_bytes(bits, cols, gs) - if sym { rows * n_groups * 2 } else { 0 };
+        let mut data = Vec::with_capacity(size);
+        let mut put = |b: &[u8]| data.extend_from_slice(b);
         for t in 0..rows / TILE {
             let tile: [&[u8]; TILE] = std::array::from_fn(|r| w.row(t * TILE + r));
             let mut h = 0;
@@ -93,12 +110,14 @@ impl X8Rows {
                 for row in &tile {
                     put(&row[h..h + 2]);
                 }
-                for row in &tile {
-                    if min {
-                        put(&row[h + 2..h + 4]);
-                    } else {
-                        let z = f32::from(row[h + 2]) - f32::from(flip);
-                        put(&f16::from_f32(z).to_le_bytes());
+                if !sym {
+                    for row in &tile {
+                        if min {
+                            put(&row[h + 2..h + 4]);
+                        } else {
+                            let z = f32::from(row[h + 2]) - f32::from(flip);
+                            put(&f16::from_f32(z).to_le_bytes());
+                        }
                     }
                 }
                 for k in 0..nsb {
@@ -113,7 +132,7 @@ impl X8Rows {
                 h += GROUP_HEADER + nsb * sb_bytes;
             }
         }
-        debug_assert_eq!(o, data.len());
+        debug_assert_eq!(data.len(), size);
         Some(X8Rows {
             data,
             rows,
@@ -121,6 +140,7 @@ impl X8Rows {
             group_size: gs,
             bits,
             min,
+            sym,
         })
     }
 
@@ -134,12 +154,27 @@ impl X8Rows {
     pub fn bits(&self) -> u32 {
         self.bits
     }
-    /// Bytes held (the size of the weight it copies).
+    /// Every zero point is the grid's middle, so the copy keeps no zero
+    /// points (module docs).
+    pub fn is_symmetric(&self) -> bool {
+        self.sym
+    }
+    /// Bytes held, which decoding reads per product: the size of the
+    /// weight it copies, less 2 bytes per group and row when symmetric.
     pub fn bytes(&self) -> usize {
         self.data.len()
     }
+    fn tile_header(&self) -> usize {
+        if self.sym {
+            TILE_HEADER_SYM
+        } else {
+            TILE_HEADER
+        }
+    }
     fn tile_bytes(&self) -> usize {
-        TILE * row_bytes(self.bits, self.cols, self.group_size)
+        let n_groups = self.cols.div_ceil(self.group_size);
+        let codes = TILE * (self.cols / SUB_BLOCK) * sub_block_bytes(self.bits);
+        n_groups * self.tile_header() + codes
     }
 
     /// Row `r` back in the format's layout (the reference and tests).
@@ -149,24 +184,29 @@ impl X8Rows {
         let tile = &self.data[t * self.tile_bytes()..(t + 1) * self.tile_bytes()];
         let sb_bytes = sub_block_bytes(self.bits);
         let flip = if self.bits == 8 { 0x80u8 } else { 0 };
+        let header = self.tile_header();
         let mut p = 0;
         for nsb in group_sub_blocks(self.cols, self.group_size) {
             out.extend_from_slice(&tile[p + 2 * lane..p + 2 * lane + 2]);
-            let o = &tile[p + 16 + 2 * lane..p + 16 + 2 * lane + 2];
-            if self.min {
-                out.extend_from_slice(o);
+            if self.sym {
+                out.extend_from_slice(&[1 << (self.bits - 1), 0]);
             } else {
-                let z = f16::from_le_bytes([o[0], o[1]]).to_f32() + f32::from(flip);
-                out.extend_from_slice(&[z as u8, 0]);
+                let o = &tile[p + 16 + 2 * lane..p + 16 + 2 * lane + 2];
+                if self.min {
+                    out.extend_from_slice(o);
+                } else {
+                    let z = f16::from_le_bytes([o[0], o[1]]).to_f32() + f32::from(flip);
+                    out.extend_from_slice(&[z as u8, 0]);
+                }
             }
             for k in 0..nsb {
-                let s = p + TILE_HEADER + k * TILE * sb_bytes;
+                let s = p + header + k * TILE * sb_bytes;
                 for j in 0..sb_bytes / 4 {
                     let c = s + 32 * j + 4 * lane;
                     out.extend(tile[c..c + 4].iter().map(|&b| b ^ flip));
                 }
             }
-            p += TILE_HEADER + nsb * TILE * sb_bytes;
+            p += header + nsb * TILE * sb_bytes;
         }
     }
 }
@@ -254,11 +294,45 @@ pub(super) mod x86 {
     use crate::kernels::q8::QUAD;
     use std::arch::x86_64::*;
 
+    /// The "other" a symmetric tile leaves out: z = 2^(bits−1) for 4-bit,
+    /// z − 128 = 0 for 8-bit (whose codes are stored signed).
+    const fn sym_other(bits: u32) -> f32 {
+        if bits == 8 {
+            0.0
+        } else {
+            (1u32 << (bits - 1)) as f32
+        }
+    }
+
+    /// Loads a group's eight scales and eight others at `p` and returns
+    /// them with the pointer past the group header. SAFETY (caller): `p`
+    /// points at a group header of a tile of this layout.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_header<const BITS: u32, const SYM: bool>(
+        p: *const u8,
+    ) -> (__m256, __m256, *const u8) {
+        // SAFETY: the header holds 16 bytes of scales, then (unless
+        // symmetric) 16 bytes of others.
+        unsafe {
+            let scale = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            if SYM {
+                (
+                    scale,
+                    _mm256_set1_ps(sym_other(BITS)),
+                    p.add(TILE_HEADER_SYM),
+                )
+            } else {
+                let other = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+                (scale, other, p.add(TILE_HEADER))
+            }
+        }
+    }
+
     /// The eight dot products of one tile starting at `p`. SAFETY (caller):
     /// `p` points at a whole tile of a `BITS`-bit weight of `cols` columns
     /// in groups of `gs`, and `x` has `cols / 32` blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_avx2<const BITS: u32, const MIN: bool>(
+    unsafe fn tile_avx2<const BITS: u32, const MIN: bool, const SYM: bool>(
         p: *const u8,
         cols: usize,
         gs: usize,
@@ -274,9 +348,8 @@ pub(super) mod x86 {
         // from `p`, and block `blk` < cols/32 of `x` exists for every one.
         unsafe {
             for nsb in group_sub_blocks(cols, gs) {
-                let scale = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-                let other = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
-                p = p.add(TILE_HEADER);
+                let (scale, other, next) = group_header::<BITS, SYM>(p);
+                p = next;
                 let mut gacc = _mm256_setzero_ps();
                 let mut accs = 0f32;
                 for _ in 0..nsb {
@@ -339,7 +412,7 @@ pub(super) mod x86 {
     /// dot products, token-major. SAFETY (caller): `p` points at a whole
     /// tile, `qs`/`d`/`ds` at the quad's `cols/32 · 4` entries.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_quad_avx2<const MIN: bool>(
+    unsafe fn tile_quad_avx2<const MIN: bool, const SYM: bool>(
         p: *const u8,
         cols: usize,
         gs: usize,
@@ -356,9 +429,8 @@ pub(super) mod x86 {
         // the quad at `qs`/`d`/`ds` (the caller's guarantee).
         unsafe {
             for nsb in group_sub_blocks(cols, gs) {
-                let scale = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-                let other = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
-                p = p.add(TILE_HEADER);
+                let (scale, other, next) = group_header::<4, SYM>(p);
+                p = next;
                 let mut gacc = [_mm256_setzero_ps(); QUAD];
                 let mut accs = _mm_setzero_ps();
                 for _ in 0..nsb {
@@ -436,10 +508,15 @@ pub(super) mod x86 {
                         x.d.as_ptr().add(e),
                         x.ds.as_ptr().add(e),
                     );
-                    if w.min {
-                        tile_quad_avx2::<true>(tile.as_ptr(), w.cols, w.group_size, qs, d, ds)
-                    } else {
-                        tile_quad_avx2::<false>(tile.as_ptr(), w.cols, w.group_size, qs, d, ds)
+                    let p = tile.as_ptr();
+                    match (w.min, w.sym) {
+                        (true, _) => {
+                            tile_quad_avx2::<true, false>(p, w.cols, w.group_size, qs, d, ds)
+                        }
+                        (_, true) => {
+                            tile_quad_avx2::<false, true>(p, w.cols, w.group_size, qs, d, ds)
+                        }
+                        _ => tile_quad_avx2::<false, false>(p, w.cols, w.group_size, qs, d, ds),
                     }
                 };
                 let here = (x.n_tok - qd * QUAD).min(QUAD);
@@ -464,10 +541,13 @@ pub(super) mod x86 {
             // FMA and F16C were detected; `tile` is one whole tile and
             // `check` verified the activation blocks.
             let v = unsafe {
-                match (w.bits, w.min) {
-                    (8, _) => tile_avx2::<8, false>(tile.as_ptr(), w.cols, w.group_size, x),
-                    (_, true) => tile_avx2::<4, true>(tile.as_ptr(), w.cols, w.group_size, x),
-                    _ => tile_avx2::<4, false>(tile.as_ptr(), w.cols, w.group_size, x),
+                let (p, cols, gs) = (tile.as_ptr(), w.cols, w.group_size);
+                match (w.bits, w.min, w.sym) {
+                    (8, _, true) => tile_avx2::<8, false, true>(p, cols, gs, x),
+                    (8, _, false) => tile_avx2::<8, false, false>(p, cols, gs, x),
+                    (_, true, _) => tile_avx2::<4, true, false>(p, cols, gs, x),
+                    (_, _, true) => tile_avx2::<4, false, true>(p, cols, gs, x),
+                    _ => tile_avx2::<4, false, false>(p, cols, gs, x),
                 }
             };
             let (lo, hi) = (r - t * TILE, (r1 - t * TILE).min(TILE));
@@ -500,6 +580,17 @@ mod tests {
         (8, 96, 64),
     ];
 
+    /// The weights tested: each type, and `Q4G` / `Q8G` also symmetric
+    /// (every zero point 2^(bits−1), the GGUF `Q4_0` / `Q8_0` imports),
+    /// whose copy keeps no zero points.
+    const KINDS: [(DType, bool); 5] = [
+        (DType::Q4G, false),
+        (DType::Q4G, true),
+        (DType::Q4GM, false),
+        (DType::Q8G, false),
+        (DType::Q8G, true),
+    ];
+
     fn weight(dtype: DType, rows: usize, cols: usize, gs: usize, seed: &mut u64) -> Vec<u8> {
         let mut data = Vec::new();
         for r in 0..rows {
@@ -508,16 +599,43 @@ mod tests {
         data
     }
 
+    /// A seeded weight of kind `(dtype, sym)`: symmetric ones get every
+    /// zero point set to 2^(bits−1) (columns are whole sub-blocks here, so
+    /// no padding codes depend on it).
+    fn weight_of(
+        (dtype, sym): (DType, bool),
+        rows: usize,
+        cols: usize,
+        gs: usize,
+        seed: &mut u64,
+    ) -> Vec<u8> {
+        let mut data = weight(dtype, rows, cols, gs, seed);
+        if sym {
+            let bits = dtype.quant_bits().unwrap();
+            let row_len = row_bytes(bits, cols, gs);
+            for row in data.chunks_mut(row_len) {
+                let mut h = 0;
+                for nsb in group_sub_blocks(cols, gs) {
+                    row[h + 2] = 1 << (bits - 1);
+                    h += GROUP_HEADER + nsb * sub_block_bytes(bits);
+                }
+            }
+        }
+        data
+    }
+
     #[test]
     fn interleaving_round_trips_and_refuses_what_it_cannot_hold() {
         let mut seed = 4u64;
-        for dtype in [DType::Q4G, DType::Q4GM, DType::Q8G] {
+        for kind @ (dtype, sym) in KINDS {
             for (rows, cols, gs) in SHAPES {
-                let data = weight(dtype, rows, cols, gs, &mut seed);
+                let data = weight_of(kind, rows, cols, gs, &mut seed);
                 let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
                 let x8 =
                     X8Rows::interleave(w).unwrap_or_else(|| panic!("{dtype} {rows}x{cols} g{gs}"));
-                assert_eq!(x8.bytes(), data.len());
+                assert_eq!(x8.is_symmetric(), sym, "{dtype} {rows}x{cols} g{gs}");
+                let dropped = if sym { rows * cols.div_ceil(gs) * 2 } else { 0 };
+                assert_eq!(x8.bytes(), data.len() - dropped);
                 let mut row = Vec::new();
                 for r in 0..rows {
                     x8.row_in_format(r, &mut row);
@@ -553,11 +671,12 @@ mod tests {
     fn every_isa_matches_the_one_token_reference_on_any_row_range() {
         let mut seed = 31u64;
         let scalar = Kernels::for_isa(Isa::Scalar).unwrap();
-        for dtype in [DType::Q4G, DType::Q4GM, DType::Q8G] {
+        for kind @ (dtype, sym) in KINDS {
             for (rows, cols, gs) in SHAPES {
-                let data = weight(dtype, rows, cols, gs, &mut seed);
+                let data = weight_of(kind, rows, cols, gs, &mut seed);
                 let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
                 let x8 = X8Rows::interleave(w).unwrap();
+                assert_eq!(x8.is_symmetric(), sym);
                 let mut xv: Vec<f32> = (0..cols).map(|_| lcg(&mut seed) * 4.0).collect();
                 if cols >= 64 {
                     xv[32..64].fill(0.0); // an all-zero activation block
@@ -597,7 +716,7 @@ mod tests {
                             let tol = (TOL_X8_VS_SCALAR * mags[r0 + i]).max(1e-7);
                             assert!(
                                 (f64::from(g) - f64::from(e)).abs() <= tol,
-                                "{isa:?} {dtype} {rows}x{cols} g{gs} rows {r0}+{n}, row {}: {g} vs {e}",
+                                "{isa:?} {dtype} sym {sym} {rows}x{cols} g{gs} rows {r0}+{n}, row {}: {g} vs {e}",
                                 r0 + i
                             );
                         }
@@ -614,11 +733,12 @@ mod tests {
     fn batched_kernel_matches_the_reference() {
         use crate::kernels::q8::Q8Batch;
         let mut seed = 57u64;
-        for dtype in [DType::Q4G, DType::Q4GM, DType::Q8G] {
+        for kind @ (dtype, sym) in KINDS {
             for (rows, cols, gs) in SHAPES {
-                let data = weight(dtype, rows, cols, gs, &mut seed);
+                let data = weight_of(kind, rows, cols, gs, &mut seed);
                 let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
                 let x8 = X8Rows::interleave(w).unwrap();
+                assert_eq!(x8.is_symmetric(), sym);
                 for n_tok in [1usize, 4, 6, 9] {
                     let mut xv: Vec<f32> =
                         (0..n_tok * cols).map(|_| lcg(&mut seed) * 4.0).collect();
@@ -664,7 +784,7 @@ mod tests {
                                 assert!(
                                     (f64::from(g) - f64::from(e)).abs()
                                         <= (TOL_X8_VS_SCALAR * mag).max(1e-7),
-                                    "{isa:?} {dtype} {rows}x{cols} g{gs} tokens {n_tok}: t {t} r {r}: {g} vs {e}"
+                                    "{isa:?} {dtype} sym {sym} {rows}x{cols} g{gs} tokens {n_tok}: t {t} r {r}: {g} vs {e}"
                                 );
                             }
                             assert!(got[t * out_rs + rows..(t + 1) * out_rs]
