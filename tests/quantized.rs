@@ -366,3 +366,50 @@ fn head_bits_store_the_tied_embedding_as_groups_and_cost_little() {
     .expect("3-bit head refused");
     assert!(err.to_string().contains("4 or 8"), "{err}");
 }
+
+/// `forward_slots` (several sequences decoded side by side, the quantizer's
+/// self-generated calibration) gives each row the logits the prompt path
+/// gives that sequence alone, on float and packed weights, at 1 and 2 threads.
+#[test]
+fn slots_decode_each_row_like_its_own_sequence() {
+    use nibble::runtime::forward::{forward_slots, BatchState, RunState};
+    let src = float_stories();
+    let float = Arc::new(Model::from_nib(float_stories(), "float".into()).unwrap());
+    let q4 = rtn_model(&src, 4, Some(32), false);
+    let ids = text_ids(&float, 200);
+    let len = 24;
+    let seqs: Vec<&[u32]> = vec![&ids[..len], &ids[50..50 + len], &ids[130..130 + len]];
+    for model in [&float, &q4] {
+        let n_vocab = model.hparams.n_vocab;
+        let alone: Vec<Vec<f32>> = seqs.iter().map(|s| forward_logits(model, s, 1)).collect();
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut state = RunState::new(model, seqs.len() * len);
+            let mut bs = BatchState::for_slots(model, len, seqs.len(), PrefillKind::Auto);
+            let mut got = vec![Vec::new(); seqs.len()];
+            for pos in 0..len {
+                let tokens: Vec<u32> = seqs.iter().map(|s| s[pos]).collect();
+                pool.install(|| {
+                    forward_slots(model, &mut state, &mut bs, &tokens, pos, len, threads)
+                });
+                for (i, g) in got.iter_mut().enumerate() {
+                    g.extend_from_slice(&bs.logits[i * n_vocab..(i + 1) * n_vocab]);
+                }
+            }
+            for (i, (g, want)) in got.iter().zip(&alone).enumerate() {
+                let what = format!("{} slots, {threads} threads, row {i}", model.name());
+                if Arc::ptr_eq(model, &float) {
+                    // Float weights: the same products up to float reassociation.
+                    let e = rel_err(g, want);
+                    assert!(e < 1e-5, "{what}: {e:e}");
+                } else {
+                    // Packed: int8 activation rounding may flip after the first steps.
+                    assert_packed_paths_agree(g, want, seqs[i], n_vocab, &what);
+                }
+            }
+        }
+    }
+}

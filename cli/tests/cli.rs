@@ -332,6 +332,17 @@ fn quantize_writes_a_runnable_model_and_a_report() {
         "self",
     ]);
     assert!(err.contains("--calib"), "{err}");
+    let err = fails(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&bad),
+        "--method",
+        "rtn",
+        "--no-true-sequential",
+    ]);
+    assert!(err.contains("true-sequential"), "{err}");
     let err = fails(&["quantize", "-m", s(&src), "-o", s(&bad), "--seqlen", "1"]);
     assert!(err.contains("--seqlen"), "{err}");
     let short = d.join("short.txt");
@@ -385,6 +396,7 @@ fn gptq_without_calibration_text_calibrates_on_the_models_own_text() {
         "{r}"
     );
     assert_eq!(r["calib_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(r["true_sequential"], true, "true-sequential is the default");
     for l in r["layers"].as_array().unwrap() {
         assert!(
             l["rel_error"].as_f64().unwrap() < l["rel_error_rtn"].as_f64().unwrap(),
@@ -417,6 +429,7 @@ fn gptq_quantize_reports_gptq_beside_rtn() {
         "32",
         "--act-order",
         "--true-sequential",
+        "--no-true-sequential",
         "--calib",
         s(&calib),
         "--nsamples",
@@ -438,6 +451,7 @@ fn gptq_quantize_reports_gptq_beside_rtn() {
         );
     }
     assert!(r["seconds"]["hessian"].as_f64().is_some());
+    assert_eq!(r["true_sequential"], false, "the last of the pair wins");
     let info = ok(&["inspect", s(&out), "--verify", "--tensors"]);
     assert!(
         info.contains("blk.0.attn_q.perm") && info.contains("quant.calib_sha256"),

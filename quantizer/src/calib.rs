@@ -4,10 +4,12 @@
 //! whole model's activations.
 
 use nibble_format::HParams;
-use nibble_runtime::forward::{causal_softmax_row, rmsnorm, rope, rope_tables};
+use nibble_runtime::forward::{rmsnorm, rope, rope_tables};
 use nibble_runtime::kernels::{matmul, MatMut, MatRef};
+use rayon::prelude::*;
 
 use crate::error::{QuantError, Result};
+use crate::math::{exp_shifted_sum, silu};
 
 /// `nsamples` windows of `seqlen` tokens at seeded random offsets (as the
 /// GPTQ authors' data loaders do).
@@ -50,14 +52,25 @@ pub fn calibration_windows(
 pub const SELF_CALIB_TEMPERATURE: f32 = 1.0;
 pub const SELF_CALIB_TOP_P: f32 = 0.95;
 
+/// Sequences generated side by side by [`self_generated_windows`]: one
+/// batched step streams the weights once for all of them. 16 keeps the KV
+/// cache of a 512-token window at 16 × 512 × n_layer × 2 · kv_dim f32
+/// (377 MB for SmolLM2).
+pub const SELF_CALIB_BATCH: usize = 16;
+
 /// Calibration windows written by the model itself, the default when no
 /// calibration text is given ("data-free" calibration): `nsamples`
 /// sequences of `seqlen` tokens, each BOS (when the model has one) followed
 /// by tokens sampled from the model at [`SELF_CALIB_TEMPERATURE`] and
 /// [`SELF_CALIB_TOP_P`], with end-of-sequence tokens kept and generation
-/// continued past them. Sample `i` uses seed `seed + i`, so the windows do
-/// not depend on `threads`. `threads` sequences are generated at once, each
-/// on one thread; `progress(done)` is called after each sequence.
+/// continued past them. Sample `i` uses seed `seed + i`.
+///
+/// The sequences are decoded [`SELF_CALIB_BATCH`] at a time in lockstep
+/// ([`forward_slots`]: every linear layer is one batched product for the
+/// whole group, so the weights are read once per step rather than once per
+/// sequence), with `threads` threads; the windows do not depend on
+/// `threads`. `progress(tokens)` reports the tokens written so far, up to
+/// `nsamples × seqlen`.
 pub fn self_generated_windows(
     model: &std::sync::Arc<nibble_runtime::Model>,
     nsamples: usize,
@@ -66,8 +79,8 @@ pub fn self_generated_windows(
     threads: usize,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<Vec<Vec<u32>>> {
-    use nibble_runtime::{GenerateParams, Sampler, SamplerParams, Session, SessionParams};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use nibble_runtime::forward::{forward_slots, BatchState, RunState};
+    use nibble_runtime::{PrefillKind, Sampler, SamplerParams};
     if nsamples == 0 || seqlen < 2 {
         return Err(QuantError::Calibration(
             "--nsamples must be at least 1 and --seqlen at least 2".into(),
@@ -80,70 +93,55 @@ pub fn self_generated_windows(
         )));
     }
     let first = model.bos_id.unwrap_or(0);
-    let threads = threads.clamp(1, nsamples);
-    let done = AtomicUsize::new(0);
-    // (sample index, window) pairs of one thread.
-    type Numbered = Vec<(usize, Vec<u32>)>;
-    let generate = |t: usize| -> Result<Numbered> {
-        let sp = SessionParams {
-            n_ctx: seqlen,
-            n_threads: 1,
-            ..SessionParams::default()
-        };
-        let mut session = Session::new(std::sync::Arc::clone(model), &sp)?;
-        let params = GenerateParams {
-            max_tokens: seqlen - 1,
-            stop_strings: Vec::new(),
-            ignore_eos: true,
-        };
-        let mut out = Vec::new();
-        for i in (t..nsamples).step_by(threads) {
-            session.reset();
-            let mut sampler = Sampler::new(
-                SamplerParams {
-                    temperature: SELF_CALIB_TEMPERATURE,
-                    top_k: 0,
-                    top_p: SELF_CALIB_TOP_P,
-                    min_p: 0.0,
-                    repeat_penalty: 1.0,
-                    repeat_last_n: 0,
-                    seed: seed.wrapping_add(i as u64),
-                },
-                model.hparams.n_vocab,
-            )?;
-            let stats = session.generate(&[first], &params, &mut sampler, |_, _| true)?;
-            let mut w = Vec::with_capacity(seqlen);
-            w.push(first);
-            w.extend_from_slice(&stats.tokens);
-            if w.len() != seqlen {
-                return Err(QuantError::Calibration(format!(
-                    "self-generated sample {i} has {} tokens, not {seqlen}",
-                    w.len()
-                )));
-            }
-            out.push((i, w));
-            progress(done.fetch_add(1, Ordering::Relaxed) + 1);
-        }
-        Ok(out)
-    };
-    let parts: Vec<Result<Numbered>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads).map(|t| s.spawn(move || generate(t))).collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(QuantError::Calibration(
-                        "a generation thread panicked".into(),
-                    ))
-                })
+    let threads = threads.max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| QuantError::Calibration(format!("cannot start {threads} threads: {e}")))?;
+    let n_vocab = model.hparams.n_vocab;
+    let batch = SELF_CALIB_BATCH.min(nsamples);
+    let mut state = RunState::new(model, batch * seqlen);
+    let mut bs = BatchState::for_slots(model, seqlen, batch, PrefillKind::Auto);
+    let mut windows: Vec<Vec<u32>> = Vec::with_capacity(nsamples);
+    let mut tokens = Vec::with_capacity(batch);
+    for b0 in (0..nsamples).step_by(batch) {
+        let rows = batch.min(nsamples - b0);
+        let mut samplers = (b0..b0 + rows)
+            .map(|i| {
+                Sampler::new(
+                    SamplerParams {
+                        temperature: SELF_CALIB_TEMPERATURE,
+                        top_k: 0,
+                        top_p: SELF_CALIB_TOP_P,
+                        min_p: 0.0,
+                        repeat_penalty: 1.0,
+                        repeat_last_n: 0,
+                        seed: seed.wrapping_add(i as u64),
+                    },
+                    n_vocab,
+                )
             })
-            .collect()
-    });
-    let mut windows = vec![Vec::new(); nsamples];
-    for part in parts {
-        for (i, w) in part? {
-            windows[i] = w;
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut seqs: Vec<Vec<u32>> = (0..rows)
+            .map(|_| {
+                let mut w = Vec::with_capacity(seqlen);
+                w.push(first);
+                w
+            })
+            .collect();
+        for pos in 0..seqlen - 1 {
+            tokens.clear();
+            tokens.extend(seqs.iter().map(|w| w[pos]));
+            pool.install(|| {
+                forward_slots(model, &mut state, &mut bs, &tokens, pos, seqlen, threads)
+            });
+            for (i, (w, sampler)) in seqs.iter_mut().zip(&mut samplers).enumerate() {
+                let next = sampler.sample(&bs.logits[i * n_vocab..(i + 1) * n_vocab], w);
+                w.push(next);
+            }
+            progress(b0 * seqlen + rows * (pos + 2));
         }
+        windows.extend(seqs);
     }
     Ok(windows)
 }
@@ -209,7 +207,32 @@ pub fn linear(
     );
 }
 
-/// `h[cols, cols] += xᵀ·x` for `x[n, cols]` (f32 product per call, f64 sum).
+/// Softmax of `row[lo..=pos]` in place, the rest of `row` zeroed (the
+/// runtime's `causal_softmax_row` with [`crate::math::exp_f32`]).
+fn causal_softmax(row: &mut [f32], lo: usize, pos: usize) {
+    let max = row[lo..=pos]
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let inv = 1.0 / exp_shifted_sum(&mut row[lo..=pos], max);
+    for v in &mut row[lo..=pos] {
+        *v *= inv;
+    }
+    row[..lo].fill(0.0);
+    row[pos + 1..].fill(0.0);
+}
+
+/// Query rows per causal attention product in [`BlockCtx::attention`].
+const ATTN_CHUNK: usize = 128;
+
+/// Column panel width of [`accumulate_xtx`]'s products.
+const XTX_PANEL: usize = 128;
+
+/// The lower triangle (j ≤ i) of `h[cols, cols]` += xᵀ·x for `x[n, cols]`
+/// (f32 products per call, f64 sum); the strict upper triangle is left as
+/// it is: call [`mirror_lower`] once the last rows are in. xᵀ·x is
+/// symmetric, so only its lower triangle is multiplied, one product per
+/// panel of [`XTX_PANEL`] columns from the panel's diagonal down (about half
+/// the multiply-adds of the full product for wide inputs).
 pub fn accumulate_xtx(
     h: &mut [f64],
     x: &[f32],
@@ -218,35 +241,64 @@ pub fn accumulate_xtx(
     scratch: &mut Vec<f32>,
     threads: usize,
 ) {
-    scratch.resize(cols * cols, 0.0);
-    matmul(
-        MatMut {
-            data: scratch,
-            rows: cols,
-            cols,
-            rs: cols,
-            cs: 1,
-        },
-        MatRef {
-            data: x,
-            rows: cols,
-            cols: n,
-            rs: 1,
-            cs: cols,
-        },
-        MatRef {
-            data: x,
-            rows: n,
-            cols,
-            rs: cols,
-            cs: 1,
-        },
-        1.0,
-        false,
-        threads,
+    assert_eq!(h.len(), cols * cols, "accumulate_xtx: h is not cols × cols");
+    assert!(
+        x.len() >= n * cols,
+        "accumulate_xtx: x is shorter than n × cols"
     );
-    for (a, &b) in h.iter_mut().zip(scratch.iter()) {
-        *a += f64::from(b);
+    if n == 0 || cols == 0 {
+        return;
+    }
+    scratch.clear();
+    scratch.resize(cols * cols, 0.0);
+    for j0 in (0..cols).step_by(XTX_PANEL) {
+        let j1 = (j0 + XTX_PANEL).min(cols);
+        // scratch[j0.., j0..j1] = x[:, j0..]ᵀ · x[:, j0..j1].
+        matmul(
+            MatMut {
+                data: &mut scratch[j0 * cols + j0..],
+                rows: cols - j0,
+                cols: j1 - j0,
+                rs: cols,
+                cs: 1,
+            },
+            MatRef {
+                data: &x[j0..],
+                rows: cols - j0,
+                cols: n,
+                rs: 1,
+                cs: cols,
+            },
+            MatRef {
+                data: &x[j0..],
+                rows: n,
+                cols: j1 - j0,
+                rs: cols,
+                cs: 1,
+            },
+            1.0,
+            false,
+            threads,
+        );
+    }
+    for i in 0..cols {
+        let (dst, src) = (
+            &mut h[i * cols..=i * cols + i],
+            &scratch[i * cols..=i * cols + i],
+        );
+        for (a, &b) in dst.iter_mut().zip(src) {
+            *a += f64::from(b);
+        }
+    }
+}
+
+/// Copy the lower triangle of the row-major `h[cols, cols]` onto its upper
+/// triangle (after [`accumulate_xtx`]).
+pub fn mirror_lower(h: &mut [f64], cols: usize) {
+    for i in 0..cols {
+        for j in 0..i {
+            h[j * cols + i] = h[i * cols + j];
+        }
     }
 }
 
@@ -296,20 +348,35 @@ impl<'a> BlockCtx<'a> {
             rope(&mut q[p * q_dim..(p + 1) * q_dim], hd, c, s);
             rope(&mut k[p * kv_dim..(p + 1) * kv_dim], hd, c, s);
         }
-        let mut scores = vec![0f32; l * l];
-        for h in 0..hp.n_head {
+        // Causal: queries in chunks of ATTN_CHUNK rows see only the keys up
+        // to their chunk's end, so the products skip most of the masked
+        // upper triangle (5/8 of the full l × l work at l = 4 chunks). The
+        // (head, chunk) pairs are independent tasks spread over the rayon
+        // pool, each with single-threaded products: per-head products are
+        // too small for gemm's own threading, and the softmax's exp, a
+        // large share of the time, is then spread over the threads too.
+        let n_chunks = l.div_ceil(ATTN_CHUNK);
+        let tasks: Vec<(usize, usize)> = (0..hp.n_head)
+            .flat_map(|h| (0..n_chunks).map(move |c| (h, c * ATTN_CHUNK)))
+            .collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let run = |&(h, i0): &(usize, usize)| -> Vec<f32> {
             let g = h / group;
+            let i1 = (i0 + ATTN_CHUNK).min(l);
+            let rows = i1 - i0;
+            // scores[rows, i1] = q[i0..i1, head h] · k[0..i1, group g]ᵀ.
+            let mut scores = vec![0f32; rows * i1];
             matmul(
                 MatMut {
                     data: &mut scores,
-                    rows: l,
-                    cols: l,
-                    rs: l,
+                    rows,
+                    cols: i1,
+                    rs: i1,
                     cs: 1,
                 },
                 MatRef {
-                    data: &q[h * hd..],
-                    rows: l,
+                    data: &q[i0 * q_dim + h * hd..],
+                    rows,
                     cols: hd,
                     rs: q_dim,
                     cs: 1,
@@ -317,48 +384,63 @@ impl<'a> BlockCtx<'a> {
                 MatRef {
                     data: &k[g * hd..],
                     rows: hd,
-                    cols: l,
+                    cols: i1,
                     rs: 1,
                     cs: kv_dim,
                 },
-                1.0 / (hd as f32).sqrt(),
+                scale,
                 false,
-                self.threads,
+                1,
             );
-            for i in 0..l {
+            for (r, row) in scores.chunks_exact_mut(i1).enumerate() {
+                let i = i0 + r;
                 let lo = if hp.sliding_window > 0 {
                     (i + 1).saturating_sub(hp.sliding_window)
                 } else {
                     0
                 };
-                causal_softmax_row(&mut scores[i * l..(i + 1) * l], lo, i);
+                causal_softmax(row, lo, i);
             }
+            // out[rows, hd] = scores · v[0..i1, group g].
+            let mut out = vec![0f32; rows * hd];
             matmul(
                 MatMut {
-                    data: &mut att[h * hd..],
-                    rows: l,
+                    data: &mut out,
+                    rows,
                     cols: hd,
-                    rs: q_dim,
+                    rs: hd,
                     cs: 1,
                 },
                 MatRef {
                     data: &scores,
-                    rows: l,
-                    cols: l,
-                    rs: l,
+                    rows,
+                    cols: i1,
+                    rs: i1,
                     cs: 1,
                 },
                 MatRef {
                     data: &v[g * hd..],
-                    rows: l,
+                    rows: i1,
                     cols: hd,
                     rs: kv_dim,
                     cs: 1,
                 },
                 1.0,
                 false,
-                self.threads,
+                1,
             );
+            out
+        };
+        let outs: Vec<Vec<f32>> = if self.threads > 1 {
+            tasks.par_iter().map(run).collect()
+        } else {
+            tasks.iter().map(run).collect()
+        };
+        for (&(h, i0), out) in tasks.iter().zip(&outs) {
+            for (r, o) in out.chunks_exact(hd).enumerate() {
+                let dst = (i0 + r) * q_dim + h * hd;
+                att[dst..dst + hd].copy_from_slice(o);
+            }
         }
     }
 
@@ -393,8 +475,67 @@ impl<'a> BlockCtx<'a> {
         let mut u = vec![0f32; n * f];
         linear(xn2, &w.gate, n, f, e, h, self.threads);
         linear(xn2, &w.up, n, f, e, &mut u, self.threads);
-        for (g, &uv) in h.iter_mut().zip(&u) {
-            *g = *g / (1.0 + (-*g).exp()) * uv;
+        let swiglu = |(hc, uc): (&mut [f32], &[f32])| {
+            for (g, &uv) in hc.iter_mut().zip(uc) {
+                *g = silu(*g) * uv;
+            }
+        };
+        // The exp is a large share of this step: rows spread over the pool.
+        if self.threads > 1 {
+            h[..n * f]
+                .par_chunks_mut(f)
+                .zip(u.par_chunks(f))
+                .for_each(swiglu);
+        } else {
+            h[..n * f].chunks_mut(f).zip(u.chunks(f)).for_each(swiglu);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lower-triangle product, mirrored, equals a plain f64 xᵀ·x, on
+    /// widths below, at and across the panel width; the upper triangle is
+    /// untouched until mirrored.
+    #[test]
+    fn accumulate_xtx_equals_the_full_product() {
+        for (n, cols) in [
+            (1, 1),
+            (7, 5),
+            (33, XTX_PANEL),
+            (64, XTX_PANEL + 1),
+            (40, 300),
+        ] {
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 7919 + 13) % 1009) as f32 / 1009.0 - 0.5)
+                .collect();
+            let mut h = vec![0.25f64; cols * cols];
+            let mut scratch = Vec::new();
+            for threads in [1, 2] {
+                h.fill(0.25);
+                accumulate_xtx(&mut h, &x, n, cols, &mut scratch, threads);
+                for i in 0..cols {
+                    assert!(h[i * cols + i + 1..(i + 1) * cols]
+                        .iter()
+                        .all(|&v| v == 0.25));
+                }
+                mirror_lower(&mut h, cols);
+                for i in 0..cols {
+                    for j in 0..cols {
+                        let want: f64 = 0.25
+                            + (0..n)
+                                .map(|t| f64::from(x[t * cols + i]) * f64::from(x[t * cols + j]))
+                                .sum::<f64>();
+                        let got = h[i * cols + j];
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "n={n} cols={cols} ({i},{j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod gptq;
 pub mod grid;
 pub mod linalg;
+pub mod math;
 pub mod model;
 
 pub use error::{QuantError, Result};

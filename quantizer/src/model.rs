@@ -6,7 +6,10 @@
 //!   H = 2/N · Σ x·xᵀ; GPTQ quantizes the layer; then the *quantized* block
 //!   produces the next block's inputs. With `true_sequential`, q/k/v are
 //!   quantized first, then o sees inputs produced by the quantized q/k/v,
-//!   then gate/up, then down. Only one block's activations live at a time.
+//!   then gate/up, then down; the inputs each sub-layer sees are then already
+//!   the quantized block's, so one forward pass per block suffices (without
+//!   it: the float block for the Hessians, then the quantized block). Only
+//!   one block's activations live at a time.
 //!
 //! Norms stay F32; the embedding and output head are stored as F16.
 //! Act-order with dynamic groups stores columns in processing order (groups
@@ -23,7 +26,7 @@ use nibble_format::{
     keys, DType, HParams, MetadataBuilder, NibView, NibWriter, OwnedValue, TensorInfo,
 };
 
-use crate::calib::{accumulate_xtx, linear, BlockCtx, BlockWeights};
+use crate::calib::{accumulate_xtx, linear, mirror_lower, BlockCtx, BlockWeights};
 use crate::error::{QuantError, Result};
 use crate::gptq::{
     gptq_prepared, prepare_hessian, rtn, GptqConfig, PreparedHessian, QuantizedLayer,
@@ -187,30 +190,33 @@ pub fn pack_layer(
 }
 
 /// Σ_r δ_r·H·δ_rᵀ / Σ_r w_r·H·w_rᵀ with δ = W − Ŵ: the relative output error
-/// on the inputs that built H (H's scale cancels).
-fn rel_output_error(
+/// on the inputs that built H (H's scale cancels), for each of `quantized`
+/// (the denominator is computed once).
+fn rel_output_errors<const K: usize>(
     w: &[f32],
-    wq: &[f32],
+    quantized: [&[f32]; K],
     h: &[f32],
     rows: usize,
     cols: usize,
     threads: usize,
-) -> f64 {
-    let quad = |m: &[f32]| {
-        let mut mh = vec![0f32; rows * cols];
+) -> [f64; K] {
+    let mut mh = vec![0f32; rows * cols];
+    let mut quad = |m: &[f32]| {
         linear(m, h, rows, cols, cols, &mut mh, threads);
         m.iter()
             .zip(&mh)
             .map(|(a, b)| f64::from(*a) * f64::from(*b))
             .sum::<f64>()
     };
-    let delta: Vec<f32> = w.iter().zip(wq).map(|(a, b)| a - b).collect();
     let den = quad(w);
-    if den > 0.0 {
-        quad(&delta) / den
-    } else {
-        0.0
-    }
+    quantized.map(|wq| {
+        let delta: Vec<f32> = w.iter().zip(wq).map(|(a, b)| a - b).collect();
+        if den > 0.0 {
+            quad(&delta) / den
+        } else {
+            0.0
+        }
+    })
 }
 
 struct Ctx<'a, 'p, W: Write + Seek> {
@@ -280,8 +286,8 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
                 };
                 let q = gptq_prepared(w, prep, rows, cols, &cfg)?;
                 let rtn_q = rtn(w, rows, cols, self.grid, Some(gs))?.dequantize();
-                let e = rel_output_error(w, &q.dequantize(), h, rows, cols, o.threads);
-                let e_rtn = rel_output_error(w, &rtn_q, h, rows, cols, o.threads);
+                let [e, e_rtn] =
+                    rel_output_errors(w, [&q.dequantize(), &rtn_q], h, rows, cols, o.threads);
                 (q, (e, Some(e_rtn)))
             }
         };
@@ -535,11 +541,29 @@ fn gptq_blocks<W: Write + Seek>(
         }
     }
     ctx.timings.forward += t0.elapsed().as_secs_f64();
-    let mut att = vec![0f32; n * q_dim];
-    let mut x1 = vec![0f32; n * e];
+    // Attention outputs of every window (`[n, q_dim]`); with true-sequential
+    // the same buffer then holds the SwiGLU activations (`[n, n_ff]`).
+    let act_width = if ctx.opts.true_sequential {
+        q_dim.max(f)
+    } else {
+        q_dim
+    };
+    let mut act = vec![0f32; n * act_width];
+    // The residual after attention (`[n, n_embd]`). With true-sequential
+    // the block inputs are not needed once it is formed, so it is built in
+    // place of `x` and this stays empty.
+    let mut x1 = if ctx.opts.true_sequential {
+        Vec::new()
+    } else {
+        vec![0f32; n * e]
+    };
+    let mut o_out = vec![0f32; seqlen * e];
     let mut scratch = Vec::new();
-    let scale_h =
-        |h: &[f64]| -> Vec<f32> { h.iter().map(|&v| (v * 2.0 / n as f64) as f32).collect() };
+    // H = 2/n · Σ x·xᵀ, from the lower triangle `accumulate_xtx` filled.
+    let scale_h = |h: &mut [f64], cols: usize| -> Vec<f32> {
+        mirror_lower(h, cols);
+        h.iter().map(|&v| (v * 2.0 / n as f64) as f32).collect()
+    };
 
     for l in 0..hp.n_layer {
         let name = |s: &str| format!("blk.{l}.{s}.weight");
@@ -571,7 +595,7 @@ fn gptq_blocks<W: Write + Seek>(
             );
             accumulate_xtx(&mut h_qkv, &xn, seqlen, e, &mut scratch, threads);
         }
-        let h_qkv = scale_h(&h_qkv);
+        let h_qkv = scale_h(&mut h_qkv, e);
         ctx.timings.hessian += t.elapsed().as_secs_f64();
         let p_qkv = ctx.prepare(&h_qkv, e)?;
         let quantize_qkv = |ctx: &mut Ctx<'_, '_, W>, w: &mut BlockWeights| -> Result<()> {
@@ -593,14 +617,14 @@ fn gptq_blocks<W: Write + Seek>(
                 &w.attn_norm,
                 &mut xn,
             );
-            let a = &mut att[s * seqlen * q_dim..(s + 1) * seqlen * q_dim];
+            let a = &mut act[s * seqlen * q_dim..(s + 1) * seqlen * q_dim];
             bc.attention(&w, &xn, a);
             fwd += t.elapsed().as_secs_f64();
             let t = Instant::now();
             accumulate_xtx(&mut h_o, a, seqlen, q_dim, &mut scratch, threads);
             hes += t.elapsed().as_secs_f64();
         }
-        let h_o = scale_h(&h_o);
+        let h_o = scale_h(&mut h_o, q_dim);
         ctx.timings.forward += fwd;
         ctx.timings.hessian += hes;
         let p_o = ctx.prepare(&h_o, q_dim)?;
@@ -609,26 +633,39 @@ fn gptq_blocks<W: Write + Seek>(
         }
 
         // gate/up: inputs are the normalized residual after attention.
-        let post_attention = |w: &BlockWeights, att: &[f32], x: &[f32], x1: &mut [f32]| {
-            linear(att, &w.o, n, e, q_dim, x1, threads);
-            for (a, b) in x1.iter_mut().zip(x) {
-                *a += b;
-            }
-        };
+        // x1 = x + att·oᵀ, one window at a time (in place of x with true-sequential).
+        let post_attention =
+            |w: &BlockWeights, att: &[f32], x: &mut [f32], x1: &mut [f32], o_out: &mut [f32]| {
+                for s in 0..n_seq {
+                    let rows = s * seqlen * e..(s + 1) * seqlen * e;
+                    let a = &att[s * seqlen * q_dim..(s + 1) * seqlen * q_dim];
+                    linear(a, &w.o, seqlen, e, q_dim, o_out, threads);
+                    if x1.is_empty() {
+                        for (xv, b) in x[rows].iter_mut().zip(&*o_out) {
+                            *xv += b;
+                        }
+                    } else {
+                        for ((r, xv), b) in x1[rows.clone()].iter_mut().zip(&x[rows]).zip(&*o_out) {
+                            *r = xv + b;
+                        }
+                    }
+                }
+            };
         let t = Instant::now();
-        post_attention(&w, &att, &x, &mut x1);
+        post_attention(&w, &act, &mut x, &mut x1, &mut o_out);
         ctx.timings.forward += t.elapsed().as_secs_f64();
+        let x1v: &[f32] = if ts { &x } else { &x1 };
         let mut h_gu = vec![0f64; e * e];
         let t = Instant::now();
         for s in 0..n_seq {
             bc.norm_rows(
-                &x1[s * seqlen * e..(s + 1) * seqlen * e],
+                &x1v[s * seqlen * e..(s + 1) * seqlen * e],
                 &w.ffn_norm,
                 &mut xn,
             );
             accumulate_xtx(&mut h_gu, &xn, seqlen, e, &mut scratch, threads);
         }
-        let h_gu = scale_h(&h_gu);
+        let h_gu = scale_h(&mut h_gu, e);
         ctx.timings.hessian += t.elapsed().as_secs_f64();
         let p_gu = ctx.prepare(&h_gu, e)?;
         let quantize_gu = |ctx: &mut Ctx<'_, '_, W>, w: &mut BlockWeights| -> Result<()> {
@@ -640,23 +677,37 @@ fn gptq_blocks<W: Write + Seek>(
             quantize_gu(ctx, &mut w)?;
         }
 
-        // down: inputs are the SwiGLU activations.
-        let mut hidden = vec![0f32; seqlen * f];
+        // down: inputs are the SwiGLU activations. With true-sequential,
+        // gate/up are final here, so these are also the quantized block's
+        // activations: they are kept (in the buffer the attention outputs
+        // used, which are no longer needed) and the final pass below only
+        // multiplies them by the quantized down projection. Without it, one
+        // sequence's activations at a time from the float block.
         let (mut h_down, mut fwd, mut hes) = (vec![0f64; f * f], 0.0, 0.0);
+        let mut hidden_seq = if ts {
+            Vec::new()
+        } else {
+            vec![0f32; seqlen * f]
+        };
         for s in 0..n_seq {
             let t = Instant::now();
             bc.norm_rows(
-                &x1[s * seqlen * e..(s + 1) * seqlen * e],
+                &x1v[s * seqlen * e..(s + 1) * seqlen * e],
                 &w.ffn_norm,
                 &mut xn,
             );
-            bc.mlp_hidden(&w, &xn, seqlen, &mut hidden);
+            let hidden = if ts {
+                &mut act[s * seqlen * f..(s + 1) * seqlen * f]
+            } else {
+                &mut hidden_seq[..]
+            };
+            bc.mlp_hidden(&w, &xn, seqlen, hidden);
             fwd += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            accumulate_xtx(&mut h_down, &hidden, seqlen, f, &mut scratch, threads);
+            accumulate_xtx(&mut h_down, hidden, seqlen, f, &mut scratch, threads);
             hes += t.elapsed().as_secs_f64();
         }
-        let h_down = scale_h(&h_down);
+        let h_down = scale_h(&mut h_down, f);
         ctx.timings.forward += fwd;
         ctx.timings.hessian += hes;
         let p_down = ctx.prepare(&h_down, f)?;
@@ -681,19 +732,29 @@ fn gptq_blocks<W: Write + Seek>(
                 bc.attention(
                     &w,
                     &xn,
-                    &mut att[s * seqlen * q_dim..(s + 1) * seqlen * q_dim],
+                    &mut act[s * seqlen * q_dim..(s + 1) * seqlen * q_dim],
                 );
             }
-            post_attention(&w, &att, &x, &mut x1);
+            post_attention(&w, &act, &mut x, &mut x1, &mut o_out);
         }
-        let mut out = vec![0f32; seqlen * e];
         for s in 0..n_seq {
             let rows = s * seqlen * e..(s + 1) * seqlen * e;
-            bc.norm_rows(&x1[rows.clone()], &w.ffn_norm, &mut xn);
-            bc.mlp_hidden(&w, &xn, seqlen, &mut hidden);
-            linear(&hidden, &w.down, seqlen, e, f, &mut out, threads);
-            for ((xo, a), b) in x[rows.clone()].iter_mut().zip(&x1[rows]).zip(&out) {
-                *xo = a + b;
+            let hidden = if ts {
+                &act[s * seqlen * f..(s + 1) * seqlen * f]
+            } else {
+                bc.norm_rows(&x1[rows.clone()], &w.ffn_norm, &mut xn);
+                bc.mlp_hidden(&w, &xn, seqlen, &mut hidden_seq);
+                &hidden_seq[..]
+            };
+            linear(hidden, &w.down, seqlen, e, f, &mut o_out, threads);
+            if ts {
+                for (xo, b) in x[rows].iter_mut().zip(&o_out) {
+                    *xo += b;
+                }
+            } else {
+                for ((xo, a), b) in x[rows.clone()].iter_mut().zip(&x1[rows]).zip(&o_out) {
+                    *xo = a + b;
+                }
             }
         }
         ctx.timings.forward += t.elapsed().as_secs_f64();

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::kernels::pool::SpinPool;
 use crate::kernels::{dot_f32, Kernels, Q8Buf, Q8Ref};
-use crate::model::{Model, Weight, WeightData};
+use crate::model::{LayerWeights, Model, Weight, WeightData};
 use crate::session::PrefillKind;
 
 /// How the matrix-vector products of one token are spread over threads.
@@ -395,32 +395,20 @@ pub fn forward(
         );
         rope(&mut s.q, hd, cos, sin);
 
-        // Attention, head by head (GQA: `group` query heads share a KV head).
-        for h in 0..n_head {
-            let kvh = h / group;
-            let q = &s.q[h * hd..(h + 1) * hd];
-            let scores = &mut s.scores[h * n_ctx + start..h * n_ctx + pos + 1];
-            let mut max = f32::NEG_INFINITY;
-            for (t, sc) in (start..=pos).zip(scores.iter_mut()) {
-                let k = &s.key_cache[layer_base + t * kv_dim + kvh * hd..][..hd];
-                *sc = dot_f32(q, k) * inv_sqrt_hd;
-                max = max.max(*sc);
-            }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            let inv = 1.0 / sum;
-            let out = &mut s.att_out[h * hd..(h + 1) * hd];
-            out.fill(0.0);
-            for (t, &p) in (start..=pos).zip(scores.iter()) {
-                let v = &s.value_cache[layer_base + t * kv_dim + kvh * hd..][..hd];
-                let a = p * inv;
-                for (o, &vv) in out.iter_mut().zip(v) {
-                    *o += a * vv;
-                }
-            }
+        // Attention, one KV head at a time for its `group` query heads (GQA).
+        for kvh in 0..n_kv {
+            let kv = layer_base + kvh * hd;
+            let heads = kvh * group * hd..(kvh + 1) * group * hd;
+            attend_group(
+                &s.q[heads.clone()],
+                (&s.key_cache[kv..], &s.value_cache[kv..], kv_dim),
+                start..pos + 1,
+                &mut s.scores[kvh * group * n_ctx..],
+                n_ctx,
+                &mut s.att_out[heads],
+                hd,
+                inv_sqrt_hd,
+            );
         }
         s.inp.reset();
         matvec(
@@ -484,6 +472,10 @@ pub struct BatchState {
     /// `[n_batch, n_ff]` gate / up activations.
     hb: Vec<f32>,
     hb2: Vec<f32>,
+    /// `[n_batch, n_head_kv·head_dim]` new keys / values of
+    /// [`forward_slots`] before they go to each row's cache slot.
+    k_new: Vec<f32>,
+    v_new: Vec<f32>,
     /// `[n_batch, n_vocab]` logits of every row (only when requested).
     pub logits: Vec<f32>,
     scratch: BatchScratch,
@@ -514,6 +506,17 @@ impl BatchScratch {
 }
 
 impl BatchState {
+    /// Buffers for [`forward_slots`]: `n_rows` sequences of up to `slot_len`
+    /// tokens (attention scores for every head of every row).
+    pub fn for_slots(
+        model: &Model,
+        slot_len: usize,
+        n_rows: usize,
+        prefill: PrefillKind,
+    ) -> BatchState {
+        BatchState::new(model, model.hparams.n_head * slot_len, n_rows, prefill)
+    }
+
     pub fn new(model: &Model, n_ctx: usize, n_batch: usize, prefill: PrefillKind) -> BatchState {
         let hp = &model.hparams;
         let q_dim = hp.n_head * hp.head_dim;
@@ -528,6 +531,8 @@ impl BatchState {
             scores: vec![0.0; n_batch * n_ctx],
             hb: vec![0.0; n_batch * hp.n_ff],
             hb2: vec![0.0; n_batch * hp.n_ff],
+            k_new: vec![0.0; n_batch * hp.n_head_kv * hp.head_dim],
+            v_new: vec![0.0; n_batch * hp.n_head_kv * hp.head_dim],
             logits: Vec::new(),
             scratch: BatchScratch {
                 wtile: vec![0.0; (WEIGHT_TILE_ROWS + 1) * max_in],
@@ -734,14 +739,7 @@ pub fn forward_batch(
     }
     for (l, lw) in model.layers.iter().enumerate() {
         let norm = model.vector(&lw.attn_norm);
-        for i in 0..b {
-            rmsnorm(
-                &mut bs.xb[i * e..(i + 1) * e],
-                &bs.x[i * e..(i + 1) * e],
-                norm,
-                hp.rms_norm_eps,
-            );
-        }
+        norm_rows(bs, b, norm, hp.rms_norm_eps);
         let lbase = l * n_ctx * kv_dim;
         let rows = lbase + start * kv_dim..lbase + n_keys * kv_dim;
         bs.scratch.new_input();
@@ -852,69 +850,7 @@ pub fn forward_batch(
                 threads,
             );
         }
-        bs.scratch.new_input();
-        linear_batch(
-            model,
-            &lw.attn_output,
-            &bs.att_out,
-            b,
-            &mut bs.xb2,
-            e,
-            &mut bs.scratch,
-            threads,
-        );
-        for (x, d) in bs.x[..b * e].iter_mut().zip(&bs.xb2) {
-            *x += d;
-        }
-
-        let norm = model.vector(&lw.ffn_norm);
-        for i in 0..b {
-            rmsnorm(
-                &mut bs.xb[i * e..(i + 1) * e],
-                &bs.x[i * e..(i + 1) * e],
-                norm,
-                hp.rms_norm_eps,
-            );
-        }
-        let n_ff = hp.n_ff;
-        bs.scratch.new_input();
-        linear_batch(
-            model,
-            &lw.ffn_gate,
-            &bs.xb,
-            b,
-            &mut bs.hb,
-            n_ff,
-            &mut bs.scratch,
-            threads,
-        );
-        linear_batch(
-            model,
-            &lw.ffn_up,
-            &bs.xb,
-            b,
-            &mut bs.hb2,
-            n_ff,
-            &mut bs.scratch,
-            threads,
-        );
-        for (g, &u) in bs.hb[..b * n_ff].iter_mut().zip(&bs.hb2) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-        bs.scratch.new_input();
-        linear_batch(
-            model,
-            &lw.ffn_down,
-            &bs.hb,
-            b,
-            &mut bs.xb2,
-            e,
-            &mut bs.scratch,
-            threads,
-        );
-        for (x, d) in bs.x[..b * e].iter_mut().zip(&bs.xb2) {
-            *x += d;
-        }
+        output_and_ffn_batch(model, lw, bs, b, threads);
     }
 
     let norm = model.vector(&model.output_norm);
@@ -927,30 +863,322 @@ pub fn forward_batch(
             let par = if threads > 1 { Par::Rayon } else { Par::Serial };
             matvec(model, &model.output, &s.xb, &mut s.logits, &mut s.inp, par);
         }
-        Some(true) => {
-            for i in 0..b {
-                rmsnorm(
-                    &mut bs.xb[i * e..(i + 1) * e],
-                    &bs.x[i * e..(i + 1) * e],
-                    norm,
-                    hp.rms_norm_eps,
+        Some(true) => logits_batch(model, bs, b, threads),
+    }
+}
+
+/// One decoding step of `b = tokens.len()` independent sequences at once
+/// (e.g. the quantizer's self-generated calibration text): row `i` is the
+/// sequence kept in slot `i` of the KV cache (cache rows `i·slot_len ..
+/// (i+1)·slot_len`, so `s` needs `n_ctx ≥ b·slot_len`; `bs` comes from
+/// [`BatchState::for_slots`]), every row at position `pos`. The linear layers run as one batch, so each weight is
+/// streamed once for all rows instead of once per sequence; attention runs
+/// per row over its own slot (rows spread over the rayon pool when
+/// `threads > 1`). The logits of every row go to `bs.logits`
+/// (`[n_batch, n_vocab]`). Each row gets the arithmetic of a prompt row of
+/// [`forward_batch`] (the same batched kernels) up to float reassociation:
+/// `gemm` may order a row's sums differently for another number of rows.
+pub fn forward_slots(
+    model: &Model,
+    s: &mut RunState,
+    bs: &mut BatchState,
+    tokens: &[u32],
+    pos: usize,
+    slot_len: usize,
+    threads: usize,
+) {
+    let hp = &model.hparams;
+    let b = tokens.len();
+    assert!(b > 0 && b <= bs.n_batch, "forward_slots: 1..=n_batch rows");
+    assert!(
+        pos < slot_len && b * slot_len <= s.n_ctx,
+        "forward_slots: slots exceed the cache"
+    );
+    let (e, hd, n_head, n_kv) = (hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv);
+    assert!(
+        bs.scores.len() >= b * n_head * slot_len,
+        "forward_slots: make `bs` with BatchState::for_slots"
+    );
+    let (q_dim, kv_dim, group, half) = (n_head * hd, n_kv * hd, n_head / n_kv, hd / 2);
+    let n_ctx = s.n_ctx;
+    let n_keys = pos + 1;
+    let inv_sqrt_hd = 1.0 / (hd as f32).sqrt();
+    let lo = if hp.sliding_window > 0 {
+        n_keys.saturating_sub(hp.sliding_window)
+    } else {
+        0
+    };
+    let (cos, sin) = (
+        &s.rope_cos[pos * half..(pos + 1) * half],
+        &s.rope_sin[pos * half..(pos + 1) * half],
+    );
+
+    for (i, &t) in tokens.iter().enumerate() {
+        embed(model, t, &mut bs.x[i * e..(i + 1) * e]);
+    }
+    for (l, lw) in model.layers.iter().enumerate() {
+        let norm = model.vector(&lw.attn_norm);
+        norm_rows(bs, b, norm, hp.rms_norm_eps);
+        bs.scratch.new_input();
+        for (w, out, width) in [
+            (&lw.attn_q, &mut bs.q, q_dim),
+            (&lw.attn_k, &mut bs.k_new, kv_dim),
+            (&lw.attn_v, &mut bs.v_new, kv_dim),
+        ] {
+            linear_batch(model, w, &bs.xb, b, out, width, &mut bs.scratch, threads);
+        }
+        let lbase = l * n_ctx * kv_dim;
+        for i in 0..b {
+            rope(&mut bs.q[i * q_dim..(i + 1) * q_dim], hd, cos, sin);
+            let kn = &mut bs.k_new[i * kv_dim..(i + 1) * kv_dim];
+            rope(kn, hd, cos, sin);
+            let row = lbase + (i * slot_len + pos) * kv_dim;
+            s.key_cache[row..row + kv_dim].copy_from_slice(kn);
+            s.value_cache[row..row + kv_dim]
+                .copy_from_slice(&bs.v_new[i * kv_dim..(i + 1) * kv_dim]);
+        }
+
+        // Row i attends to keys 0..=pos of its own slot.
+        let (keys, values) = (&s.key_cache, &s.value_cache);
+        let q = &bs.q;
+        // Per row and KV head, the `group` query heads that share it as two
+        // small products (scores = Q·Kᵀ, then softmax, then P·V): `gemm`
+        // reads each cached key and value once for the group, in SIMD.
+        let attend = |(i, (att, scores)): (usize, (&mut [f32], &mut [f32]))| {
+            let slot = lbase + i * slot_len * kv_dim;
+            for kvh in 0..n_kv {
+                let kv = slot + kvh * hd;
+                let heads = kvh * group * hd..(kvh + 1) * group * hd;
+                let sc = &mut scores[kvh * group * slot_len..(kvh + 1) * group * slot_len];
+                matmul(
+                    MatMut {
+                        data: sc,
+                        rows: group,
+                        cols: n_keys,
+                        rs: slot_len,
+                        cs: 1,
+                    },
+                    MatRef {
+                        data: &q[i * q_dim + heads.start..i * q_dim + heads.end],
+                        rows: group,
+                        cols: hd,
+                        rs: hd,
+                        cs: 1,
+                    },
+                    MatRef {
+                        data: &keys[kv..],
+                        rows: hd,
+                        cols: n_keys,
+                        rs: 1,
+                        cs: kv_dim,
+                    },
+                    inv_sqrt_hd,
+                    false,
+                    1,
+                );
+                for row in sc.chunks_exact_mut(slot_len) {
+                    causal_softmax_row(&mut row[..n_keys], lo, pos);
+                }
+                matmul(
+                    MatMut {
+                        data: &mut att[heads],
+                        rows: group,
+                        cols: hd,
+                        rs: hd,
+                        cs: 1,
+                    },
+                    MatRef {
+                        data: sc,
+                        rows: group,
+                        cols: n_keys,
+                        rs: slot_len,
+                        cs: 1,
+                    },
+                    MatRef {
+                        data: &values[kv..],
+                        rows: n_keys,
+                        cols: hd,
+                        rs: kv_dim,
+                        cs: 1,
+                    },
+                    1.0,
+                    false,
+                    1,
                 );
             }
-            let n_vocab = hp.n_vocab;
-            if bs.logits.len() < bs.n_batch * n_vocab {
-                bs.logits = vec![0.0; bs.n_batch * n_vocab];
-            }
-            bs.scratch.new_input();
-            linear_batch(
-                model,
-                &model.output,
-                &bs.xb,
-                b,
-                &mut bs.logits,
-                n_vocab,
-                &mut bs.scratch,
-                threads,
-            );
+        };
+        let att_rows = &mut bs.att_out[..b * q_dim];
+        if threads > 1 {
+            att_rows
+                .par_chunks_mut(q_dim)
+                .zip(bs.scores.par_chunks_mut(n_head * slot_len))
+                .enumerate()
+                .for_each(attend);
+        } else {
+            att_rows
+                .chunks_mut(q_dim)
+                .zip(bs.scores.chunks_mut(n_head * slot_len))
+                .enumerate()
+                .for_each(attend);
+        }
+        output_and_ffn_batch(model, lw, bs, b, threads);
+    }
+    logits_batch(model, bs, b, threads);
+}
+
+/// The rest of a layer for `b` rows once `bs.att_out` holds the attention
+/// outputs: output projection and residual, then the SwiGLU MLP and residual
+/// (shared by [`forward_batch`] and [`forward_slots`]).
+fn output_and_ffn_batch(
+    model: &Model,
+    lw: &LayerWeights,
+    bs: &mut BatchState,
+    b: usize,
+    threads: usize,
+) {
+    let hp = &model.hparams;
+    let e = hp.n_embd;
+    bs.scratch.new_input();
+    linear_batch(
+        model,
+        &lw.attn_output,
+        &bs.att_out,
+        b,
+        &mut bs.xb2,
+        e,
+        &mut bs.scratch,
+        threads,
+    );
+    for (x, d) in bs.x[..b * e].iter_mut().zip(&bs.xb2) {
+        *x += d;
+    }
+
+    let norm = model.vector(&lw.ffn_norm);
+    norm_rows(bs, b, norm, hp.rms_norm_eps);
+    let n_ff = hp.n_ff;
+    bs.scratch.new_input();
+    linear_batch(
+        model,
+        &lw.ffn_gate,
+        &bs.xb,
+        b,
+        &mut bs.hb,
+        n_ff,
+        &mut bs.scratch,
+        threads,
+    );
+    linear_batch(
+        model,
+        &lw.ffn_up,
+        &bs.xb,
+        b,
+        &mut bs.hb2,
+        n_ff,
+        &mut bs.scratch,
+        threads,
+    );
+    for (g, &u) in bs.hb[..b * n_ff].iter_mut().zip(&bs.hb2) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+    bs.scratch.new_input();
+    linear_batch(
+        model,
+        &lw.ffn_down,
+        &bs.hb,
+        b,
+        &mut bs.xb2,
+        e,
+        &mut bs.scratch,
+        threads,
+    );
+    for (x, d) in bs.x[..b * e].iter_mut().zip(&bs.xb2) {
+        *x += d;
+    }
+}
+
+/// The `group` query heads that share one KV head (GQA) attending over the
+/// cached positions `range`. `qs` and `out` hold the heads' `head_dim`-wide
+/// queries / outputs one after another; `keys` and `values` start at this
+/// KV head's first element of position 0, rows `stride` apart; head `j`'s
+/// score of position `t` is `scores[j·score_stride + t]`. Each key and value
+/// row is read once for the whole group (the KV cache is most of the bytes
+/// attention reads); per head the arithmetic is softmax(q·kᵀ·`scale`)·V in
+/// position order, the same as one head at a time. Shared by the one-token
+/// path and [`forward_slots`].
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn attend_group(
+    qs: &[f32],
+    (keys, values, stride): (&[f32], &[f32], usize),
+    range: std::ops::Range<usize>,
+    scores: &mut [f32],
+    score_stride: usize,
+    out: &mut [f32],
+    head_dim: usize,
+    scale: f32,
+) {
+    let hd = head_dim;
+    let group = qs.len() / hd;
+    for t in range.clone() {
+        let k = &keys[t * stride..][..hd];
+        for (j, q) in qs.chunks_exact(hd).enumerate() {
+            scores[j * score_stride + t] = dot_f32(q, k) * scale;
         }
     }
+    for j in 0..group {
+        let sc = &mut scores[j * score_stride + range.start..j * score_stride + range.end];
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0f32;
+        for p in sc.iter_mut() {
+            *p = (*p - max).exp();
+            sum += *p;
+        }
+        let inv = 1.0 / sum;
+        for p in sc.iter_mut() {
+            *p *= inv;
+        }
+    }
+    out.fill(0.0);
+    for t in range {
+        let v = &values[t * stride..][..hd];
+        for (j, o) in out.chunks_exact_mut(hd).enumerate() {
+            let a = scores[j * score_stride + t];
+            for (o, &vv) in o.iter_mut().zip(v) {
+                *o += a * vv;
+            }
+        }
+    }
+}
+
+/// RMSNorm of the first `b` rows of `bs.x` into `bs.xb`.
+fn norm_rows(bs: &mut BatchState, b: usize, weight: &[f32], eps: f64) {
+    let e = weight.len();
+    for (out, x) in bs.xb[..b * e]
+        .chunks_exact_mut(e)
+        .zip(bs.x[..b * e].chunks_exact(e))
+    {
+        rmsnorm(out, x, weight, eps);
+    }
+}
+
+/// Logits of all `b` rows of `bs.x` into `bs.logits` (`[n_batch, n_vocab]`).
+fn logits_batch(model: &Model, bs: &mut BatchState, b: usize, threads: usize) {
+    let hp = &model.hparams;
+    let norm = model.vector(&model.output_norm);
+    norm_rows(bs, b, norm, hp.rms_norm_eps);
+    let n_vocab = hp.n_vocab;
+    if bs.logits.len() < bs.n_batch * n_vocab {
+        bs.logits = vec![0.0; bs.n_batch * n_vocab];
+    }
+    bs.scratch.new_input();
+    linear_batch(
+        model,
+        &model.output,
+        &bs.xb,
+        b,
+        &mut bs.logits,
+        n_vocab,
+        &mut bs.scratch,
+        threads,
+    );
 }

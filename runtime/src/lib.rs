@@ -8,7 +8,9 @@
 //!   load ([`kernels::Kernels`], `NIBBLE_ISA`).
 //! * Prompts run as matrix-matrix products through `gemm`
 //!   ([`forward::forward_batch`]); single tokens as matrix-vector products
-//!   split by rows over a persistent spin/park pool ([`forward::forward`]).
+//!   split by rows over a persistent spin/park pool ([`forward::forward`]);
+//!   several independent sequences decode in lockstep as one batch
+//!   ([`forward::forward_slots`], the quantizer's self-generated calibration).
 //! * [`Session`] owns a run state sized once from the config (KV cache
 //!   included): evaluating or decoding a token allocates nothing.
 //! * [`Sampler`] implements greedy, temperature, top-k, top-p, min-p and a

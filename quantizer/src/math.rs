@@ -1,0 +1,132 @@
+//! Elementary functions of the calibration forward pass, written so the
+//! compiler can vectorise them.
+//!
+//! Why: `f32::exp` is a libm call the compiler cannot vectorise, and the
+//! calibration forward takes one per query, head and earlier key of every
+//! window (1.2 M per 512-token window and block on SmolLM2) plus one per
+//! hidden unit for SwiGLU: a large share of that pass on two cores.
+//! [`exp_f32`] is plain branch-free arithmetic on `f32`/`i32` bits, so a loop
+//! over a slice becomes SIMD code on every target without `unsafe` or
+//! feature detection, and every instruction set computes the same bits. (The
+//! runtime keeps libm's exp: its outputs are compared across paths and
+//! instruction sets bit for bit.)
+
+/// log2(e).
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split into a part exact in f32 and the remainder (Cody–Waite), so
+/// `x − n·ln2` loses nothing for |n| ≤ 128.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// Adding then subtracting 1.5·2²³ rounds an f32 of magnitude < 2²² to the
+/// nearest integer (ties to even) without a rounding instruction.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+/// exp(x) overflows f32 above this, and is subnormal below the lower bound.
+const EXP_HI: f32 = 88.0;
+const EXP_LO: f32 = -87.336_54;
+
+/// e^x with relative error below [`EXP_F32_MAX_REL_ERR`] for x in
+/// [−87.3, 88]. Inputs are clamped to that range (so e^−∞ and e^−100 give
+/// ~1.2e−38 rather than 0, which no softmax or SiLU notices); NaN stays NaN.
+/// e^x = 2ⁿ·e^r with n = round(x·log2 e), |r| ≤ ln2/2, and e^r by its
+/// degree-7 Taylor polynomial (truncation error 5e−9).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    let x = x.clamp(EXP_LO, EXP_HI);
+    let n = (x * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 / 5040.0;
+    let p = p * r + 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    // 2ⁿ from its exponent bits: n ∈ [−126, 127] after the clamp.
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * two_n
+}
+
+/// The largest relative error of [`exp_f32`] against the correctly rounded
+/// e^x over its range (tested).
+pub const EXP_F32_MAX_REL_ERR: f64 = 5e-7;
+
+/// `v ← e^(v − max)` for every element; returns their sum (in eight
+/// partial sums, so this loop too is vectorised).
+#[inline]
+pub fn exp_shifted_sum(v: &mut [f32], max: f32) -> f32 {
+    for x in v.iter_mut() {
+        *x = exp_f32(*x - max);
+    }
+    let mut acc = [0f32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// SiLU, x·σ(x) = x / (1 + e^−x).
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp_f32(-x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_libm_across_its_range() {
+        let mut worst = 0f64;
+        let mut x = -87.3f64;
+        while x < 88.0 {
+            let xf = x as f32;
+            let want = f64::from(xf).exp();
+            let got = f64::from(exp_f32(xf));
+            worst = worst.max((got - want).abs() / want);
+            x += 0.001_37;
+        }
+        assert!(
+            worst < EXP_F32_MAX_REL_ERR,
+            "worst relative error {worst:e}"
+        );
+        for (x, want) in [
+            (0f32, 1f32),
+            (1.0, std::f32::consts::E),
+            (-1.0, 1.0 / std::f32::consts::E),
+        ] {
+            assert!(
+                (exp_f32(x) - want).abs() <= 2.0 * f32::EPSILON * want,
+                "{x}"
+            );
+        }
+        // Clamped ends, NaN.
+        assert!(exp_f32(f32::NEG_INFINITY) < 1.3e-38 && exp_f32(f32::NEG_INFINITY) > 0.0);
+        assert!(exp_f32(-1e6) < 1.3e-38);
+        assert!(exp_f32(1e6).is_finite() && exp_f32(1e6) > 1e38);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn shifted_sum_and_silu() {
+        let mut v: Vec<f32> = (0..37).map(|i| i as f32 * 0.25 - 4.0).collect();
+        let want: Vec<f64> = v.iter().map(|&x| (f64::from(x) - 5.0).exp()).collect();
+        let sum = exp_shifted_sum(&mut v, 5.0);
+        let want_sum: f64 = want.iter().sum();
+        assert!((f64::from(sum) - want_sum).abs() < 1e-6 * want_sum);
+        for (g, w) in v.iter().zip(&want) {
+            assert!((f64::from(*g) - w).abs() < 1e-6 * w);
+        }
+        for x in [-20f32, -1.0, 0.0, 0.5, 3.0, 30.0] {
+            let want = f64::from(x) / (1.0 + (-f64::from(x)).exp());
+            assert!(
+                (f64::from(silu(x)) - want).abs() <= 1e-6 * want.abs().max(1e-6),
+                "{x}"
+            );
+        }
+    }
+}
