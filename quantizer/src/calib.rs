@@ -66,7 +66,7 @@ pub const SELF_CALIB_BATCH: usize = 16;
 /// continued past them. Sample `i` uses seed `seed + i`.
 ///
 /// The sequences are decoded [`SELF_CALIB_BATCH`] at a time in lockstep
-/// ([`forward_slots`]: every linear layer is one batched product for the
+/// ([`nibble_runtime::forward::forward_slots`]: every linear layer is one batched product for the
 /// whole group, so the weights are read once per step rather than once per
 /// sequence), with `threads` threads; the windows do not depend on
 /// `threads`. `progress(tokens)` reports the tokens written so far, up to
@@ -231,7 +231,7 @@ const XTX_PANEL: usize = 128;
 /// (f32 products per call, f64 sum); the strict upper triangle is left as
 /// it is: call [`mirror_lower`] once the last rows are in. xᵀ·x is
 /// symmetric, so only its lower triangle is multiplied, one product per
-/// panel of [`XTX_PANEL`] columns from the panel's diagonal down (about half
+/// panel of `XTX_PANEL` (128) columns from the panel's diagonal down (about half
 /// the multiply-adds of the full product for wide inputs).
 pub fn accumulate_xtx(
     h: &mut [f64],

@@ -135,8 +135,8 @@ pub fn lower_inverse_unblocked(l: &[f64], n: usize) -> Vec<f64> {
 }
 
 /// The inverse X = L⁻¹ of a lower-triangular `n × n` L (nonzero diagonal),
-/// row-major. Blocked by rows: X[I,I] = L[I,I]⁻¹ and
-/// X[I, :I] = −L[I,I]⁻¹ · (L[I, :I] · X[:I, :I]).
+/// row-major. Blocked by rows: `X[I,I] = L[I,I]⁻¹` and
+/// `X[I, :I] = −L[I,I]⁻¹ · (L[I, :I] · X[:I, :I])`.
 pub fn lower_inverse(l: &[f64], n: usize) -> Vec<f64> {
     assert_eq!(l.len(), n * n, "lower_inverse: l is not n × n");
     let mut x = vec![0f64; n * n];
