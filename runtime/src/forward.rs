@@ -1103,8 +1103,8 @@ fn output_and_ffn_batch(
 /// score of position `t` is `scores[j·score_stride + t]`. Each key and value
 /// row is read once for the whole group (the KV cache is most of the bytes
 /// attention reads); per head the arithmetic is softmax(q·kᵀ·`scale`)·V in
-/// position order, the same as one head at a time. Shared by the one-token
-/// path and [`forward_slots`].
+/// position order, bit for bit what one head at a time computes (the
+/// one-token path; [`forward_slots`] uses `gemm` for its many rows instead).
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn attend_group(
