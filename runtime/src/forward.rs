@@ -787,67 +787,18 @@ pub fn forward_batch(
         // Attention per query head: S = Q·Kᵀ/√d over all cached keys, causal
         // (and sliding-window) mask, softmax per row, then O = S·V.
         for h in 0..n_head {
-            let g = h / group;
-            matmul(
-                MatMut {
-                    data: &mut bs.scores,
-                    rows: b,
-                    cols: n_keys,
-                    rs: n_keys,
-                    cs: 1,
+            let kv = lbase + (h / group) * hd;
+            attend_rows(
+                (&bs.q[h * hd..], b, q_dim),
+                (&s.key_cache[kv..], &s.value_cache[kv..], kv_dim),
+                n_keys,
+                (&mut bs.scores, n_keys),
+                &mut bs.att_out[h * hd..],
+                (hd, inv_sqrt_hd, threads),
+                |i| {
+                    let pos = start + i;
+                    (causal_window_start(pos, hp.sliding_window), pos)
                 },
-                MatRef {
-                    data: &bs.q[h * hd..],
-                    rows: b,
-                    cols: hd,
-                    rs: q_dim,
-                    cs: 1,
-                },
-                MatRef {
-                    data: &s.key_cache[lbase + g * hd..],
-                    rows: hd,
-                    cols: n_keys,
-                    rs: 1,
-                    cs: kv_dim,
-                },
-                inv_sqrt_hd,
-                false,
-                threads,
-            );
-            for i in 0..b {
-                let pos = start + i;
-                let lo = if hp.sliding_window > 0 {
-                    (pos + 1).saturating_sub(hp.sliding_window)
-                } else {
-                    0
-                };
-                causal_softmax_row(&mut bs.scores[i * n_keys..(i + 1) * n_keys], lo, pos);
-            }
-            matmul(
-                MatMut {
-                    data: &mut bs.att_out[h * hd..],
-                    rows: b,
-                    cols: hd,
-                    rs: q_dim,
-                    cs: 1,
-                },
-                MatRef {
-                    data: &bs.scores,
-                    rows: b,
-                    cols: n_keys,
-                    rs: n_keys,
-                    cs: 1,
-                },
-                MatRef {
-                    data: &s.value_cache[lbase + g * hd..],
-                    rows: n_keys,
-                    cols: hd,
-                    rs: kv_dim,
-                    cs: 1,
-                },
-                1.0,
-                false,
-                threads,
             );
         }
         output_and_ffn_batch(model, lw, bs, b, threads);
@@ -871,8 +822,9 @@ pub fn forward_batch(
 /// (e.g. the quantizer's self-generated calibration text): row `i` is the
 /// sequence kept in slot `i` of the KV cache (cache rows `i·slot_len ..
 /// (i+1)·slot_len`, so `s` needs `n_ctx ≥ b·slot_len`; `bs` comes from
-/// [`BatchState::for_slots`]), every row at position `pos`. The linear layers run as one batch, so each weight is
-/// streamed once for all rows instead of once per sequence; attention runs
+/// [`BatchState::for_slots`]), every row at position `pos`. The linear
+/// layers run as one batch, so each weight is streamed once for all rows
+/// instead of once per sequence; attention runs
 /// per row over its own slot (rows spread over the rayon pool when
 /// `threads > 1`). The logits of every row go to `bs.logits`
 /// (`[n_batch, n_vocab]`). Each row gets the arithmetic of a prompt row of
@@ -903,11 +855,7 @@ pub fn forward_slots(
     let n_ctx = s.n_ctx;
     let n_keys = pos + 1;
     let inv_sqrt_hd = 1.0 / (hd as f32).sqrt();
-    let lo = if hp.sliding_window > 0 {
-        n_keys.saturating_sub(hp.sliding_window)
-    } else {
-        0
-    };
+    let lo = causal_window_start(pos, hp.sliding_window);
     let (cos, sin) = (
         &s.rope_cos[pos * half..(pos + 1) * half],
         &s.rope_sin[pos * half..(pos + 1) * half],
@@ -949,61 +897,14 @@ pub fn forward_slots(
             for kvh in 0..n_kv {
                 let kv = slot + kvh * hd;
                 let heads = kvh * group * hd..(kvh + 1) * group * hd;
-                let sc = &mut scores[kvh * group * slot_len..(kvh + 1) * group * slot_len];
-                matmul(
-                    MatMut {
-                        data: sc,
-                        rows: group,
-                        cols: n_keys,
-                        rs: slot_len,
-                        cs: 1,
-                    },
-                    MatRef {
-                        data: &q[i * q_dim + heads.start..i * q_dim + heads.end],
-                        rows: group,
-                        cols: hd,
-                        rs: hd,
-                        cs: 1,
-                    },
-                    MatRef {
-                        data: &keys[kv..],
-                        rows: hd,
-                        cols: n_keys,
-                        rs: 1,
-                        cs: kv_dim,
-                    },
-                    inv_sqrt_hd,
-                    false,
-                    1,
-                );
-                for row in sc.chunks_exact_mut(slot_len) {
-                    causal_softmax_row(&mut row[..n_keys], lo, pos);
-                }
-                matmul(
-                    MatMut {
-                        data: &mut att[heads],
-                        rows: group,
-                        cols: hd,
-                        rs: hd,
-                        cs: 1,
-                    },
-                    MatRef {
-                        data: sc,
-                        rows: group,
-                        cols: n_keys,
-                        rs: slot_len,
-                        cs: 1,
-                    },
-                    MatRef {
-                        data: &values[kv..],
-                        rows: n_keys,
-                        cols: hd,
-                        rs: kv_dim,
-                        cs: 1,
-                    },
-                    1.0,
-                    false,
-                    1,
+                attend_rows(
+                    (&q[i * q_dim + heads.start..], group, hd),
+                    (&keys[kv..], &values[kv..], kv_dim),
+                    n_keys,
+                    (&mut scores[kvh * group * slot_len..], slot_len),
+                    &mut att[heads],
+                    (hd, inv_sqrt_hd, 1),
+                    |_| (lo, pos),
                 );
             }
         };
@@ -1094,6 +995,92 @@ fn output_and_ffn_batch(
     for (x, d) in bs.x[..b * e].iter_mut().zip(&bs.xb2) {
         *x += d;
     }
+}
+
+/// First key position a query at `pos` sees: 0, or the start of its
+/// sliding window.
+fn causal_window_start(pos: usize, sliding_window: usize) -> usize {
+    if sliding_window > 0 {
+        (pos + 1).saturating_sub(sliding_window)
+    } else {
+        0
+    }
+}
+
+/// Attention of `rows` queries against one KV head's cached positions
+/// `0..n_keys` as two products: `scores = Q·Kᵀ·scale` (row `r` at
+/// `scores[r·scores_rs..]`), a softmax of row `r` over the positions
+/// `window(r) = (lo, pos)` (the rest zeroed), then `out = P·V`. `q` is
+/// `(data, rows, row stride)` with `head_dim` columns; `out` has the same
+/// row stride; `keys`/`values` start at the head's element of position 0,
+/// rows `kv_stride` apart. Shared by [`forward_batch`] (a head's prompt
+/// rows) and [`forward_slots`] (a row's query heads of one KV head).
+fn attend_rows(
+    (q, rows, q_rs): (&[f32], usize, usize),
+    (keys, values, kv_stride): (&[f32], &[f32], usize),
+    n_keys: usize,
+    (scores, scores_rs): (&mut [f32], usize),
+    out: &mut [f32],
+    (head_dim, scale, threads): (usize, f32, usize),
+    window: impl Fn(usize) -> (usize, usize),
+) {
+    let hd = head_dim;
+    matmul(
+        MatMut {
+            data: scores,
+            rows,
+            cols: n_keys,
+            rs: scores_rs,
+            cs: 1,
+        },
+        MatRef {
+            data: q,
+            rows,
+            cols: hd,
+            rs: q_rs,
+            cs: 1,
+        },
+        MatRef {
+            data: keys,
+            rows: hd,
+            cols: n_keys,
+            rs: 1,
+            cs: kv_stride,
+        },
+        scale,
+        false,
+        threads,
+    );
+    for r in 0..rows {
+        let (lo, pos) = window(r);
+        causal_softmax_row(&mut scores[r * scores_rs..r * scores_rs + n_keys], lo, pos);
+    }
+    matmul(
+        MatMut {
+            data: out,
+            rows,
+            cols: hd,
+            rs: q_rs,
+            cs: 1,
+        },
+        MatRef {
+            data: scores,
+            rows,
+            cols: n_keys,
+            rs: scores_rs,
+            cs: 1,
+        },
+        MatRef {
+            data: values,
+            rows: n_keys,
+            cols: hd,
+            rs: kv_stride,
+            cs: 1,
+        },
+        1.0,
+        false,
+        threads,
+    );
 }
 
 /// The `group` query heads that share one KV head (GQA) attending over the
