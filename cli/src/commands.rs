@@ -14,6 +14,7 @@ use nibble_runtime::{
     render_chat, ChatMessage, GenerateParams, Model, Sampler, SamplerParams, Session,
     SessionParams, StopReason,
 };
+use rayon::prelude::*;
 
 use crate::ModelArgs;
 
@@ -369,6 +370,7 @@ pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
         .with_context(|| format!("cannot read {}", a.file.display()))?;
     let ids = model.tokenizer()?.encode(&text, false)?;
     let n_ctx = a.model.ctx_size;
+    let n_vocab = model.hparams.n_vocab;
     let mut n_windows = ids.len() / n_ctx;
     if n_windows == 0 {
         bail!(
@@ -399,14 +401,21 @@ pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
     for w in 0..n_windows {
         let window = &ids[w * n_ctx..(w + 1) * n_ctx];
         session.reset();
-        session.eval_each(window, |i, logits| {
-            if i + 1 < window.len() {
-                nll += nll_of(logits, window[i + 1]);
-                count += 1;
+        session.eval_batches(window, |first, logits| {
+            // Each row's log-softmax is independent: score the batch's rows in
+            // parallel, then add them in order (the same sum as one by one).
+            let rows = logits.len() / n_vocab;
+            let scored = rows.min(window.len() - 1 - first);
+            let nlls: Vec<f64> = logits[..scored * n_vocab]
+                .par_chunks_exact(n_vocab)
+                .enumerate()
+                .map(|(i, row)| nll_of(row, window[first + i + 1]))
+                .collect();
+            for v in nlls {
+                nll += v;
             }
-            if i % 64 == 63 {
-                pb.inc(64);
-            }
+            count += scored;
+            pb.inc(rows as u64);
         })?;
         pb.set_position(((w + 1) * n_ctx) as u64);
         pb.set_prefix(format!("ppl {:.4}", (nll / count as f64).exp()));

@@ -282,20 +282,29 @@ impl Session {
         Ok(())
     }
 
-    /// Evaluate `tokens`, calling `f(i, logits)` for each one (for perplexity),
-    /// through the batched path.
+    /// Evaluate `tokens`, calling `f(i, logits)` for each one, through the
+    /// batched path.
     pub fn eval_each(&mut self, tokens: &[u32], mut f: impl FnMut(usize, &[f32])) -> Result<()> {
+        let n_vocab = self.model.hparams.n_vocab;
+        self.eval_batches(tokens, |first, logits| {
+            for (i, row) in logits.chunks_exact(n_vocab).enumerate() {
+                f(first + i, row);
+            }
+        })
+    }
+
+    /// Evaluate `tokens` through the batched path, one batch of up to
+    /// `n_batch` tokens at a time, calling `f(first, logits)` after each:
+    /// `first` is the index in `tokens` of the batch's first token and
+    /// `logits` is `[batch len, n_vocab]`, row `i` the logits after token
+    /// `first + i`. Perplexity uses this to score a batch's rows in parallel.
+    pub fn eval_batches(&mut self, tokens: &[u32], mut f: impl FnMut(usize, &[f32])) -> Result<()> {
         self.check(tokens)?;
         let n_vocab = self.model.hparams.n_vocab;
         for (c, chunk) in tokens.chunks(self.n_batch).enumerate() {
             self.step_batch(chunk, Some(true));
             let logits = &self.batch.as_ref().expect("created by step_batch").logits;
-            for i in 0..chunk.len() {
-                f(
-                    c * self.n_batch + i,
-                    &logits[i * n_vocab..(i + 1) * n_vocab],
-                );
-            }
+            f(c * self.n_batch, &logits[..chunk.len() * n_vocab]);
         }
         Ok(())
     }

@@ -222,7 +222,7 @@ static AVX512: Kernels = Kernels {
         qg_f32::x86::vec_dot_q4gm_f32_avx2,
     ],
     qg_mm: Some(qg_mm::x86::AVX512),
-    matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx2),
+    matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx512),
     matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx2),
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
@@ -252,7 +252,7 @@ const NEON_TABLE: Kernels = Kernels {
         qg_f32::neon::vec_dot_q4gm_f32_neon,
     ],
     qg_mm: None,
-    matvec_x8: None,
+    matvec_x8: Some(qg_x8::neon::vec_dot_x8_q8_neon),
     matmul_x8: None,
     matvec_f32: float::neon::matvec_f32_neon,
     matvec_f16: float::matvec_f16_scalar,
@@ -269,6 +269,7 @@ static NEONDOT: Kernels = Kernels {
         qg::neon::vec_dot_q8g_q8_neondot,
         qg::neon::vec_dot_q4gm_q8_neondot,
     ],
+    matvec_x8: Some(qg_x8::neon::vec_dot_x8_q8_neondot),
     ..NEON_TABLE
 };
 

@@ -626,7 +626,7 @@ pub(super) mod neon {
     /// through `asm!`, its intrinsic (`vdotq_s32`) not being stable yet.
     #[target_feature(enable = "neon,dotprod")]
     #[inline]
-    unsafe fn dot16_sdot(c: int8x16_t, q: int8x16_t) -> int32x4_t {
+    pub(crate) unsafe fn dot16_sdot(c: int8x16_t, q: int8x16_t) -> int32x4_t {
         let mut acc = vdupq_n_s32(0);
         // SAFETY: `sdot` only reads its vector operands and writes `acc`; the
         // table holding this kernel is built only when `dotprod` was detected.

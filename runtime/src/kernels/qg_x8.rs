@@ -36,8 +36,10 @@
 //! row-by-row kernels.
 //!
 //! The copy costs the weights' size again in memory; decoding then reads
-//! only the copy. There is an AVX2 version (also used by the AVX-512 table);
-//! NEON keeps the row kernels. The scalar reference rebuilds each row in the
+//! only the copy. The one-token kernel has AVX2, AVX-512 VNNI (`vpdpbusd`
+//! on 256-bit vectors), NEON and NEON dot-product (`sdot`) versions; the
+//! batched kernel is AVX2 only (the AVX-512 table uses it too; NEON prompts
+//! use decoded tiles and `gemm`). The scalar reference rebuilds each row in the
 //! format's layout and runs the one-token reference on it, so its results
 //! are those of [`super::qg`]'s reference bit for bit.
 
@@ -211,6 +213,44 @@ impl X8Rows {
     }
 }
 
+/// The "other" a symmetric tile leaves out: z = 2^(bits−1) for 4-bit,
+/// z − 128 = 0 for 8-bit (whose codes are stored signed).
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+const fn sym_other(bits: u32) -> f32 {
+    if bits == 8 {
+        0.0
+    } else {
+        (1u32 << (bits - 1)) as f32
+    }
+}
+
+/// Runs `tile_dots` on every tile that rows `r0..r0 + out.len()` touch and
+/// keeps the rows asked for (the SIMD kernels' row-range loop).
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+fn for_each_tile(
+    w: &X8Rows,
+    r0: usize,
+    out: &mut [f32],
+    mut tile_dots: impl FnMut(&[u8]) -> [f32; TILE],
+) {
+    let tb = w.tile_bytes();
+    let r1 = r0 + out.len();
+    let mut r = r0;
+    while r < r1 {
+        let t = r / TILE;
+        let v = tile_dots(&w.data[t * tb..(t + 1) * tb]);
+        let (lo, hi) = (r - t * TILE, (r1 - t * TILE).min(TILE));
+        out[r - r0..r - r0 + hi - lo].copy_from_slice(&v[lo..hi]);
+        r += hi - lo;
+    }
+}
+
 /// Sub-blocks of each group of a row of `cols` (a multiple of 32) columns:
 /// full groups of `gs`, then a shorter last one if `gs` does not divide `cols`.
 fn group_sub_blocks(cols: usize, gs: usize) -> impl Iterator<Item = usize> {
@@ -294,16 +334,6 @@ pub(super) mod x86 {
     use crate::kernels::q8::QUAD;
     use std::arch::x86_64::*;
 
-    /// The "other" a symmetric tile leaves out: z = 2^(bits−1) for 4-bit,
-    /// z − 128 = 0 for 8-bit (whose codes are stored signed).
-    const fn sym_other(bits: u32) -> f32 {
-        if bits == 8 {
-            0.0
-        } else {
-            (1u32 << (bits - 1)) as f32
-        }
-    }
-
     /// Loads a group's eight scales and eight others at `p` and returns
     /// them with the pointer past the group header. SAFETY (caller): `p`
     /// points at a group header of a tile of this layout.
@@ -328,85 +358,167 @@ pub(super) mod x86 {
         }
     }
 
-    /// The eight dot products of one tile starting at `p`. SAFETY (caller):
-    /// `p` points at a whole tile of a `BITS`-bit weight of `cols` columns
-    /// in groups of `gs`, and `x` has `cols / 32` blocks.
+    /// The eight rows' integer dot products of one sub-block of a tile at
+    /// `p` with the activation block at `q` (lane `r` = row `r`), AVX2.
+    /// SAFETY (caller): a whole tile sub-block is readable at `p`, 32
+    /// activations at `q`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_avx2<const BITS: u32, const MIN: bool, const SYM: bool>(
-        p: *const u8,
-        cols: usize,
-        gs: usize,
-        x: &Q8Ref<'_>,
-    ) -> [f32; TILE] {
-        let (qs, d, ds) = (x.qs.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
-        let tile_sub_block = TILE * sub_block_bytes(BITS);
+    #[inline]
+    unsafe fn sub_block_avx2<const BITS: u32>(p: *const u8, q: *const i8) -> __m256i {
         let nib = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        let (mut acc, mut corr) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut p, mut blk) = (p, 0usize);
-        // SAFETY: the tile is one group header and its sub-blocks per group
-        // from `p`, and block `blk` < cols/32 of `x` exists for every one.
+        // SAFETY: guaranteed by the caller.
         unsafe {
-            for nsb in group_sub_blocks(cols, gs) {
-                let (scale, other, next) = group_header::<BITS, SYM>(p);
-                p = next;
-                let mut gacc = _mm256_setzero_ps();
-                let mut accs = 0f32;
-                for _ in 0..nsb {
-                    let q = qs.add(blk * SUB_BLOCK);
-                    let dword =
-                        |k: usize| _mm256_set1_epi32((q.add(4 * k) as *const i32).read_unaligned());
-                    let i = if BITS == 4 {
-                        // Codes ≤ 15 and |q| ≤ 127: each vpmaddubsw lane is at
-                        // most 3810 in size, eight of them 30480 < 2^15.
-                        let mut s16 = _mm256_setzero_si256();
-                        for j in 0..4 {
-                            let v = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
-                            let lo = _mm256_and_si256(v, nib);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo, dword(j)));
-                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi, dword(4 + j)));
-                        }
-                        _mm256_madd_epi16(s16, ones)
-                    } else {
-                        // Signed codes s = c − 128: |s|·(q with the sign of
-                        // s), each pair at most 2·128·127 = 32512, widened
-                        // to i32 per chunk.
-                        let mut s32 = _mm256_setzero_si256();
-                        for j in 0..8 {
-                            let s = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
-                            let pr = _mm256_maddubs_epi16(
-                                _mm256_sign_epi8(s, s),
-                                _mm256_sign_epi8(dword(j), s),
-                            );
-                            s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(pr, ones));
-                        }
-                        s32
-                    };
-                    p = p.add(tile_sub_block);
-                    gacc =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(*d.add(blk)), gacc);
-                    accs += *ds.add(blk);
-                    blk += 1;
+            let dword = |k: usize| _mm256_set1_epi32((q.add(4 * k) as *const i32).read_unaligned());
+            if BITS == 4 {
+                // Codes ≤ 15 and |q| ≤ 127: each vpmaddubsw lane is at most
+                // 3810 in size, eight of them 30480 < 2^15.
+                let mut s16 = _mm256_setzero_si256();
+                for j in 0..4 {
+                    let v = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
+                    let lo = _mm256_and_si256(v, nib);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo, dword(j)));
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi, dword(4 + j)));
                 }
-                acc = _mm256_fmadd_ps(gacc, scale, acc);
-                let f = if MIN {
-                    other
-                } else {
-                    _mm256_mul_ps(scale, other)
-                };
-                corr = _mm256_fmadd_ps(f, _mm256_set1_ps(accs), corr);
-            }
-            let sum = if MIN {
-                _mm256_add_ps(acc, corr)
+                _mm256_madd_epi16(s16, ones)
             } else {
-                _mm256_sub_ps(acc, corr)
-            };
-            let mut out = [0f32; TILE];
-            _mm256_storeu_ps(out.as_mut_ptr(), sum);
-            out
+                // Signed codes s = c − 128: |s|·(q with the sign of s), each
+                // pair at most 2·128·127 = 32512, widened to i32 per chunk.
+                let mut s32 = _mm256_setzero_si256();
+                for j in 0..8 {
+                    let s = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
+                    let pr =
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(s, s), _mm256_sign_epi8(dword(j), s));
+                    s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(pr, ones));
+                }
+                s32
+            }
         }
     }
+
+    /// [`sub_block_avx2`] with AVX-512 VNNI: one `vpdpbusd` (u8 × i8 → i32,
+    /// four products per lane) per 32 bytes, no i16 stage.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    #[inline]
+    unsafe fn sub_block_vnni<const BITS: u32>(p: *const u8, q: *const i8) -> __m256i {
+        let nib = _mm256_set1_epi8(0x0F);
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            let dword = |k: usize| _mm256_set1_epi32((q.add(4 * k) as *const i32).read_unaligned());
+            let mut s32 = _mm256_setzero_si256();
+            if BITS == 4 {
+                for j in 0..4 {
+                    let v = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
+                    let lo = _mm256_and_si256(v, nib);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                    s32 = _mm256_dpbusd_epi32(s32, lo, dword(j));
+                    s32 = _mm256_dpbusd_epi32(s32, hi, dword(4 + j));
+                }
+            } else {
+                // |s| ≤ 128 is a valid u8; the sign moves to the activation.
+                for j in 0..8 {
+                    let s = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
+                    s32 = _mm256_dpbusd_epi32(
+                        s32,
+                        _mm256_sign_epi8(s, s),
+                        _mm256_sign_epi8(dword(j), s),
+                    );
+                }
+            }
+            s32
+        }
+    }
+
+    macro_rules! x86_x8 {
+        ($tile:ident, $matvec:ident, $features:literal, $sub_block:ident) => {
+            /// The eight dot products of one tile starting at `p`. SAFETY
+            /// (caller): `p` points at a whole tile of a `BITS`-bit weight
+            /// of `cols` columns in groups of `gs`, and `x` has `cols / 32`
+            /// blocks.
+            #[target_feature(enable = $features)]
+            unsafe fn $tile<const BITS: u32, const MIN: bool, const SYM: bool>(
+                p: *const u8,
+                cols: usize,
+                gs: usize,
+                x: &Q8Ref<'_>,
+            ) -> [f32; TILE] {
+                let (qs, d, ds) = (x.qs.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
+                let tile_sub_block = TILE * sub_block_bytes(BITS);
+                let (mut acc, mut corr) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let (mut p, mut blk) = (p, 0usize);
+                // SAFETY: the tile is one group header and its sub-blocks
+                // per group from `p`, and block `blk` < cols/32 of `x`
+                // exists for every one.
+                unsafe {
+                    for nsb in group_sub_blocks(cols, gs) {
+                        let (scale, other, next) = group_header::<BITS, SYM>(p);
+                        p = next;
+                        let mut gacc = _mm256_setzero_ps();
+                        let mut accs = 0f32;
+                        for _ in 0..nsb {
+                            let i = $sub_block::<BITS>(p, qs.add(blk * SUB_BLOCK));
+                            p = p.add(tile_sub_block);
+                            gacc = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(i),
+                                _mm256_set1_ps(*d.add(blk)),
+                                gacc,
+                            );
+                            accs += *ds.add(blk);
+                            blk += 1;
+                        }
+                        acc = _mm256_fmadd_ps(gacc, scale, acc);
+                        let f = if MIN {
+                            other
+                        } else {
+                            _mm256_mul_ps(scale, other)
+                        };
+                        corr = _mm256_fmadd_ps(f, _mm256_set1_ps(accs), corr);
+                    }
+                    let sum = if MIN {
+                        _mm256_add_ps(acc, corr)
+                    } else {
+                        _mm256_sub_ps(acc, corr)
+                    };
+                    let mut out = [0f32; TILE];
+                    _mm256_storeu_ps(out.as_mut_ptr(), sum);
+                    out
+                }
+            }
+
+            pub fn $matvec(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]) {
+                check(w, r0, x, out);
+                for_each_tile(w, r0, out, |tile| {
+                    // SAFETY: the table holding this kernel is built only
+                    // when its features were detected; `tile` is one whole
+                    // tile and `check` verified the activation blocks.
+                    unsafe {
+                        let (p, cols, gs) = (tile.as_ptr(), w.cols, w.group_size);
+                        match (w.bits, w.min, w.sym) {
+                            (8, _, true) => $tile::<8, false, true>(p, cols, gs, x),
+                            (8, _, false) => $tile::<8, false, false>(p, cols, gs, x),
+                            (_, true, _) => $tile::<4, true, false>(p, cols, gs, x),
+                            (_, _, true) => $tile::<4, false, true>(p, cols, gs, x),
+                            _ => $tile::<4, false, false>(p, cols, gs, x),
+                        }
+                    }
+                });
+            }
+        };
+    }
+
+    x86_x8!(
+        tile_avx2,
+        vec_dot_x8_q8_avx2,
+        "avx2,fma,f16c",
+        sub_block_avx2
+    );
+    x86_x8!(
+        tile_vnni,
+        vec_dot_x8_q8_avx512,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni",
+        sub_block_vnni
+    );
 
     /// One tile of a 4-bit weight against one quad of tokens: the 4 × 8
     /// dot products, token-major. SAFETY (caller): `p` points at a whole
@@ -527,34 +639,163 @@ pub(super) mod x86 {
             }
         }
     }
+}
 
-    /// AVX2 (also in the AVX-512 table).
-    pub fn vec_dot_x8_q8_avx2(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]) {
-        check(w, r0, x, out);
-        let tb = w.tile_bytes();
-        let r1 = r0 + out.len();
-        let mut r = r0;
-        while r < r1 {
-            let t = r / TILE;
-            let tile = &w.data[t * tb..(t + 1) * tb];
-            // SAFETY: the table holding this kernel is built only when AVX2,
-            // FMA and F16C were detected; `tile` is one whole tile and
-            // `check` verified the activation blocks.
-            let v = unsafe {
-                let (p, cols, gs) = (tile.as_ptr(), w.cols, w.group_size);
-                match (w.bits, w.min, w.sym) {
-                    (8, _, true) => tile_avx2::<8, false, true>(p, cols, gs, x),
-                    (8, _, false) => tile_avx2::<8, false, false>(p, cols, gs, x),
-                    (_, true, _) => tile_avx2::<4, true, false>(p, cols, gs, x),
-                    (_, _, true) => tile_avx2::<4, false, true>(p, cols, gs, x),
-                    _ => tile_avx2::<4, false, false>(p, cols, gs, x),
-                }
-            };
-            let (lo, hi) = (r - t * TILE, (r1 - t * TILE).min(TILE));
-            out[r - r0..r - r0 + hi - lo].copy_from_slice(&v[lo..hi]);
-            r += hi - lo;
-        }
+#[cfg(target_arch = "aarch64")]
+pub(super) mod neon {
+    //! The one-token kernel on NEON. A 32-byte chunk of a tile is two
+    //! 16-byte registers, rows 0–3 and 4–7, four bytes per row: a product
+    //! that sums each 32-bit lane's four byte products (`sdot` with the
+    //! dot-product extension; `smull` + two pairwise adds without it) leaves
+    //! row `r`'s partial sum in lane `r % 4`, as on AVX2.
+    use super::*;
+    use crate::kernels::qg::neon::dot16_sdot;
+    use std::arch::aarch64::*;
+
+    /// Lane `k` = Σ of the byte products `4k..4k+4` of `c · q` (|c| ≤ 128,
+    /// |q| ≤ 127: each pair fits i16).
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn dot_lanes(c: int8x16_t, q: int8x16_t) -> int32x4_t {
+        let lo = vmull_s8(vget_low_s8(c), vget_low_s8(q));
+        let hi = vmull_high_s8(c, q);
+        vpaddlq_s16(vpaddq_s16(lo, hi))
     }
+
+    /// Eight f16 at `p` as two f32 vectors (rows 0–3, 4–7). SAFETY
+    /// (caller): 16 bytes are readable at `p`.
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn f16x8(p: *const u8) -> [float32x4_t; 2] {
+        // SAFETY: guaranteed by the caller.
+        let h: [u8; 16] = unsafe { std::ptr::read_unaligned(p as *const [u8; 16]) };
+        let f: [f32; TILE] =
+            std::array::from_fn(|i| f16::from_le_bytes([h[2 * i], h[2 * i + 1]]).to_f32());
+        // SAFETY: `f` holds eight floats.
+        unsafe { [vld1q_f32(f.as_ptr()), vld1q_f32(f.as_ptr().add(4))] }
+    }
+
+    macro_rules! neon_x8 {
+        ($tile:ident, $matvec:ident, $features:literal, $dot:ident) => {
+            /// The eight dot products of one tile starting at `p` (as
+            /// `tile_avx2`). SAFETY (caller): `p` points at a whole tile of
+            /// a `BITS`-bit weight of `cols` columns in groups of `gs`, and
+            /// `x` has `cols / 32` blocks.
+            #[target_feature(enable = $features)]
+            unsafe fn $tile<const BITS: u32, const MIN: bool, const SYM: bool>(
+                p: *const u8,
+                cols: usize,
+                gs: usize,
+                x: &Q8Ref<'_>,
+            ) -> [f32; TILE] {
+                let (qs, d, ds) = (x.qs.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
+                let tile_sub_block = TILE * sub_block_bytes(BITS);
+                let nib = vdupq_n_u8(0x0F);
+                let zero = vdupq_n_f32(0.0);
+                let (mut acc, mut corr) = ([zero; 2], [zero; 2]);
+                let (mut p, mut blk) = (p, 0usize);
+                // SAFETY: the tile is one group header and its sub-blocks
+                // per group from `p`, and block `blk` < cols/32 of `x`
+                // exists for every one.
+                unsafe {
+                    for nsb in group_sub_blocks(cols, gs) {
+                        let scale = f16x8(p);
+                        let other = if SYM {
+                            [vdupq_n_f32(sym_other(BITS)); 2]
+                        } else {
+                            f16x8(p.add(16))
+                        };
+                        p = p.add(if SYM { TILE_HEADER_SYM } else { TILE_HEADER });
+                        let mut gacc = [zero; 2];
+                        let mut accs = 0f32;
+                        for _ in 0..nsb {
+                            let q = qs.add(blk * SUB_BLOCK);
+                            let dword = |k: usize| {
+                                let v = (q.add(4 * k) as *const i32).read_unaligned();
+                                vreinterpretq_s8_s32(vdupq_n_s32(v))
+                            };
+                            let mut i = [vdupq_n_s32(0); 2];
+                            if BITS == 4 {
+                                for j in 0..4 {
+                                    let (xl, xh) = (dword(j), dword(4 + j));
+                                    for (h, ih) in i.iter_mut().enumerate() {
+                                        let v = vld1q_u8(p.add(32 * j + 16 * h));
+                                        let lo = vreinterpretq_s8_u8(vandq_u8(v, nib));
+                                        let hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+                                        *ih = vaddq_s32(*ih, $dot(lo, xl));
+                                        *ih = vaddq_s32(*ih, $dot(hi, xh));
+                                    }
+                                }
+                            } else {
+                                // Codes stored signed (c − 128).
+                                for j in 0..8 {
+                                    let xj = dword(j);
+                                    for (h, ih) in i.iter_mut().enumerate() {
+                                        let c = vld1q_s8(p.add(32 * j + 16 * h) as *const i8);
+                                        *ih = vaddq_s32(*ih, $dot(c, xj));
+                                    }
+                                }
+                            }
+                            p = p.add(tile_sub_block);
+                            let db = vdupq_n_f32(*d.add(blk));
+                            for (g, ih) in gacc.iter_mut().zip(i) {
+                                *g = vfmaq_f32(*g, vcvtq_f32_s32(ih), db);
+                            }
+                            accs += *ds.add(blk);
+                            blk += 1;
+                        }
+                        let a = vdupq_n_f32(accs);
+                        for h in 0..2 {
+                            acc[h] = vfmaq_f32(acc[h], gacc[h], scale[h]);
+                            let f = if MIN {
+                                other[h]
+                            } else {
+                                vmulq_f32(scale[h], other[h])
+                            };
+                            corr[h] = vfmaq_f32(corr[h], f, a);
+                        }
+                    }
+                    let mut out = [0f32; TILE];
+                    for h in 0..2 {
+                        let s = if MIN {
+                            vaddq_f32(acc[h], corr[h])
+                        } else {
+                            vsubq_f32(acc[h], corr[h])
+                        };
+                        vst1q_f32(out.as_mut_ptr().add(4 * h), s);
+                    }
+                    out
+                }
+            }
+
+            pub fn $matvec(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]) {
+                check(w, r0, x, out);
+                for_each_tile(w, r0, out, |tile| {
+                    // SAFETY: the table holding this kernel is built only
+                    // when its features were detected; `tile` is one whole
+                    // tile and `check` verified the activation blocks.
+                    unsafe {
+                        let (p, cols, gs) = (tile.as_ptr(), w.cols, w.group_size);
+                        match (w.bits, w.min, w.sym) {
+                            (8, _, true) => $tile::<8, false, true>(p, cols, gs, x),
+                            (8, _, false) => $tile::<8, false, false>(p, cols, gs, x),
+                            (_, true, _) => $tile::<4, true, false>(p, cols, gs, x),
+                            (_, _, true) => $tile::<4, false, true>(p, cols, gs, x),
+                            _ => $tile::<4, false, false>(p, cols, gs, x),
+                        }
+                    }
+                });
+            }
+        };
+    }
+
+    neon_x8!(tile_neon, vec_dot_x8_q8_neon, "neon", dot_lanes);
+    neon_x8!(
+        tile_neondot,
+        vec_dot_x8_q8_neondot,
+        "neon,dotprod",
+        dot16_sdot
+    );
 }
 
 #[cfg(test)]
