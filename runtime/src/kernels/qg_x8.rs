@@ -251,6 +251,33 @@ fn for_each_tile(
     }
 }
 
+/// The one-token entry point `$matvec` ([`X8MatvecFn`]) of a SIMD tile
+/// kernel `$tile::<BITS, MIN, SYM>(p, cols, gs, x) -> [f32; TILE]`, which
+/// must have been compiled for features the table holding `$matvec` checks.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! x8_matvec {
+    ($matvec:ident, $tile:ident) => {
+        pub fn $matvec(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]) {
+            check(w, r0, x, out);
+            for_each_tile(w, r0, out, |tile| {
+                // SAFETY: the table holding this kernel is built only when
+                // its features were detected; `tile` is one whole tile and
+                // `check` verified the activation blocks.
+                unsafe {
+                    let (p, cols, gs) = (tile.as_ptr(), w.cols, w.group_size);
+                    match (w.bits, w.min, w.sym) {
+                        (8, _, true) => $tile::<8, false, true>(p, cols, gs, x),
+                        (8, _, false) => $tile::<8, false, false>(p, cols, gs, x),
+                        (_, true, _) => $tile::<4, true, false>(p, cols, gs, x),
+                        (_, _, true) => $tile::<4, false, true>(p, cols, gs, x),
+                        _ => $tile::<4, false, false>(p, cols, gs, x),
+                    }
+                }
+            });
+        }
+    };
+}
+
 /// Sub-blocks of each group of a row of `cols` (a multiple of 32) columns:
 /// full groups of `gs`, then a shorter last one if `gs` does not divide `cols`.
 fn group_sub_blocks(cols: usize, gs: usize) -> impl Iterator<Item = usize> {
@@ -486,24 +513,7 @@ pub(super) mod x86 {
                 }
             }
 
-            pub fn $matvec(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]) {
-                check(w, r0, x, out);
-                for_each_tile(w, r0, out, |tile| {
-                    // SAFETY: the table holding this kernel is built only
-                    // when its features were detected; `tile` is one whole
-                    // tile and `check` verified the activation blocks.
-                    unsafe {
-                        let (p, cols, gs) = (tile.as_ptr(), w.cols, w.group_size);
-                        match (w.bits, w.min, w.sym) {
-                            (8, _, true) => $tile::<8, false, true>(p, cols, gs, x),
-                            (8, _, false) => $tile::<8, false, false>(p, cols, gs, x),
-                            (_, true, _) => $tile::<4, true, false>(p, cols, gs, x),
-                            (_, _, true) => $tile::<4, false, true>(p, cols, gs, x),
-                            _ => $tile::<4, false, false>(p, cols, gs, x),
-                        }
-                    }
-                });
-            }
+            x8_matvec!($matvec, $tile);
         };
     }
 
@@ -768,24 +778,7 @@ pub(super) mod neon {
                 }
             }
 
-            pub fn $matvec(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]) {
-                check(w, r0, x, out);
-                for_each_tile(w, r0, out, |tile| {
-                    // SAFETY: the table holding this kernel is built only
-                    // when its features were detected; `tile` is one whole
-                    // tile and `check` verified the activation blocks.
-                    unsafe {
-                        let (p, cols, gs) = (tile.as_ptr(), w.cols, w.group_size);
-                        match (w.bits, w.min, w.sym) {
-                            (8, _, true) => $tile::<8, false, true>(p, cols, gs, x),
-                            (8, _, false) => $tile::<8, false, false>(p, cols, gs, x),
-                            (_, true, _) => $tile::<4, true, false>(p, cols, gs, x),
-                            (_, _, true) => $tile::<4, false, true>(p, cols, gs, x),
-                            _ => $tile::<4, false, false>(p, cols, gs, x),
-                        }
-                    }
-                });
-            }
+            x8_matvec!($matvec, $tile);
         };
     }
 
