@@ -69,9 +69,13 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 /// different float order. A last-bit difference can move an activation
 /// across an int8 rounding boundary; that changes the position by about one
 /// activation step and, through its K/V entries, every later position. So:
-/// the first positions agree to float reassociation (a wrong kernel fails
-/// there), none differs by more than activation rounding allows, and the
-/// mean log-likelihood of `ids` is the same to 1 %.
+/// the first two positions agree to float reassociation (position 0 runs
+/// every matrix kernel, position 1 attention over two keys: a wrong kernel
+/// fails there), none differs by more than activation rounding allows, and
+/// the mean log-likelihood of `ids` is the same to 1 %. Where such a flip
+/// first happens is chance: on stories260k it was seen at positions 4, 7 and
+/// 12 (x86) and 2 (aarch64: `gemm`'s NEON attention sums in another order
+/// than x86's), always with the earlier positions within 1e-6.
 pub fn assert_packed_paths_agree(a: &[f32], b: &[f32], ids: &[u32], n_vocab: usize, what: &str) {
     /// Per-position error of float reassociation alone.
     const TOL_REASSOC: f64 = 1e-4;
@@ -93,7 +97,7 @@ pub fn assert_packed_paths_agree(a: &[f32], b: &[f32], ids: &[u32], n_vocab: usi
         errs.len()
     );
     assert!(
-        first_off >= 4.min(errs.len()),
+        first_off >= 2.min(errs.len()),
         "{what}: paths differ from position {first_off}: {errs:?}"
     );
     assert!(

@@ -253,7 +253,7 @@ const NEON_TABLE: Kernels = Kernels {
     ],
     qg_mm: None,
     matvec_x8: Some(qg_x8::neon::vec_dot_x8_q8_neon),
-    matmul_x8: None,
+    matmul_x8: Some(qg_x8::neon::matmul_x8_q8_neon),
     matvec_f32: float::neon::matvec_f32_neon,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -270,6 +270,7 @@ static NEONDOT: Kernels = Kernels {
         qg::neon::vec_dot_q4gm_q8_neondot,
     ],
     matvec_x8: Some(qg_x8::neon::vec_dot_x8_q8_neondot),
+    matmul_x8: Some(qg_x8::neon::matmul_x8_q8_neondot),
     ..NEON_TABLE
 };
 

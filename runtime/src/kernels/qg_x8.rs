@@ -38,8 +38,8 @@
 //! The copy costs the weights' size again in memory; decoding then reads
 //! only the copy. The one-token kernel has AVX2, AVX-512 VNNI (`vpdpbusd`
 //! on 256-bit vectors), NEON and NEON dot-product (`sdot`) versions; the
-//! batched kernel is AVX2 only (the AVX-512 table uses it too; NEON prompts
-//! use decoded tiles and `gemm`). The scalar reference rebuilds each row in the
+//! batched (4-bit) kernel has AVX2 (also in the AVX-512 table), NEON and
+//! NEON dot-product versions. The scalar reference rebuilds each row in the
 //! format's layout and runs the one-token reference on it, so its results
 //! are those of [`super::qg`]'s reference bit for bit.
 
@@ -271,6 +271,68 @@ macro_rules! x8_matvec {
                         (_, true, _) => $tile::<4, true, false>(p, cols, gs, x),
                         (_, _, true) => $tile::<4, false, true>(p, cols, gs, x),
                         _ => $tile::<4, false, false>(p, cols, gs, x),
+                    }
+                }
+            });
+        }
+    };
+}
+
+/// Runs `tile_quad(tile, e)` on every pair of a tile and a quad of tokens
+/// (`e`: the quad's first entry in the batch's `d` / `ds`, see
+/// [`Q8BatchRef`]) and writes the rows of the quad's real tokens (the SIMD
+/// batched kernels' loop).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn for_each_tile_quad(
+    w: &X8Rows,
+    x: &Q8BatchRef<'_>,
+    out: &mut [f32],
+    out_rs: usize,
+    mut tile_quad: impl FnMut(&[u8], usize) -> [[f32; TILE]; super::q8::QUAD],
+) {
+    use super::q8::QUAD;
+    let tb = w.tile_bytes();
+    let per_quad = x.n_blocks() * QUAD;
+    for t in 0..w.rows / TILE {
+        let tile = &w.data[t * tb..(t + 1) * tb];
+        for qd in 0..x.n_quads() {
+            let v = tile_quad(tile, qd * per_quad);
+            let here = (x.n_tok - qd * QUAD).min(QUAD);
+            for (k, vals) in v[..here].iter().enumerate() {
+                let o = (qd * QUAD + k) * out_rs + t * TILE;
+                out[o..o + TILE].copy_from_slice(vals);
+            }
+        }
+    }
+}
+
+/// The batched entry point `$matmul` ([`X8MatmulFn`]) of a SIMD quad kernel
+/// `$tile_quad::<MIN, SYM>(p, cols, gs, qs, d, ds) -> [[f32; TILE]; QUAD]`
+/// for 4-bit rows (8-bit ones go through the reference's arithmetic per
+/// token: they are output heads, which prompts need only for perplexity).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! x8_matmul {
+    ($matmul:ident, $tile_quad:ident) => {
+        pub fn $matmul(w: &X8Rows, x: &Q8BatchRef<'_>, out: &mut [f32], out_rs: usize) {
+            check_batch(w, x, out, out_rs);
+            if w.bits != 4 {
+                return matmul_x8_q8_scalar(w, x, out, out_rs);
+            }
+            for_each_tile_quad(w, x, out, out_rs, |tile, e| {
+                // SAFETY: the table holding this kernel is built only when
+                // its features were detected; `tile` is one whole tile and
+                // `check_batch` verified the quad's entries from `e`.
+                unsafe {
+                    let (qs, d, ds) = (
+                        x.qs.as_ptr().add(e * SUB_BLOCK),
+                        x.d.as_ptr().add(e),
+                        x.ds.as_ptr().add(e),
+                    );
+                    let (p, cols, gs) = (tile.as_ptr(), w.cols, w.group_size);
+                    match (w.min, w.sym) {
+                        (true, _) => $tile_quad::<true, false>(p, cols, gs, qs, d, ds),
+                        (_, true) => $tile_quad::<false, true>(p, cols, gs, qs, d, ds),
+                        _ => $tile_quad::<false, false>(p, cols, gs, qs, d, ds),
                     }
                 }
             });
@@ -607,48 +669,8 @@ pub(super) mod x86 {
         }
     }
 
-    /// AVX2 batched kernel for 4-bit interleaved rows (8-bit ones go
-    /// through the reference's arithmetic per token: they are the output
-    /// head, which prompts need only for perplexity).
-    pub fn matmul_x8_q8_avx2(w: &X8Rows, x: &Q8BatchRef<'_>, out: &mut [f32], out_rs: usize) {
-        check_batch(w, x, out, out_rs);
-        if w.bits != 4 {
-            return matmul_x8_q8_scalar(w, x, out, out_rs);
-        }
-        let tb = w.tile_bytes();
-        let per_quad = x.n_blocks() * QUAD;
-        for t in 0..w.rows / TILE {
-            let tile = &w.data[t * tb..(t + 1) * tb];
-            for qd in 0..x.n_quads() {
-                let e = qd * per_quad;
-                // SAFETY: the table holding this kernel is built only when
-                // AVX2, FMA and F16C were detected; `tile` is one whole tile
-                // and `check_batch` verified the quad's entries.
-                let v = unsafe {
-                    let (qs, d, ds) = (
-                        x.qs.as_ptr().add(e * SUB_BLOCK),
-                        x.d.as_ptr().add(e),
-                        x.ds.as_ptr().add(e),
-                    );
-                    let p = tile.as_ptr();
-                    match (w.min, w.sym) {
-                        (true, _) => {
-                            tile_quad_avx2::<true, false>(p, w.cols, w.group_size, qs, d, ds)
-                        }
-                        (_, true) => {
-                            tile_quad_avx2::<false, true>(p, w.cols, w.group_size, qs, d, ds)
-                        }
-                        _ => tile_quad_avx2::<false, false>(p, w.cols, w.group_size, qs, d, ds),
-                    }
-                };
-                let here = (x.n_tok - qd * QUAD).min(QUAD);
-                for (k, vals) in v[..here].iter().enumerate() {
-                    let o = (qd * QUAD + k) * out_rs + t * TILE;
-                    out[o..o + TILE].copy_from_slice(vals);
-                }
-            }
-        }
-    }
+    // The batched kernel for 4-bit interleaved rows (also in the AVX-512 table).
+    x8_matmul!(matmul_x8_q8_avx2, tile_quad_avx2);
 }
 
 #[cfg(target_arch = "aarch64")]
@@ -659,6 +681,7 @@ pub(super) mod neon {
     //! dot-product extension; `smull` + two pairwise adds without it) leaves
     //! row `r`'s partial sum in lane `r % 4`, as on AVX2.
     use super::*;
+    use crate::kernels::q8::QUAD;
     use crate::kernels::qg::neon::dot16_sdot;
     use std::arch::aarch64::*;
 
@@ -686,7 +709,7 @@ pub(super) mod neon {
     }
 
     macro_rules! neon_x8 {
-        ($tile:ident, $matvec:ident, $features:literal, $dot:ident) => {
+        ($tile:ident, $matvec:ident, $tile_quad:ident, $matmul:ident, $features:literal, $dot:ident) => {
             /// The eight dot products of one tile starting at `p` (as
             /// `tile_avx2`). SAFETY (caller): `p` points at a whole tile of
             /// a `BITS`-bit weight of `cols` columns in groups of `gs`, and
@@ -779,13 +802,122 @@ pub(super) mod neon {
             }
 
             x8_matvec!($matvec, $tile);
+
+            /// One tile of a 4-bit weight against one quad of tokens (as
+            /// `tile_quad_avx2`): each chunk is unpacked once for the four
+            /// tokens, and every token's sums are formed in the order of
+            /// the one-token kernel. SAFETY (caller): `p` points at a whole
+            /// tile, `qs`/`d`/`ds` at the quad's `cols/32 · 4` entries.
+            #[target_feature(enable = $features)]
+            unsafe fn $tile_quad<const MIN: bool, const SYM: bool>(
+                p: *const u8,
+                cols: usize,
+                gs: usize,
+                qs: *const i8,
+                d: *const f32,
+                ds: *const f32,
+            ) -> [[f32; TILE]; QUAD] {
+                let nib = vdupq_n_u8(0x0F);
+                let zero = vdupq_n_f32(0.0);
+                let mut acc = [[zero; 2]; QUAD];
+                let mut corr = [[zero; 2]; QUAD];
+                let (mut p, mut blk) = (p, 0usize);
+                // SAFETY: as for the one-token kernel, with one entry per
+                // (block, token) of the quad at `qs`/`d`/`ds` (the caller's
+                // guarantee).
+                unsafe {
+                    for nsb in group_sub_blocks(cols, gs) {
+                        let scale = f16x8(p);
+                        let other = if SYM {
+                            [vdupq_n_f32(sym_other(4)); 2]
+                        } else {
+                            f16x8(p.add(16))
+                        };
+                        p = p.add(if SYM { TILE_HEADER_SYM } else { TILE_HEADER });
+                        let mut gacc = [[zero; 2]; QUAD];
+                        let mut accs = zero;
+                        for _ in 0..nsb {
+                            let e = blk * QUAD;
+                            let mut i = [[vdupq_n_s32(0); 2]; QUAD];
+                            // Chunk k < 4: low nibbles of bytes 4k..; k ≥ 4:
+                            // high nibbles of bytes 4(k − 4)..; activations 4k...
+                            for k in 0..8 {
+                                let c: [int8x16_t; 2] = std::array::from_fn(|h| {
+                                    let v = vld1q_u8(p.add(32 * (k % 4) + 16 * h));
+                                    let v = if k < 4 {
+                                        vandq_u8(v, nib)
+                                    } else {
+                                        vshrq_n_u8(v, 4)
+                                    };
+                                    vreinterpretq_s8_u8(v)
+                                });
+                                for (t, it) in i.iter_mut().enumerate() {
+                                    let q = qs.add((e + t) * SUB_BLOCK + 4 * k);
+                                    let xk = vreinterpretq_s8_s32(vdupq_n_s32(
+                                        (q as *const i32).read_unaligned(),
+                                    ));
+                                    for (ih, &ch) in it.iter_mut().zip(&c) {
+                                        *ih = vaddq_s32(*ih, $dot(ch, xk));
+                                    }
+                                }
+                            }
+                            p = p.add(TILE * 16);
+                            for (t, (g, it)) in gacc.iter_mut().zip(i).enumerate() {
+                                let dt = vdupq_n_f32(*d.add(e + t));
+                                for (gh, ih) in g.iter_mut().zip(it) {
+                                    *gh = vfmaq_f32(*gh, vcvtq_f32_s32(ih), dt);
+                                }
+                            }
+                            accs = vaddq_f32(accs, vld1q_f32(ds.add(e)));
+                            blk += 1;
+                        }
+                        let mut a4 = [0f32; QUAD];
+                        vst1q_f32(a4.as_mut_ptr(), accs);
+                        for t in 0..QUAD {
+                            let a = vdupq_n_f32(a4[t]);
+                            for h in 0..2 {
+                                acc[t][h] = vfmaq_f32(acc[t][h], gacc[t][h], scale[h]);
+                                let f = if MIN {
+                                    other[h]
+                                } else {
+                                    vmulq_f32(scale[h], other[h])
+                                };
+                                corr[t][h] = vfmaq_f32(corr[t][h], f, a);
+                            }
+                        }
+                    }
+                    let mut out = [[0f32; TILE]; QUAD];
+                    for t in 0..QUAD {
+                        for h in 0..2 {
+                            let s = if MIN {
+                                vaddq_f32(acc[t][h], corr[t][h])
+                            } else {
+                                vsubq_f32(acc[t][h], corr[t][h])
+                            };
+                            vst1q_f32(out[t].as_mut_ptr().add(4 * h), s);
+                        }
+                    }
+                    out
+                }
+            }
+
+            x8_matmul!($matmul, $tile_quad);
         };
     }
 
-    neon_x8!(tile_neon, vec_dot_x8_q8_neon, "neon", dot_lanes);
+    neon_x8!(
+        tile_neon,
+        vec_dot_x8_q8_neon,
+        tile_quad_neon,
+        matmul_x8_q8_neon,
+        "neon",
+        dot_lanes
+    );
     neon_x8!(
         tile_neondot,
         vec_dot_x8_q8_neondot,
+        tile_quad_neondot,
+        matmul_x8_q8_neondot,
         "neon,dotprod",
         dot16_sdot
     );
