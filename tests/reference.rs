@@ -209,9 +209,10 @@ fn smollm2_gguf_blocks_run_natively_close_to_transformers() {
 ///   of 24 (margin 0.12), NLL scalar 4.072971, AVX2/AVX-512 4.073096 (x86);
 ///   with AVX2's interleaved rows, splits at token 20 (scalar margin 0.015),
 ///   NLL 4.081358; on aarch64 under qemu, scalar 4.072971, and with the
-///   interleaved rows NEON and NEON-dot both 4.081358 (the same sums in the
-///   same order as AVX2's interleaved kernel) with greedy texts identical to
-///   scalar's for all 24 tokens (the row kernels read 4.064234 and 4.076334).
+///   interleaved rows NEON and NEON-dot both 4.081358 and batched 4.072030
+///   (the same sums in the same order as AVX2's interleaved kernels), their
+///   greedy texts splitting from scalar's at token 20 (margin 0.015) like
+///   AVX2's (the row kernels read 4.064234 and 4.076334).
 #[test]
 fn smollm2_native_blocks_agree_across_instruction_sets() {
     use nibble::runtime::kernels::{Isa, Kernels};
