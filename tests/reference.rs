@@ -295,3 +295,72 @@ fn smollm2_native_blocks_agree_across_instruction_sets() {
         );
     }
 }
+
+/// A memory-mapped `.nib` whose 4-bit matrices are copied into interleaved
+/// rows at load releases the mapped pages of those matrices (so the process
+/// does not hold the weights twice), and still computes exactly what the
+/// same bytes converted in memory compute (nothing released there).
+#[test]
+fn mapped_model_releases_interleaved_pages_and_computes_the_same() {
+    let gguf = shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let opts = nibble::format::import::ImportOptions {
+        dtype: nibble::format::DType::F32,
+        hash_source: false,
+        keep_gguf_blocks: true,
+    };
+    let nib = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("smollm2-native-release.nib");
+    nibble::format::import::import_to_file(&gguf, &nib, &opts, &mut |_, _, _| {}).unwrap();
+    let mapped = Arc::new(Model::load(&nib).unwrap());
+    let memory = Arc::new(Model::load_with(&gguf, &opts, &mut |_, _, _| {}).unwrap());
+    assert_eq!(memory.x8_released_bytes(), 0);
+    if mapped.x8_bytes() > 0 && cfg!(unix) {
+        // The layers' Q4_1 blocks (66 MB) and the tied Q8_0 embedding/head
+        // (30 MB), less partial pages at the ends.
+        let layer_bytes: usize = mapped
+            .layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.attn_q,
+                    &l.attn_k,
+                    &l.attn_v,
+                    &l.attn_output,
+                    &l.ffn_gate,
+                    &l.ffn_up,
+                    &l.ffn_down,
+                ]
+            })
+            .map(|w| w.nbytes())
+            .sum::<usize>()
+            + mapped.output.nbytes();
+        let released = mapped.x8_released_bytes();
+        eprintln!("released {released} of {layer_bytes} bytes");
+        assert!(
+            released > layer_bytes * 9 / 10 && released <= layer_bytes,
+            "{released}"
+        );
+    }
+    let ids = mapped
+        .tokenizer()
+        .unwrap()
+        .encode("The quick brown fox jumps over the lazy dog", true)
+        .unwrap();
+    let a = forward_logits(&mapped, &ids, 2);
+    let b = forward_logits(&memory, &ids, 2);
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    // Reading the released pages again (a table without the interleaved
+    // kernel reads the file's rows) faults the same bytes back in.
+    let mut scalar = Model::load(&nib).unwrap();
+    scalar.set_kernels(
+        nibble::runtime::kernels::Kernels::for_isa(nibble::runtime::kernels::Isa::Scalar).unwrap(),
+    );
+    let mut memory_scalar = Model::load_with(&gguf, &opts, &mut |_, _, _| {}).unwrap();
+    memory_scalar.set_kernels(
+        nibble::runtime::kernels::Kernels::for_isa(nibble::runtime::kernels::Isa::Scalar).unwrap(),
+    );
+    // Two tokens read every matrix (slow scalar products, so no more).
+    let c = forward_logits_sequential(&Arc::new(scalar), &ids[..2], 2);
+    let d = forward_logits_sequential(&Arc::new(memory_scalar), &ids[..2], 2);
+    assert!(c.iter().zip(&d).all(|(x, y)| x.to_bits() == y.to_bits()));
+    let _ = std::fs::remove_file(&nib);
+}

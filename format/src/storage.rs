@@ -162,6 +162,60 @@ impl NibFile {
         self.path.as_deref()
     }
 
+    /// Drop the resident pages of `bytes()[offset..offset + len]` from this
+    /// process (`madvise(MADV_DONTNEED)` on the whole pages inside the
+    /// range), for data the caller has copied elsewhere (the runtime's
+    /// interleaved weights): the copy then does not cost the model's size a
+    /// second time in resident memory. The bytes stay readable and
+    /// unchanged; a later read faults them back in from the file (the page
+    /// cache). Returns the bytes released: 0 for an in-memory image, on
+    /// non-Unix systems, or when the range holds no whole page.
+    pub fn release_pages(&self, offset: usize, len: usize) -> usize {
+        let Backing::Mmap(map) = &self.backing else {
+            return 0;
+        };
+        release_mapped_pages(map, offset, len)
+    }
+}
+
+#[cfg(unix)]
+fn release_mapped_pages(map: &memmap2::Mmap, offset: usize, len: usize) -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0);
+    let end = offset.saturating_add(len).min(map.len());
+    if page == 0 || !page.is_power_of_two() || offset >= end {
+        return 0;
+    }
+    // Whole pages inside the range only (a map starts on a page boundary).
+    let start = match offset.checked_next_multiple_of(page) {
+        Some(s) => s,
+        None => return 0,
+    };
+    let stop = end / page * page;
+    if stop <= start {
+        return 0;
+    }
+    // SAFETY: `Mmap::map` maps the file read-only and shared; nibble never
+    // writes through it and never modifies a mapped file in place (see
+    // `mmap_file`). MADV_DONTNEED on such a mapping only drops this
+    // process's page-table entries: the next read of those addresses maps
+    // the same file contents again, so every `&[u8]` borrowed from the map
+    // keeps seeing the same bytes. The range lies inside the map.
+    let res = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, stop - start)
+    };
+    match res {
+        Ok(()) => stop - start,
+        Err(_) => 0,
+    }
+}
+
+#[cfg(not(unix))]
+fn release_mapped_pages(_map: &memmap2::Mmap, _offset: usize, _len: usize) -> usize {
+    0
+}
+
+impl NibFile {
     /// A parsed view (re-parses the header, metadata and directory: O(metadata)).
     pub fn view(&self) -> Result<NibView<'_>> {
         NibView::parse(self.bytes()).map_err(|e| match &self.path {
@@ -243,5 +297,75 @@ impl Drop for AtomicFile {
         if self.file.take().is_some() {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DType, MetadataBuilder, NibWriter};
+
+    /// Resident file-backed memory of this process (Linux), in bytes.
+    #[cfg(target_os = "linux")]
+    fn rss_file() -> Option<usize> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("RssFile:"))?;
+        let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
+    #[test]
+    fn released_pages_read_back_unchanged() {
+        let n = 8 << 20; // bytes: 2 Mi F32 values
+        let data: Vec<u8> = (0..n).map(|i| (i * 7 + i / 4093) as u8).collect();
+        let path =
+            std::env::temp_dir().join(format!("nibble-release-pages-{}.nib", std::process::id()));
+        let mut af = AtomicFile::create(&path).unwrap();
+        let mut w = NibWriter::new(&mut af, &MetadataBuilder::new()).unwrap();
+        w.add_tensor("big", DType::F32, &[(n / 4) as u64], &data)
+            .unwrap();
+        w.finish().unwrap();
+        af.commit().unwrap();
+
+        let file = NibFile::open(&path).unwrap();
+        let view = file.view().unwrap();
+        let t = view.tensor("big").unwrap();
+        let off = t.data.as_ptr() as usize - file.bytes().as_ptr() as usize;
+        drop(view);
+        let bytes = &file.bytes()[off..off + n];
+        // Touch every page, so that it is resident.
+        let sum: u64 = bytes.iter().step_by(1024).map(|&b| b as u64).sum();
+        assert!(sum > 0);
+        #[cfg(target_os = "linux")]
+        let before = rss_file();
+
+        // Odd bounds: only the whole pages inside are released.
+        let released = file.release_pages(off + 1, n - 2);
+        #[cfg(unix)]
+        {
+            assert!(released > n - 3 * 65536 && released < n, "{released}");
+            assert_eq!(released % 4096, 0);
+        }
+        #[cfg(target_os = "linux")]
+        if let (Some(b), Some(a)) = (before, rss_file()) {
+            // Other tests may map files meanwhile; the drop is still most of it.
+            assert!(
+                b > a + released / 2,
+                "RssFile {b} -> {a}, released {released}"
+            );
+        }
+        // Reads fault the same bytes back in.
+        assert!(
+            bytes == &data[..],
+            "released pages read back different bytes"
+        );
+        // Ranges outside the map or without a whole page release nothing.
+        assert_eq!(file.release_pages(file.bytes().len() + 10, 100), 0);
+        assert_eq!(file.release_pages(off + 1, 100), 0);
+        let mem =
+            NibFile::from_memory(AlignedBytes::from_slice(&std::fs::read(&path).unwrap())).unwrap();
+        assert_eq!(mem.release_pages(0, mem.bytes().len()), 0);
+        drop(file);
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -35,7 +35,7 @@ pub struct Weight {
     /// input `perm[j]`. Applied once per input vector, never per group.
     perm: Option<(usize, usize)>,
     /// Index of this weight's rows interleaved by eight in `Model::x8`
-    /// (Q4G, Q4GM, Q8G weights, on CPUs with the kernel).
+    /// (packed weights, on CPUs with the kernel).
     x8: Option<usize>,
 }
 
@@ -110,24 +110,35 @@ pub struct Model {
     /// Packed matrices interleaved by eight rows for the decoding kernel
     /// (`kernels::qg_x8`), built at load when this CPU has that kernel.
     x8: Vec<X8Rows>,
+    /// Bytes of the mapped file whose pages were released after the copies
+    /// ([`NibFile::release_pages`]).
+    x8_released: usize,
 }
 
-/// Interleave every `Q4G` / `Q4GM` / `Q8G` matrix the decoding products
-/// read (the layers and the output head) when this CPU's best kernel table
-/// has the interleaved kernel and `NIBBLE_X8` is not `0`: the copy costs
-/// their size in memory and makes the 4-bit products ~3× faster per weight
-/// (README, "Speed"). The embedding lookup keeps reading the file's rows.
+/// Interleave every packed matrix the decoding products read (the layers
+/// and the output head) when this CPU's best kernel table has the
+/// interleaved kernel and `NIBBLE_X8` is not `0`: the copy costs their size
+/// in memory and makes the 4-bit products ~3× faster per weight (README,
+/// "Speed"); 3- and 2-bit codes are widened to 4 bits in the copy, so they
+/// run at the 4-bit kernels' speed. The embedding lookup keeps reading the
+/// file's rows.
+///
+/// Each copied matrix's pages of a memory-mapped file are then released
+/// ([`NibFile::release_pages`]), so the copy does not make the process hold
+/// the model's bytes twice: resident memory stays near the file's size. A
+/// tied embedding is released too: its lookups then fault in only the pages
+/// of the rows they read. Returns the copies and the bytes released.
 fn interleave_for_decoding(
     file: &NibFile,
     layers: &mut [LayerWeights],
     output: &mut Weight,
-) -> Vec<X8Rows> {
+) -> (Vec<X8Rows>, usize) {
     let wanted = Kernels::for_isa(crate::kernels::Isa::detect())
         .is_some_and(|k| k.matvec_x8.is_some())
         && std::env::var("NIBBLE_X8").map_or(true, |v| v.trim() != "0");
     let mut out = Vec::new();
     if !wanted {
-        return out;
+        return (out, 0);
     }
     let mut weights: Vec<&mut Weight> = layers
         .iter_mut()
@@ -143,25 +154,39 @@ fn interleave_for_decoding(
             ]
         })
         .chain(std::iter::once(output))
-        .filter(|w| matches!(w.dtype, DType::Q4G | DType::Q4GM | DType::Q8G))
+        .filter(|w| {
+            matches!(
+                w.dtype,
+                DType::Q2G | DType::Q3G | DType::Q4G | DType::Q4GM | DType::Q8G
+            )
+        })
         .collect();
     // In parallel: SmolLM2's ~90 MB of packed weights take ~100 ms on one core.
-    let copies: Vec<Option<X8Rows>> = weights
+    // Released right after each copy, so resident memory never holds both.
+    let copies: Vec<(Option<X8Rows>, usize)> = weights
         .par_iter()
         .map(|w| {
             let bytes = &file.bytes()[w.offset..w.offset + w.nbytes];
             let rows = PackedRows::new(w.dtype, bytes, w.rows, w.cols, w.group_size)
                 .expect("packed sizes are checked at load");
-            X8Rows::interleave(rows)
+            let copy = X8Rows::interleave(rows);
+            let released = if copy.is_some() {
+                file.release_pages(w.offset, w.nbytes)
+            } else {
+                0
+            };
+            (copy, released)
         })
         .collect();
-    for (w, copy) in weights.iter_mut().zip(copies) {
+    let mut released = 0;
+    for (w, (copy, r)) in weights.iter_mut().zip(copies) {
+        released += r;
         if let Some(x8) = copy {
             w.x8 = Some(out.len());
             out.push(x8);
         }
     }
-    out
+    (out, released)
 }
 
 impl Model {
@@ -330,7 +355,7 @@ impl Model {
             .collect::<Result<Vec<u32>>>()?;
         drop(view);
         let kernels = Kernels::from_env().map_err(RuntimeError::InvalidParam)?;
-        let x8 = interleave_for_decoding(&file, &mut layers, &mut output);
+        let (x8, x8_released) = interleave_for_decoding(&file, &mut layers, &mut output);
         Ok(Model {
             file,
             name,
@@ -346,6 +371,7 @@ impl Model {
             eos_ids,
             kernels,
             x8,
+            x8_released,
         })
     }
 
@@ -357,6 +383,14 @@ impl Model {
     /// Bytes of the interleaved copies ([`Model::x8`]).
     pub fn x8_bytes(&self) -> usize {
         self.x8.iter().map(X8Rows::bytes).sum()
+    }
+
+    /// Bytes of the memory-mapped file released from resident memory once
+    /// interleaved ([`NibFile::release_pages`]; 0 for a model converted in
+    /// memory). Reading them again (e.g. through a kernel table without the
+    /// interleaved kernel) faults them back in from the file, unchanged.
+    pub fn x8_released_bytes(&self) -> usize {
+        self.x8_released
     }
 
     /// The kernel table this model runs with.

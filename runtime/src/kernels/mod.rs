@@ -223,7 +223,7 @@ static AVX512: Kernels = Kernels {
     ],
     qg_mm: Some(qg_mm::x86::AVX512),
     matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx512),
-    matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx2),
+    matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx512),
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
