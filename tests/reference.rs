@@ -212,7 +212,11 @@ fn smollm2_gguf_blocks_run_natively_close_to_transformers() {
 ///   interleaved rows NEON and NEON-dot both 4.081358 and batched 4.072030
 ///   (the same sums in the same order as AVX2's interleaved kernels), their
 ///   greedy texts splitting from scalar's at token 20 (margin 0.015) like
-///   AVX2's (the row kernels read 4.064234 and 4.076334).
+///   AVX2's (the row kernels read 4.064234 and 4.076334). Since the
+///   attention kernel (`kernels::attn`, 8-lane dot products; Dec 4), on an
+///   AVX-512 VNNI CPU: scalar 4.075456, AVX2 and AVX-512 (VNNI one-token and
+///   batched kernels) 4.079413, batched 4.072030 on both, and all three
+///   greedy texts identical over the 24 tokens.
 #[test]
 fn smollm2_native_blocks_agree_across_instruction_sets() {
     use nibble::runtime::kernels::{Isa, Kernels};

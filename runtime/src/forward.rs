@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use crate::kernels::pool::SpinPool;
-use crate::kernels::{dot_f32, Kernels, Q8Buf, Q8Ref};
+use crate::kernels::{Kernels, Q8Buf, Q8Ref};
 use crate::model::{LayerWeights, Model, Weight, WeightData};
 use crate::session::PrefillKind;
 
@@ -396,10 +396,11 @@ pub fn forward(
         rope(&mut s.q, hd, cos, sin);
 
         // Attention, one KV head at a time for its `group` query heads (GQA).
+        let attend = model.kernels().attend;
         for kvh in 0..n_kv {
             let kv = layer_base + kvh * hd;
             let heads = kvh * group * hd..(kvh + 1) * group * hd;
-            attend_group(
+            attend(
                 &s.q[heads.clone()],
                 (&s.key_cache[kv..], &s.value_cache[kv..], kv_dim),
                 start..pos + 1,
@@ -1081,60 +1082,6 @@ fn attend_rows(
         false,
         threads,
     );
-}
-
-/// The `group` query heads that share one KV head (GQA) attending over the
-/// cached positions `range`. `qs` and `out` hold the heads' `head_dim`-wide
-/// queries / outputs one after another; `keys` and `values` start at this
-/// KV head's first element of position 0, rows `stride` apart; head `j`'s
-/// score of position `t` is `scores[j·score_stride + t]`. Each key and value
-/// row is read once for the whole group (the KV cache is most of the bytes
-/// attention reads); per head the arithmetic is softmax(q·kᵀ·`scale`)·V in
-/// position order, bit for bit what one head at a time computes (the
-/// one-token path; [`forward_slots`] uses `gemm` for its many rows instead).
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn attend_group(
-    qs: &[f32],
-    (keys, values, stride): (&[f32], &[f32], usize),
-    range: std::ops::Range<usize>,
-    scores: &mut [f32],
-    score_stride: usize,
-    out: &mut [f32],
-    head_dim: usize,
-    scale: f32,
-) {
-    let hd = head_dim;
-    let group = qs.len() / hd;
-    for t in range.clone() {
-        let k = &keys[t * stride..][..hd];
-        for (j, q) in qs.chunks_exact(hd).enumerate() {
-            scores[j * score_stride + t] = dot_f32(q, k) * scale;
-        }
-    }
-    for j in 0..group {
-        let sc = &mut scores[j * score_stride + range.start..j * score_stride + range.end];
-        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0f32;
-        for p in sc.iter_mut() {
-            *p = (*p - max).exp();
-            sum += *p;
-        }
-        let inv = 1.0 / sum;
-        for p in sc.iter_mut() {
-            *p *= inv;
-        }
-    }
-    out.fill(0.0);
-    for t in range {
-        let v = &values[t * stride..][..hd];
-        for (j, o) in out.chunks_exact_mut(hd).enumerate() {
-            let a = scores[j * score_stride + t];
-            for (o, &vv) in o.iter_mut().zip(v) {
-                *o += a * vv;
-            }
-        }
-    }
 }
 
 /// RMSNorm of the first `b` rows of `bs.x` into `bs.xb`.

@@ -11,6 +11,7 @@
 //! cannot be obtained ([`Kernels::for_isa`] returns `None`): that is what
 //! makes calling the `#[target_feature]` code behind the safe wrappers sound.
 
+pub mod attn;
 pub mod float;
 mod gemm;
 pub mod pool;
@@ -25,6 +26,7 @@ use std::sync::OnceLock;
 use half::f16;
 use nibble_format::DType;
 
+pub use attn::AttendFn;
 pub use float::{dot_bf16, dot_f16, dot_f32, FloatMatvecFn};
 pub use gemm::{matmul, matmul_f64, MatF64, MatMut, MatRef};
 pub use q8::{Q8Batch, Q8BatchRef};
@@ -147,6 +149,8 @@ pub struct Kernels {
     pub matvec_f32: FloatMatvecFn<f32>,
     pub matvec_f16: FloatMatvecFn<f16>,
     pub matvec_bf16: FloatMatvecFn<half::bf16>,
+    /// One-token attention of the query heads sharing a KV head ([`attn`]).
+    pub attend: AttendFn,
 }
 
 static SCALAR: Kernels = Kernels {
@@ -173,6 +177,7 @@ static SCALAR: Kernels = Kernels {
     matvec_f32: float::matvec_f32_scalar,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
+    attend: attn::attend_group_scalar,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -200,6 +205,7 @@ static AVX2: Kernels = Kernels {
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
+    attend: attn::x86::attend_group_avx2,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -227,6 +233,7 @@ static AVX512: Kernels = Kernels {
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
+    attend: attn::x86::attend_group_avx512,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -257,6 +264,7 @@ const NEON_TABLE: Kernels = Kernels {
     matvec_f32: float::neon::matvec_f32_neon,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
+    attend: attn::attend_group_scalar,
 };
 
 #[cfg(target_arch = "aarch64")]

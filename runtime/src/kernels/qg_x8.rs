@@ -273,7 +273,13 @@ fn for_each_tile(
         let t = r / TILE;
         let v = tile_dots(&w.data[t * tb..(t + 1) * tb]);
         let (lo, hi) = (r - t * TILE, (r1 - t * TILE).min(TILE));
-        out[r - r0..r - r0 + hi - lo].copy_from_slice(&v[lo..hi]);
+        let dst = &mut out[r - r0..r - r0 + hi - lo];
+        match <&mut [f32; TILE]>::try_from(&mut *dst) {
+            // A whole tile: a fixed-size copy (two vector moves), not a
+            // call to memcpy per tile (1.4 % of decoding in a profile).
+            Ok(whole) => *whole = v,
+            Err(_) => dst.copy_from_slice(&v[lo..hi]),
+        }
         r += hi - lo;
     }
 }
@@ -524,13 +530,18 @@ pub(super) mod x86 {
             let dword = |k: usize| _mm256_set1_epi32((q.add(4 * k) as *const i32).read_unaligned());
             let mut s32 = _mm256_setzero_si256();
             if BITS == 4 {
+                // Two chains of four `vpdpbusd`, so that their latencies
+                // overlap (+5–10 % in criterion on Zen 4; four chains of two
+                // were slower again).
+                let mut s_hi = _mm256_setzero_si256();
                 for j in 0..4 {
                     let v = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
                     let lo = _mm256_and_si256(v, nib);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
                     s32 = _mm256_dpbusd_epi32(s32, lo, dword(j));
-                    s32 = _mm256_dpbusd_epi32(s32, hi, dword(4 + j));
+                    s_hi = _mm256_dpbusd_epi32(s_hi, hi, dword(4 + j));
                 }
+                s32 = _mm256_add_epi32(s32, s_hi);
             } else {
                 // |s| ≤ 128 is a valid u8; the sign moves to the activation.
                 for j in 0..8 {

@@ -1,0 +1,320 @@
+//! One-token attention over the KV cache: the query heads that share one KV
+//! head (GQA) score every cached position, softmax, and sum the values.
+//!
+//! Why a kernel: the crate is compiled for the x86-64 baseline (SSE2), so
+//! this loop, a sizeable share of each decoded token once the context grows
+//! (SmolLM2 at 256 positions: a third of the one-thread time), ran 4 lanes
+//! wide. The x86 versions are the *same* Rust code compiled with AVX2 (and
+//! AVX-512) enabled: the eight partial sums of its dot products and the element-wise
+//! value sums become 8- or 16-lane vectors doing the same operations in the
+//! same order (Rust never fuses a multiply and an add on its own), so every
+//! version returns the reference's bits, which the tests check. NEON is
+//! part of the aarch64 baseline, where the reference is already vectorised.
+
+/// `group = qs.len() / head_dim` query heads sharing one KV head attend over
+/// the cached positions `range`. `qs` and `out` hold the heads'
+/// `head_dim`-wide queries / outputs one after another; `keys` and `values`
+/// start at this KV head's first element of position 0, rows `stride`
+/// apart; head `j`'s score of position `t` goes to `scores[j·score_stride +
+/// t]`. Each key and value row is read once for the whole group; per head
+/// the arithmetic is softmax(q·kᵀ·`scale`)·V in position order.
+pub type AttendFn = fn(
+    qs: &[f32],
+    kv: (&[f32], &[f32], usize),
+    range: std::ops::Range<usize>,
+    scores: &mut [f32],
+    score_stride: usize,
+    out: &mut [f32],
+    head_dim: usize,
+    scale: f32,
+);
+
+/// `Σ a[i]·b[i]` in eight partial sums, then the elements past the last
+/// multiple of 8 ([`dot_tail`]), the lanes reduced pairwise (scalar
+/// reference of the x86 version).
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let main = a.len().min(b.len()) / 8 * 8;
+    let s4: [f32; 4] = std::array::from_fn(|i| acc[i] + acc[i + 4]);
+    let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
+    (s2[0] + s2[1]) + dot_tail(&a[main..], &b[main..])
+}
+
+/// The products past the last multiple of 8, summed in order.
+#[inline(always)]
+fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
+    let mut tail = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        tail += x * y;
+    }
+    tail
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend_body(
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+    qs: &[f32],
+    (keys, values, stride): (&[f32], &[f32], usize),
+    range: std::ops::Range<usize>,
+    scores: &mut [f32],
+    score_stride: usize,
+    out: &mut [f32],
+    head_dim: usize,
+    scale: f32,
+) {
+    let hd = head_dim;
+    let group = qs.len() / hd;
+    for t in range.clone() {
+        let k = &keys[t * stride..][..hd];
+        for (j, q) in qs.chunks_exact(hd).enumerate() {
+            scores[j * score_stride + t] = dot(q, k) * scale;
+        }
+    }
+    for j in 0..group {
+        let sc = &mut scores[j * score_stride + range.start..j * score_stride + range.end];
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0f32;
+        for p in sc.iter_mut() {
+            *p = (*p - max).exp();
+            sum += *p;
+        }
+        let inv = 1.0 / sum;
+        for p in sc.iter_mut() {
+            *p *= inv;
+        }
+    }
+    // Σ_t p_t·v_t per head, 64 columns at a time in a local accumulator
+    // (registers once vectorised) rather than through `out` per position.
+    for (j, o) in out.chunks_exact_mut(hd).enumerate() {
+        let sc = &scores[j * score_stride..];
+        for c0 in (0..hd).step_by(V_COLS) {
+            let w = (hd - c0).min(V_COLS);
+            let mut acc = [0f32; V_COLS];
+            if w == V_COLS {
+                for t in range.clone() {
+                    let a = sc[t];
+                    let v: &[f32; V_COLS] = values[t * stride + c0..][..V_COLS].try_into().unwrap();
+                    for i in 0..V_COLS {
+                        acc[i] += a * v[i];
+                    }
+                }
+            } else {
+                for t in range.clone() {
+                    let a = sc[t];
+                    let v = &values[t * stride + c0..][..w];
+                    for (acc, &vv) in acc.iter_mut().zip(v) {
+                        *acc += a * vv;
+                    }
+                }
+            }
+            o[c0..c0 + w].copy_from_slice(&acc[..w]);
+        }
+    }
+}
+
+/// Columns of the value sums kept in one local accumulator.
+const V_COLS: usize = 64;
+
+/// Scalar reference of [`AttendFn`].
+#[allow(clippy::too_many_arguments)]
+pub fn attend_group_scalar(
+    qs: &[f32],
+    kv: (&[f32], &[f32], usize),
+    range: std::ops::Range<usize>,
+    scores: &mut [f32],
+    score_stride: usize,
+    out: &mut [f32],
+    head_dim: usize,
+    scale: f32,
+) {
+    attend_body(
+        dot8,
+        qs,
+        kv,
+        range,
+        scores,
+        score_stride,
+        out,
+        head_dim,
+        scale,
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// [`dot8`] on one 256-bit vector: the same multiplies and adds in the
+    /// same order (no fused multiply-add), so the same bits. SAFETY
+    /// (caller): AVX is available.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn dot8_avx(a: &[f32], b: &[f32]) -> f32 {
+        let main = a.len().min(b.len()) / 8 * 8;
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < main {
+            // SAFETY: i + 8 ≤ main ≤ both lengths.
+            let (x, y) = unsafe {
+                (
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                )
+            };
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+            i += 8;
+        }
+        // [a0+a4, a1+a5, a2+a6, a3+a7], then [s0+s2, s1+s3], then their sum.
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+        _mm_cvtss_f32(s1) + dot_tail(&a[main..], &b[main..])
+    }
+
+    macro_rules! multiversion {
+        ($name:ident, $inner:ident, $features:literal) => {
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $inner(
+                qs: &[f32],
+                kv: (&[f32], &[f32], usize),
+                range: std::ops::Range<usize>,
+                scores: &mut [f32],
+                score_stride: usize,
+                out: &mut [f32],
+                head_dim: usize,
+                scale: f32,
+            ) {
+                // SAFETY: this function's features include AVX.
+                let dot = |a: &[f32], b: &[f32]| unsafe { dot8_avx(a, b) };
+                attend_body(
+                    dot,
+                    qs,
+                    kv,
+                    range,
+                    scores,
+                    score_stride,
+                    out,
+                    head_dim,
+                    scale,
+                )
+            }
+
+            /// [`AttendFn`] compiled for these features (module docs).
+            #[allow(clippy::too_many_arguments)]
+            pub fn $name(
+                qs: &[f32],
+                kv: (&[f32], &[f32], usize),
+                range: std::ops::Range<usize>,
+                scores: &mut [f32],
+                score_stride: usize,
+                out: &mut [f32],
+                head_dim: usize,
+                scale: f32,
+            ) {
+                // SAFETY: the table holding this function is built only
+                // when these features were detected; the body is safe Rust.
+                unsafe { $inner(qs, kv, range, scores, score_stride, out, head_dim, scale) }
+            }
+        };
+    }
+
+    multiversion!(attend_group_avx2, attend_avx2, "avx2,fma");
+    multiversion!(
+        attend_group_avx512,
+        attend_avx512,
+        "avx2,fma,avx512f,avx512bw,avx512vl,avx512dq"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_util::lcg;
+    use crate::kernels::{Isa, Kernels};
+
+    #[test]
+    fn every_isa_returns_the_reference_bits() {
+        let mut seed = 11u64;
+        // (head_dim, group, n_ctx, range): SmolLM2's 64 × 3, odd head sizes
+        // (ragged 16-lane tails), one position, a sliding-window start.
+        for (hd, group, n_ctx, range) in [
+            (64usize, 3usize, 300usize, 0..257usize),
+            (64, 1, 8, 0..1),
+            (8, 2, 40, 5..40),
+            (72, 4, 33, 0..33),
+            (100, 2, 20, 3..17),
+            (1, 1, 5, 0..5),
+        ] {
+            let stride = hd * 2 + 3;
+            let keys: Vec<f32> = (0..n_ctx * stride).map(|_| lcg(&mut seed) * 3.0).collect();
+            let values: Vec<f32> = (0..n_ctx * stride).map(|_| lcg(&mut seed)).collect();
+            let qs: Vec<f32> = (0..group * hd).map(|_| lcg(&mut seed) * 2.0).collect();
+            let run = |f: AttendFn| {
+                let mut scores = vec![f32::NAN; group * n_ctx];
+                let mut out = vec![f32::NAN; group * hd];
+                let scale = 1.0 / (hd as f32).sqrt();
+                f(
+                    &qs,
+                    (&keys, &values, stride),
+                    range.clone(),
+                    &mut scores,
+                    n_ctx,
+                    &mut out,
+                    hd,
+                    scale,
+                );
+                (scores, out)
+            };
+            let (s0, o0) = run(attend_group_scalar);
+            // The reference against f64 arithmetic.
+            for j in 0..group {
+                let q = &qs[j * hd..(j + 1) * hd];
+                let raw: Vec<f64> = range
+                    .clone()
+                    .map(|t| {
+                        let k = &keys[t * stride..t * stride + hd];
+                        q.iter()
+                            .zip(k)
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = raw.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = raw.iter().map(|r| (r - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for c in 0..hd {
+                    let want: f64 = range
+                        .clone()
+                        .zip(&e)
+                        .map(|(t, p)| p / sum * f64::from(values[t * stride + c]))
+                        .sum();
+                    let got = f64::from(o0[j * hd + c]);
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "hd {hd} head {j} col {c}: {got} vs {want}"
+                    );
+                }
+            }
+            for isa in Isa::available() {
+                let (s, o) = run(Kernels::for_isa(isa).unwrap().attend);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&o), bits(&o0), "{isa} hd {hd} group {group}");
+                for j in 0..group {
+                    let r = j * n_ctx + range.start..j * n_ctx + range.end;
+                    assert_eq!(bits(&s[r.clone()]), bits(&s0[r]), "{isa} scores");
+                }
+            }
+        }
+    }
+}
