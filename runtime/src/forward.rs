@@ -854,7 +854,6 @@ pub fn forward_slots(
     );
     let (q_dim, kv_dim, group, half) = (n_head * hd, n_kv * hd, n_head / n_kv, hd / 2);
     let n_ctx = s.n_ctx;
-    let n_keys = pos + 1;
     let inv_sqrt_hd = 1.0 / (hd as f32).sqrt();
     let lo = causal_window_start(pos, hp.sliding_window);
     let (cos, sin) = (
@@ -890,22 +889,25 @@ pub fn forward_slots(
         // Row i attends to keys 0..=pos of its own slot.
         let (keys, values) = (&s.key_cache, &s.value_cache);
         let q = &bs.q;
-        // Per row and KV head, the `group` query heads that share it as two
-        // small products (scores = Q·Kᵀ, then softmax, then P·V): `gemm`
-        // reads each cached key and value once for the group, in SIMD.
+        // Per row and KV head, the `group` query heads that share it: one
+        // query per head, so the one-token attention kernel (each cached key
+        // and value read once for the group), not `gemm` on 3-row products,
+        // whose set-up cost dominated at these sizes.
+        let attend_group = model.kernels().attend;
         let attend = |(i, (att, scores)): (usize, (&mut [f32], &mut [f32]))| {
             let slot = lbase + i * slot_len * kv_dim;
             for kvh in 0..n_kv {
                 let kv = slot + kvh * hd;
                 let heads = kvh * group * hd..(kvh + 1) * group * hd;
-                attend_rows(
-                    (&q[i * q_dim + heads.start..], group, hd),
+                attend_group(
+                    &q[i * q_dim + heads.start..i * q_dim + heads.end],
                     (&keys[kv..], &values[kv..], kv_dim),
-                    n_keys,
-                    (&mut scores[kvh * group * slot_len..], slot_len),
+                    lo..pos + 1,
+                    &mut scores[kvh * group * slot_len..],
+                    slot_len,
                     &mut att[heads],
-                    (hd, inv_sqrt_hd, 1),
-                    |_| (lo, pos),
+                    hd,
+                    inv_sqrt_hd,
                 );
             }
         };
