@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use crate::kernels::pool::SpinPool;
-use crate::kernels::{Kernels, Q8Buf, Q8Ref};
+use crate::kernels::{Attend, Kernels, Q8Buf, Q8Ref};
 use crate::model::{LayerWeights, Model, Weight, WeightData};
 use crate::session::PrefillKind;
 
@@ -400,16 +400,18 @@ pub fn forward(
         for kvh in 0..n_kv {
             let kv = layer_base + kvh * hd;
             let heads = kvh * group * hd..(kvh + 1) * group * hd;
-            attend(
-                &s.q[heads.clone()],
-                (&s.key_cache[kv..], &s.value_cache[kv..], kv_dim),
-                start..pos + 1,
-                &mut s.scores[kvh * group * n_ctx..],
-                n_ctx,
-                &mut s.att_out[heads],
-                hd,
-                inv_sqrt_hd,
-            );
+            attend(Attend {
+                qs: &s.q[heads.clone()],
+                keys: &s.key_cache[kv..],
+                values: &s.value_cache[kv..],
+                stride: kv_dim,
+                range: start..pos + 1,
+                scores: &mut s.scores[kvh * group * n_ctx..],
+                score_stride: n_ctx,
+                out: &mut s.att_out[heads],
+                head_dim: hd,
+                scale: inv_sqrt_hd,
+            });
         }
         s.inp.reset();
         matvec(
@@ -899,16 +901,18 @@ pub fn forward_slots(
             for kvh in 0..n_kv {
                 let kv = slot + kvh * hd;
                 let heads = kvh * group * hd..(kvh + 1) * group * hd;
-                attend_group(
-                    &q[i * q_dim + heads.start..i * q_dim + heads.end],
-                    (&keys[kv..], &values[kv..], kv_dim),
-                    lo..pos + 1,
-                    &mut scores[kvh * group * slot_len..],
-                    slot_len,
-                    &mut att[heads],
-                    hd,
-                    inv_sqrt_hd,
-                );
+                attend_group(Attend {
+                    qs: &q[i * q_dim + heads.start..i * q_dim + heads.end],
+                    keys: &keys[kv..],
+                    values: &values[kv..],
+                    stride: kv_dim,
+                    range: lo..pos + 1,
+                    scores: &mut scores[kvh * group * slot_len..],
+                    score_stride: slot_len,
+                    out: &mut att[heads],
+                    head_dim: hd,
+                    scale: inv_sqrt_hd,
+                });
             }
         };
         let att_rows = &mut bs.att_out[..b * q_dim];

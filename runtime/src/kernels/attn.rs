@@ -11,23 +11,30 @@
 //! version returns the reference's bits, which the tests check. NEON is
 //! part of the aarch64 baseline, where the reference is already vectorised.
 
-/// `group = qs.len() / head_dim` query heads sharing one KV head attend over
-/// the cached positions `range`. `qs` and `out` hold the heads'
-/// `head_dim`-wide queries / outputs one after another; `keys` and `values`
-/// start at this KV head's first element of position 0, rows `stride`
-/// apart; head `j`'s score of position `t` goes to `scores[j·score_stride +
-/// t]`. Each key and value row is read once for the whole group; per head
-/// the arithmetic is softmax(q·kᵀ·`scale`)·V in position order.
-pub type AttendFn = fn(
-    qs: &[f32],
-    kv: (&[f32], &[f32], usize),
-    range: std::ops::Range<usize>,
-    scores: &mut [f32],
-    score_stride: usize,
-    out: &mut [f32],
-    head_dim: usize,
-    scale: f32,
-);
+/// One KV head's attention for the `group = qs.len() / head_dim` query heads
+/// that share it, over the cached positions `range`. Each key and value row
+/// is read once for the whole group; per head the arithmetic is
+/// softmax(q·kᵀ·`scale`)·V in position order.
+pub struct Attend<'a> {
+    /// `[group, head_dim]` queries.
+    pub qs: &'a [f32],
+    /// Keys and values from this KV head's first element of position 0;
+    /// position `t` at `t·stride`.
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    pub stride: usize,
+    pub range: std::ops::Range<usize>,
+    /// Head `j`'s score of position `t` goes to `scores[j·score_stride + t]`.
+    pub scores: &'a mut [f32],
+    pub score_stride: usize,
+    /// `[group, head_dim]` outputs.
+    pub out: &'a mut [f32],
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// Runs one [`Attend`].
+pub type AttendFn = fn(Attend<'_>);
 
 /// `Σ a[i]·b[i]` in eight partial sums, then the elements past the last
 /// multiple of 8 ([`dot_tail`]), the lanes reduced pairwise (scalar
@@ -57,19 +64,20 @@ fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
     tail
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn attend_body(
-    dot: impl Fn(&[f32], &[f32]) -> f32,
-    qs: &[f32],
-    (keys, values, stride): (&[f32], &[f32], usize),
-    range: std::ops::Range<usize>,
-    scores: &mut [f32],
-    score_stride: usize,
-    out: &mut [f32],
-    head_dim: usize,
-    scale: f32,
-) {
+fn attend_body(dot: impl Fn(&[f32], &[f32]) -> f32, a: Attend<'_>) {
+    let Attend {
+        qs,
+        keys,
+        values,
+        stride,
+        range,
+        scores,
+        score_stride,
+        out,
+        head_dim,
+        scale,
+    } = a;
     let hd = head_dim;
     let group = qs.len() / hd;
     for t in range.clone() {
@@ -124,28 +132,8 @@ fn attend_body(
 const V_COLS: usize = 64;
 
 /// Scalar reference of [`AttendFn`].
-#[allow(clippy::too_many_arguments)]
-pub fn attend_group_scalar(
-    qs: &[f32],
-    kv: (&[f32], &[f32], usize),
-    range: std::ops::Range<usize>,
-    scores: &mut [f32],
-    score_stride: usize,
-    out: &mut [f32],
-    head_dim: usize,
-    scale: f32,
-) {
-    attend_body(
-        dot8,
-        qs,
-        kv,
-        range,
-        scores,
-        score_stride,
-        out,
-        head_dim,
-        scale,
-    )
+pub fn attend_group_scalar(a: Attend<'_>) {
+    attend_body(dot8, a)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -183,47 +171,17 @@ pub(super) mod x86 {
     macro_rules! multiversion {
         ($name:ident, $inner:ident, $features:literal) => {
             #[target_feature(enable = $features)]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn $inner(
-                qs: &[f32],
-                kv: (&[f32], &[f32], usize),
-                range: std::ops::Range<usize>,
-                scores: &mut [f32],
-                score_stride: usize,
-                out: &mut [f32],
-                head_dim: usize,
-                scale: f32,
-            ) {
+            unsafe fn $inner(a: Attend<'_>) {
                 // SAFETY: this function's features include AVX.
-                let dot = |a: &[f32], b: &[f32]| unsafe { dot8_avx(a, b) };
-                attend_body(
-                    dot,
-                    qs,
-                    kv,
-                    range,
-                    scores,
-                    score_stride,
-                    out,
-                    head_dim,
-                    scale,
-                )
+                let dot = |x: &[f32], y: &[f32]| unsafe { dot8_avx(x, y) };
+                attend_body(dot, a)
             }
 
             /// [`AttendFn`] compiled for these features (module docs).
-            #[allow(clippy::too_many_arguments)]
-            pub fn $name(
-                qs: &[f32],
-                kv: (&[f32], &[f32], usize),
-                range: std::ops::Range<usize>,
-                scores: &mut [f32],
-                score_stride: usize,
-                out: &mut [f32],
-                head_dim: usize,
-                scale: f32,
-            ) {
+            pub fn $name(a: Attend<'_>) {
                 // SAFETY: the table holding this function is built only
                 // when these features were detected; the body is safe Rust.
-                unsafe { $inner(qs, kv, range, scores, score_stride, out, head_dim, scale) }
+                unsafe { $inner(a) }
             }
         };
     }
@@ -263,16 +221,18 @@ mod tests {
                 let mut scores = vec![f32::NAN; group * n_ctx];
                 let mut out = vec![f32::NAN; group * hd];
                 let scale = 1.0 / (hd as f32).sqrt();
-                f(
-                    &qs,
-                    (&keys, &values, stride),
-                    range.clone(),
-                    &mut scores,
-                    n_ctx,
-                    &mut out,
-                    hd,
+                f(Attend {
+                    qs: &qs,
+                    keys: &keys,
+                    values: &values,
+                    stride,
+                    range: range.clone(),
+                    scores: &mut scores,
+                    score_stride: n_ctx,
+                    out: &mut out,
+                    head_dim: hd,
                     scale,
-                );
+                });
                 (scores, out)
             };
             let (s0, o0) = run(attend_group_scalar);

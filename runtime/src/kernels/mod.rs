@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 use half::f16;
 use nibble_format::DType;
 
-pub use attn::AttendFn;
+pub use attn::{Attend, AttendFn};
 pub use float::{dot_bf16, dot_f16, dot_f32, FloatMatvecFn};
 pub use gemm::{matmul, matmul_f64, MatF64, MatMut, MatRef};
 pub use q8::{Q8Batch, Q8BatchRef};
