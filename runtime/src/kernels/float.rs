@@ -26,9 +26,6 @@ fn check<T>(w: &[T], cols: usize, x: &[f32], out: &[f32]) {
 }
 
 /// `Σ a[i]·b[i]` in f32 with 16 independent partial sums (scalar reference).
-/// Always inlined, so that callers compiled with wider vectors
-/// ([`super::attn`]) vectorise it with the same operations.
-#[inline(always)]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; LANES];
