@@ -5,11 +5,13 @@
 //! this loop, a sizeable share of each decoded token once the context grows
 //! (SmolLM2 at 256 positions: a third of the one-thread time), ran 4 lanes
 //! wide. The x86 versions are the *same* Rust code compiled with AVX2 (and
-//! AVX-512) enabled: the eight partial sums of its dot products and the element-wise
-//! value sums become 8- or 16-lane vectors doing the same operations in the
-//! same order (Rust never fuses a multiply and an add on its own), so every
-//! version returns the reference's bits, which the tests check. NEON is
-//! part of the aarch64 baseline, where the reference is already vectorised.
+//! AVX-512) enabled, the element-wise value sums becoming 8- or 16-lane
+//! vectors, except the dot product: its eight partial sums are written with
+//! intrinsics (`dot8_avx`), because LLVM split the portable form into 2-lane
+//! pieces. Both do the reference's multiplies and adds in the same order
+//! (Rust never fuses a multiply and an add on its own), so every version
+//! returns the reference's bits, which the tests check. NEON is part of the
+//! aarch64 baseline, where the reference is already vectorised.
 
 /// One KV head's attention for the `group = qs.len() / head_dim` query heads
 /// that share it, over the cached positions `range`. Each key and value row
