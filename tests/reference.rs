@@ -8,6 +8,20 @@ use std::sync::Arc;
 use common::*;
 use nibble::{GenerateParams, Model, PrefillKind, Sampler, SamplerParams};
 
+/// The shared SmolLM2 GGUF (Q4_1 layers, Q8_0 embedding/head).
+fn smollm2_gguf() -> std::path::PathBuf {
+    shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Import options that keep a GGUF's Q4_0/Q4_1/Q8_0 blocks as packed groups.
+fn native_blocks() -> nibble::format::import::ImportOptions {
+    nibble::format::import::ImportOptions {
+        dtype: nibble::format::DType::F32,
+        hash_source: false,
+        keep_gguf_blocks: true,
+    }
+}
+
 /// Normwise relative tolerance for float32 logits (issue: ≤ 1e-4).
 const LOGIT_TOL: f64 = 1e-4;
 
@@ -95,10 +109,7 @@ fn stories260k_greedy_story_from_bos() {
 
 #[test]
 fn smollm2_gguf_logits_match_transformers() {
-    let model = Arc::new(
-        Model::load(shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"))
-            .unwrap(),
-    );
+    let model = Arc::new(Model::load(smollm2_gguf()).unwrap());
     let r = shared().join("fixtures/hf-reference/smollm2-135m-instruct/reference.safetensors");
     let ids: Vec<u32> = read_ref(&r, "input_ids")
         .i64
@@ -137,12 +148,7 @@ fn batched_and_sequential_paths_agree_with_a_sliding_window() {
 /// activations, on both execution paths.
 #[test]
 fn smollm2_gguf_blocks_run_natively_close_to_transformers() {
-    let gguf = shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let opts = nibble::format::import::ImportOptions {
-        dtype: nibble::format::DType::F32,
-        hash_source: false,
-        keep_gguf_blocks: true,
-    };
+    let (gguf, opts) = (smollm2_gguf(), native_blocks());
     let model = Arc::new(Model::load_with(&gguf, &opts, &mut |_, _, _| {}).unwrap());
     assert_eq!(model.layers[0].attn_q.dtype, nibble::format::DType::Q4GM);
     assert_eq!(model.token_embd.dtype, nibble::format::DType::Q8G);
@@ -220,12 +226,7 @@ fn smollm2_gguf_blocks_run_natively_close_to_transformers() {
 #[test]
 fn smollm2_native_blocks_agree_across_instruction_sets() {
     use nibble::runtime::kernels::{Isa, Kernels};
-    let gguf = shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let opts = nibble::format::import::ImportOptions {
-        dtype: nibble::format::DType::F32,
-        hash_source: false,
-        keep_gguf_blocks: true,
-    };
+    let (gguf, opts) = (smollm2_gguf(), native_blocks());
     let mut model = Arc::new(Model::load_with(&gguf, &opts, &mut |_, _, _| {}).unwrap());
     let r = shared().join("fixtures/hf-reference/smollm2-135m-instruct/reference.safetensors");
     let ids: Vec<u32> = read_ref(&r, "input_ids")
@@ -306,12 +307,7 @@ fn smollm2_native_blocks_agree_across_instruction_sets() {
 /// same bytes converted in memory compute (nothing released there).
 #[test]
 fn mapped_model_releases_interleaved_pages_and_computes_the_same() {
-    let gguf = shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let opts = nibble::format::import::ImportOptions {
-        dtype: nibble::format::DType::F32,
-        hash_source: false,
-        keep_gguf_blocks: true,
-    };
+    let (gguf, opts) = (smollm2_gguf(), native_blocks());
     let nib = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("smollm2-native-release.nib");
     nibble::format::import::import_to_file(&gguf, &nib, &opts, &mut |_, _, _| {}).unwrap();
     let mapped = Arc::new(Model::load(&nib).unwrap());

@@ -3,8 +3,9 @@
 //! which one 32-byte vector holds four consecutive codes of each of eight
 //! rows. `Q3G` / `Q2G` weights are copied too, their codes widened to 4-bit
 //! nibbles (same scales and zero points, so the same Ŵ): the copy reads 4
-//! bits per weight instead of 3 or 2, but the 4-bit kernels run ~5× more
-//! weights per second than the 3- and 2-bit row kernels (README, "Speed").
+//! bits per weight instead of 3 or 2, but the 4-bit kernels run 3.5–4.6×
+//! more weights per second than the 2- and 3-bit row kernels (criterion,
+//! AVX-512; README, "Against llama.cpp on an AVX-512 VNNI machine").
 //!
 //! Why: the row-by-row kernels ([`super::qg`]) reduce each 32-weight
 //! sub-block of one row to one number, so per 32 weights they pay an unpack,
@@ -84,8 +85,8 @@ impl X8Rows {
     pub fn interleave(w: PackedRows<'_>) -> Option<X8Rows> {
         // `Q3G` / `Q2G` codes are widened to 4-bit nibbles (same scales and
         // zero points, so the same Ŵ): they then run through the 4-bit
-        // kernels, ~5× faster per weight than their row kernels, and read
-        // 4 bits per weight instead of 3 or 2.
+        // kernels, 3.5–4.6× faster per weight than their row kernels, and
+        // read 4 bits per weight instead of 3 or 2.
         let (src_bits, bits, min) = match w.dtype() {
             DType::Q2G => (2, 4, false),
             DType::Q3G => (3, 4, false),
