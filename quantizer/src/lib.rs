@@ -15,7 +15,8 @@ pub mod error;
 pub mod gptq;
 pub mod grid;
 pub mod linalg;
-pub mod math;
+/// The vectorisable exp, softmax sum and SiLU, shared with the runtime.
+pub use nibble_runtime::math;
 pub mod model;
 
 pub use error::{QuantError, Result};

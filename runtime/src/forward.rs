@@ -279,8 +279,22 @@ fn float_rows<T: Sync>(
 }
 
 /// out = x / rms(x) · weight, as Hugging Face's LlamaRMSNorm (f32 in/out).
+/// The sum of squares is taken in f64, in eight partial sums (so it runs as
+/// vector lanes rather than one chain of dependent adds).
 pub fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f64) {
-    let ss: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f64::from(v) * f64::from(v);
+        }
+    }
+    let ss = acc.iter().sum::<f64>() + tail;
     let scale = (1.0 / (ss / x.len() as f64 + eps).sqrt()) as f32;
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
         *o = w * (v * scale);
@@ -324,11 +338,7 @@ pub fn causal_softmax_row(row: &mut [f32], lo: usize, pos: usize) {
     let max = row[lo..=pos]
         .iter()
         .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
-    for v in &mut row[lo..=pos] {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
+    let sum = crate::math::exp_shifted_sum(&mut row[lo..=pos], max);
     let inv = 1.0 / sum;
     for v in &mut row[lo..=pos] {
         *v *= inv;
@@ -430,10 +440,7 @@ pub fn forward(
         s.inp.reset();
         matvec(model, &lw.ffn_gate, &s.xb, &mut s.hb, &mut s.inp, par);
         matvec(model, &lw.ffn_up, &s.xb, &mut s.hb2, &mut s.inp, par);
-        for (g, &u) in s.hb.iter_mut().zip(&s.hb2) {
-            let silu = *g / (1.0 + (-*g).exp());
-            *g = silu * u;
-        }
+        (model.kernels().swiglu)(&mut s.hb, &s.hb2);
         s.inp.reset();
         matvec(model, &lw.ffn_down, &s.hb, &mut s.xb2, &mut s.inp, par);
         for (x, d) in s.x.iter_mut().zip(&s.xb2) {
@@ -985,9 +992,7 @@ fn output_and_ffn_batch(
         &mut bs.scratch,
         threads,
     );
-    for (g, &u) in bs.hb[..b * n_ff].iter_mut().zip(&bs.hb2) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+    (model.kernels().swiglu)(&mut bs.hb[..b * n_ff], &bs.hb2);
     bs.scratch.new_input();
     linear_batch(
         model,

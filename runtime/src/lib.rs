@@ -19,6 +19,7 @@
 pub mod error;
 pub mod forward;
 pub mod kernels;
+pub mod math;
 pub mod model;
 pub mod sampler;
 pub mod session;

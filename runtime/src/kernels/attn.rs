@@ -66,6 +66,8 @@ fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
     tail
 }
 
+use crate::math::exp_shifted_sum;
+
 #[inline(always)]
 fn attend_body(dot: impl Fn(&[f32], &[f32]) -> f32, a: Attend<'_>) {
     let Attend {
@@ -91,11 +93,7 @@ fn attend_body(dot: impl Fn(&[f32], &[f32]) -> f32, a: Attend<'_>) {
     for j in 0..group {
         let sc = &mut scores[j * score_stride + range.start..j * score_stride + range.end];
         let max = sc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0f32;
-        for p in sc.iter_mut() {
-            *p = (*p - max).exp();
-            sum += *p;
-        }
+        let sum = exp_shifted_sum(sc, max);
         let inv = 1.0 / sum;
         for p in sc.iter_mut() {
             *p *= inv;

@@ -11,6 +11,7 @@
 //! cannot be obtained ([`Kernels::for_isa`] returns `None`): that is what
 //! makes calling the `#[target_feature]` code behind the safe wrappers sound.
 
+pub mod act;
 pub mod attn;
 pub mod float;
 mod gemm;
@@ -26,6 +27,7 @@ use std::sync::OnceLock;
 use half::f16;
 use nibble_format::DType;
 
+pub use act::SwigluFn;
 pub use attn::{Attend, AttendFn};
 pub use float::{dot_bf16, dot_f16, dot_f32, FloatMatvecFn};
 pub use gemm::{matmul, matmul_f64, MatF64, MatMut, MatRef};
@@ -151,6 +153,8 @@ pub struct Kernels {
     pub matvec_bf16: FloatMatvecFn<half::bf16>,
     /// One-token attention of the query heads sharing a KV head ([`attn`]).
     pub attend: AttendFn,
+    /// SwiGLU's `gate ← silu(gate)·up` ([`act`]).
+    pub swiglu: SwigluFn,
 }
 
 static SCALAR: Kernels = Kernels {
@@ -178,6 +182,7 @@ static SCALAR: Kernels = Kernels {
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
     attend: attn::attend_group_scalar,
+    swiglu: act::swiglu_scalar,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -206,6 +211,7 @@ static AVX2: Kernels = Kernels {
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
     attend: attn::x86::attend_group_avx2,
+    swiglu: act::x86::swiglu_avx2,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -234,6 +240,7 @@ static AVX512: Kernels = Kernels {
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
     attend: attn::x86::attend_group_avx512,
+    swiglu: act::x86::swiglu_avx512,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -265,6 +272,7 @@ const NEON_TABLE: Kernels = Kernels {
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
     attend: attn::attend_group_scalar,
+    swiglu: act::swiglu_scalar,
 };
 
 #[cfg(target_arch = "aarch64")]
