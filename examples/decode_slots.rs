@@ -3,12 +3,13 @@
 //! for each batched product path:
 //!
 //! ```sh
-//! cargo run --release --example decode_slots -- MODEL [THREADS] [ROWS] [STEPS]
+//! cargo run --release --example decode_slots -- MODEL [THREADS] [ROWS] [STEPS] [auto|int8|tiles]
 //! ```
 //!
 //! MODEL is anything `Model::load_with` opens; GGUF Q4_0/Q4_1/Q8_0 blocks run
 //! as stored (as the quantizer generates with them). Defaults: 2 threads,
-//! 16 rows, 64 steps.
+//! 16 rows, 64 steps, every path (name one to time only it, e.g. under
+//! `perf`).
 
 use std::time::Instant;
 
@@ -21,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model_path = args
         .first()
-        .ok_or("usage: decode_slots MODEL [THREADS] [ROWS] [STEPS]")?;
+        .ok_or("usage: decode_slots MODEL [THREADS] [ROWS] [STEPS] [auto|int8|tiles]")?;
     let arg = |i: usize, default: usize| -> Result<usize, Box<dyn std::error::Error>> {
         Ok(args
             .get(i)
@@ -41,7 +42,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let n_vocab = model.hparams.n_vocab as u32;
     let tokens: Vec<u32> = (0..rows as u32).map(|i| (100 + i) % n_vocab).collect();
+    let only = args.get(4).map(|s| s.to_lowercase());
     for kind in [PrefillKind::Auto, PrefillKind::Int8, PrefillKind::Tiles] {
+        if only
+            .as_deref()
+            .is_some_and(|o| o != format!("{kind:?}").to_lowercase())
+        {
+            continue;
+        }
         let mut state = RunState::new(&model, rows * steps);
         let mut bs = BatchState::for_slots(&model, steps, rows, kind);
         let t = Instant::now();

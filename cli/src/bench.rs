@@ -214,11 +214,20 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 },
             )
         };
+        // One untimed session first: the first one measured otherwise reads
+        // ~12 % slower than the same kind measured again after it (Dec 5,
+        // 8-bit SmolLM2, pp128), whatever the kind, even after its own
+        // warm-up run.
+        if let Some(&n) = a.n_prompt.iter().max().filter(|&&n| n > 0) {
+            session(PrefillKind::default())?.eval(&tokens[..n])?;
+        }
         for &(prefill, prefill_name) in &prefills {
             let mut s = session(prefill)?;
             for &n in a.n_prompt.iter().filter(|&&n| n > 0) {
                 s.reset();
-                s.eval(&tokens[..n.min(8)])?; // warm-up
+                // Warm-up with the whole prompt: the first batched call
+                // allocates the batch buffers and faults their pages in.
+                s.eval(&tokens[..n])?;
                 let mut rates = vec![];
                 for _ in 0..a.repetitions {
                     s.reset();

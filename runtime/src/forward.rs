@@ -584,14 +584,16 @@ fn linear_batch(
     let perm = model.perm(w);
     if let WeightData::Packed(p) = &data {
         let k = model.kernels();
-        // Auto: the interleaved 4-bit rows where the model keeps them;
-        // Int8: the row-by-row batched kernels; otherwise decoded tiles.
+        // Auto: the interleaved 4-bit rows where the model keeps them, else
+        // the row-by-row batched kernel where it beats tiles (VNNI); Int8:
+        // the row-by-row batched kernels; otherwise decoded tiles.
         let x8 = match (scratch.prefill, k.matmul_x8, model.x8(w)) {
             (PrefillKind::Auto, Some(f), Some(x8)) if x8.bits() == 4 => Some((f, x8)),
             _ => None,
         };
         let rowwise = match scratch.prefill {
             PrefillKind::Int8 => k.matmul_qg(p.dtype()),
+            PrefillKind::Auto if x8.is_none() && k.qg_mm_beats_tiles => k.matmul_qg(p.dtype()),
             _ => None,
         };
         if x8.is_some() || rowwise.is_some() {

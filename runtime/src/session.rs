@@ -36,7 +36,9 @@ pub struct SessionParams {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKind {
     /// 4-bit weights with an interleaved copy ([`crate::Model::x8`]) through
-    /// the interleaved int8 kernel; every other weight as `Tiles`.
+    /// the interleaved int8 kernel; every other weight as `Int8` where the
+    /// kernel table says its row-by-row kernel beats tiles (AVX-512 VNNI:
+    /// `Kernels::qg_mm_beats_tiles`), else as `Tiles`.
     #[default]
     Auto,
     /// Rows decoded to f32 in tiles, multiplied by `gemm`.

@@ -142,6 +142,13 @@ pub struct Kernels {
     /// `None` where no batched kernel beats decoded tiles fed to `gemm`
     /// (scalar, NEON), which the prompt path then uses.
     qg_mm: Option<[QgMatmulFn; 5]>,
+    /// Whether `qg_mm` beats decoded tiles + `gemm` for weights without an
+    /// interleaved copy (the 8-bit ones, and a GGUF's Q8_0 head), so that
+    /// `PrefillKind::Auto` takes it. Measured on SmolLM2 (Dec 5, one thread):
+    /// with VNNI, 8-bit g128 prompts of 128 tokens 500 against 394 tok/s
+    /// and 16 calibration sequences in lockstep 39.7 against 46.6 ms per step;
+    /// AVX2's `maddubs` loses at 128 tokens (327 against 380 tok/s).
+    pub qg_mm_beats_tiles: bool,
     /// Packed weights interleaved by eight rows ([`qg_x8`]) × int8
     /// activations; `None` where there is no such kernel (the models then
     /// keep no interleaved copy).
@@ -176,6 +183,7 @@ static SCALAR: Kernels = Kernels {
         qg_f32::vec_dot_q4gm_f32_scalar,
     ],
     qg_mm: None,
+    qg_mm_beats_tiles: false,
     matvec_x8: None,
     matmul_x8: None,
     matvec_f32: float::matvec_f32_scalar,
@@ -205,6 +213,7 @@ static AVX2: Kernels = Kernels {
         qg_f32::x86::vec_dot_q4gm_f32_avx2,
     ],
     qg_mm: Some(qg_mm::x86::AVX2),
+    qg_mm_beats_tiles: false,
     matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx2),
     matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx2),
     matvec_f32: float::avx2::matvec_f32_avx2,
@@ -234,6 +243,7 @@ static AVX512: Kernels = Kernels {
         qg_f32::x86::vec_dot_q4gm_f32_avx2,
     ],
     qg_mm: Some(qg_mm::x86::AVX512),
+    qg_mm_beats_tiles: true,
     matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx512),
     matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx512),
     matvec_f32: float::avx2::matvec_f32_avx2,
@@ -266,6 +276,7 @@ const NEON_TABLE: Kernels = Kernels {
         qg_f32::neon::vec_dot_q4gm_f32_neon,
     ],
     qg_mm: None,
+    qg_mm_beats_tiles: false,
     matvec_x8: Some(qg_x8::neon::vec_dot_x8_q8_neon),
     matmul_x8: Some(qg_x8::neon::matmul_x8_q8_neon),
     matvec_f32: float::neon::matvec_f32_neon,
