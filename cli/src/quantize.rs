@@ -72,8 +72,8 @@ pub struct QuantizeArgs {
     /// without --act-order, GPTQ beat RTN on wikitext only when calibrated on
     /// other wikitext (README, "Calibration text matters"). Default, or
     /// `--calib self`: the model writes its own calibration text (nsamples
-    /// sequences of seqlen tokens sampled from BOS at temperature 1, top-p
-    /// 0.95, seeded), which needs no data but costs nsamples × seqlen decoded
+    /// sequences of seqlen tokens sampled from BOS at temperature 1, no
+    /// top-p cut, seeded), which needs no data but costs nsamples × seqlen decoded
     /// tokens before quantization starts.
     #[arg(long, value_name = "FILE|self")]
     calib: Option<PathBuf>,
