@@ -116,6 +116,6 @@ pub use nibble_format as format;
 pub use nibble_quantizer as quantizer;
 pub use nibble_runtime as runtime;
 pub use nibble_runtime::{
-    ChatMessage, GenerateParams, GenerationStats, Model, PoolKind, PrefillKind, RuntimeError,
-    Sampler, SamplerParams, Session, SessionParams, StopReason,
+    ChatMessage, GenerateParams, GenerationStats, KvType, Model, PoolKind, PrefillKind,
+    RuntimeError, Sampler, SamplerParams, Session, SessionParams, StopReason,
 };

@@ -372,7 +372,7 @@ fn head_bits_store_the_tied_embedding_as_groups_and_cost_little() {
 /// gives that sequence alone, on float and packed weights, at 1 and 2 threads.
 #[test]
 fn slots_decode_each_row_like_its_own_sequence() {
-    use nibble::runtime::forward::{forward_slots, BatchState, RunState};
+    use nibble::runtime::forward::{forward_slots, BatchState, KvType, RunState};
     let src = float_stories();
     let float = Arc::new(Model::from_nib(float_stories(), "float".into()).unwrap());
     let q4 = rtn_model(&src, 4, Some(32), false);
@@ -387,7 +387,8 @@ fn slots_decode_each_row_like_its_own_sequence() {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            let mut state = RunState::new(model, seqs.len() * len);
+            // An f32 cache, as `forward_logits`'s sessions use.
+            let mut state = RunState::with_kv(model, seqs.len() * len, KvType::F32);
             let mut bs = BatchState::for_slots(model, len, seqs.len(), PrefillKind::Auto);
             let mut got = vec![Vec::new(); seqs.len()];
             for pos in 0..len {

@@ -69,6 +69,9 @@ pub struct BenchArgs {
     /// the same as tiles). Only the pp rows depend on it.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     prefill: Vec<String>,
+    /// KV cache element type: f16 (the default) or f32.
+    #[arg(long = "kv-cache", default_value = "f16", value_parser = ["f16", "f32"])]
+    kv_cache: String,
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -138,6 +141,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         dtype: a.dtype.clone(),
         threads: 1,
         ctx_size: 0,
+        kv_cache: a.kv_cache.clone(),
     })?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let kernels: Vec<&'static Kernels> = if a.isa.is_empty() {
@@ -210,6 +214,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     n_threads: threads,
                     pool,
                     prefill,
+                    kv: crate::kv_type(&a.kv_cache),
                     ..Default::default()
                 },
             )

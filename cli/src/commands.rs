@@ -67,6 +67,7 @@ pub fn new_session(model: &Arc<Model>, a: &ModelArgs) -> Result<Session> {
         &SessionParams {
             n_ctx: a.ctx_size,
             n_threads: a.threads,
+            kv: a.kv_type(),
             ..Default::default()
         },
     )?)
@@ -391,6 +392,7 @@ pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
             n_ctx,
             n_threads: a.model.threads,
             n_batch: a.batch_size,
+            kv: a.model.kv_type(),
             ..Default::default()
         },
     )?;

@@ -65,6 +65,27 @@ pub struct ModelArgs {
     /// Context length in tokens (0 = the model's, capped at 4096).
     #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
     pub ctx_size: usize,
+    /// KV cache element type: f16 (half the memory and half the bytes read
+    /// per token from a long context) or f32 (the reference arithmetic;
+    /// logits differ by ~5e-4 relative on SmolLM2).
+    #[arg(long = "kv-cache", default_value = "f16", value_parser = ["f16", "f32"])]
+    pub kv_cache: String,
+}
+
+impl ModelArgs {
+    /// `--kv-cache` as the runtime's type.
+    pub fn kv_type(&self) -> nibble_runtime::KvType {
+        kv_type(&self.kv_cache)
+    }
+}
+
+/// `f16` or `f32` (already checked by clap) as a [`nibble_runtime::KvType`].
+pub fn kv_type(s: &str) -> nibble_runtime::KvType {
+    if s == "f32" {
+        nibble_runtime::KvType::F32
+    } else {
+        nibble_runtime::KvType::F16
+    }
 }
 
 fn main() {

@@ -158,17 +158,100 @@ pub struct RunState {
     pub logits: Vec<f32>,
     /// The current layer input, quantized / permuted once for its readers.
     pub inp: LayerInput,
-    /// `[n_layer, n_ctx, n_head_kv·head_dim]` keys (after RoPE).
-    pub key_cache: Vec<f32>,
-    /// `[n_layer, n_ctx, n_head_kv·head_dim]` values.
-    pub value_cache: Vec<f32>,
+    /// Keys and values of every layer and position.
+    pub kv: KvCache,
+    /// `[2, n_head_kv·head_dim]` the token's new key and value in f32,
+    /// before they go into the cache.
+    kv_new: Vec<f32>,
     /// `[n_ctx, head_dim/2]` RoPE cosines and sines.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
 }
 
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// IEEE half precision (llama.cpp's default): half the memory, and half
+    /// the bytes each token streams from a long context (Dec 5, SmolLM2
+    /// native Q4_0 blocks, one thread: tg512 177 → 197 tok/s; 16
+    /// self-generated calibration sequences at 384 positions 54.6 → 45.5 ms
+    /// per step). Logits then differ from an f32 cache by ~1e-3 (relative).
+    #[default]
+    F16,
+    /// f32: the reference arithmetic (the tests against transformers use it).
+    F32,
+}
+
+/// The KV cache: `[n_layer, n_ctx, n_head_kv·head_dim]` keys (after RoPE)
+/// and values, in the [`KvType`] chosen when the state was made.
+pub enum KvCache {
+    /// f16 bits ([`crate::math::f16_to_f32`]).
+    F16 {
+        keys: Vec<u16>,
+        values: Vec<u16>,
+    },
+    F32 {
+        keys: Vec<f32>,
+        values: Vec<f32>,
+    },
+}
+
+impl KvCache {
+    fn new(kind: KvType, len: usize) -> KvCache {
+        match kind {
+            KvType::F16 => KvCache::F16 {
+                keys: vec![0; len],
+                values: vec![0; len],
+            },
+            KvType::F32 => KvCache::F32 {
+                keys: vec![0.0; len],
+                values: vec![0.0; len],
+            },
+        }
+    }
+
+    pub fn kind(&self) -> KvType {
+        match self {
+            KvCache::F16 { .. } => KvType::F16,
+            KvCache::F32 { .. } => KvType::F32,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            KvCache::F16 { keys, values } => 2 * (keys.len() + values.len()),
+            KvCache::F32 { keys, values } => 4 * (keys.len() + values.len()),
+        }
+    }
+
+    /// Keys `k` and values `v` into the cache from element `at` on.
+    fn store(&mut self, at: usize, k: &[f32], v: &[f32]) {
+        fn put<T: KvElem>(dst: &mut [T], src: &[f32]) {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = T::from_f32(x);
+            }
+        }
+        match self {
+            KvCache::F16 { keys, values } => {
+                put(&mut keys[at..at + k.len()], k);
+                put(&mut values[at..at + v.len()], v);
+            }
+            KvCache::F32 { keys, values } => {
+                put(&mut keys[at..at + k.len()], k);
+                put(&mut values[at..at + v.len()], v);
+            }
+        }
+    }
+}
+
 impl RunState {
+    /// A state for contexts of up to `n_ctx` tokens with an f16 KV cache.
     pub fn new(model: &Model, n_ctx: usize) -> RunState {
+        RunState::with_kv(model, n_ctx, KvType::default())
+    }
+
+    /// A state with a KV cache of `kv` elements.
+    pub fn with_kv(model: &Model, n_ctx: usize, kv: KvType) -> RunState {
         let hp = &model.hparams;
         let q_dim = hp.n_head * hp.head_dim;
         let kv_dim = hp.n_head_kv * hp.head_dim;
@@ -185,8 +268,8 @@ impl RunState {
             hb2: vec![0.0; hp.n_ff],
             logits: vec![0.0; hp.n_vocab],
             inp: LayerInput::new(hp.n_embd.max(hp.n_ff).max(q_dim)),
-            key_cache: vec![0.0; hp.n_layer * n_ctx * kv_dim],
-            value_cache: vec![0.0; hp.n_layer * n_ctx * kv_dim],
+            kv: KvCache::new(kv, hp.n_layer * n_ctx * kv_dim),
+            kv_new: vec![0.0; 2 * kv_dim],
             rope_cos,
             rope_sin,
         }
@@ -204,10 +287,10 @@ impl RunState {
             + self.hb2.len()
             + self.logits.len()
             + self.inp.bytes() / 4
-            + self.key_cache.len()
-            + self.value_cache.len()
+            + self.kv_new.len()
             + self.rope_cos.len()
             + self.rope_sin.len())
+            + self.kv.bytes()
     }
 }
 
@@ -347,6 +430,52 @@ pub fn causal_softmax_row(row: &mut [f32], lo: usize, pos: usize) {
     row[pos + 1..].fill(0.0);
 }
 
+/// One token's attention, KV head by KV head, each for its `group` query
+/// heads (GQA), through the kernel `attend`: queries `q` `[n_head·head_dim]`,
+/// the layer's (or slot's) cache from `base`, positions `range`, head `j`'s
+/// scores at `scores[j·score_stride..]`, outputs `[n_head·head_dim]` to `out`.
+#[allow(clippy::too_many_arguments)]
+fn attend_token<T: KvElem>(
+    attend: fn(Attend<'_, T>),
+    (keys, values, base): (&[T], &[T], usize),
+    hp: &nibble_format::HParams,
+    q: &[f32],
+    range: std::ops::Range<usize>,
+    (scores, score_stride): (&mut [f32], usize),
+    out: &mut [f32],
+) {
+    let hd = hp.head_dim;
+    let kv_dim = hp.n_head_kv * hd;
+    let group = hp.n_head / hp.n_head_kv;
+    for kvh in 0..hp.n_head_kv {
+        let kv = base + kvh * hd;
+        let heads = kvh * group * hd..(kvh + 1) * group * hd;
+        attend(Attend {
+            qs: &q[heads.clone()],
+            keys: &keys[kv..],
+            values: &values[kv..],
+            stride: kv_dim,
+            range: range.clone(),
+            scores: &mut scores[kvh * group * score_stride..],
+            score_stride,
+            out: &mut out[heads],
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        });
+    }
+}
+
+/// `dst[t·head_dim ..][..head_dim] ← src[t·stride ..][..head_dim]` widened to
+/// f32, for positions `0..n` of one KV head (`gemm`'s operand in the prompt
+/// path).
+fn widen_head(dst: &mut [f32], src: &[u16], stride: usize, head_dim: usize, n: usize) {
+    for (d, t) in dst.chunks_exact_mut(head_dim).zip(0..n) {
+        for (d, &h) in d.iter_mut().zip(&src[t * stride..][..head_dim]) {
+            *d = crate::math::f16_to_f32(h);
+        }
+    }
+}
+
 fn embed(model: &Model, token: u32, out: &mut [f32]) {
     let w = &model.token_embd;
     decode_row(&model.data(w), token as usize, w.cols, out);
@@ -363,12 +492,10 @@ pub fn forward(
     par: Par<'_>,
 ) {
     let hp = &model.hparams;
-    let (hd, n_head, n_kv) = (hp.head_dim, hp.n_head, hp.n_head_kv);
+    let (hd, n_kv) = (hp.head_dim, hp.n_head_kv);
     let kv_dim = n_kv * hd;
-    let group = n_head / n_kv;
     let half = hd / 2;
     let n_ctx = s.n_ctx;
-    let inv_sqrt_hd = 1.0 / (hd as f32).sqrt();
     let start = if hp.sliding_window > 0 {
         (pos + 1).saturating_sub(hp.sliding_window)
     } else {
@@ -391,37 +518,26 @@ pub fn forward(
         let layer_base = l * n_ctx * kv_dim;
         matvec(model, &lw.attn_q, &s.xb, &mut s.q, &mut s.inp, par);
         {
-            let k = &mut s.key_cache[cache_row..cache_row + kv_dim];
+            let (k, v) = s.kv_new.split_at_mut(kv_dim);
             matvec(model, &lw.attn_k, &s.xb, k, &mut s.inp, par);
             rope(k, hd, cos, sin);
+            matvec(model, &lw.attn_v, &s.xb, v, &mut s.inp, par);
+            s.kv.store(cache_row, k, v);
         }
-        matvec(
-            model,
-            &lw.attn_v,
-            &s.xb,
-            &mut s.value_cache[cache_row..cache_row + kv_dim],
-            &mut s.inp,
-            par,
-        );
         rope(&mut s.q, hd, cos, sin);
 
-        // Attention, one KV head at a time for its `group` query heads (GQA).
-        let attend = model.kernels().attend;
-        for kvh in 0..n_kv {
-            let kv = layer_base + kvh * hd;
-            let heads = kvh * group * hd..(kvh + 1) * group * hd;
-            attend(Attend {
-                qs: &s.q[heads.clone()],
-                keys: &s.key_cache[kv..],
-                values: &s.value_cache[kv..],
-                stride: kv_dim,
-                range: start..pos + 1,
-                scores: &mut s.scores[kvh * group * n_ctx..],
-                score_stride: n_ctx,
-                out: &mut s.att_out[heads],
-                head_dim: hd,
-                scale: inv_sqrt_hd,
-            });
+        let k = model.kernels();
+        let (scores, out) = ((&mut s.scores[..], n_ctx), &mut s.att_out[..]);
+        let range = start..pos + 1;
+        match &s.kv {
+            KvCache::F16 { keys, values } => {
+                let cache = (&keys[..], &values[..], layer_base);
+                attend_token(k.attend, cache, hp, &s.q, range, scores, out)
+            }
+            KvCache::F32 { keys, values } => {
+                let cache = (&keys[..], &values[..], layer_base);
+                attend_token(k.attend_f32, cache, hp, &s.q, range, scores, out)
+            }
         }
         s.inp.reset();
         matvec(
@@ -482,10 +598,13 @@ pub struct BatchState {
     /// `[n_batch, n_ff]` gate / up activations.
     hb: Vec<f32>,
     hb2: Vec<f32>,
-    /// `[n_batch, n_head_kv·head_dim]` new keys / values of
-    /// [`forward_slots`] before they go to each row's cache slot.
+    /// `[n_batch, n_head_kv·head_dim]` new keys / values before they are
+    /// rounded into the (f16) cache.
     k_new: Vec<f32>,
     v_new: Vec<f32>,
+    /// `[2, n_ctx, head_dim]` one KV head's cached keys and values widened
+    /// to f32 for `gemm` ([`forward_batch`]; empty for slots).
+    kv_f32: Vec<f32>,
     /// `[n_batch, n_vocab]` logits of every row (only when requested).
     pub logits: Vec<f32>,
     scratch: BatchScratch,
@@ -524,10 +643,24 @@ impl BatchState {
         n_rows: usize,
         prefill: PrefillKind,
     ) -> BatchState {
-        BatchState::new(model, model.hparams.n_head * slot_len, n_rows, prefill)
+        BatchState::alloc(model, model.hparams.n_head * slot_len, 0, n_rows, prefill)
     }
 
+    /// Buffers for [`forward_batch`] over a cache of `n_ctx` positions.
     pub fn new(model: &Model, n_ctx: usize, n_batch: usize, prefill: PrefillKind) -> BatchState {
+        BatchState::alloc(model, n_ctx, n_ctx, n_batch, prefill)
+    }
+
+    /// `score_cols` scores per row, `kv_positions` positions of widened keys
+    /// and values.
+    fn alloc(
+        model: &Model,
+        score_cols: usize,
+        kv_positions: usize,
+        n_batch: usize,
+        prefill: PrefillKind,
+    ) -> BatchState {
+        let n_ctx = score_cols;
         let hp = &model.hparams;
         let q_dim = hp.n_head * hp.head_dim;
         let max_in = hp.n_embd.max(hp.n_ff).max(q_dim);
@@ -543,6 +676,7 @@ impl BatchState {
             hb2: vec![0.0; n_batch * hp.n_ff],
             k_new: vec![0.0; n_batch * hp.n_head_kv * hp.head_dim],
             v_new: vec![0.0; n_batch * hp.n_head_kv * hp.head_dim],
+            kv_f32: vec![0.0; 2 * kv_positions * hp.head_dim],
             logits: Vec::new(),
             scratch: BatchScratch {
                 wtile: vec![0.0; (WEIGHT_TILE_ROWS + 1) * max_in],
@@ -557,7 +691,7 @@ impl BatchState {
 }
 
 use crate::kernels::q8::QUAD;
-use crate::kernels::{matmul, MatMut, MatRef, Q8Batch, Q8BatchRef};
+use crate::kernels::{matmul, KvElem, MatMut, MatRef, Q8Batch, Q8BatchRef};
 
 /// `out[i, :] = W · x[i, :]` for `b` rows; `out` rows are `out_rs` apart.
 /// Packed weights with an interleaved 4-bit copy ([`Model::x8`]) multiply
@@ -770,7 +904,7 @@ pub fn forward_batch(
             &lw.attn_k,
             &bs.xb,
             b,
-            &mut s.key_cache[rows.clone()],
+            &mut bs.k_new,
             kv_dim,
             &mut bs.scratch,
             threads,
@@ -780,7 +914,7 @@ pub fn forward_batch(
             &lw.attn_v,
             &bs.xb,
             b,
-            &mut s.value_cache[rows.clone()],
+            &mut bs.v_new,
             kv_dim,
             &mut bs.scratch,
             threads,
@@ -792,26 +926,40 @@ pub fn forward_batch(
                 &s.rope_sin[pos * half..(pos + 1) * half],
             );
             rope(&mut bs.q[i * q_dim..(i + 1) * q_dim], hd, cos, sin);
-            let k0 = lbase + pos * kv_dim;
-            rope(&mut s.key_cache[k0..k0 + kv_dim], hd, cos, sin);
+            let kn = &mut bs.k_new[i * kv_dim..(i + 1) * kv_dim];
+            rope(kn, hd, cos, sin);
         }
+        s.kv.store(rows.start, &bs.k_new[..b * kv_dim], &bs.v_new[..b * kv_dim]);
 
         // Attention per query head: S = Q·Kᵀ/√d over all cached keys, causal
-        // (and sliding-window) mask, softmax per row, then O = S·V.
-        for h in 0..n_head {
-            let kv = lbase + (h / group) * hd;
-            attend_rows(
-                (&bs.q[h * hd..], b, q_dim),
-                (&s.key_cache[kv..], &s.value_cache[kv..], kv_dim),
-                n_keys,
-                (&mut bs.scores, n_keys),
-                &mut bs.att_out[h * hd..],
-                (hd, inv_sqrt_hd, threads),
-                |i| {
-                    let pos = start + i;
-                    (causal_window_start(pos, hp.sliding_window), pos)
-                },
-            );
+        // (and sliding-window) mask, softmax per row, then O = S·V; the KV
+        // head's keys and values widened to f32 once for its query heads.
+        for kvh in 0..n_kv {
+            let kv = lbase + kvh * hd;
+            let per = bs.kv_f32.len() / 2;
+            let (kf, vf) = bs.kv_f32.split_at_mut(per);
+            let (keys, values, stride): (&[f32], &[f32], usize) = match &s.kv {
+                KvCache::F32 { keys, values } => (&keys[kv..], &values[kv..], kv_dim),
+                KvCache::F16 { keys, values } => {
+                    widen_head(kf, &keys[kv..], kv_dim, hd, n_keys);
+                    widen_head(vf, &values[kv..], kv_dim, hd, n_keys);
+                    (kf, vf, hd)
+                }
+            };
+            for h in kvh * group..(kvh + 1) * group {
+                attend_rows(
+                    (&bs.q[h * hd..], b, q_dim),
+                    (keys, values, stride),
+                    n_keys,
+                    (&mut bs.scores, n_keys),
+                    &mut bs.att_out[h * hd..],
+                    (hd, inv_sqrt_hd, threads),
+                    |i| {
+                        let pos = start + i;
+                        (causal_window_start(pos, hp.sliding_window), pos)
+                    },
+                );
+            }
         }
         output_and_ffn_batch(model, lw, bs, b, threads);
     }
@@ -863,9 +1011,8 @@ pub fn forward_slots(
         bs.scores.len() >= b * n_head * slot_len,
         "forward_slots: make `bs` with BatchState::for_slots"
     );
-    let (q_dim, kv_dim, group, half) = (n_head * hd, n_kv * hd, n_head / n_kv, hd / 2);
+    let (q_dim, kv_dim, half) = (n_head * hd, n_kv * hd, hd / 2);
     let n_ctx = s.n_ctx;
-    let inv_sqrt_hd = 1.0 / (hd as f32).sqrt();
     let lo = causal_window_start(pos, hp.sliding_window);
     let (cos, sin) = (
         &s.rope_cos[pos * half..(pos + 1) * half],
@@ -892,36 +1039,30 @@ pub fn forward_slots(
             let kn = &mut bs.k_new[i * kv_dim..(i + 1) * kv_dim];
             rope(kn, hd, cos, sin);
             let row = lbase + (i * slot_len + pos) * kv_dim;
-            s.key_cache[row..row + kv_dim].copy_from_slice(kn);
-            s.value_cache[row..row + kv_dim]
-                .copy_from_slice(&bs.v_new[i * kv_dim..(i + 1) * kv_dim]);
+            s.kv.store(row, kn, &bs.v_new[i * kv_dim..(i + 1) * kv_dim]);
         }
 
         // Row i attends to keys 0..=pos of its own slot.
-        let (keys, values) = (&s.key_cache, &s.value_cache);
+        let kv = &s.kv;
         let q = &bs.q;
         // Per row and KV head, the `group` query heads that share it: one
         // query per head, so the one-token attention kernel (each cached key
         // and value read once for the group), not `gemm` on 3-row products,
         // whose set-up cost dominated at these sizes.
-        let attend_group = model.kernels().attend;
+        let k = model.kernels();
         let attend = |(i, (att, scores)): (usize, (&mut [f32], &mut [f32]))| {
             let slot = lbase + i * slot_len * kv_dim;
-            for kvh in 0..n_kv {
-                let kv = slot + kvh * hd;
-                let heads = kvh * group * hd..(kvh + 1) * group * hd;
-                attend_group(Attend {
-                    qs: &q[i * q_dim + heads.start..i * q_dim + heads.end],
-                    keys: &keys[kv..],
-                    values: &values[kv..],
-                    stride: kv_dim,
-                    range: lo..pos + 1,
-                    scores: &mut scores[kvh * group * slot_len..],
-                    score_stride: slot_len,
-                    out: &mut att[heads],
-                    head_dim: hd,
-                    scale: inv_sqrt_hd,
-                });
+            let q = &q[i * q_dim..(i + 1) * q_dim];
+            let scores = (scores, slot_len);
+            match kv {
+                KvCache::F16 { keys, values } => {
+                    let cache = (&keys[..], &values[..], slot);
+                    attend_token(k.attend, cache, hp, q, lo..pos + 1, scores, att)
+                }
+                KvCache::F32 { keys, values } => {
+                    let cache = (&keys[..], &values[..], slot);
+                    attend_token(k.attend_f32, cache, hp, q, lo..pos + 1, scores, att)
+                }
             }
         };
         let att_rows = &mut bs.att_out[..b * q_dim];

@@ -26,6 +26,7 @@ pub mod session;
 pub mod tokenizer;
 
 pub use error::{Result, RuntimeError};
+pub use forward::KvType;
 pub use model::Model;
 pub use sampler::{argmax, Sampler, SamplerParams};
 pub use session::{

@@ -75,6 +75,36 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp_f32(-x))
 }
 
+/// The f32 value of the IEEE half-precision number with bits `h`, exactly
+/// (NaNs quieted, as x86's `vcvtph2ps` does, so the kernels that convert
+/// with that instruction return the same bits). Branch-free arithmetic, so
+/// a loop over a slice vectorises; the KV cache is stored in this format.
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let h = u32::from(h);
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7fff;
+    // Exponent and mantissa moved to f32's places, then scaled by 2^112
+    // (the bias difference): exact for normal and subnormal halves.
+    let finite = (f32::from_bits(em << 13) * f32::from_bits(0x7780_0000)).to_bits();
+    let nan = 0x7fc0_0000 | ((em & 0x3ff) << 13);
+    let bits = if em > 0x7c00 {
+        nan
+    } else if em == 0x7c00 {
+        0x7f80_0000
+    } else {
+        finite
+    };
+    f32::from_bits(bits | sign)
+}
+
+/// The bits of `x` rounded to the nearest half-precision number (ties to
+/// even), as `half::f16::from_f32` and x86's `vcvtps2ph` round.
+#[inline]
+pub fn f32_to_f16(x: f32) -> u16 {
+    half::f16::from_f32(x).to_bits()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +139,45 @@ mod tests {
         assert!(exp_f32(-1e6) < 1.3e-38);
         assert!(exp_f32(1e6).is_finite() && exp_f32(1e6) > 1e38);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn f16_conversions_are_exact() {
+        // Every half: the value half computes, NaNs by class (quieted).
+        for h in 0..=u16::MAX {
+            let want = half::f16::from_bits(h).to_f32();
+            let got = f16_to_f32(h);
+            if want.is_nan() {
+                assert!(got.is_nan() && got.to_bits() & 0x0040_0000 != 0, "{h:#06x}");
+                assert_eq!(got.is_sign_negative(), want.is_sign_negative());
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{h:#06x}");
+            }
+            // Round trip of every non-NaN half.
+            if !want.is_nan() {
+                assert_eq!(f32_to_f16(got), h, "{h:#06x}");
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("f16c") {
+            for h in 0..=u16::MAX {
+                // SAFETY: F16C was detected.
+                let hw = unsafe { x86_cvtph(h) };
+                assert_eq!(hw.to_bits(), f16_to_f32(h).to_bits(), "{h:#06x}");
+            }
+        }
+        // Rounding: ties to even, overflow to infinity, underflow to zero.
+        assert_eq!(f32_to_f16(1.0 + 2f32.powi(-11)), 0x3c00);
+        assert_eq!(f32_to_f16(1.0 + 3.0 * 2f32.powi(-11)), 0x3c02);
+        assert_eq!(f32_to_f16(1e6), 0x7c00);
+        assert_eq!(f32_to_f16(1e-9), 0);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "f16c")]
+    unsafe fn x86_cvtph(h: u16) -> f32 {
+        use std::arch::x86_64::*;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(h as i16)))
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::error::{Result, RuntimeError};
-use crate::forward::{forward, forward_batch, BatchState, Par, RunState};
+use crate::forward::{forward, forward_batch, BatchState, KvType, Par, RunState};
 use crate::kernels::pool::SpinPool;
 use crate::model::Model;
 use crate::sampler::Sampler;
@@ -24,6 +24,9 @@ pub struct SessionParams {
     pub pool: PoolKind,
     /// How prompts multiply packed weights.
     pub prefill: PrefillKind,
+    /// Element type of the KV cache (f16 by default; f32 for the reference
+    /// arithmetic).
+    pub kv: KvType,
 }
 
 /// How the batched (prompt) path multiplies packed weights.
@@ -68,6 +71,7 @@ impl Default for SessionParams {
             n_batch: 128,
             pool: PoolKind::Spin,
             prefill: PrefillKind::Auto,
+            kv: KvType::F16,
         }
     }
 }
@@ -161,7 +165,7 @@ impl Session {
         } else {
             None
         };
-        let state = RunState::new(&model, n_ctx);
+        let state = RunState::with_kv(&model, n_ctx, params.kv);
         Ok(Session {
             model,
             state,

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use nibble::{Model, PrefillKind, Session, SessionParams};
+use nibble::{KvType, Model, PrefillKind, Session, SessionParams};
 
 /// `$NIBBLE_SHARED`, or `../shared` beside the checkout.
 pub fn shared() -> PathBuf {
@@ -133,6 +133,7 @@ pub fn session(model: &Arc<Model>, n_ctx: usize, threads: usize) -> Session {
         &SessionParams {
             n_ctx,
             n_threads: threads,
+            kv: KvType::F32,
             ..Default::default()
         },
     )
@@ -170,6 +171,7 @@ pub fn forward_logits_batched_with(
             n_threads: threads,
             n_batch,
             prefill,
+            kv: KvType::F32,
             ..Default::default()
         },
     )

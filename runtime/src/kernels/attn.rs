@@ -12,18 +12,53 @@
 //! (Rust never fuses a multiply and an add on its own), so every version
 //! returns the reference's bits, which the tests check. NEON is part of the
 //! aarch64 baseline, where the reference is already vectorised.
+//!
+//! Keys and values are f32 or IEEE half-precision bits ([`KvElem`]: the
+//! cache's default, half the bytes to hold and to stream per token), widened
+//! exactly to f32 ([`f16_to_f32`]; F16C's `vcvtph2ps` in the x86 dot
+//! product, which gives the same values) before any arithmetic.
+
+/// An element type of the KV cache: `f32`, or `u16` holding f16 bits.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// The value as f32, exactly.
+    fn to_f32(self) -> f32;
+    /// `v` in this type (f16: rounded to nearest, ties to even).
+    fn from_f32(v: f32) -> Self;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+}
+
+impl KvElem for u16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16_to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> u16 {
+        crate::math::f32_to_f16(v)
+    }
+}
 
 /// One KV head's attention for the `group = qs.len() / head_dim` query heads
 /// that share it, over the cached positions `range`. Each key and value row
 /// is read once for the whole group; per head the arithmetic is
 /// softmax(q·kᵀ·`scale`)·V in position order.
-pub struct Attend<'a> {
+pub struct Attend<'a, T: KvElem = u16> {
     /// `[group, head_dim]` queries.
     pub qs: &'a [f32],
     /// Keys and values from this KV head's first element of position 0;
     /// position `t` at `t·stride`.
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+    pub keys: &'a [T],
+    pub values: &'a [T],
     pub stride: usize,
     pub range: std::ops::Range<usize>,
     /// Head `j`'s score of position `t` goes to `scores[j·score_stride + t]`.
@@ -35,19 +70,21 @@ pub struct Attend<'a> {
     pub scale: f32,
 }
 
-/// Runs one [`Attend`].
+/// Runs one [`Attend`] over an f16 cache.
 pub type AttendFn = fn(Attend<'_>);
+/// Runs one [`Attend`] over an f32 cache.
+pub type AttendF32Fn = fn(Attend<'_, f32>);
 
 /// `Σ a[i]·b[i]` in eight partial sums, then the elements past the last
 /// multiple of 8 ([`dot_tail`]), the lanes reduced pairwise (scalar
 /// reference of the x86 version).
 #[inline(always)]
-fn dot8(a: &[f32], b: &[f32]) -> f32 {
+fn dot8<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].to_f32();
         }
     }
     let main = a.len().min(b.len()) / 8 * 8;
@@ -58,18 +95,18 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
 
 /// The products past the last multiple of 8, summed in order.
 #[inline(always)]
-fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
+fn dot_tail<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     let mut tail = 0f32;
-    for (x, y) in a.iter().zip(b) {
-        tail += x * y;
+    for (x, &y) in a.iter().zip(b) {
+        tail += x * y.to_f32();
     }
     tail
 }
 
-use crate::math::exp_shifted_sum;
+use crate::math::{exp_shifted_sum, f16_to_f32};
 
 #[inline(always)]
-fn attend_body(dot: impl Fn(&[f32], &[f32]) -> f32, a: Attend<'_>) {
+fn attend_body<T: KvElem>(dot: impl Fn(&[f32], &[T]) -> f32, a: Attend<'_, T>) {
     let Attend {
         qs,
         keys,
@@ -109,9 +146,9 @@ fn attend_body(dot: impl Fn(&[f32], &[f32]) -> f32, a: Attend<'_>) {
             if w == V_COLS {
                 for t in range.clone() {
                     let a = sc[t];
-                    let v: &[f32; V_COLS] = values[t * stride + c0..][..V_COLS].try_into().unwrap();
+                    let v: &[T; V_COLS] = values[t * stride + c0..][..V_COLS].try_into().unwrap();
                     for i in 0..V_COLS {
-                        acc[i] += a * v[i];
+                        acc[i] += a * v[i].to_f32();
                     }
                 }
             } else {
@@ -119,7 +156,7 @@ fn attend_body(dot: impl Fn(&[f32], &[f32]) -> f32, a: Attend<'_>) {
                     let a = sc[t];
                     let v = &values[t * stride + c0..][..w];
                     for (acc, &vv) in acc.iter_mut().zip(v) {
-                        *acc += a * vv;
+                        *acc += a * vv.to_f32();
                     }
                 }
             }
@@ -136,6 +173,11 @@ pub fn attend_group_scalar(a: Attend<'_>) {
     attend_body(dot8, a)
 }
 
+/// Scalar reference of [`AttendF32Fn`].
+pub fn attend_group_f32_scalar(a: Attend<'_, f32>) {
+    attend_body(dot8, a)
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use super::*;
@@ -143,10 +185,33 @@ pub(super) mod x86 {
 
     /// [`dot8`] on one 256-bit vector: the same multiplies and adds in the
     /// same order (no fused multiply-add), so the same bits. SAFETY
-    /// (caller): AVX is available.
-    #[target_feature(enable = "avx2,fma")]
+    /// (caller): AVX2 and F16C are available.
+    /// Eight cache elements as f32 lanes.
+    trait Load8: KvElem {
+        /// SAFETY (caller): `p` points at 8 readable elements; AVX2 and
+        /// F16C are available.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Load8 for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            // SAFETY: the caller's contract.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+    }
+
+    impl Load8 for u16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const u16) -> __m256 {
+            // SAFETY: the caller's contract (16 bytes, F16C).
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn dot8_avx(a: &[f32], b: &[f32]) -> f32 {
+    unsafe fn dot8_avx<T: Load8>(a: &[f32], b: &[T]) -> f32 {
         let main = a.len().min(b.len()) / 8 * 8;
         let mut acc = _mm256_setzero_ps();
         let mut i = 0;
@@ -155,7 +220,7 @@ pub(super) mod x86 {
             let (x, y) = unsafe {
                 (
                     _mm256_loadu_ps(a.as_ptr().add(i)),
-                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    T::load8(b.as_ptr().add(i)),
                 )
             };
             acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
@@ -169,11 +234,11 @@ pub(super) mod x86 {
     }
 
     macro_rules! multiversion {
-        ($name:ident, $inner:ident, $features:literal) => {
+        ($name:ident, $name_f32:ident, $inner:ident, $features:literal) => {
             #[target_feature(enable = $features)]
-            unsafe fn $inner(a: Attend<'_>) {
-                // SAFETY: this function's features include AVX.
-                let dot = |x: &[f32], y: &[f32]| unsafe { dot8_avx(x, y) };
+            unsafe fn $inner<T: Load8>(a: Attend<'_, T>) {
+                // SAFETY: this function's features include AVX2 and F16C.
+                let dot = |x: &[f32], y: &[T]| unsafe { dot8_avx(x, y) };
                 attend_body(dot, a)
             }
 
@@ -183,14 +248,26 @@ pub(super) mod x86 {
                 // when these features were detected; the body is safe Rust.
                 unsafe { $inner(a) }
             }
+
+            /// [`AttendF32Fn`] compiled for these features.
+            pub fn $name_f32(a: Attend<'_, f32>) {
+                // SAFETY: as above.
+                unsafe { $inner(a) }
+            }
         };
     }
 
-    multiversion!(attend_group_avx2, attend_avx2, "avx2,fma");
+    multiversion!(
+        attend_group_avx2,
+        attend_group_f32_avx2,
+        attend_avx2,
+        "avx2,fma,f16c"
+    );
     multiversion!(
         attend_group_avx512,
+        attend_group_f32_avx512,
         attend_avx512,
-        "avx2,fma,avx512f,avx512bw,avx512vl,avx512dq"
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq"
     );
 }
 
@@ -214,19 +291,37 @@ mod tests {
             (1, 1, 5, 0..5),
         ] {
             let stride = hd * 2 + 3;
-            let keys: Vec<f32> = (0..n_ctx * stride).map(|_| lcg(&mut seed) * 3.0).collect();
-            let values: Vec<f32> = (0..n_ctx * stride).map(|_| lcg(&mut seed)).collect();
+            let half = |v: f32| crate::math::f32_to_f16(v);
+            let keys: Vec<u16> = (0..n_ctx * stride)
+                .map(|_| half(lcg(&mut seed) * 3.0))
+                .collect();
+            let values: Vec<u16> = (0..n_ctx * stride).map(|_| half(lcg(&mut seed))).collect();
+            let wide = |v: u16| f64::from(f16_to_f32(v));
+            // The same values in an f32 cache: f32 and f16 kernels must then
+            // return the same bits.
+            let keys32: Vec<f32> = keys.iter().map(|&h| f16_to_f32(h)).collect();
+            let values32: Vec<f32> = values.iter().map(|&h| f16_to_f32(h)).collect();
             let qs: Vec<f32> = (0..group * hd).map(|_| lcg(&mut seed) * 2.0).collect();
-            let run = |f: AttendFn| {
+            fn run_with<T: KvElem>(
+                f: fn(Attend<'_, T>),
+                (qs, keys, values): (&[f32], &[T], &[T]),
+                (hd, group, n_ctx, stride, range): (
+                    usize,
+                    usize,
+                    usize,
+                    usize,
+                    std::ops::Range<usize>,
+                ),
+            ) -> (Vec<f32>, Vec<f32>) {
                 let mut scores = vec![f32::NAN; group * n_ctx];
                 let mut out = vec![f32::NAN; group * hd];
                 let scale = 1.0 / (hd as f32).sqrt();
                 f(Attend {
-                    qs: &qs,
-                    keys: &keys,
-                    values: &values,
+                    qs,
+                    keys,
+                    values,
                     stride,
-                    range: range.clone(),
+                    range,
                     scores: &mut scores,
                     score_stride: n_ctx,
                     out: &mut out,
@@ -234,7 +329,10 @@ mod tests {
                     scale,
                 });
                 (scores, out)
-            };
+            }
+            let dims = (hd, group, n_ctx, stride, range.clone());
+            let run = |f: AttendFn| run_with(f, (&qs, &keys, &values), dims.clone());
+            let run32 = |f: AttendF32Fn| run_with(f, (&qs, &keys32, &values32), dims.clone());
             let (s0, o0) = run(attend_group_scalar);
             // The reference against f64 arithmetic.
             for j in 0..group {
@@ -245,7 +343,7 @@ mod tests {
                         let k = &keys[t * stride..t * stride + hd];
                         q.iter()
                             .zip(k)
-                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .map(|(&a, &b)| f64::from(a) * wide(b))
                             .sum::<f64>()
                             / (hd as f64).sqrt()
                     })
@@ -257,7 +355,7 @@ mod tests {
                     let want: f64 = range
                         .clone()
                         .zip(&e)
-                        .map(|(t, p)| p / sum * f64::from(values[t * stride + c]))
+                        .map(|(t, p)| p / sum * wide(values[t * stride + c]))
                         .sum();
                     let got = f64::from(o0[j * hd + c]);
                     assert!(
@@ -266,14 +364,19 @@ mod tests {
                     );
                 }
             }
-            for isa in Isa::available() {
-                let (s, o) = run(Kernels::for_isa(isa).unwrap().attend);
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&o), bits(&o0), "{isa} hd {hd} group {group}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let check = |(s, o): (Vec<f32>, Vec<f32>), what: String| {
+                assert_eq!(bits(&o), bits(&o0), "{what} hd {hd} group {group}");
                 for j in 0..group {
                     let r = j * n_ctx + range.start..j * n_ctx + range.end;
-                    assert_eq!(bits(&s[r.clone()]), bits(&s0[r]), "{isa} scores");
+                    assert_eq!(bits(&s[r.clone()]), bits(&s0[r]), "{what} scores");
                 }
+            };
+            check(run32(attend_group_f32_scalar), "f32 scalar".into());
+            for isa in Isa::available() {
+                let k = Kernels::for_isa(isa).unwrap();
+                check(run(k.attend), format!("{isa}"));
+                check(run32(k.attend_f32), format!("{isa} f32"));
             }
         }
     }

@@ -28,7 +28,7 @@ use half::f16;
 use nibble_format::DType;
 
 pub use act::SwigluFn;
-pub use attn::{Attend, AttendFn};
+pub use attn::{Attend, AttendF32Fn, AttendFn, KvElem};
 pub use float::{dot_bf16, dot_f16, dot_f32, FloatMatvecFn};
 pub use gemm::{matmul, matmul_f64, MatF64, MatMut, MatRef};
 pub use q8::{Q8Batch, Q8BatchRef};
@@ -158,8 +158,10 @@ pub struct Kernels {
     pub matvec_f32: FloatMatvecFn<f32>,
     pub matvec_f16: FloatMatvecFn<f16>,
     pub matvec_bf16: FloatMatvecFn<half::bf16>,
-    /// One-token attention of the query heads sharing a KV head ([`attn`]).
+    /// One-token attention of the query heads sharing a KV head ([`attn`]),
+    /// over an f16 and over an f32 cache.
     pub attend: AttendFn,
+    pub attend_f32: AttendF32Fn,
     /// SwiGLU's `gate ← silu(gate)·up` ([`act`]).
     pub swiglu: SwigluFn,
 }
@@ -190,6 +192,7 @@ static SCALAR: Kernels = Kernels {
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
     attend: attn::attend_group_scalar,
+    attend_f32: attn::attend_group_f32_scalar,
     swiglu: act::swiglu_scalar,
 };
 
@@ -220,6 +223,7 @@ static AVX2: Kernels = Kernels {
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
     attend: attn::x86::attend_group_avx2,
+    attend_f32: attn::x86::attend_group_f32_avx2,
     swiglu: act::x86::swiglu_avx2,
 };
 
@@ -250,6 +254,7 @@ static AVX512: Kernels = Kernels {
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
     attend: attn::x86::attend_group_avx512,
+    attend_f32: attn::x86::attend_group_f32_avx512,
     swiglu: act::x86::swiglu_avx512,
 };
 
@@ -283,6 +288,7 @@ const NEON_TABLE: Kernels = Kernels {
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
     attend: attn::attend_group_scalar,
+    attend_f32: attn::attend_group_f32_scalar,
     swiglu: act::swiglu_scalar,
 };
 
