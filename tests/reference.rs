@@ -47,11 +47,7 @@ fn tiny_mistral_matches_transformers() {
 fn stories260k_logits_and_64_greedy_tokens_match_transformers() {
     let model = Arc::new(Model::load(shared().join("models/stories260k")).unwrap());
     let r = shared().join("fixtures/hf-reference/stories260k/reference.safetensors");
-    let ids: Vec<u32> = read_ref(&r, "input_ids")
-        .i64
-        .iter()
-        .map(|&v| v as u32)
-        .collect();
+    let ids = reference_ids(&r);
     // Our tokenizer must produce the same ids as the reference.
     let enc = model
         .tokenizer()
@@ -111,11 +107,7 @@ fn stories260k_greedy_story_from_bos() {
 fn smollm2_gguf_logits_match_transformers() {
     let model = Arc::new(Model::load(smollm2_gguf()).unwrap());
     let r = shared().join("fixtures/hf-reference/smollm2-135m-instruct/reference.safetensors");
-    let ids: Vec<u32> = read_ref(&r, "input_ids")
-        .i64
-        .iter()
-        .map(|&v| v as u32)
-        .collect();
+    let ids = reference_ids(&r);
     let got = forward_logits(&model, &ids, 2);
     let e = rel_err(&got, &read_ref(&r, "logits").f32);
     assert!(e <= LOGIT_TOL, "SmolLM2 logits rel err {e:.3e}");
@@ -168,11 +160,7 @@ fn smollm2_gguf_blocks_run_natively_close_to_transformers() {
         }
     }
     let r = shared().join("fixtures/hf-reference/smollm2-135m-instruct/reference.safetensors");
-    let ids: Vec<u32> = read_ref(&r, "input_ids")
-        .i64
-        .iter()
-        .map(|&v| v as u32)
-        .collect();
+    let ids = reference_ids(&r);
     let want = read_ref(&r, "logits").f32;
     let batched = forward_logits(&model, &ids, 2);
     let sequential = forward_logits_sequential(&model, &ids, 2);
@@ -233,11 +221,7 @@ fn smollm2_native_blocks_agree_across_instruction_sets() {
     let (gguf, opts) = (smollm2_gguf(), native_blocks());
     let mut model = Arc::new(Model::load_with(&gguf, &opts, &mut |_, _, _| {}).unwrap());
     let r = shared().join("fixtures/hf-reference/smollm2-135m-instruct/reference.safetensors");
-    let ids: Vec<u32> = read_ref(&r, "input_ids")
-        .i64
-        .iter()
-        .map(|&v| v as u32)
-        .collect();
+    let ids = reference_ids(&r);
     let n_vocab = model.hparams.n_vocab;
     let mut runs = vec![];
     for isa in Isa::available() {
@@ -387,11 +371,7 @@ fn f16_kv_cache_stays_close_to_f32() {
     const TOL_KV_F16: f64 = 3e-3;
     const TOL_KV_F16_NLL_INT8: f64 = 3e-2;
     let r = shared().join("fixtures/hf-reference/smollm2-135m-instruct/reference.safetensors");
-    let ids: Vec<u32> = read_ref(&r, "input_ids")
-        .i64
-        .iter()
-        .map(|&v| v as u32)
-        .collect();
+    let ids = reference_ids(&r);
     let logits = |model: &Arc<Model>, kv: KvType, sequential: bool| {
         let params = SessionParams {
             n_ctx: ids.len(),

@@ -21,6 +21,15 @@ pub struct RefTensor {
     pub i64: Vec<i64>,
 }
 
+/// The `input_ids` of a reference file as token ids.
+pub fn reference_ids(reference: &std::path::Path) -> Vec<u32> {
+    read_ref(reference, "input_ids")
+        .i64
+        .iter()
+        .map(|&v| v as u32)
+        .collect()
+}
+
 /// Read one tensor of a reference `.safetensors` file (F32 or I64).
 pub fn read_ref(path: &std::path::Path, name: &str) -> RefTensor {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
