@@ -106,7 +106,11 @@ fn dot_tail<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
 use crate::math::{exp_shifted_sum, f16_to_f32};
 
 #[inline(always)]
-fn attend_body<T: KvElem>(dot: impl Fn(&[f32], &[T]) -> f32, a: Attend<'_, T>) {
+fn attend_body<T: KvElem>(
+    dot: impl Fn(&[f32], &[T]) -> f32,
+    vsum: impl Fn(&mut [f32; V_COLS], &[f32], &[T], usize, std::ops::Range<usize>),
+    a: Attend<'_, T>,
+) {
     let Attend {
         qs,
         keys,
@@ -144,13 +148,7 @@ fn attend_body<T: KvElem>(dot: impl Fn(&[f32], &[T]) -> f32, a: Attend<'_, T>) {
             let w = (hd - c0).min(V_COLS);
             let mut acc = [0f32; V_COLS];
             if w == V_COLS {
-                for t in range.clone() {
-                    let a = sc[t];
-                    let v: &[T; V_COLS] = values[t * stride + c0..][..V_COLS].try_into().unwrap();
-                    for i in 0..V_COLS {
-                        acc[i] += a * v[i].to_f32();
-                    }
-                }
+                vsum(&mut acc, sc, &values[c0..], stride, range.clone());
             } else {
                 for t in range.clone() {
                     let a = sc[t];
@@ -168,14 +166,33 @@ fn attend_body<T: KvElem>(dot: impl Fn(&[f32], &[T]) -> f32, a: Attend<'_, T>) {
 /// Columns of the value sums kept in one local accumulator.
 const V_COLS: usize = 64;
 
+/// `acc[i] += Σ_t sc[t]·values[t·stride + i]` over `range` in position
+/// order, for `V_COLS` columns (the x86 versions return its bits).
+#[inline(always)]
+fn vsum_ref<T: KvElem>(
+    acc: &mut [f32; V_COLS],
+    sc: &[f32],
+    values: &[T],
+    stride: usize,
+    range: std::ops::Range<usize>,
+) {
+    for t in range {
+        let a = sc[t];
+        let v: &[T; V_COLS] = values[t * stride..][..V_COLS].try_into().unwrap();
+        for i in 0..V_COLS {
+            acc[i] += a * v[i].to_f32();
+        }
+    }
+}
+
 /// Scalar reference of [`AttendFn`].
 pub fn attend_group_scalar(a: Attend<'_>) {
-    attend_body(dot8, a)
+    attend_body(dot8, vsum_ref, a)
 }
 
 /// Scalar reference of [`AttendF32Fn`].
 pub fn attend_group_f32_scalar(a: Attend<'_, f32>) {
-    attend_body(dot8, a)
+    attend_body(dot8, vsum_ref, a)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -233,13 +250,48 @@ pub(super) mod x86 {
         _mm_cvtss_f32(s1) + dot_tail(&a[main..], &b[main..])
     }
 
+    /// [`vsum_ref`] in eight 8-lane accumulators, the values widened by
+    /// [`Load8`] (one `vcvtph2ps` per eight f16 values): the same multiplies
+    /// and adds in the same order, so the same bits. SAFETY (caller): AVX2
+    /// and F16C are available.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn vsum_avx<T: Load8>(
+        acc: &mut [f32; V_COLS],
+        sc: &[f32],
+        values: &[T],
+        stride: usize,
+        range: std::ops::Range<usize>,
+    ) {
+        // SAFETY: 8·k + 8 ≤ V_COLS = acc.len().
+        let mut v8: [__m256; V_COLS / 8] =
+            std::array::from_fn(|k| unsafe { _mm256_loadu_ps(acc.as_ptr().add(8 * k)) });
+        for t in range {
+            let a = _mm256_set1_ps(sc[t]);
+            let row = &values[t * stride..][..V_COLS];
+            for (k, acc) in v8.iter_mut().enumerate() {
+                // SAFETY: 8·k + 8 ≤ V_COLS = row.len(); this function's features.
+                let v = unsafe { T::load8(row.as_ptr().add(8 * k)) };
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(a, v));
+            }
+        }
+        for (k, v) in v8.iter().enumerate() {
+            // SAFETY: 8·k + 8 ≤ V_COLS = acc.len().
+            unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(8 * k), *v) };
+        }
+    }
+
     macro_rules! multiversion {
         ($name:ident, $name_f32:ident, $inner:ident, $features:literal) => {
             #[target_feature(enable = $features)]
             unsafe fn $inner<T: Load8>(a: Attend<'_, T>) {
                 // SAFETY: this function's features include AVX2 and F16C.
                 let dot = |x: &[f32], y: &[T]| unsafe { dot8_avx(x, y) };
-                attend_body(dot, a)
+                // SAFETY: as above.
+                let vsum = |acc: &mut [f32; V_COLS], sc: &[f32], v: &[T], stride, range| unsafe {
+                    vsum_avx(acc, sc, v, stride, range)
+                };
+                attend_body(dot, vsum, a)
             }
 
             /// [`AttendFn`] compiled for these features (module docs).
