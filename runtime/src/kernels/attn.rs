@@ -5,10 +5,12 @@
 //! this loop, a sizeable share of each decoded token once the context grows
 //! (SmolLM2 at 256 positions: a third of the one-thread time), ran 4 lanes
 //! wide. The x86 versions are the *same* Rust code compiled with AVX2 (and
-//! AVX-512) enabled, the element-wise value sums becoming 8- or 16-lane
-//! vectors, except the dot product: its eight partial sums are written with
-//! intrinsics (`dot8_avx`), because LLVM split the portable form into 2-lane
-//! pieces. Both do the reference's multiplies and adds in the same order
+//! AVX-512) enabled, except the dot product and the value sums: the dot
+//! product's eight partial sums are written with intrinsics (`dot8_avx`),
+//! because LLVM split the portable form into 2-lane pieces, and the value
+//! sums keep eight 8-lane accumulators in registers and widen f16 with one
+//! `vcvtph2ps` per eight values (`vsum_avx`). Both do the reference's
+//! multiplies and adds in the same order
 //! (Rust never fuses a multiply and an add on its own), so every version
 //! returns the reference's bits, which the tests check. NEON is part of the
 //! aarch64 baseline, where the reference is already vectorised.
@@ -328,6 +330,26 @@ mod tests {
     use super::*;
     use crate::kernels::test_util::lcg;
     use crate::kernels::{Isa, Kernels};
+
+    /// F16C's widening (the x86 kernels' `Load8`) gives every half the value
+    /// the scalar reference's `f16_to_f32` gives.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn f16c_widening_equals_the_reference_conversion() {
+        if !is_x86_feature_detected!("f16c") {
+            return;
+        }
+        #[target_feature(enable = "f16c")]
+        fn cvtph(h: u16) -> f32 {
+            use std::arch::x86_64::*;
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(h as i16)))
+        }
+        for h in 0..=u16::MAX {
+            // SAFETY: F16C was detected above.
+            let hw = unsafe { cvtph(h) };
+            assert_eq!(hw.to_bits(), f16_to_f32(h).to_bits(), "{h:#06x}");
+        }
+    }
 
     #[test]
     fn every_isa_returns_the_reference_bits() {
