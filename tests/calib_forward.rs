@@ -32,7 +32,7 @@ fn check(model_path: &std::path::Path, seqlen: usize) {
         .flat_map(|w| w.iter())
         .flat_map(|&tok| embd[tok as usize * e..(tok as usize + 1) * e].to_vec())
         .collect();
-    let bc = BlockCtx::new(&hp, seqlen, 2);
+    let bc = BlockCtx::new(&hp, seqlen, 2).unwrap();
     for l in 0..hp.n_layer {
         let b = |s: &str| t(&format!("blk.{l}.{s}.weight"));
         let w = BlockWeights {

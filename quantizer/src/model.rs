@@ -527,7 +527,7 @@ fn gptq_blocks<W: Write + Seek>(
     let n_seq = windows.len();
     let n = n_seq * seqlen;
     let (e, f) = (hp.n_embd, hp.n_ff);
-    let bc = BlockCtx::new(hp, seqlen, threads);
+    let bc = BlockCtx::new(hp, seqlen, threads)?;
     let q_dim = bc.q_dim();
     let kv_dim = hp.n_head_kv * hp.head_dim;
 

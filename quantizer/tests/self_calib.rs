@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use nibble_quantizer::calib::self_generated_windows;
+use nibble_quantizer::calib::{
+    self_calib_sequences, self_generated_calibration, self_generated_windows, SELF_CALIB_BATCH,
+};
 use nibble_runtime::Model;
 
 fn shared() -> PathBuf {
@@ -77,4 +79,56 @@ fn batched_sequences_do_not_depend_on_their_neighbours() {
         let alone = self_generated_windows(&model, 1, 40, 11 + i as u64, 1, &|_| {}).unwrap();
         assert_eq!(alone[0], all[i], "sample {i}");
     }
+}
+
+/// The default calibration draws its windows from fewer, shared sequences:
+/// every window is a slice of the concatenated text the model wrote, the
+/// windows are seeded and do not depend on the threads, and when there are
+/// no more windows than one batch of sequences the sequences are the
+/// windows.
+#[test]
+fn default_calibration_draws_windows_from_the_written_text() {
+    let model = Arc::new(Model::load(shared().join("models/stories260k")).unwrap());
+    assert_eq!(self_calib_sequences(128), SELF_CALIB_BATCH);
+    assert_eq!(self_calib_sequences(1024), 128);
+    assert_eq!(self_calib_sequences(5), 5);
+    let (nsamples, seqlen) = (3 * SELF_CALIB_BATCH, 24);
+    let n_seq = self_calib_sequences(nsamples);
+    assert!(n_seq < nsamples);
+    let written = self_generated_windows(&model, n_seq, seqlen, 4, 2, &|_| {}).unwrap();
+    let text = written.concat();
+    let last = std::sync::atomic::AtomicUsize::new(0);
+    let one = self_generated_calibration(&model, nsamples, seqlen, 4, 1, &|t| {
+        last.store(t, std::sync::atomic::Ordering::Relaxed)
+    })
+    .unwrap();
+    let two = self_generated_calibration(&model, nsamples, seqlen, 4, 2, &|_| {}).unwrap();
+    assert_eq!(one, two, "the windows must not depend on the thread count");
+    assert_eq!(
+        last.into_inner(),
+        n_seq * seqlen,
+        "progress counts the written tokens"
+    );
+    assert_eq!(one.len(), nsamples);
+    let mut starts = std::collections::HashSet::new();
+    for w in &one {
+        assert_eq!(w.len(), seqlen);
+        let at = text
+            .windows(seqlen)
+            .position(|s| s == &w[..])
+            .expect("every window is a slice of the written text");
+        starts.insert(at);
+    }
+    assert!(
+        starts.len() > nsamples / 2,
+        "windows at many offsets: {starts:?}"
+    );
+    let other = self_generated_calibration(&model, nsamples, seqlen, 5, 2, &|_| {}).unwrap();
+    assert_ne!(one, other, "another seed gives other windows");
+    // No more windows than a batch: the written sequences themselves.
+    let few = self_generated_calibration(&model, 6, seqlen, 4, 2, &|_| {}).unwrap();
+    assert_eq!(
+        few,
+        self_generated_windows(&model, 6, seqlen, 4, 2, &|_| {}).unwrap()
+    );
 }

@@ -409,21 +409,6 @@ pub fn rope(v: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// Causal (and sliding-window) softmax of one attention row in place: the
-/// entries `lo..=pos` become probabilities, every other entry 0.
-pub fn causal_softmax_row(row: &mut [f32], lo: usize, pos: usize) {
-    let max = row[lo..=pos]
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum = crate::math::exp_shifted_sum(&mut row[lo..=pos], max);
-    let inv = 1.0 / sum;
-    for v in &mut row[lo..=pos] {
-        *v *= inv;
-    }
-    row[..lo].fill(0.0);
-    row[pos + 1..].fill(0.0);
-}
-
 /// One token's attention, KV head by KV head, each for its `group` query
 /// heads (GQA), through the kernel `attend`: queries `q` `[n_head·head_dim]`,
 /// the layer's (or slot's) cache from `base`, positions `range`, head `j`'s
@@ -596,7 +581,8 @@ pub struct BatchState {
     k_new: Vec<f32>,
     v_new: Vec<f32>,
     /// `[2, n_ctx, head_dim]` one KV head's cached keys and values widened
-    /// to f32 for `gemm` ([`forward_batch`]; empty for slots).
+    /// to f32 for `gemm` ([`forward_batch`] over an f16 cache; empty for an
+    /// f32 cache and for slots).
     kv_f32: Vec<f32>,
     /// `[n_batch, n_vocab]` logits of every row (only when requested).
     pub logits: Vec<f32>,
@@ -639,9 +625,19 @@ impl BatchState {
         BatchState::alloc(model, model.hparams.n_head * slot_len, 0, n_rows, prefill)
     }
 
-    /// Buffers for [`forward_batch`] over a cache of `n_ctx` positions.
-    pub fn new(model: &Model, n_ctx: usize, n_batch: usize, prefill: PrefillKind) -> BatchState {
-        BatchState::alloc(model, n_ctx, n_ctx, n_batch, prefill)
+    /// Buffers for [`forward_batch`] over `state`'s cache (its positions; the
+    /// f32 widening buffer only for an f16 cache).
+    pub fn new(
+        model: &Model,
+        state: &RunState,
+        n_batch: usize,
+        prefill: PrefillKind,
+    ) -> BatchState {
+        let widened = match state.kv {
+            KvCache::F16 { .. } => state.n_ctx,
+            KvCache::F32 { .. } => 0,
+        };
+        BatchState::alloc(model, state.n_ctx, widened, n_batch, prefill)
     }
 
     /// `score_cols` scores per row, `kv_positions` positions of widened keys
@@ -947,6 +943,7 @@ pub fn forward_batch(
                     (&mut bs.scores, n_keys),
                     &mut bs.att_out[h * hd..],
                     (hd, inv_sqrt_hd, threads),
+                    model.kernels().causal_softmax,
                     |i| {
                         let pos = start + i;
                         (causal_window_start(pos, hp.sliding_window), pos)
@@ -1161,8 +1158,10 @@ fn causal_window_start(pos: usize, sliding_window: usize) -> usize {
 /// `window(r) = (lo, pos)` (the rest zeroed), then `out = P·V`. `q` is
 /// `(data, rows, row stride)` with `head_dim` columns; `out` has the same
 /// row stride; `keys`/`values` start at the head's element of position 0,
-/// rows `kv_stride` apart. Shared by [`forward_batch`] (a head's prompt
-/// rows) and [`forward_slots`] (a row's query heads of one KV head).
+/// rows `kv_stride` apart; `softmax` is the kernel table's
+/// [`causal_softmax`](crate::kernels::Kernels::causal_softmax). Used by
+/// [`forward_batch`] for a head's prompt rows.
+#[allow(clippy::too_many_arguments)]
 fn attend_rows(
     (q, rows, q_rs): (&[f32], usize, usize),
     (keys, values, kv_stride): (&[f32], &[f32], usize),
@@ -1170,6 +1169,7 @@ fn attend_rows(
     (scores, scores_rs): (&mut [f32], usize),
     out: &mut [f32],
     (head_dim, scale, threads): (usize, f32, usize),
+    softmax: crate::kernels::CausalSoftmaxFn,
     window: impl Fn(usize) -> (usize, usize),
 ) {
     let hd = head_dim;
@@ -1201,7 +1201,7 @@ fn attend_rows(
     );
     for r in 0..rows {
         let (lo, pos) = window(r);
-        causal_softmax_row(&mut scores[r * scores_rs..r * scores_rs + n_keys], lo, pos);
+        softmax(&mut scores[r * scores_rs..r * scores_rs + n_keys], lo, pos);
     }
     matmul(
         MatMut {

@@ -69,6 +69,26 @@ pub fn exp_shifted_sum(v: &mut [f32], max: f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// The largest element (−∞ when empty; NaNs are passed over, as
+/// `f32::max` does), in sixteen partial maxima so the loop vectorises (a
+/// fold with `f32::max` stays scalar).
+#[inline(always)]
+pub fn max_f32(v: &[f32]) -> f32 {
+    let larger = |m: f32, x: f32| if x > m { x } else { m };
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = larger(*a, x);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| larger(m, x));
+    acc.iter().fold(tail, |m, &a| larger(m, a))
+}
+
 /// SiLU, x·σ(x) = x / (1 + e^−x).
 #[inline(always)]
 pub fn silu(x: f32) -> f32 {
@@ -108,6 +128,32 @@ pub fn f32_to_f16(x: f32) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_f32_is_the_fold_of_f32_max() {
+        let mut seed = 9u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 200.0 - 100.0
+        };
+        for n in [0usize, 1, 15, 16, 17, 33, 512, 515] {
+            let mut v: Vec<f32> = (0..n).map(|_| next()).collect();
+            let fold = |v: &[f32]| v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            assert_eq!(max_f32(&v), fold(&v), "n {n}");
+            if n > 3 {
+                // The largest in the ragged tail, in a lane, a NaN beside it.
+                v[n - 1] = 500.0;
+                assert_eq!(max_f32(&v), 500.0, "n {n}");
+                v[n - 1] = -1.0;
+                v[2] = f32::NAN;
+                v[1] = 400.0;
+                assert_eq!(max_f32(&v), 400.0, "n {n}");
+            }
+        }
+        assert_eq!(max_f32(&[f32::NEG_INFINITY; 20]), f32::NEG_INFINITY);
+    }
 
     #[test]
     fn exp_matches_libm_across_its_range() {

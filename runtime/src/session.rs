@@ -246,7 +246,7 @@ impl Session {
         let (model, state, threads) = (&*self.model, &mut self.state, self.n_threads);
         let bs = self
             .batch
-            .get_or_insert_with(|| BatchState::new(model, state.n_ctx, self.n_batch, self.prefill));
+            .get_or_insert_with(|| BatchState::new(model, state, self.n_batch, self.prefill));
         match &self.pool {
             Some(pool) => {
                 pool.install(|| forward_batch(model, state, bs, chunk, start, logits, threads))

@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 use half::f16;
 use nibble_format::DType;
 
-pub use act::SwigluFn;
+pub use act::{CausalSoftmaxFn, SwigluFn};
 pub use attn::{Attend, AttendF32Fn, AttendFn, KvElem};
 pub use float::{dot_bf16, dot_f16, dot_f32, FloatMatvecFn};
 pub use gemm::{matmul, matmul_f64, MatF64, MatMut, MatRef};
@@ -164,6 +164,8 @@ pub struct Kernels {
     pub attend_f32: AttendF32Fn,
     /// SwiGLU's `gate ← silu(gate)·up` ([`act`]).
     pub swiglu: SwigluFn,
+    /// One causal attention row's softmax ([`act`]).
+    pub causal_softmax: CausalSoftmaxFn,
 }
 
 static SCALAR: Kernels = Kernels {
@@ -194,6 +196,7 @@ static SCALAR: Kernels = Kernels {
     attend: attn::attend_group_scalar,
     attend_f32: attn::attend_group_f32_scalar,
     swiglu: act::swiglu_scalar,
+    causal_softmax: act::causal_softmax_scalar,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -225,6 +228,7 @@ static AVX2: Kernels = Kernels {
     attend: attn::x86::attend_group_avx2,
     attend_f32: attn::x86::attend_group_f32_avx2,
     swiglu: act::x86::swiglu_avx2,
+    causal_softmax: act::x86::causal_softmax_avx2,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -256,6 +260,7 @@ static AVX512: Kernels = Kernels {
     attend: attn::x86::attend_group_avx512,
     attend_f32: attn::x86::attend_group_f32_avx512,
     swiglu: act::x86::swiglu_avx512,
+    causal_softmax: act::x86::causal_softmax_avx512,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -290,6 +295,7 @@ const NEON_TABLE: Kernels = Kernels {
     attend: attn::attend_group_scalar,
     attend_f32: attn::attend_group_f32_scalar,
     swiglu: act::swiglu_scalar,
+    causal_softmax: act::causal_softmax_scalar,
 };
 
 #[cfg(target_arch = "aarch64")]
