@@ -54,9 +54,7 @@ pub fn causal_softmax_scalar(row: &mut [f32], lo: usize, pos: usize) {
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::swiglu_body;
-
-    use super::causal_softmax_body;
+    use super::{causal_softmax_body, swiglu_body};
 
     macro_rules! multiversion {
         ($features:literal, $($name:ident, $inner:ident, $body:ident, ($($arg:ident: $ty:ty),*));*) => {$(
