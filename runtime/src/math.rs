@@ -70,8 +70,8 @@ pub fn exp_shifted_sum(v: &mut [f32], max: f32) -> f32 {
 }
 
 /// The largest element (−∞ when empty; NaNs are passed over, as
-/// `f32::max` does), in sixteen partial maxima so the loop vectorises (a
-/// fold with `f32::max` stays scalar).
+/// `f32::max` does), in sixteen independent partial maxima, so the
+/// compiler can keep them in vector lanes.
 #[inline(always)]
 pub fn max_f32(v: &[f32]) -> f32 {
     let larger = |m: f32, x: f32| if x > m { x } else { m };
