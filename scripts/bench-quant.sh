@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quantization benchmarks on SmolLM2-135M-Instruct (numbers in the README).
 #   scripts/bench-quant.sh time       # wall time + peak RSS of GPTQ 4-bit g128 at 128 × 512, calibrated on
-#                                     # Shakespeare, true-sequential (default) and --no-true-sequential
+#                                     # Shakespeare, at the defaults (true-sequential, act-order), then
+#                                     # --no-true-sequential, then --no-act-order
 #   scripts/bench-quant.sh time-self  # the same with the default calibration (the model's own text)
 #   scripts/bench-quant.sh table      # wikitext-2 perplexity of float / RTN / GPTQ settings
 # Environment: CHUNKS (windows of 2048 evaluated, default 20; 0 = the whole file), NSAMPLES (GPTQ
@@ -36,8 +37,9 @@ timed() { # one GPTQ run at the issue's settings: the summary lines and peak RSS
 
 case "${1:-table}" in
 time)
-    echo "== true-sequential (default)"; timed --calib "$SHAKESPEARE"
+    echo "== defaults (true-sequential, act-order)"; timed --calib "$SHAKESPEARE"
     echo "== --no-true-sequential"; timed --calib "$SHAKESPEARE" --no-true-sequential
+    echo "== --no-act-order"; timed --calib "$SHAKESPEARE" --no-act-order
     ;;
 time-self)
     timed
@@ -54,7 +56,7 @@ table)
         f="$OUT/rtn-$bits-$gs.nib"
         "$N" quantize -m "$G" -o "$f" --method rtn --bits "$bits" --group-size "$gs" -t "$THREADS" 2>/dev/null
         echo "| RTN $label | $(size_bpw "$f") | $(ppl "$f") |"
-        for ao in "" "--act-order"; do
+        for ao in --no-act-order --act-order; do
             f="$OUT/gptq-$bits-$gs$ao.nib"
             # shellcheck disable=SC2086
             "$N" quantize -m "$G" -o "$f" --method gptq --bits "$bits" --group-size "$gs" $ao $GPTQ_FLAGS \

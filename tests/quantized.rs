@@ -152,16 +152,22 @@ fn packed_weights_batched_and_sequential_paths_agree() {
 
 #[test]
 fn act_order_permutation_is_applied_once_per_input() {
-    // Store blk.1.ffn_down with its columns permuted plus the permutation:
-    // the model must compute exactly the same function.
+    // Store some weights with their columns permuted plus the permutation:
+    // the model must compute exactly the same function. blk.2's q and v
+    // carry the same permutation, its k another one.
     let f = float_stories();
     let v = f.view().unwrap();
     let mut w = NibWriter::new(AlignedBytes::new(), &MetadataBuilder::from(&v.metadata)).unwrap();
     for t in &v.tensors {
-        if t.name == "blk.1.ffn_down.weight" || t.name == "blk.2.attn_q.weight" {
+        let step = match t.name {
+            "blk.1.ffn_down.weight" | "blk.2.attn_q.weight" | "blk.2.attn_v.weight" => Some(7),
+            "blk.2.attn_k.weight" => Some(5),
+            _ => None,
+        };
+        if let Some(step) = step {
             let (rows, cols) = (t.shape[0] as usize, t.shape[1] as usize);
             let perm: Vec<u32> = (0..cols as u32)
-                .map(|j| (j * 7 + 3) % cols as u32)
+                .map(|j| (j * step + 3) % cols as u32)
                 .collect();
             let vals: Vec<f32> = bytemuck::cast_slice::<u8, f32>(t.data).to_vec();
             let mut permuted = vec![0f32; rows * cols];
@@ -197,6 +203,12 @@ fn act_order_permutation_is_applied_once_per_input() {
         )
         .unwrap(),
     );
+    // Equal permutations of one input share a key (one gather for both),
+    // different ones do not.
+    let l2 = &permuted.layers[2];
+    assert!(l2.attn_q.has_perm() && l2.attn_k.has_perm());
+    assert_eq!(l2.attn_v.perm_key(), l2.attn_q.perm_key());
+    assert_ne!(l2.attn_k.perm_key(), l2.attn_q.perm_key());
     let float = Arc::new(Model::from_nib(float_stories(), "float".into()).unwrap());
     let ids = text_ids(&float, 24);
     let base = forward_logits_sequential(&float, &ids, 1);
@@ -229,11 +241,16 @@ fn gptq_opts(
     }
 }
 
+/// Perplexity of GPTQ files of stories260k over the float model's on 40
+/// tokens, at most: [4 bits, 3 bits].
+const MAX_PPL_RATIO: [f64; 2] = [1.5, 2.5];
+
 #[test]
 fn gptq_beats_rtn_on_every_layer_of_stories260k_at_4_and_3_bits() {
     let src = float_stories();
-    let float = Model::from_nib(float_stories(), "float".into()).unwrap();
+    let float = Arc::new(Model::from_nib(float_stories(), "float".into()).unwrap());
     let windows = calib_windows(&float);
+    let nll_float = mean_nll(&float, &text_ids(&float, 40));
     for (bits, gs, act_order, ts) in [
         (4, Some(32), false, false),
         (4, None, true, false),
@@ -264,7 +281,26 @@ fn gptq_beats_rtn_on_every_layer_of_stories260k_at_4_and_3_bits() {
         let m =
             Arc::new(Model::from_nib(NibFile::from_memory(buf).unwrap(), "gptq".into()).unwrap());
         assert_eq!(m.layers[0].attn_q.has_perm(), act_order);
+        if act_order {
+            // q/k/v (and gate/up) share one Hessian, so one permutation:
+            // the runtime gathers their input once. Down's permutation is
+            // folded into gate's and up's row order: no .perm of its own.
+            for l in &m.layers {
+                assert_eq!(l.attn_k.perm_key(), l.attn_q.perm_key());
+                assert_eq!(l.attn_v.perm_key(), l.attn_q.perm_key());
+                assert_eq!(l.ffn_up.perm_key(), l.ffn_gate.perm_key());
+                assert!(l.ffn_gate.has_perm() && !l.ffn_down.has_perm());
+            }
+        }
         let ids = text_ids(&m, 40);
+        // The file computes the quantized model: its perplexity stays near
+        // the float model's (a wrong row order for gate/up would not).
+        let ratio = (mean_nll(&m, &ids) - nll_float).exp();
+        eprintln!("{bits}-bit gs {gs:?} act_order {act_order}: perplexity ×{ratio:.4}");
+        assert!(
+            ratio < MAX_PPL_RATIO[usize::from(bits == 3)],
+            "{bits}-bit gs {gs:?} act_order {act_order}: perplexity ×{ratio:.4} of float's"
+        );
         let seq = forward_logits_sequential(&m, &ids, 1);
         assert_packed_paths_agree(
             &forward_logits_batched(&m, &ids, 2, 16),

@@ -343,6 +343,30 @@ fn quantize_writes_a_runnable_model_and_a_report() {
         "--no-true-sequential",
     ]);
     assert!(err.contains("true-sequential"), "{err}");
+    let err = fails(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&bad),
+        "--method",
+        "rtn",
+        "--act-order",
+    ]);
+    assert!(err.contains("act-order"), "{err}");
+    let err = fails(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&bad),
+        "--static-groups",
+        "--no-act-order",
+    ]);
+    assert!(
+        err.contains("--static-groups") && err.contains("act-order"),
+        "{err}"
+    );
     let err = fails(&["quantize", "-m", s(&src), "-o", s(&bad), "--seqlen", "1"]);
     assert!(err.contains("--seqlen"), "{err}");
     let short = d.join("short.txt");
@@ -397,6 +421,7 @@ fn gptq_without_calibration_text_calibrates_on_the_models_own_text() {
     );
     assert_eq!(r["calib_sha256"].as_str().unwrap().len(), 64);
     assert_eq!(r["true_sequential"], true, "true-sequential is the default");
+    assert_eq!(r["act_order"], true, "act-order is the default");
     for l in r["layers"].as_array().unwrap() {
         assert!(
             l["rel_error"].as_f64().unwrap() < l["rel_error_rtn"].as_f64().unwrap(),
@@ -405,8 +430,41 @@ fn gptq_without_calibration_text_calibrates_on_the_models_own_text() {
     }
     let story = ok(&["run", "-m", s(&out), "-n", "30", "--temp", "0"]);
     assert!(story.starts_with("Once upon a time,"), "{story}");
-    let info = ok(&["inspect", s(&out)]);
-    assert!(info.contains("self-generated"), "{info}");
+    let info = ok(&["inspect", s(&out), "--tensors"]);
+    assert!(
+        info.contains("self-generated") && info.contains("blk.0.attn_q.perm"),
+        "{info}"
+    );
+
+    // --no-act-order keeps the stored column order: no permutations.
+    let plain = d.join("plain4.nib");
+    ok(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&plain),
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "64",
+        "--no-act-order",
+        "-t",
+        "2",
+    ]);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("plain4.nib.report.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["act_order"], false);
+    let info = ok(&["inspect", s(&plain), "--tensors"]);
+    assert!(
+        info.contains("blk.0.attn_q.weight") && !info.contains(".perm"),
+        "{info}"
+    );
 }
 
 #[test]

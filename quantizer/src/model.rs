@@ -67,6 +67,9 @@ pub struct QuantizeOptions {
     /// Columns per group; `None` = one group per row.
     pub group_size: Option<usize>,
     pub sym: bool,
+    /// GPTQ: columns by decreasing diag H, stored permuted (`nibble
+    /// quantize`'s default; the down projection's order is folded into the
+    /// gate/up rows, so it has no `.perm`).
     pub act_order: bool,
     pub static_groups: bool,
     pub true_sequential: bool,
@@ -219,6 +222,34 @@ fn rel_output_errors<const K: usize>(
     })
 }
 
+/// Where a layer stands in folding an act-order permutation into the
+/// layers that produce its input. The down projection's input is the SwiGLU
+/// of the gate and up projections' outputs, element by element: storing
+/// gate's and up's rows in the order down's columns are processed makes
+/// that input come out already permuted, so down needs no `.perm` tensor and
+/// the runtime no gather for it ("folds it into the producer").
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fold {
+    /// Written as it is, with its `.perm` tensor if it has one.
+    No,
+    /// Its packed rows wait for the consumer's processing order
+    /// ([`Ctx::held`]); its own `.perm` (of its input) is written.
+    Producer,
+    /// Its processing order becomes the held producers' row order instead
+    /// of a `.perm` tensor; then the producers are written.
+    Consumer,
+}
+
+/// A packed weight waiting for its row order ([`Fold::Producer`]).
+struct HeldRows {
+    name: String,
+    dtype: DType,
+    group_size: usize,
+    rows: usize,
+    cols: usize,
+    packed: Vec<u8>,
+}
+
 struct Ctx<'a, 'p, W: Write + Seek> {
     src: &'a NibView<'a>,
     progress: &'p mut dyn FnMut(usize, usize, &str),
@@ -229,6 +260,8 @@ struct Ctx<'a, 'p, W: Write + Seek> {
     timings: Timings,
     done: usize,
     total: usize,
+    /// Producers of the next [`Fold::Consumer`]'s input, not yet written.
+    held: Vec<HeldRows>,
 }
 
 impl<W: Write + Seek> Ctx<'_, '_, W> {
@@ -259,6 +292,7 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
         rows: usize,
         cols: usize,
         h: Option<(&[f32], &PreparedHessian)>,
+        fold: Fold,
     ) -> Result<Vec<f32>> {
         self.report(name);
         let o = self.opts;
@@ -296,9 +330,47 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
         let permuted = o.act_order && !o.static_groups && h.is_some();
         let packed = pack_layer(&q, self.grid.bits, gs, permuted.then_some(&q.perm[..]));
         let dtype = DType::from_quant_bits(self.grid.bits).expect("validated");
-        self.writer
-            .add_tensor_q(name, dtype, gs as u32, &[rows as u64, cols as u64], &packed)?;
-        if permuted {
+        if fold == Fold::Producer {
+            self.held.push(HeldRows {
+                name: name.to_string(),
+                dtype,
+                group_size: gs,
+                rows,
+                cols,
+                packed,
+            });
+        } else {
+            self.writer.add_tensor_q(
+                name,
+                dtype,
+                gs as u32,
+                &[rows as u64, cols as u64],
+                &packed,
+            )?;
+        }
+        if fold == Fold::Consumer {
+            // Producer row j is original row perm[j] (identity if this layer
+            // kept its column order).
+            for held in std::mem::take(&mut self.held) {
+                let row_bytes = held.packed.len() / held.rows;
+                let rows: Vec<u8> = if permuted {
+                    q.perm
+                        .iter()
+                        .flat_map(|&r| &held.packed[r * row_bytes..(r + 1) * row_bytes])
+                        .copied()
+                        .collect()
+                } else {
+                    held.packed
+                };
+                self.writer.add_tensor_q(
+                    &held.name,
+                    held.dtype,
+                    held.group_size as u32,
+                    &[held.rows as u64, held.cols as u64],
+                    &rows,
+                )?;
+            }
+        } else if permuted {
             let perm: Vec<u8> = q
                 .perm
                 .iter()
@@ -453,6 +525,7 @@ pub fn quantize_model<W: Write + Seek>(
         timings: Timings::default(),
         done: 0,
         total: src.tensors.iter().filter(|t| is_linear(t.name)).count(),
+        held: Vec::new(),
     };
 
     // Tensors that are not quantized: norms as they are, 2-D floats as F16
@@ -498,7 +571,7 @@ pub fn quantize_model<W: Write + Seek>(
                     return Err(QuantError::Shape(format!("'{}' is not 2-D", t.name)));
                 };
                 let w = tensor_f32(t)?;
-                ctx.quantize_one(t.name, &w, rows as usize, cols as usize, None)?;
+                ctx.quantize_one(t.name, &w, rows as usize, cols as usize, None, Fold::No)?;
             }
         }
         Some(windows) => gptq_blocks(&mut ctx, &hp, windows)?,
@@ -599,9 +672,30 @@ fn gptq_blocks<W: Write + Seek>(
         ctx.timings.hessian += t.elapsed().as_secs_f64();
         let p_qkv = ctx.prepare(&h_qkv, e)?;
         let quantize_qkv = |ctx: &mut Ctx<'_, '_, W>, w: &mut BlockWeights| -> Result<()> {
-            w.q = ctx.quantize_one(&name("attn_q"), &w.q, q_dim, e, Some((&h_qkv, &p_qkv)))?;
-            w.k = ctx.quantize_one(&name("attn_k"), &w.k, kv_dim, e, Some((&h_qkv, &p_qkv)))?;
-            w.v = ctx.quantize_one(&name("attn_v"), &w.v, kv_dim, e, Some((&h_qkv, &p_qkv)))?;
+            w.q = ctx.quantize_one(
+                &name("attn_q"),
+                &w.q,
+                q_dim,
+                e,
+                Some((&h_qkv, &p_qkv)),
+                Fold::No,
+            )?;
+            w.k = ctx.quantize_one(
+                &name("attn_k"),
+                &w.k,
+                kv_dim,
+                e,
+                Some((&h_qkv, &p_qkv)),
+                Fold::No,
+            )?;
+            w.v = ctx.quantize_one(
+                &name("attn_v"),
+                &w.v,
+                kv_dim,
+                e,
+                Some((&h_qkv, &p_qkv)),
+                Fold::No,
+            )?;
             Ok(())
         };
         if ts {
@@ -629,7 +723,14 @@ fn gptq_blocks<W: Write + Seek>(
         ctx.timings.hessian += hes;
         let p_o = ctx.prepare(&h_o, q_dim)?;
         if ts {
-            w.o = ctx.quantize_one(&name("attn_output"), &w.o, e, q_dim, Some((&h_o, &p_o)))?;
+            w.o = ctx.quantize_one(
+                &name("attn_output"),
+                &w.o,
+                e,
+                q_dim,
+                Some((&h_o, &p_o)),
+                Fold::No,
+            )?;
         }
 
         // gate/up: inputs are the normalized residual after attention.
@@ -669,8 +770,22 @@ fn gptq_blocks<W: Write + Seek>(
         ctx.timings.hessian += t.elapsed().as_secs_f64();
         let p_gu = ctx.prepare(&h_gu, e)?;
         let quantize_gu = |ctx: &mut Ctx<'_, '_, W>, w: &mut BlockWeights| -> Result<()> {
-            w.gate = ctx.quantize_one(&name("ffn_gate"), &w.gate, f, e, Some((&h_gu, &p_gu)))?;
-            w.up = ctx.quantize_one(&name("ffn_up"), &w.up, f, e, Some((&h_gu, &p_gu)))?;
+            w.gate = ctx.quantize_one(
+                &name("ffn_gate"),
+                &w.gate,
+                f,
+                e,
+                Some((&h_gu, &p_gu)),
+                Fold::Producer,
+            )?;
+            w.up = ctx.quantize_one(
+                &name("ffn_up"),
+                &w.up,
+                f,
+                e,
+                Some((&h_gu, &p_gu)),
+                Fold::Producer,
+            )?;
             Ok(())
         };
         if ts {
@@ -714,10 +829,24 @@ fn gptq_blocks<W: Write + Seek>(
         if !ts {
             // All Hessians came from the float block; quantize everything now.
             quantize_qkv(ctx, &mut w)?;
-            w.o = ctx.quantize_one(&name("attn_output"), &w.o, e, q_dim, Some((&h_o, &p_o)))?;
+            w.o = ctx.quantize_one(
+                &name("attn_output"),
+                &w.o,
+                e,
+                q_dim,
+                Some((&h_o, &p_o)),
+                Fold::No,
+            )?;
             quantize_gu(ctx, &mut w)?;
         }
-        w.down = ctx.quantize_one(&name("ffn_down"), &w.down, e, f, Some((&h_down, &p_down)))?;
+        w.down = ctx.quantize_one(
+            &name("ffn_down"),
+            &w.down,
+            e,
+            f,
+            Some((&h_down, &p_down)),
+            Fold::Consumer,
+        )?;
 
         // The next block's inputs come from the quantized block.
         ctx.report(&format!("block {l}: quantized forward"));

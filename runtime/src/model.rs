@@ -53,6 +53,26 @@ impl Weight {
     }
 }
 
+/// Weights that read one input (q/k/v; gate/up) and carry equal act-order
+/// permutations (GPTQ prepares their shared Hessian once, so it writes the
+/// same order for each) take the first one's: equal [`Weight::perm_key`]s,
+/// so the input is gathered and quantized once for all of them rather than
+/// once per weight.
+fn share_equal_perms(bytes: &[u8], group: &mut [&mut Weight]) {
+    for i in 1..group.len() {
+        let Some((off, len)) = group[i].perm else {
+            continue;
+        };
+        let same = group[..i].iter().find_map(|w| {
+            w.perm
+                .filter(|&(o, l)| l == len && bytes[o..o + l] == bytes[off..off + len])
+        });
+        if same.is_some() {
+            group[i].perm = same;
+        }
+    }
+}
+
 /// Typed, zero-copy rows of a weight: `rows × cols`, row-major.
 pub enum WeightData<'a> {
     F32(&'a [f32]),
@@ -300,7 +320,7 @@ impl Model {
         let mut layers = Vec::with_capacity(hp.n_layer);
         for i in 0..hp.n_layer {
             let b = |s: &str| format!("blk.{i}.{s}.weight");
-            layers.push(LayerWeights {
+            let mut lw = LayerWeights {
                 attn_norm: norm(&b("attn_norm"))?,
                 attn_q: get(&b("attn_q"))?,
                 attn_k: get(&b("attn_k"))?,
@@ -310,7 +330,11 @@ impl Model {
                 ffn_gate: get(&b("ffn_gate"))?,
                 ffn_up: get(&b("ffn_up"))?,
                 ffn_down: get(&b("ffn_down"))?,
-            });
+            };
+            let bytes = file.bytes();
+            share_equal_perms(bytes, &mut [&mut lw.attn_q, &mut lw.attn_k, &mut lw.attn_v]);
+            share_equal_perms(bytes, &mut [&mut lw.ffn_gate, &mut lw.ffn_up]);
+            layers.push(lw);
         }
         let token_embd = get("token_embd.weight")?;
         let mut output = if hp.tie_embeddings {
