@@ -308,67 +308,27 @@ fn quantize_writes_a_runnable_model_and_a_report() {
 
     // Bad settings fail before any work and leave nothing behind.
     let bad = d.join("bad.nib");
-    let err = fails(&["quantize", "-m", s(&src), "-o", s(&bad), "--bits", "5"]);
-    assert!(err.contains("--bits 5"), "{err}");
-    let err = fails(&[
-        "quantize",
-        "-m",
-        s(&src),
-        "-o",
-        s(&bad),
-        "--group-size",
-        "33",
-    ]);
-    assert!(err.contains("multiple of 32"), "{err}");
-    let err = fails(&[
-        "quantize",
-        "-m",
-        s(&src),
-        "-o",
-        s(&bad),
-        "--method",
-        "rtn",
-        "--calib",
-        "self",
-    ]);
-    assert!(err.contains("--calib"), "{err}");
-    let err = fails(&[
-        "quantize",
-        "-m",
-        s(&src),
-        "-o",
-        s(&bad),
-        "--method",
-        "rtn",
-        "--no-true-sequential",
-    ]);
-    assert!(err.contains("true-sequential"), "{err}");
-    let err = fails(&[
-        "quantize",
-        "-m",
-        s(&src),
-        "-o",
-        s(&bad),
-        "--method",
-        "rtn",
-        "--act-order",
-    ]);
-    assert!(err.contains("act-order"), "{err}");
-    let err = fails(&[
-        "quantize",
-        "-m",
-        s(&src),
-        "-o",
-        s(&bad),
-        "--static-groups",
-        "--no-act-order",
-    ]);
-    assert!(
-        err.contains("--static-groups") && err.contains("act-order"),
-        "{err}"
-    );
-    let err = fails(&["quantize", "-m", s(&src), "-o", s(&bad), "--seqlen", "1"]);
-    assert!(err.contains("--seqlen"), "{err}");
+    let cases: [(&[&str], &[&str]); 7] = [
+        (&["--bits", "5"], &["--bits 5"]),
+        (&["--group-size", "33"], &["multiple of 32"]),
+        (&["--method", "rtn", "--calib", "self"], &["--calib"]),
+        (
+            &["--method", "rtn", "--no-true-sequential"],
+            &["true-sequential"],
+        ),
+        (&["--method", "rtn", "--act-order"], &["act-order"]),
+        (
+            &["--static-groups", "--no-act-order"],
+            &["--static-groups", "act-order"],
+        ),
+        (&["--seqlen", "1"], &["--seqlen"]),
+    ];
+    for (extra, wanted) in cases {
+        let mut args = vec!["quantize", "-m", s(&src), "-o", s(&bad)];
+        args.extend_from_slice(extra);
+        let err = fails(&args);
+        assert!(wanted.iter().all(|w| err.contains(w)), "{extra:?}: {err}");
+    }
     let short = d.join("short.txt");
     std::fs::write(&short, "Once upon a time.").unwrap();
     let err = fails(&[
@@ -394,23 +354,28 @@ fn gptq_without_calibration_text_calibrates_on_the_models_own_text() {
     let d = tmp("gptq-self");
     let out = d.join("self4.nib");
     let src = shared().join("models/stories260k");
-    let log = ok_stderr(&[
-        "quantize",
-        "-m",
-        s(&src),
-        "-o",
-        s(&out),
-        "--bits",
-        "4",
-        "--group-size",
-        "32",
-        "--nsamples",
-        "8",
-        "--seqlen",
-        "64",
-        "-t",
-        "2",
-    ]);
+    let quantize = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "quantize",
+            "-m",
+            s(&src),
+            "-o",
+            s(out),
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--nsamples",
+            "8",
+            "--seqlen",
+            "64",
+            "-t",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        ok_stderr(&args)
+    };
+    let log = quantize(&out, &[]);
     assert!(log.contains("writes its own calibration text"), "{log}");
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("self4.nib.report.json")).unwrap())
@@ -438,24 +403,7 @@ fn gptq_without_calibration_text_calibrates_on_the_models_own_text() {
 
     // --no-act-order keeps the stored column order: no permutations.
     let plain = d.join("plain4.nib");
-    ok(&[
-        "quantize",
-        "-m",
-        s(&src),
-        "-o",
-        s(&plain),
-        "--bits",
-        "4",
-        "--group-size",
-        "32",
-        "--nsamples",
-        "8",
-        "--seqlen",
-        "64",
-        "--no-act-order",
-        "-t",
-        "2",
-    ]);
+    quantize(&plain, &["--no-act-order"]);
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("plain4.nib.report.json")).unwrap())
             .unwrap();

@@ -671,31 +671,11 @@ fn gptq_blocks<W: Write + Seek>(
         let h_qkv = scale_h(&mut h_qkv, e);
         ctx.timings.hessian += t.elapsed().as_secs_f64();
         let p_qkv = ctx.prepare(&h_qkv, e)?;
+        let hq = Some((&h_qkv[..], &p_qkv));
         let quantize_qkv = |ctx: &mut Ctx<'_, '_, W>, w: &mut BlockWeights| -> Result<()> {
-            w.q = ctx.quantize_one(
-                &name("attn_q"),
-                &w.q,
-                q_dim,
-                e,
-                Some((&h_qkv, &p_qkv)),
-                Fold::No,
-            )?;
-            w.k = ctx.quantize_one(
-                &name("attn_k"),
-                &w.k,
-                kv_dim,
-                e,
-                Some((&h_qkv, &p_qkv)),
-                Fold::No,
-            )?;
-            w.v = ctx.quantize_one(
-                &name("attn_v"),
-                &w.v,
-                kv_dim,
-                e,
-                Some((&h_qkv, &p_qkv)),
-                Fold::No,
-            )?;
+            w.q = ctx.quantize_one(&name("attn_q"), &w.q, q_dim, e, hq, Fold::No)?;
+            w.k = ctx.quantize_one(&name("attn_k"), &w.k, kv_dim, e, hq, Fold::No)?;
+            w.v = ctx.quantize_one(&name("attn_v"), &w.v, kv_dim, e, hq, Fold::No)?;
             Ok(())
         };
         if ts {
@@ -722,15 +702,9 @@ fn gptq_blocks<W: Write + Seek>(
         ctx.timings.forward += fwd;
         ctx.timings.hessian += hes;
         let p_o = ctx.prepare(&h_o, q_dim)?;
+        let ho = Some((&h_o[..], &p_o));
         if ts {
-            w.o = ctx.quantize_one(
-                &name("attn_output"),
-                &w.o,
-                e,
-                q_dim,
-                Some((&h_o, &p_o)),
-                Fold::No,
-            )?;
+            w.o = ctx.quantize_one(&name("attn_output"), &w.o, e, q_dim, ho, Fold::No)?;
         }
 
         // gate/up: inputs are the normalized residual after attention.
@@ -769,23 +743,10 @@ fn gptq_blocks<W: Write + Seek>(
         let h_gu = scale_h(&mut h_gu, e);
         ctx.timings.hessian += t.elapsed().as_secs_f64();
         let p_gu = ctx.prepare(&h_gu, e)?;
+        let hg = Some((&h_gu[..], &p_gu));
         let quantize_gu = |ctx: &mut Ctx<'_, '_, W>, w: &mut BlockWeights| -> Result<()> {
-            w.gate = ctx.quantize_one(
-                &name("ffn_gate"),
-                &w.gate,
-                f,
-                e,
-                Some((&h_gu, &p_gu)),
-                Fold::Producer,
-            )?;
-            w.up = ctx.quantize_one(
-                &name("ffn_up"),
-                &w.up,
-                f,
-                e,
-                Some((&h_gu, &p_gu)),
-                Fold::Producer,
-            )?;
+            w.gate = ctx.quantize_one(&name("ffn_gate"), &w.gate, f, e, hg, Fold::Producer)?;
+            w.up = ctx.quantize_one(&name("ffn_up"), &w.up, f, e, hg, Fold::Producer)?;
             Ok(())
         };
         if ts {
@@ -826,27 +787,14 @@ fn gptq_blocks<W: Write + Seek>(
         ctx.timings.forward += fwd;
         ctx.timings.hessian += hes;
         let p_down = ctx.prepare(&h_down, f)?;
+        let hd = Some((&h_down[..], &p_down));
         if !ts {
             // All Hessians came from the float block; quantize everything now.
             quantize_qkv(ctx, &mut w)?;
-            w.o = ctx.quantize_one(
-                &name("attn_output"),
-                &w.o,
-                e,
-                q_dim,
-                Some((&h_o, &p_o)),
-                Fold::No,
-            )?;
+            w.o = ctx.quantize_one(&name("attn_output"), &w.o, e, q_dim, ho, Fold::No)?;
             quantize_gu(ctx, &mut w)?;
         }
-        w.down = ctx.quantize_one(
-            &name("ffn_down"),
-            &w.down,
-            e,
-            f,
-            Some((&h_down, &p_down)),
-            Fold::Consumer,
-        )?;
+        w.down = ctx.quantize_one(&name("ffn_down"), &w.down, e, f, hd, Fold::Consumer)?;
 
         // The next block's inputs come from the quantized block.
         ctx.report(&format!("block {l}: quantized forward"));
