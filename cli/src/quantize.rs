@@ -54,7 +54,7 @@ pub struct QuantizeArgs {
     /// the runtime gathers an input once for the weights that read it, never
     /// per group, and the down projection's order is folded into gate/up).
     /// The default: on SmolLM2 it beat GPTQ without it at every setting
-    /// measured, for about 2 % of prompt speed (README, "Why act-order is the
+    /// measured, for 2-6 % of prompt speed (README, "Why act-order is the
     /// default").
     #[arg(long, overrides_with = "no_act_order")]
     act_order: bool,
