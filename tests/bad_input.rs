@@ -54,10 +54,80 @@ fn missing_config_key_is_named() {
 
 #[test]
 fn unsupported_architecture_is_named() {
-    let d = shared().join("fixtures/hf-reference/gpt2");
+    let d = stories_with_config("cfg-arch", |c| c["model_type"] = "mamba".into());
     let msg = load_err(&d);
-    assert!(msg.contains("unsupported architecture 'gpt2'"), "{msg}");
-    assert!(msg.contains("gpt2"), "{msg}");
+    assert!(msg.contains("unsupported architecture 'mamba'"), "{msg}");
+    assert!(msg.contains("cfg-arch"), "{msg}");
+}
+
+/// Settings that change the numbers and that nibble does not implement are
+/// errors naming the setting and the file, never silently ignored.
+#[test]
+fn unimplemented_family_features_are_named() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 5] = [
+        (
+            "cfg-yarn",
+            |c| c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            "rope type 'yarn'",
+        ),
+        (
+            "cfg-moe",
+            |c| c["num_local_experts"] = 8.into(),
+            "mixture-of-experts",
+        ),
+        (
+            "cfg-layer-type",
+            |c| {
+                c["layer_types"] = serde_json::json!([
+                    "full_attention",
+                    "chunked_attention",
+                    "full_attention",
+                    "full_attention",
+                    "full_attention"
+                ])
+            },
+            "layer type 'chunked_attention'",
+        ),
+        (
+            "cfg-act",
+            |c| c["hidden_act"] = "relu2".into(),
+            "activation 'relu2'",
+        ),
+        (
+            "cfg-v5-rope",
+            |c| {
+                c.as_object_mut().unwrap().remove("rope_theta");
+                c["rope_parameters"] =
+                    serde_json::json!({"rope_type": "longrope", "rope_theta": 1e4});
+            },
+            "rope type 'longrope'",
+        ),
+    ];
+    for (name, edit, want) in cases {
+        let d = stories_with_config(name, edit);
+        let msg = load_err(&d);
+        assert!(msg.contains(want) && msg.contains(name), "{name}: {msg}");
+    }
+}
+
+/// A fused tensor of the wrong size is named, with the size config.json implies.
+#[test]
+fn fused_tensor_with_unexpected_shape_is_named() {
+    let src = shared().join("fixtures/hf-reference/phi3");
+    let d = tmpdir("phi3-shape");
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    cfg["num_key_value_heads"] = 4.into();
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    let msg = load_err(&d);
+    assert!(
+        msg.contains("qkv_proj") && msg.contains("[240, 80]") && msg.contains("phi3-shape"),
+        "{msg}"
+    );
 }
 
 #[test]

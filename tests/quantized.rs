@@ -288,8 +288,14 @@ fn gptq_beats_rtn_on_every_layer_of_stories260k_at_4_and_3_bits() {
             for l in &m.layers {
                 assert_eq!(l.attn_k.perm_key(), l.attn_q.perm_key());
                 assert_eq!(l.attn_v.perm_key(), l.attn_q.perm_key());
-                assert_eq!(l.ffn_up.perm_key(), l.ffn_gate.perm_key());
-                assert!(l.ffn_gate.has_perm() && !l.ffn_down.has_perm());
+                assert_eq!(
+                    l.ffn_up.perm_key(),
+                    l.linear(nibble::runtime::block::Lin::Gate).perm_key()
+                );
+                assert!(
+                    l.linear(nibble::runtime::block::Lin::Gate).has_perm()
+                        && !l.ffn_down.has_perm()
+                );
             }
         }
         let ids = text_ids(&m, 40);

@@ -43,6 +43,30 @@ fn tiny_mistral_matches_transformers() {
     check_hf_reference(&d, &d.join("reference.safetensors"), LOGIT_TOL);
 }
 
+/// One test per family fixture, all through the one helper.
+macro_rules! family_fixture {
+    ($($test:ident => $dir:literal),* $(,)?) => {$(
+        #[test]
+        fn $test() {
+            let d = shared().join(concat!("fixtures/hf-reference/", $dir));
+            check_hf_reference(&d, &d.join("reference.safetensors"), LOGIT_TOL);
+        }
+    )*};
+}
+
+family_fixture! {
+    tiny_llama3_rope_scaling_matches_transformers => "llama3_rope",
+    tiny_qwen2_biases_match_transformers => "qwen2",
+    tiny_qwen3_qk_norms_match_transformers => "qwen3",
+    tiny_phi3_fused_projections_match_transformers => "phi3",
+    tiny_gemma_matches_transformers => "gemma",
+    tiny_gemma2_softcaps_and_windows_match_transformers => "gemma2",
+    tiny_gemma3_local_global_layers_match_transformers => "gemma3",
+    tiny_opt_matches_transformers => "opt",
+    tiny_gpt2_matches_transformers => "gpt2",
+    tiny_gpt_neox_parallel_residual_matches_transformers => "gpt_neox",
+}
+
 #[test]
 fn stories260k_logits_and_64_greedy_tokens_match_transformers() {
     let model = Arc::new(Model::load(shared().join("models/stories260k")).unwrap());
@@ -121,7 +145,7 @@ fn batched_and_sequential_paths_agree_with_a_sliding_window() {
     let ids: Vec<u32> = (0..40u32).map(|i| 4 + (i * 37) % 500).collect();
     let full = Arc::new(Model::load(&dir).unwrap());
     let mut windowed = Model::load(&dir).unwrap();
-    windowed.hparams.sliding_window = 6;
+    windowed.hparams.desc.set_sliding_window(6);
     let windowed = Arc::new(windowed);
     let a = forward_logits_batched(&windowed, &ids, 2, 16);
     let b = forward_logits_sequential(&windowed, &ids, 1);
@@ -307,18 +331,7 @@ fn mapped_model_releases_interleaved_pages_and_computes_the_same() {
         let layer_bytes: usize = mapped
             .layers
             .iter()
-            .flat_map(|l| {
-                [
-                    &l.attn_q,
-                    &l.attn_k,
-                    &l.attn_v,
-                    &l.attn_output,
-                    &l.ffn_gate,
-                    &l.ffn_up,
-                    &l.ffn_down,
-                ]
-            })
-            .map(|w| w.nbytes())
+            .flat_map(|l| nibble::runtime::block::Lin::ALL.map(|w| l.linear(w).nbytes()))
             .sum::<usize>()
             + mapped.output.nbytes();
         let released = mapped.x8_released_bytes();

@@ -2,6 +2,7 @@
 //! metadata. The importers write them, the runtime reads them back: this
 //! module is the single definition of those keys (listed in `FORMAT.md`).
 
+use crate::arch::{Architecture, NormKind, Positions};
 use crate::error::{FormatError, Result};
 use crate::nib::{Metadata, MetadataBuilder, OwnedValue};
 
@@ -46,10 +47,11 @@ pub mod keys {
     pub const PROV_CREATED: &str = "provenance.created";
 }
 
-/// Architecture hyper-parameters of a Llama-family decoder.
+/// Shapes and settings of a decoder-only transformer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HParams {
-    /// "llama" (Mistral-style models are imported as llama with a sliding window).
+    /// The family's name as its config gives it ("llama", "qwen2", "gemma3", …),
+    /// for display and provenance only: what the block does is `desc`.
     pub arch: String,
     pub n_vocab: usize,
     /// Residual stream width.
@@ -65,12 +67,17 @@ pub struct HParams {
     pub n_ff: usize,
     /// Context length the model was trained for.
     pub n_ctx_train: usize,
+    /// RoPE base of the layers that do not use the local one.
     pub rope_theta: f64,
-    pub rms_norm_eps: f64,
+    /// Epsilon of every norm (RMSNorm or LayerNorm, as `desc.norm` says).
+    pub norm_eps: f64,
     /// The output head reuses the token embedding matrix.
     pub tie_embeddings: bool,
-    /// Sliding attention window in tokens; 0 = full attention.
+    /// Sliding attention window in tokens of a model whose layers all share
+    /// one (0 = none); per-layer windows are in `desc.layers`.
     pub sliding_window: usize,
+    /// What the block does (norms, activation, positions, biases, …).
+    pub desc: Architecture,
 }
 
 impl HParams {
@@ -104,15 +111,10 @@ impl HParams {
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return bad(format!("rope_theta {} must be positive", self.rope_theta));
         }
-        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
-            return bad(format!("rms_norm_eps {} out of range", self.rms_norm_eps));
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0 && self.norm_eps < 1.0) {
+            return bad(format!("norm epsilon {} out of range", self.norm_eps));
         }
-        if self.arch != "llama" {
-            return Err(FormatError::UnsupportedArchitecture {
-                arch: self.arch.clone(),
-            });
-        }
-        Ok(())
+        self.desc.validate(self.n_layer, self.head_dim)
     }
 
     pub fn write(&self, m: &mut MetadataBuilder) {
@@ -132,8 +134,9 @@ impl HParams {
             m.set(k, OwnedValue::U64(v as u64));
         }
         m.set(ROPE_THETA, OwnedValue::F64(self.rope_theta));
-        m.set(RMS_NORM_EPS, OwnedValue::F64(self.rms_norm_eps));
+        m.set(RMS_NORM_EPS, OwnedValue::F64(self.norm_eps));
         m.set(TIE_EMBEDDINGS, OwnedValue::Bool(self.tie_embeddings));
+        self.desc.write(m);
     }
 
     pub fn read(m: &Metadata<'_>) -> Result<HParams> {
@@ -145,48 +148,85 @@ impl HParams {
                 why: format!("{v} does not fit in usize"),
             })
         };
+        let (n_layer, head_dim, sliding_window) =
+            (us(N_LAYER)?, us(HEAD_DIM)?, us(SLIDING_WINDOW)?);
+        // Bound the per-layer tables before they are sized from n_layer.
+        if n_layer == 0 || n_layer > 1024 || head_dim > 4096 {
+            return Err(FormatError::BadConfig {
+                why: format!("n_layer {n_layer} / head_dim {head_dim} out of range"),
+            });
+        }
         let hp = HParams {
             arch: m.str(ARCH)?.to_string(),
             n_vocab: us(N_VOCAB)?,
             n_embd: us(N_EMBD)?,
-            n_layer: us(N_LAYER)?,
+            n_layer,
             n_head: us(N_HEAD)?,
             n_head_kv: us(N_HEAD_KV)?,
-            head_dim: us(HEAD_DIM)?,
+            head_dim,
             n_ff: us(N_FF)?,
             n_ctx_train: us(N_CTX_TRAIN)?,
             rope_theta: m.f64(ROPE_THETA)?,
-            rms_norm_eps: m.f64(RMS_NORM_EPS)?,
+            norm_eps: m.f64(RMS_NORM_EPS)?,
             tie_embeddings: m.bool(TIE_EMBEDDINGS)?,
-            sliding_window: us(SLIDING_WINDOW)?,
+            sliding_window,
+            desc: Architecture::read(m, n_layer, head_dim, sliding_window)?,
         };
         hp.validate()?;
         Ok(hp)
     }
 
-    /// Canonical `.nib` tensor names and row-major shapes for this model.
+    /// Canonical `.nib` tensor names and row-major shapes for this model:
+    /// which tensors exist follows from `desc` (biases, q/k norms, post-norms,
+    /// the gate of gated MLPs, learned positions).
     pub fn tensor_specs(&self) -> Vec<(String, Vec<u64>)> {
-        let (e, q, kv, ff) = (
+        let d = &self.desc;
+        let (e, q, kv, ff, hd) = (
             self.n_embd as u64,
             (self.n_head * self.head_dim) as u64,
             (self.n_head_kv * self.head_dim) as u64,
             self.n_ff as u64,
+            self.head_dim as u64,
         );
         let mut v = vec![(
             "token_embd.weight".to_string(),
             vec![self.n_vocab as u64, e],
         )];
+        if d.positions == Positions::Learned {
+            v.push(("pos_embd.weight".into(), vec![self.n_ctx_train as u64, e]));
+        }
+        let norm_bias = d.norm == NormKind::Layer;
         for i in 0..self.n_layer {
-            let b = |s: &str| format!("blk.{i}.{s}.weight");
-            v.push((b("attn_norm"), vec![e]));
-            v.push((b("attn_q"), vec![q, e]));
-            v.push((b("attn_k"), vec![kv, e]));
-            v.push((b("attn_v"), vec![kv, e]));
-            v.push((b("attn_output"), vec![e, q]));
-            v.push((b("ffn_norm"), vec![e]));
-            v.push((b("ffn_gate"), vec![ff, e]));
-            v.push((b("ffn_up"), vec![ff, e]));
-            v.push((b("ffn_down"), vec![e, ff]));
+            let mut t = |s: &str, shape: Vec<u64>, bias: bool| {
+                if bias {
+                    v.push((format!("blk.{i}.{s}.bias"), vec![shape[0]]));
+                }
+                v.push((format!("blk.{i}.{s}.weight"), shape));
+            };
+            t("attn_norm", vec![e], norm_bias);
+            t("attn_q", vec![q, e], d.attn_bias);
+            t("attn_k", vec![kv, e], d.attn_bias);
+            t("attn_v", vec![kv, e], d.attn_bias);
+            if d.qk_norm {
+                t("attn_q_norm", vec![hd], false);
+                t("attn_k_norm", vec![hd], false);
+            }
+            t("attn_output", vec![e, q], d.attn_out_bias);
+            if d.post_norms {
+                t("attn_post_norm", vec![e], false);
+            }
+            t("ffn_norm", vec![e], norm_bias);
+            if d.activation.gated() {
+                t("ffn_gate", vec![ff, e], d.ffn_bias);
+            }
+            t("ffn_up", vec![ff, e], d.ffn_bias);
+            t("ffn_down", vec![e, ff], d.ffn_bias);
+            if d.post_norms {
+                t("ffn_post_norm", vec![e], false);
+            }
+        }
+        if norm_bias {
+            v.push(("output_norm.bias".into(), vec![e]));
         }
         v.push(("output_norm.weight".into(), vec![e]));
         if !self.tie_embeddings {

@@ -289,6 +289,7 @@ struct HfSource {
     dir: PathBuf,
     config: Json,
     hp: HParams,
+    family: &'static crate::families::Family,
     /// (file, map) per safetensors shard.
     shards: Vec<(PathBuf, memmap2::Mmap)>,
 }
@@ -299,34 +300,6 @@ fn read_json(path: &Path) -> Result<Json> {
         what: path.display().to_string(),
         source: e,
     })
-}
-
-fn cfg_usize(c: &Json, key: &str) -> Result<Option<usize>> {
-    match c.get(key) {
-        None | Some(Json::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .and_then(|v| usize::try_from(v).ok())
-            .map(Some)
-            .ok_or_else(|| FormatError::BadConfig {
-                why: format!("config.json: '{key}' = {v} is not a non-negative integer"),
-            }),
-    }
-}
-
-fn cfg_req(c: &Json, key: &str) -> Result<usize> {
-    cfg_usize(c, key)?.ok_or_else(|| FormatError::BadConfig {
-        why: format!("config.json is missing '{key}'"),
-    })
-}
-
-fn cfg_f64(c: &Json, key: &str, default: f64) -> Result<f64> {
-    match c.get(key) {
-        None | Some(Json::Null) => Ok(default),
-        Some(v) => v.as_f64().ok_or_else(|| FormatError::BadConfig {
-            why: format!("config.json: '{key}' = {v} is not a number"),
-        }),
-    }
 }
 
 /// Token ids from an int, a list of ints, or null.
@@ -341,61 +314,7 @@ fn json_ids(v: Option<&Json>) -> Vec<u64> {
 impl HfSource {
     fn open(dir: &Path) -> Result<HfSource> {
         let config = read_json(&dir.join("config.json"))?;
-        let c = &config;
-        let arch =
-            c.get("model_type")
-                .and_then(Json::as_str)
-                .ok_or_else(|| FormatError::BadConfig {
-                    why: "config.json is missing 'model_type'".into(),
-                })?;
-        if !matches!(arch, "llama" | "mistral") {
-            return Err(FormatError::UnsupportedArchitecture { arch: arch.into() });
-        }
-        if let Some(act) = c.get("hidden_act").and_then(Json::as_str) {
-            if act != "silu" {
-                return Err(FormatError::BadConfig {
-                    why: format!("hidden_act '{act}' is not supported (only silu)"),
-                });
-            }
-        }
-        for flag in ["attention_bias", "mlp_bias"] {
-            if c.get(flag).and_then(Json::as_bool) == Some(true) {
-                return Err(FormatError::BadConfig {
-                    why: format!("'{flag}: true' is not supported yet"),
-                });
-            }
-        }
-        if c.get("rope_scaling").is_some_and(|v| !v.is_null()) {
-            return Err(FormatError::BadConfig {
-                why: "rope_scaling is not supported yet".into(),
-            });
-        }
-        let n_embd = cfg_req(c, "hidden_size")?;
-        let n_head = cfg_req(c, "num_attention_heads")?;
-        if n_head == 0 {
-            return Err(FormatError::BadConfig {
-                why: "num_attention_heads is 0".into(),
-            });
-        }
-        let hp = HParams {
-            arch: "llama".into(),
-            n_vocab: cfg_req(c, "vocab_size")?,
-            n_embd,
-            n_layer: cfg_req(c, "num_hidden_layers")?,
-            n_head,
-            n_head_kv: cfg_usize(c, "num_key_value_heads")?.unwrap_or(n_head),
-            head_dim: cfg_usize(c, "head_dim")?.unwrap_or(n_embd / n_head),
-            n_ff: cfg_req(c, "intermediate_size")?,
-            n_ctx_train: cfg_usize(c, "max_position_embeddings")?.unwrap_or(2048),
-            rope_theta: cfg_f64(c, "rope_theta", 10000.0)?,
-            rms_norm_eps: cfg_f64(c, "rms_norm_eps", 1e-6)?,
-            tie_embeddings: c
-                .get("tie_word_embeddings")
-                .and_then(Json::as_bool)
-                .unwrap_or(false),
-            sliding_window: cfg_usize(c, "sliding_window")?.unwrap_or(0),
-        };
-        hp.validate()
+        let (hp, family) = crate::families::hparams_from_config(&config)
             .map_err(|e| e.in_file(dir.join("config.json")))?;
 
         let index = dir.join("model.safetensors.index.json");
@@ -437,6 +356,7 @@ impl HfSource {
             dir: dir.to_path_buf(),
             config,
             hp,
+            family,
             shards,
         })
     }
@@ -478,39 +398,6 @@ impl HfSource {
             eos_ids: eos,
         })
     }
-
-    fn hf_name(name: &str) -> String {
-        if name == "token_embd.weight" {
-            return "model.embed_tokens.weight".into();
-        }
-        if name == "output_norm.weight" {
-            return "model.norm.weight".into();
-        }
-        if name == "output.weight" {
-            return "lm_head.weight".into();
-        }
-        // blk.{i}.{what}.weight
-        let mut parts = name.splitn(3, '.');
-        let (_, i, rest) = (
-            parts.next(),
-            parts.next().unwrap_or(""),
-            parts.next().unwrap_or(""),
-        );
-        let what = rest.trim_end_matches(".weight");
-        let hf = match what {
-            "attn_norm" => "input_layernorm",
-            "attn_q" => "self_attn.q_proj",
-            "attn_k" => "self_attn.k_proj",
-            "attn_v" => "self_attn.v_proj",
-            "attn_output" => "self_attn.o_proj",
-            "ffn_norm" => "post_attention_layernorm",
-            "ffn_gate" => "mlp.gate_proj",
-            "ffn_up" => "mlp.up_proj",
-            "ffn_down" => "mlp.down_proj",
-            other => other,
-        };
-        format!("model.layers.{i}.{hf}.weight")
-    }
 }
 
 fn chat_template_from_dir(dir: &Path) -> Result<Option<String>> {
@@ -544,17 +431,24 @@ impl Source for HfSource {
     }
 
     fn tensor_f32(&self, name: &str, expected: &[u64]) -> Result<Vec<f32>> {
-        let hf = Self::hf_name(name);
+        let (hf, transform) =
+            crate::families::locate(self.family, name).ok_or_else(|| FormatError::BadConfig {
+                why: format!(
+                    "family '{}' has no stored tensor for the canonical '{name}'",
+                    self.hp.arch
+                ),
+            })?;
+        let stored = crate::families::stored_shape(transform, &self.hp, expected);
         for (path, map) in &self.shards {
             let st = safetensors::SafeTensors::deserialize(map)
                 .map_err(|e| FormatError::from(e).in_file(path))?;
             let Ok(view) = st.tensor(&hf) else { continue };
             let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
-            if shape != expected {
+            if shape != stored {
                 return Err(FormatError::BadShape {
                     name: hf,
                     shape,
-                    why: format!("expected {expected:?} from config.json"),
+                    why: format!("expected {stored:?} from config.json"),
                 }
                 .in_file(path));
             }
@@ -571,7 +465,8 @@ impl Source for HfSource {
                     .in_file(path))
                 }
             };
-            return Ok(crate::dtype::decode_f32(dtype, view.data()).expect("float dtype"));
+            let data = crate::dtype::decode_f32(dtype, view.data()).expect("float dtype");
+            return Ok(crate::families::apply(transform, &self.hp, data, &stored));
         }
         Err(FormatError::MissingTensor { name: hf })
     }
@@ -640,23 +535,31 @@ impl<'a> GgufSource<'a> {
             Some(v) => v,
             None => embd.ne.get(1).copied().unwrap_or(0) as usize,
         };
+        let n_layer = req("block_count")?;
+        let head_dim = match u("attention.key_length")? {
+            Some(v) => v,
+            None => u("rope.dimension_count")?.unwrap_or(n_embd / n_head),
+        };
+        if n_layer == 0 || n_layer > 1024 {
+            return Err(FormatError::BadConfig {
+                why: format!("llama.block_count {n_layer} out of range"),
+            });
+        }
         let hp = HParams {
             arch: "llama".into(),
             n_vocab,
             n_embd,
-            n_layer: req("block_count")?,
+            n_layer,
             n_head,
             n_head_kv: u("attention.head_count_kv")?.unwrap_or(n_head),
-            head_dim: match u("attention.key_length")? {
-                Some(v) => v,
-                None => u("rope.dimension_count")?.unwrap_or(n_embd / n_head),
-            },
+            head_dim,
             n_ff: req("feed_forward_length")?,
             n_ctx_train: u("context_length")?.unwrap_or(2048),
             rope_theta: f("rope.freq_base", 10000.0)?,
-            rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5)?,
+            norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5)?,
             tie_embeddings: file.tensor("output.weight").is_none(),
             sliding_window: 0,
+            desc: crate::arch::Architecture::llama(n_layer, head_dim, 0),
         };
         Ok(GgufSource {
             file,

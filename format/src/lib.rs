@@ -13,9 +13,11 @@
 //! * [`gguf`] parses llama.cpp's GGUF; [`import`] converts GGUF or Hugging Face
 //!   folders into `.nib`.
 
+pub mod arch;
 mod bytes;
 pub mod dtype;
 pub mod error;
+pub mod families;
 pub mod gguf;
 pub mod hparams;
 pub mod import;
@@ -23,6 +25,7 @@ pub mod nib;
 pub mod quant;
 pub mod storage;
 
+pub use arch::Architecture;
 pub use dtype::DType;
 pub use error::{FormatError, Result};
 pub use hparams::{keys, HParams, TokenizerInfo};

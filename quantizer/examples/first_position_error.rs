@@ -32,17 +32,13 @@ const BITS: u32 = 4;
 const ATTN_WINDOWS: usize = 4;
 
 /// `xn · wᵀ` (`[SEQLEN, rows]`) with rotary embedding applied per position.
-fn rotated(hp: &HParams, xn: &[f32], w: &[f32], rope: &(Vec<f32>, Vec<f32>)) -> Vec<f32> {
+fn rotated(hp: &HParams, xn: &[f32], w: &[f32], rope: &nibble_runtime::block::Rope) -> Vec<f32> {
     let rows = w.len() / hp.n_embd;
     let mut out = vec![0f32; SEQLEN * rows];
     linear(xn, w, SEQLEN, rows, hp.n_embd, &mut out, THREADS);
-    let half = hp.head_dim / 2;
     for (p, v) in out.chunks_exact_mut(rows).enumerate() {
-        let (c, s) = (
-            &rope.0[p * half..(p + 1) * half],
-            &rope.1[p * half..(p + 1) * half],
-        );
-        nibble_runtime::forward::rope(v, hp.head_dim, c, s);
+        let (c, s) = rope.at(false, p);
+        nibble_runtime::block::rope(v, hp.head_dim, c, s);
     }
     out
 }
@@ -91,7 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let e = hp.n_embd;
     let bc = BlockCtx::new(&hp, SEQLEN, THREADS)?;
-    let rope = nibble_runtime::forward::rope_tables(hp.rope_theta, hp.head_dim, SEQLEN);
+    let rope = nibble_runtime::block::Rope::new(&hp, SEQLEN);
     let kv_dim = hp.n_head_kv * hp.head_dim;
     let embd = tensor_f32(view.tensor("token_embd.weight").ok_or("no token_embd")?)?;
     let mut x: Vec<f32> = windows

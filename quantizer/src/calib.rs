@@ -4,7 +4,7 @@
 //! whole model's activations.
 
 use nibble_format::HParams;
-use nibble_runtime::forward::{rmsnorm, rope, rope_tables};
+use nibble_runtime::block::{rmsnorm, rope, Rope};
 use nibble_runtime::kernels::{matmul, Kernels, MatMut, MatRef};
 use rayon::prelude::*;
 
@@ -231,8 +231,7 @@ pub struct BlockCtx<'a> {
     pub hp: &'a HParams,
     pub seqlen: usize,
     pub threads: usize,
-    rope_cos: Vec<f32>,
-    rope_sin: Vec<f32>,
+    rope: Rope,
     /// Softmax and SwiGLU compiled for this CPU (bit-identical to the
     /// scalar references).
     kernels: &'static Kernels,
@@ -362,15 +361,14 @@ impl<'a> BlockCtx<'a> {
     /// through the runtime's kernel table (`NIBBLE_ISA`, else the best this
     /// CPU has), an unknown `NIBBLE_ISA` is an error.
     pub fn new(hp: &'a HParams, seqlen: usize, threads: usize) -> Result<BlockCtx<'a>> {
-        let (rope_cos, rope_sin) = rope_tables(hp.rope_theta, hp.head_dim, seqlen);
+        let rope = Rope::new(hp, seqlen);
         let kernels = Kernels::from_env()
             .map_err(|e| QuantError::Runtime(nibble_runtime::RuntimeError::InvalidParam(e)))?;
         Ok(BlockCtx {
             hp,
             seqlen,
             threads,
-            rope_cos,
-            rope_sin,
+            rope,
             kernels,
         })
     }
@@ -382,7 +380,7 @@ impl<'a> BlockCtx<'a> {
     /// RMSNorm of every row of `x[n, n_embd]` into `out`.
     pub fn norm_rows(&self, x: &[f32], weight: &[f32], out: &mut [f32]) {
         let e = self.hp.n_embd;
-        let eps = self.hp.rms_norm_eps;
+        let eps = self.hp.norm_eps;
         out.par_chunks_exact_mut(e)
             .zip(x.par_chunks_exact(e))
             .with_min_len(64)
@@ -396,7 +394,6 @@ impl<'a> BlockCtx<'a> {
         let (l, e, hd) = (self.seqlen, hp.n_embd, hp.head_dim);
         let (q_dim, kv_dim) = (self.q_dim(), hp.n_head_kv * hd);
         let group = hp.n_head / hp.n_head_kv;
-        let half = hd / 2;
         let mut q = vec![0f32; l * q_dim];
         let mut k = vec![0f32; l * kv_dim];
         let mut v = vec![0f32; l * kv_dim];
@@ -404,10 +401,7 @@ impl<'a> BlockCtx<'a> {
         linear(xn, &w.k, l, kv_dim, e, &mut k, self.threads);
         linear(xn, &w.v, l, kv_dim, e, &mut v, self.threads);
         for p in 0..l {
-            let (c, s) = (
-                &self.rope_cos[p * half..(p + 1) * half],
-                &self.rope_sin[p * half..(p + 1) * half],
-            );
+            let (c, s) = self.rope.at(false, p);
             rope(&mut q[p * q_dim..(p + 1) * q_dim], hd, c, s);
             rope(&mut k[p * kv_dim..(p + 1) * kv_dim], hd, c, s);
         }

@@ -427,6 +427,14 @@ pub fn quantize_model<W: Write + Seek>(
         return Err(QuantError::BadDamp(opts.damp));
     }
     let hp = HParams::read(&src.metadata)?;
+    if opts.method == Method::Gptq && !hp.desc.is_llama_block(hp.head_dim, hp.sliding_window) {
+        return Err(QuantError::Calibration(format!(
+            "GPTQ's calibration forward runs the Llama block only so far; this '{}' model \
+             (its norms, activation, biases or positions differ) can be quantized with \
+             --method rtn",
+            hp.arch
+        )));
+    }
     // Everything is checked before any heavy work.
     for t in src
         .tensors

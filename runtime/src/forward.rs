@@ -1,9 +1,13 @@
-//! The Llama forward pass for one token, over a [`RunState`] sized once from
-//! the model config: embedding → n_layer × (RMSNorm, GQA attention with RoPE
-//! and a KV cache, SwiGLU MLP) → RMSNorm → output head.
+//! The runtime's forward passes over a [`RunState`] sized once from the
+//! model config: one token ([`forward`]), a batched prompt
+//! ([`forward_batch`]) and sequences in lockstep ([`forward_slots`]). Each
+//! runs the one decoder block ([`crate::block::block`]) through its own
+//! [`BlockExec`]: how a linear layer is multiplied and where attention finds
+//! its keys.
 //!
-//! Nothing here allocates: every buffer, the KV cache and the RoPE tables
-//! live in the run state, and the thread pool is created with the session.
+//! Nothing here allocates per token: every buffer, the KV cache and the RoPE
+//! tables live in the run state, and the thread pool is created with the
+//! session.
 //!
 //! Packed weights multiply int8 activation blocks: each layer input is
 //! quantized once ([`LayerInput`]) and shared by the matrices that read it
@@ -11,9 +15,13 @@
 
 use rayon::prelude::*;
 
+use crate::block::{
+    block, finish_embedding, norm_rows, softcap_logits, AttnParams, BlockBufs, BlockExec, Lin,
+    Rope, Vector,
+};
 use crate::kernels::pool::SpinPool;
 use crate::kernels::{Attend, Kernels, Q8Buf, Q8Ref};
-use crate::model::{LayerWeights, Model, Weight, WeightData};
+use crate::model::{Model, Weight, WeightData};
 use crate::session::PrefillKind;
 
 /// How the matrix-vector products of one token are spread over threads.
@@ -135,37 +143,22 @@ impl LayerInput {
     }
 }
 
-/// Every buffer a forward pass needs, sized once from the config and `n_ctx`.
+/// Every buffer a one-token forward pass needs, sized once from the config
+/// and `n_ctx`.
 pub struct RunState {
     pub n_ctx: usize,
-    /// `[n_embd]` residual stream.
-    pub x: Vec<f32>,
-    /// `[n_embd]` normalized input of a sub-layer.
-    pub xb: Vec<f32>,
-    /// `[n_embd]` sub-layer output.
-    pub xb2: Vec<f32>,
-    /// `[n_head·head_dim]` queries.
-    pub q: Vec<f32>,
-    /// `[n_head·head_dim]` attention output (all heads).
-    pub att_out: Vec<f32>,
+    /// The block's activations for one row (`bufs.x` is the residual stream).
+    pub bufs: BlockBufs,
     /// `[n_head, n_ctx]` attention scores.
     pub scores: Vec<f32>,
-    /// `[n_ff]` gate activations.
-    pub hb: Vec<f32>,
-    /// `[n_ff]` up activations.
-    pub hb2: Vec<f32>,
     /// `[n_vocab]` output logits.
     pub logits: Vec<f32>,
     /// The current layer input, quantized / permuted once for its readers.
     pub inp: LayerInput,
     /// Keys and values of every layer and position.
     pub kv: KvCache,
-    /// `[2, n_head_kv·head_dim]` the token's new key and value in f32,
-    /// before they go into the cache.
-    kv_new: Vec<f32>,
-    /// `[n_ctx, head_dim/2]` RoPE cosines and sines.
-    rope_cos: Vec<f32>,
-    rope_sin: Vec<f32>,
+    /// RoPE tables of positions `0..n_ctx`.
+    rope: Rope,
 }
 
 /// Element type of the KV cache.
@@ -249,41 +242,23 @@ impl RunState {
         let hp = &model.hparams;
         let q_dim = hp.n_head * hp.head_dim;
         let kv_dim = hp.n_head_kv * hp.head_dim;
-        let (rope_cos, rope_sin) = rope_tables(hp.rope_theta, hp.head_dim, n_ctx);
         RunState {
             n_ctx,
-            x: vec![0.0; hp.n_embd],
-            xb: vec![0.0; hp.n_embd],
-            xb2: vec![0.0; hp.n_embd],
-            q: vec![0.0; q_dim],
-            att_out: vec![0.0; q_dim],
+            bufs: BlockBufs::new(hp, 1),
             scores: vec![0.0; hp.n_head * n_ctx],
-            hb: vec![0.0; hp.n_ff],
-            hb2: vec![0.0; hp.n_ff],
             logits: vec![0.0; hp.n_vocab],
             inp: LayerInput::new(hp.n_embd.max(hp.n_ff).max(q_dim)),
             kv: KvCache::new(kv, hp.n_layer * n_ctx * kv_dim),
-            kv_new: vec![0.0; 2 * kv_dim],
-            rope_cos,
-            rope_sin,
+            rope: Rope::new(hp, n_ctx),
         }
     }
 
     /// Bytes held by this state (KV cache included).
     pub fn bytes(&self) -> usize {
-        4 * (self.x.len()
-            + self.xb.len()
-            + self.xb2.len()
-            + self.q.len()
-            + self.att_out.len()
-            + self.scores.len()
-            + self.hb.len()
-            + self.hb2.len()
-            + self.logits.len()
-            + self.inp.bytes() / 4
-            + self.kv_new.len()
-            + self.rope_cos.len()
-            + self.rope_sin.len())
+        self.bufs.bytes()
+            + 4 * (self.scores.len() + self.logits.len())
+            + self.inp.bytes()
+            + self.rope.bytes()
             + self.kv.bytes()
     }
 }
@@ -357,62 +332,11 @@ fn float_rows<T: Sync>(
 
 /// out = x / rms(x) · weight, as Hugging Face's LlamaRMSNorm (f32 in/out).
 /// The sum of squares is taken in f64, in eight partial sums (so it runs as
-/// vector lanes rather than one chain of dependent adds).
-pub fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f64) {
-    let mut acc = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| f64::from(v) * f64::from(v))
-        .sum();
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += f64::from(v) * f64::from(v);
-        }
-    }
-    let ss = acc.iter().sum::<f64>() + tail;
-    let scale = (1.0 / (ss / x.len() as f64 + eps).sqrt()) as f32;
-    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
-        *o = w * (v * scale);
-    }
-}
-
-/// RoPE tables `[n_ctx, head_dim/2]` (cos, sin), as Hugging Face computes
-/// them: inv_freq_i = 1 / theta^(2i/d) in f32, angle = pos · inv_freq in f32.
-pub fn rope_tables(theta: f64, head_dim: usize, n_ctx: usize) -> (Vec<f32>, Vec<f32>) {
-    let half = head_dim / 2;
-    let mut cos = vec![0f32; n_ctx * half];
-    let mut sin = vec![0f32; n_ctx * half];
-    for i in 0..half {
-        let inv_freq = (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32;
-        for pos in 0..n_ctx {
-            let angle = f64::from(pos as f32 * inv_freq);
-            cos[pos * half + i] = angle.cos() as f32;
-            sin[pos * half + i] = angle.sin() as f32;
-        }
-    }
-    (cos, sin)
-}
-
-/// Rotate-half RoPE on each `head_dim` slice of `v`, with one position's
-/// `cos`/`sin` rows (`head_dim/2` each).
-pub fn rope(v: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
-    let half = head_dim / 2;
-    for head in v.chunks_exact_mut(head_dim) {
-        let (a, b) = head.split_at_mut(half);
-        for i in 0..half {
-            let (x0, x1) = (a[i], b[i]);
-            a[i] = x0 * cos[i] - x1 * sin[i];
-            b[i] = x0 * sin[i] + x1 * cos[i];
-        }
-    }
-}
-
 /// One token's attention, KV head by KV head, each for its `group` query
 /// heads (GQA), through the kernel `attend`: queries `q` `[n_head·head_dim]`,
 /// the layer's (or slot's) cache from `base`, positions `range`, head `j`'s
 /// scores at `scores[j·score_stride..]`, outputs `[n_head·head_dim]` to `out`.
+#[allow(clippy::too_many_arguments)]
 fn attend_token<T: KvElem>(
     attend: fn(Attend<'_, T>),
     (keys, values, base): (&[T], &[T], usize),
@@ -421,6 +345,7 @@ fn attend_token<T: KvElem>(
     range: std::ops::Range<usize>,
     (scores, score_stride): (&mut [f32], usize),
     out: &mut [f32],
+    p: AttnParams,
 ) {
     let hd = hp.head_dim;
     let kv_dim = hp.n_head_kv * hd;
@@ -438,8 +363,34 @@ fn attend_token<T: KvElem>(
             score_stride,
             out: &mut out[heads],
             head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
+            scale: p.scale,
+            softcap: p.softcap,
         });
+    }
+}
+
+/// [`attend_token`] over whichever element type the cache holds.
+#[allow(clippy::too_many_arguments)]
+fn attend_cache(
+    k: &Kernels,
+    kv: &KvCache,
+    base: usize,
+    hp: &nibble_format::HParams,
+    q: &[f32],
+    range: std::ops::Range<usize>,
+    scores: (&mut [f32], usize),
+    out: &mut [f32],
+    p: AttnParams,
+) {
+    match kv {
+        KvCache::F16 { keys, values } => {
+            let cache = (&keys[..], &values[..], base);
+            attend_token(k.attend, cache, hp, q, range, scores, out, p)
+        }
+        KvCache::F32 { keys, values } => {
+            let cache = (&keys[..], &values[..], base);
+            attend_token(k.attend_f32, cache, hp, q, range, scores, out, p)
+        }
     }
 }
 
@@ -454,9 +405,89 @@ fn widen_head(dst: &mut [f32], src: &[u16], stride: usize, head_dim: usize, n: u
     }
 }
 
-fn embed(model: &Model, token: u32, out: &mut [f32]) {
+/// Token `token` at position `pos` embedded into `out` (scaled, plus its
+/// learned position where the model has them; `tmp` is `n_embd` scratch).
+fn embed(model: &Model, token: u32, pos: usize, out: &mut [f32], tmp: &mut [f32]) {
     let w = &model.token_embd;
     decode_row(&model.data(w), token as usize, w.cols, out);
+    let pos_row = model.pos_embd.as_ref().map(|p| {
+        decode_row(&model.data(p), pos, p.cols, tmp);
+        &*tmp
+    });
+    finish_embedding(&model.hparams.desc, out, pos_row);
+}
+
+/// The final norm of the residual rows `x` into `out`.
+fn output_norm(model: &Model, x: &[f32], out: &mut [f32]) {
+    let hp = &model.hparams;
+    norm_rows(
+        hp.desc.norm,
+        hp.norm_eps,
+        x,
+        out,
+        model.vector(&model.output_norm),
+        model.output_norm_bias.as_ref().map(|b| model.vector(b)),
+    );
+}
+
+/// The one-token path: matrix-vector products on `par`, attention over the
+/// KV cache at `pos`.
+struct TokenExec<'a> {
+    model: &'a Model,
+    inp: &'a mut LayerInput,
+    kv: &'a mut KvCache,
+    scores: &'a mut [f32],
+    n_ctx: usize,
+    pos: usize,
+    par: Par<'a>,
+}
+
+impl BlockExec for TokenExec<'_> {
+    fn vector(&self, layer: usize, v: Vector) -> Option<&[f32]> {
+        self.model.layer_vector(layer, v)
+    }
+    fn new_input(&mut self) {
+        self.inp.reset();
+    }
+    fn linear(&mut self, layer: usize, w: Lin, x: &[f32], _rows: usize, out: &mut [f32]) {
+        let w = self.model.layers[layer].linear(w);
+        matvec(self.model, w, x, out, self.inp, self.par);
+    }
+    fn position(&self, _row: usize) -> usize {
+        self.pos
+    }
+    fn attend(
+        &mut self,
+        l: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        _rows: usize,
+        out: &mut [f32],
+        p: AttnParams,
+    ) {
+        let hp = &self.model.hparams;
+        let kv_dim = hp.n_head_kv * hp.head_dim;
+        let (n_ctx, pos) = (self.n_ctx, self.pos);
+        self.kv.store((l * n_ctx + pos) * kv_dim, k, v);
+        let base = l * n_ctx * kv_dim;
+        let range = p.first_key(pos)..pos + 1;
+        let kern = self.model.kernels();
+        attend_cache(
+            kern,
+            self.kv,
+            base,
+            hp,
+            q,
+            range,
+            (self.scores, n_ctx),
+            out,
+            p,
+        );
+    }
+    fn kernels(&self) -> &'static Kernels {
+        self.model.kernels()
+    }
 }
 
 /// Run one token at position `pos` (< n_ctx, checked by the caller), filling
@@ -470,116 +501,47 @@ pub fn forward(
     par: Par<'_>,
 ) {
     let hp = &model.hparams;
-    let (hd, n_kv) = (hp.head_dim, hp.n_head_kv);
-    let kv_dim = n_kv * hd;
-    let half = hd / 2;
-    let n_ctx = s.n_ctx;
-    let start = if hp.sliding_window > 0 {
-        (pos + 1).saturating_sub(hp.sliding_window)
-    } else {
-        0
+    let RunState {
+        n_ctx,
+        bufs,
+        scores,
+        logits,
+        inp,
+        kv,
+        rope,
+    } = s;
+    embed(model, token, pos, &mut bufs.x, &mut bufs.xn);
+    let mut e = TokenExec {
+        model,
+        inp,
+        kv,
+        scores,
+        n_ctx: *n_ctx,
+        pos,
+        par,
     };
-
-    embed(model, token, &mut s.x);
-    let cos = &s.rope_cos[pos * half..(pos + 1) * half];
-    let sin = &s.rope_sin[pos * half..(pos + 1) * half];
-
-    for (l, lw) in model.layers.iter().enumerate() {
-        rmsnorm(
-            &mut s.xb,
-            &s.x,
-            model.vector(&lw.attn_norm),
-            hp.rms_norm_eps,
-        );
-        s.inp.reset();
-        let cache_row = (l * n_ctx + pos) * kv_dim;
-        let layer_base = l * n_ctx * kv_dim;
-        matvec(model, &lw.attn_q, &s.xb, &mut s.q, &mut s.inp, par);
-        {
-            let (k, v) = s.kv_new.split_at_mut(kv_dim);
-            matvec(model, &lw.attn_k, &s.xb, k, &mut s.inp, par);
-            rope(k, hd, cos, sin);
-            matvec(model, &lw.attn_v, &s.xb, v, &mut s.inp, par);
-            s.kv.store(cache_row, k, v);
-        }
-        rope(&mut s.q, hd, cos, sin);
-
-        let k = model.kernels();
-        let (scores, out) = ((&mut s.scores[..], n_ctx), &mut s.att_out[..]);
-        let range = start..pos + 1;
-        match &s.kv {
-            KvCache::F16 { keys, values } => {
-                let cache = (&keys[..], &values[..], layer_base);
-                attend_token(k.attend, cache, hp, &s.q, range, scores, out)
-            }
-            KvCache::F32 { keys, values } => {
-                let cache = (&keys[..], &values[..], layer_base);
-                attend_token(k.attend_f32, cache, hp, &s.q, range, scores, out)
-            }
-        }
-        s.inp.reset();
-        matvec(
-            model,
-            &lw.attn_output,
-            &s.att_out,
-            &mut s.xb2,
-            &mut s.inp,
-            par,
-        );
-        for (x, d) in s.x.iter_mut().zip(&s.xb2) {
-            *x += d;
-        }
-
-        rmsnorm(&mut s.xb, &s.x, model.vector(&lw.ffn_norm), hp.rms_norm_eps);
-        s.inp.reset();
-        matvec(model, &lw.ffn_gate, &s.xb, &mut s.hb, &mut s.inp, par);
-        matvec(model, &lw.ffn_up, &s.xb, &mut s.hb2, &mut s.inp, par);
-        (model.kernels().swiglu)(&mut s.hb, &s.hb2);
-        s.inp.reset();
-        matvec(model, &lw.ffn_down, &s.hb, &mut s.xb2, &mut s.inp, par);
-        for (x, d) in s.x.iter_mut().zip(&s.xb2) {
-            *x += d;
-        }
+    for l in 0..hp.n_layer {
+        block(hp, l, &mut e, bufs, rope, 1);
     }
-
     if want_logits {
-        rmsnorm(
-            &mut s.xb,
-            &s.x,
-            model.vector(&model.output_norm),
-            hp.rms_norm_eps,
-        );
-        s.inp.reset();
-        matvec(model, &model.output, &s.xb, &mut s.logits, &mut s.inp, par);
+        output_norm(model, &bufs.x, &mut bufs.xn);
+        e.inp.reset();
+        matvec(model, &model.output, &bufs.xn, logits, e.inp, par);
+        softcap_logits(&hp.desc, logits);
     }
 }
 
 /// Rows of a F16/BF16 weight converted to f32 at a time for the batched path.
 const WEIGHT_TILE_ROWS: usize = 1024;
-
 /// Buffers of the batched (prompt) path: `n_batch` tokens at a time as
 /// matrix-matrix products. Allocated once, on the first multi-token call.
 pub struct BatchState {
     pub n_batch: usize,
-    /// `[n_batch, n_embd]` residual stream rows.
-    x: Vec<f32>,
-    /// `[n_batch, n_embd]` normalized rows.
-    xb: Vec<f32>,
-    /// `[n_batch, n_embd]` sub-layer outputs.
-    xb2: Vec<f32>,
-    /// `[n_batch, n_head·head_dim]` queries.
-    q: Vec<f32>,
-    /// `[n_batch, n_head·head_dim]` attention outputs.
-    att_out: Vec<f32>,
-    /// `[n_batch, n_ctx]` one head's attention scores.
+    /// The block's activations for `n_batch` rows.
+    bufs: BlockBufs,
+    /// `[n_batch, n_ctx]` one head's attention scores (prompts), or
+    /// `[n_batch, n_head·slot_len]` every head's (slots).
     scores: Vec<f32>,
-    /// `[n_batch, n_ff]` gate / up activations.
-    hb: Vec<f32>,
-    hb2: Vec<f32>,
-    /// `[n_batch, n_head_kv·head_dim]` new keys / values before they are
-    /// rounded into the (f16) cache.
-    k_new: Vec<f32>,
-    v_new: Vec<f32>,
     /// `[2, n_ctx, head_dim]` one KV head's cached keys and values widened
     /// to f32 for `gemm` ([`forward_batch`] over an f16 cache; empty for an
     /// f32 cache and for slots).
@@ -649,22 +611,13 @@ impl BatchState {
         n_batch: usize,
         prefill: PrefillKind,
     ) -> BatchState {
-        let n_ctx = score_cols;
         let hp = &model.hparams;
         let q_dim = hp.n_head * hp.head_dim;
         let max_in = hp.n_embd.max(hp.n_ff).max(q_dim);
         BatchState {
             n_batch,
-            x: vec![0.0; n_batch * hp.n_embd],
-            xb: vec![0.0; n_batch * hp.n_embd],
-            xb2: vec![0.0; n_batch * hp.n_embd],
-            q: vec![0.0; n_batch * q_dim],
-            att_out: vec![0.0; n_batch * q_dim],
-            scores: vec![0.0; n_batch * n_ctx],
-            hb: vec![0.0; n_batch * hp.n_ff],
-            hb2: vec![0.0; n_batch * hp.n_ff],
-            k_new: vec![0.0; n_batch * hp.n_head_kv * hp.head_dim],
-            v_new: vec![0.0; n_batch * hp.n_head_kv * hp.head_dim],
+            bufs: BlockBufs::new(hp, n_batch),
+            scores: vec![0.0; n_batch * score_cols],
             kv_f32: vec![0.0; 2 * kv_positions * hp.head_dim],
             logits: Vec::new(),
             scratch: BatchScratch {
@@ -850,6 +803,96 @@ fn linear_batch(
 
 /// Run `tokens` (≤ n_batch) at positions `start..start + len` as one batch,
 /// filling those KV cache rows. `logits`: `None` computes no logits, `Some(false)`
+/// The prompt path: batched products ([`linear_batch`]), rows at positions
+/// `start..`, attention per query head as two `gemm` products over the
+/// layer's cached keys.
+struct BatchExec<'a> {
+    model: &'a Model,
+    kv: &'a mut KvCache,
+    kv_f32: &'a mut [f32],
+    scores: &'a mut [f32],
+    scratch: &'a mut BatchScratch,
+    start: usize,
+    n_ctx: usize,
+    threads: usize,
+}
+
+impl BlockExec for BatchExec<'_> {
+    fn vector(&self, layer: usize, v: Vector) -> Option<&[f32]> {
+        self.model.layer_vector(layer, v)
+    }
+    fn new_input(&mut self) {
+        self.scratch.new_input();
+    }
+    fn linear(&mut self, layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]) {
+        let w = self.model.layers[layer].linear(w);
+        linear_batch(
+            self.model,
+            w,
+            x,
+            rows,
+            out,
+            w.rows,
+            self.scratch,
+            self.threads,
+        );
+    }
+    fn position(&self, row: usize) -> usize {
+        self.start + row
+    }
+    fn attend(
+        &mut self,
+        l: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        b: usize,
+        out: &mut [f32],
+        p: AttnParams,
+    ) {
+        let hp = &self.model.hparams;
+        let (hd, n_kv) = (hp.head_dim, hp.n_head_kv);
+        let (q_dim, kv_dim, group) = (hp.n_head * hd, n_kv * hd, hp.n_head / n_kv);
+        let (start, n_keys) = (self.start, self.start + b);
+        let lbase = l * self.n_ctx * kv_dim;
+        self.kv.store(lbase + start * kv_dim, k, v);
+        // Attention per query head: S = Q·Kᵀ·scale over all cached keys,
+        // causal (and sliding-window) mask, softmax per row, then O = S·V;
+        // the KV head's keys and values widened to f32 once for its query
+        // heads.
+        for kvh in 0..n_kv {
+            let kv = lbase + kvh * hd;
+            let per = self.kv_f32.len() / 2;
+            let (kf, vf) = self.kv_f32.split_at_mut(per);
+            let (keys, values, stride): (&[f32], &[f32], usize) = match &*self.kv {
+                KvCache::F32 { keys, values } => (&keys[kv..], &values[kv..], kv_dim),
+                KvCache::F16 { keys, values } => {
+                    widen_head(kf, &keys[kv..], kv_dim, hd, n_keys);
+                    widen_head(vf, &values[kv..], kv_dim, hd, n_keys);
+                    (kf, vf, hd)
+                }
+            };
+            for h in kvh * group..(kvh + 1) * group {
+                attend_rows(
+                    (&q[h * hd..], b, q_dim),
+                    (keys, values, stride),
+                    n_keys,
+                    (self.scores, n_keys),
+                    &mut out[h * hd..],
+                    (hd, p, self.threads),
+                    self.model.kernels().causal_softmax,
+                    |i| (p.first_key(start + i), start + i),
+                );
+            }
+        }
+    }
+    fn kernels(&self) -> &'static Kernels {
+        self.model.kernels()
+    }
+}
+
+/// Run `tokens` (≤ n_batch) at positions `start..start + len` as one batch,
+/// filling those KV cache rows. `logits`: `None` computes no logits, `Some(false)`
 /// only the last row's (into `s.logits`), `Some(true)` every row's (into `bs.logits`).
 pub fn forward_batch(
     model: &Model,
@@ -863,108 +906,149 @@ pub fn forward_batch(
     let hp = &model.hparams;
     let b = tokens.len();
     assert!(b > 0 && b <= bs.n_batch && start + b <= s.n_ctx);
-    let (e, hd, n_head, n_kv) = (hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv);
-    let (q_dim, kv_dim, group, half) = (n_head * hd, n_kv * hd, n_head / n_kv, hd / 2);
-    let n_ctx = s.n_ctx;
-    let n_keys = start + b;
-    let inv_sqrt_hd = 1.0 / (hd as f32).sqrt();
-
-    for (i, &t) in tokens.iter().enumerate() {
-        embed(model, t, &mut bs.x[i * e..(i + 1) * e]);
-    }
-    for (l, lw) in model.layers.iter().enumerate() {
-        let norm = model.vector(&lw.attn_norm);
-        norm_rows(bs, b, norm, hp.rms_norm_eps);
-        let lbase = l * n_ctx * kv_dim;
-        let rows = lbase + start * kv_dim..lbase + n_keys * kv_dim;
-        bs.scratch.new_input();
-        linear_batch(
-            model,
-            &lw.attn_q,
-            &bs.xb,
-            b,
-            &mut bs.q,
-            q_dim,
-            &mut bs.scratch,
-            threads,
-        );
-        linear_batch(
-            model,
-            &lw.attn_k,
-            &bs.xb,
-            b,
-            &mut bs.k_new,
-            kv_dim,
-            &mut bs.scratch,
-            threads,
-        );
-        linear_batch(
-            model,
-            &lw.attn_v,
-            &bs.xb,
-            b,
-            &mut bs.v_new,
-            kv_dim,
-            &mut bs.scratch,
-            threads,
-        );
-        for i in 0..b {
-            let pos = start + i;
-            let (cos, sin) = (
-                &s.rope_cos[pos * half..(pos + 1) * half],
-                &s.rope_sin[pos * half..(pos + 1) * half],
-            );
-            rope(&mut bs.q[i * q_dim..(i + 1) * q_dim], hd, cos, sin);
-            let kn = &mut bs.k_new[i * kv_dim..(i + 1) * kv_dim];
-            rope(kn, hd, cos, sin);
-        }
-        s.kv.store(rows.start, &bs.k_new[..b * kv_dim], &bs.v_new[..b * kv_dim]);
-
-        // Attention per query head: S = Q·Kᵀ/√d over all cached keys, causal
-        // (and sliding-window) mask, softmax per row, then O = S·V; the KV
-        // head's keys and values widened to f32 once for its query heads.
-        for kvh in 0..n_kv {
-            let kv = lbase + kvh * hd;
-            let per = bs.kv_f32.len() / 2;
-            let (kf, vf) = bs.kv_f32.split_at_mut(per);
-            let (keys, values, stride): (&[f32], &[f32], usize) = match &s.kv {
-                KvCache::F32 { keys, values } => (&keys[kv..], &values[kv..], kv_dim),
-                KvCache::F16 { keys, values } => {
-                    widen_head(kf, &keys[kv..], kv_dim, hd, n_keys);
-                    widen_head(vf, &values[kv..], kv_dim, hd, n_keys);
-                    (kf, vf, hd)
-                }
-            };
-            for h in kvh * group..(kvh + 1) * group {
-                attend_rows(
-                    (&bs.q[h * hd..], b, q_dim),
-                    (keys, values, stride),
-                    n_keys,
-                    (&mut bs.scores, n_keys),
-                    &mut bs.att_out[h * hd..],
-                    (hd, inv_sqrt_hd, threads),
-                    model.kernels().causal_softmax,
-                    |i| {
-                        let pos = start + i;
-                        (causal_window_start(pos, hp.sliding_window), pos)
-                    },
-                );
-            }
-        }
-        output_and_ffn_batch(model, lw, bs, b, threads);
+    let e = hp.n_embd;
+    embed_rows(model, tokens, |i| start + i, &mut bs.bufs);
+    let mut ex = BatchExec {
+        model,
+        kv: &mut s.kv,
+        kv_f32: &mut bs.kv_f32,
+        scores: &mut bs.scores,
+        scratch: &mut bs.scratch,
+        start,
+        n_ctx: s.n_ctx,
+        threads,
+    };
+    for l in 0..hp.n_layer {
+        block(hp, l, &mut ex, &mut bs.bufs, &s.rope, b);
     }
 
-    let norm = model.vector(&model.output_norm);
     match logits {
         None => {}
         Some(false) => {
-            let last = &bs.x[(b - 1) * e..b * e];
-            rmsnorm(&mut s.xb, last, norm, hp.rms_norm_eps);
+            let last = &bs.bufs.x[(b - 1) * e..b * e];
+            output_norm(model, last, &mut s.bufs.xn);
             s.inp.reset();
             let par = if threads > 1 { Par::Rayon } else { Par::Serial };
-            matvec(model, &model.output, &s.xb, &mut s.logits, &mut s.inp, par);
+            matvec(
+                model,
+                &model.output,
+                &s.bufs.xn,
+                &mut s.logits,
+                &mut s.inp,
+                par,
+            );
+            softcap_logits(&hp.desc, &mut s.logits);
         }
         Some(true) => logits_batch(model, bs, b, threads),
+    }
+}
+
+/// The first `tokens.len()` rows of `bufs.x` ← the tokens' embeddings, row
+/// `i` at position `pos(i)`.
+fn embed_rows(model: &Model, tokens: &[u32], pos: impl Fn(usize) -> usize, bufs: &mut BlockBufs) {
+    let e = model.hparams.n_embd;
+    for (i, &t) in tokens.iter().enumerate() {
+        let row = &mut bufs.x[i * e..(i + 1) * e];
+        embed(model, t, pos(i), row, &mut bufs.xn[..e]);
+    }
+}
+
+/// Sequences in lockstep: row `i` is the sequence of slot `i` of the KV
+/// cache, every row at position `pos`; batched products, and per row the
+/// one-token attention kernel over its own slot.
+struct SlotsExec<'a> {
+    model: &'a Model,
+    kv: &'a mut KvCache,
+    scores: &'a mut [f32],
+    scratch: &'a mut BatchScratch,
+    pos: usize,
+    slot_len: usize,
+    n_ctx: usize,
+    threads: usize,
+}
+
+impl BlockExec for SlotsExec<'_> {
+    fn vector(&self, layer: usize, v: Vector) -> Option<&[f32]> {
+        self.model.layer_vector(layer, v)
+    }
+    fn new_input(&mut self) {
+        self.scratch.new_input();
+    }
+    fn linear(&mut self, layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]) {
+        let w = self.model.layers[layer].linear(w);
+        linear_batch(
+            self.model,
+            w,
+            x,
+            rows,
+            out,
+            w.rows,
+            self.scratch,
+            self.threads,
+        );
+    }
+    fn position(&self, _row: usize) -> usize {
+        self.pos
+    }
+    fn attend(
+        &mut self,
+        l: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        b: usize,
+        out: &mut [f32],
+        p: AttnParams,
+    ) {
+        let hp = &self.model.hparams;
+        let (q_dim, kv_dim) = (hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim);
+        let (pos, slot_len) = (self.pos, self.slot_len);
+        let lbase = l * self.n_ctx * kv_dim;
+        for i in 0..b {
+            let row = lbase + (i * slot_len + pos) * kv_dim;
+            let r = i * kv_dim..(i + 1) * kv_dim;
+            self.kv.store(row, &k[r.clone()], &v[r]);
+        }
+        // Per row and KV head, the `group` query heads that share it: one
+        // query per head, so the one-token attention kernel (each cached key
+        // and value read once for the group), not `gemm` on 3-row products,
+        // whose set-up cost dominated at these sizes.
+        let kern = self.model.kernels();
+        let kv = &*self.kv;
+        let lo = p.first_key(pos);
+        let attend = |(i, (att, scores)): (usize, (&mut [f32], &mut [f32]))| {
+            let slot = lbase + i * slot_len * kv_dim;
+            let q = &q[i * q_dim..(i + 1) * q_dim];
+            attend_cache(
+                kern,
+                kv,
+                slot,
+                hp,
+                q,
+                lo..pos + 1,
+                (scores, slot_len),
+                att,
+                p,
+            );
+        };
+        let att_rows = &mut out[..b * q_dim];
+        let per_row = hp.n_head * slot_len;
+        if self.threads > 1 {
+            att_rows
+                .par_chunks_mut(q_dim)
+                .zip(self.scores.par_chunks_mut(per_row))
+                .enumerate()
+                .for_each(attend);
+        } else {
+            att_rows
+                .chunks_mut(q_dim)
+                .zip(self.scores.chunks_mut(per_row))
+                .enumerate()
+                .for_each(attend);
+        }
+    }
+    fn kernels(&self) -> &'static Kernels {
+        self.model.kernels()
     }
 }
 
@@ -996,160 +1080,25 @@ pub fn forward_slots(
         pos < slot_len && b * slot_len <= s.n_ctx,
         "forward_slots: slots exceed the cache"
     );
-    let (e, hd, n_head, n_kv) = (hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv);
     assert!(
-        bs.scores.len() >= b * n_head * slot_len,
+        bs.scores.len() >= b * hp.n_head * slot_len,
         "forward_slots: make `bs` with BatchState::for_slots"
     );
-    let (q_dim, kv_dim, half) = (n_head * hd, n_kv * hd, hd / 2);
-    let n_ctx = s.n_ctx;
-    let lo = causal_window_start(pos, hp.sliding_window);
-    let (cos, sin) = (
-        &s.rope_cos[pos * half..(pos + 1) * half],
-        &s.rope_sin[pos * half..(pos + 1) * half],
-    );
-
-    for (i, &t) in tokens.iter().enumerate() {
-        embed(model, t, &mut bs.x[i * e..(i + 1) * e]);
-    }
-    for (l, lw) in model.layers.iter().enumerate() {
-        let norm = model.vector(&lw.attn_norm);
-        norm_rows(bs, b, norm, hp.rms_norm_eps);
-        bs.scratch.new_input();
-        for (w, out, width) in [
-            (&lw.attn_q, &mut bs.q, q_dim),
-            (&lw.attn_k, &mut bs.k_new, kv_dim),
-            (&lw.attn_v, &mut bs.v_new, kv_dim),
-        ] {
-            linear_batch(model, w, &bs.xb, b, out, width, &mut bs.scratch, threads);
-        }
-        let lbase = l * n_ctx * kv_dim;
-        for i in 0..b {
-            rope(&mut bs.q[i * q_dim..(i + 1) * q_dim], hd, cos, sin);
-            let kn = &mut bs.k_new[i * kv_dim..(i + 1) * kv_dim];
-            rope(kn, hd, cos, sin);
-            let row = lbase + (i * slot_len + pos) * kv_dim;
-            s.kv.store(row, kn, &bs.v_new[i * kv_dim..(i + 1) * kv_dim]);
-        }
-
-        // Row i attends to keys 0..=pos of its own slot.
-        let kv = &s.kv;
-        let q = &bs.q;
-        // Per row and KV head, the `group` query heads that share it: one
-        // query per head, so the one-token attention kernel (each cached key
-        // and value read once for the group), not `gemm` on 3-row products,
-        // whose set-up cost dominated at these sizes.
-        let k = model.kernels();
-        let attend = |(i, (att, scores)): (usize, (&mut [f32], &mut [f32]))| {
-            let slot = lbase + i * slot_len * kv_dim;
-            let q = &q[i * q_dim..(i + 1) * q_dim];
-            let scores = (scores, slot_len);
-            match kv {
-                KvCache::F16 { keys, values } => {
-                    let cache = (&keys[..], &values[..], slot);
-                    attend_token(k.attend, cache, hp, q, lo..pos + 1, scores, att)
-                }
-                KvCache::F32 { keys, values } => {
-                    let cache = (&keys[..], &values[..], slot);
-                    attend_token(k.attend_f32, cache, hp, q, lo..pos + 1, scores, att)
-                }
-            }
-        };
-        let att_rows = &mut bs.att_out[..b * q_dim];
-        if threads > 1 {
-            att_rows
-                .par_chunks_mut(q_dim)
-                .zip(bs.scores.par_chunks_mut(n_head * slot_len))
-                .enumerate()
-                .for_each(attend);
-        } else {
-            att_rows
-                .chunks_mut(q_dim)
-                .zip(bs.scores.chunks_mut(n_head * slot_len))
-                .enumerate()
-                .for_each(attend);
-        }
-        output_and_ffn_batch(model, lw, bs, b, threads);
+    embed_rows(model, tokens, |_| pos, &mut bs.bufs);
+    let mut ex = SlotsExec {
+        model,
+        kv: &mut s.kv,
+        scores: &mut bs.scores,
+        scratch: &mut bs.scratch,
+        pos,
+        slot_len,
+        n_ctx: s.n_ctx,
+        threads,
+    };
+    for l in 0..hp.n_layer {
+        block(hp, l, &mut ex, &mut bs.bufs, &s.rope, b);
     }
     logits_batch(model, bs, b, threads);
-}
-
-/// The rest of a layer for `b` rows once `bs.att_out` holds the attention
-/// outputs: output projection and residual, then the SwiGLU MLP and residual
-/// (shared by [`forward_batch`] and [`forward_slots`]).
-fn output_and_ffn_batch(
-    model: &Model,
-    lw: &LayerWeights,
-    bs: &mut BatchState,
-    b: usize,
-    threads: usize,
-) {
-    let hp = &model.hparams;
-    let e = hp.n_embd;
-    bs.scratch.new_input();
-    linear_batch(
-        model,
-        &lw.attn_output,
-        &bs.att_out,
-        b,
-        &mut bs.xb2,
-        e,
-        &mut bs.scratch,
-        threads,
-    );
-    for (x, d) in bs.x[..b * e].iter_mut().zip(&bs.xb2) {
-        *x += d;
-    }
-
-    let norm = model.vector(&lw.ffn_norm);
-    norm_rows(bs, b, norm, hp.rms_norm_eps);
-    let n_ff = hp.n_ff;
-    bs.scratch.new_input();
-    linear_batch(
-        model,
-        &lw.ffn_gate,
-        &bs.xb,
-        b,
-        &mut bs.hb,
-        n_ff,
-        &mut bs.scratch,
-        threads,
-    );
-    linear_batch(
-        model,
-        &lw.ffn_up,
-        &bs.xb,
-        b,
-        &mut bs.hb2,
-        n_ff,
-        &mut bs.scratch,
-        threads,
-    );
-    (model.kernels().swiglu)(&mut bs.hb[..b * n_ff], &bs.hb2);
-    bs.scratch.new_input();
-    linear_batch(
-        model,
-        &lw.ffn_down,
-        &bs.hb,
-        b,
-        &mut bs.xb2,
-        e,
-        &mut bs.scratch,
-        threads,
-    );
-    for (x, d) in bs.x[..b * e].iter_mut().zip(&bs.xb2) {
-        *x += d;
-    }
-}
-
-/// First key position a query at `pos` sees: 0, or the start of its
-/// sliding window.
-fn causal_window_start(pos: usize, sliding_window: usize) -> usize {
-    if sliding_window > 0 {
-        (pos + 1).saturating_sub(sliding_window)
-    } else {
-        0
-    }
 }
 
 /// Attention of `rows` queries against one KV head's cached positions
@@ -1168,7 +1117,7 @@ fn attend_rows(
     n_keys: usize,
     (scores, scores_rs): (&mut [f32], usize),
     out: &mut [f32],
-    (head_dim, scale, threads): (usize, f32, usize),
+    (head_dim, p, threads): (usize, AttnParams, usize),
     softmax: crate::kernels::CausalSoftmaxFn,
     window: impl Fn(usize) -> (usize, usize),
 ) {
@@ -1195,13 +1144,20 @@ fn attend_rows(
             rs: 1,
             cs: kv_stride,
         },
-        scale,
+        p.scale,
         false,
         threads,
     );
     for r in 0..rows {
         let (lo, pos) = window(r);
-        softmax(&mut scores[r * scores_rs..r * scores_rs + n_keys], lo, pos);
+        let row = &mut scores[r * scores_rs..r * scores_rs + n_keys];
+        if p.softcap > 0.0 {
+            let cap = p.softcap;
+            for v in &mut row[lo..=pos] {
+                *v = cap * (*v / cap).tanh();
+            }
+        }
+        softmax(row, lo, pos);
     }
     matmul(
         MatMut {
@@ -1231,22 +1187,11 @@ fn attend_rows(
     );
 }
 
-/// RMSNorm of the first `b` rows of `bs.x` into `bs.xb`.
-fn norm_rows(bs: &mut BatchState, b: usize, weight: &[f32], eps: f64) {
-    let e = weight.len();
-    for (out, x) in bs.xb[..b * e]
-        .chunks_exact_mut(e)
-        .zip(bs.x[..b * e].chunks_exact(e))
-    {
-        rmsnorm(out, x, weight, eps);
-    }
-}
-
-/// Logits of all `b` rows of `bs.x` into `bs.logits` (`[n_batch, n_vocab]`).
+/// Logits of all `b` rows of `bs.bufs.x` into `bs.logits` (`[n_batch, n_vocab]`).
 fn logits_batch(model: &Model, bs: &mut BatchState, b: usize, threads: usize) {
     let hp = &model.hparams;
-    let norm = model.vector(&model.output_norm);
-    norm_rows(bs, b, norm, hp.rms_norm_eps);
+    let e = hp.n_embd;
+    output_norm(model, &bs.bufs.x[..b * e], &mut bs.bufs.xn[..b * e]);
     let n_vocab = hp.n_vocab;
     if bs.logits.len() < bs.n_batch * n_vocab {
         bs.logits = vec![0.0; bs.n_batch * n_vocab];
@@ -1255,11 +1200,12 @@ fn logits_batch(model: &Model, bs: &mut BatchState, b: usize, threads: usize) {
     linear_batch(
         model,
         &model.output,
-        &bs.xb,
+        &bs.bufs.xn,
         b,
         &mut bs.logits,
         n_vocab,
         &mut bs.scratch,
         threads,
     );
+    softcap_logits(&hp.desc, &mut bs.logits[..b * n_vocab]);
 }

@@ -16,6 +16,7 @@
 //! * [`Sampler`] implements greedy, temperature, top-k, top-p, min-p and a
 //!   repetition penalty with a seed.
 
+pub mod block;
 pub mod error;
 pub mod forward;
 pub mod kernels;

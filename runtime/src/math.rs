@@ -95,6 +95,40 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp_f32(-x))
 }
 
+/// tanh(x) = 1 − 2/(e^{2x} + 1), branch-free (saturates to ±1; absolute
+/// error below 1e−6 near 0, where the form cancels).
+#[inline(always)]
+pub fn tanh_f32(x: f32) -> f32 {
+    1.0 - 2.0 / (exp_f32(2.0 * x) + 1.0)
+}
+
+/// GELU with the tanh approximation (GPT-2's `gelu_new`, PyTorch's
+/// `gelu(approximate="tanh")`): ½x(1 + tanh(√(2/π)(x + 0.044715x³))).
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + tanh_f32(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+}
+
+/// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e−7 in exact
+/// arithmetic), branch-free: odd symmetry through the sign bit.
+#[inline(always)]
+pub fn erf_f32(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_72 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp_f32(-a * a);
+    f32::from_bits(y.to_bits() | (x.to_bits() & 0x8000_0000))
+}
+
+/// Exact GELU, ½x(1 + erf(x/√2)) (PyTorch's default `gelu`).
+#[inline(always)]
+pub fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 /// The f32 value of the IEEE half-precision number with bits `h`, exactly
 /// (NaNs quieted, as x86's `vcvtph2ps` does, so the kernels that convert
 /// with that instruction return the same bits). Branch-free arithmetic, so

@@ -15,6 +15,7 @@ use half::{bf16, f16};
 use nibble_format::import::{open_any, ImportOptions, Progress};
 use nibble_format::{keys, DType, HParams, NibFile, TensorInfo};
 
+use crate::block::{Lin, Vector};
 use crate::error::{Result, RuntimeError};
 use crate::kernels::{Kernels, PackedRows, X8Rows};
 use crate::tokenizer::Tokenizer;
@@ -82,12 +83,11 @@ pub enum WeightData<'a> {
     Packed(PackedRows<'a>),
 }
 
-/// Weights of one decoder block. Shapes are `[rows, cols]` = `[out, in]`.
+/// Weights of one decoder block. Shapes are `[rows, cols]` = `[out, in]`;
+/// q/k rows in the rotate-half RoPE layout.
 #[derive(Clone, Debug)]
 pub struct LayerWeights {
-    /// `[n_embd]` RMSNorm weight before attention (F32).
-    pub attn_norm: Weight,
-    /// `[n_head·head_dim, n_embd]`, rotate-half RoPE layout.
+    /// `[n_head·head_dim, n_embd]`.
     pub attn_q: Weight,
     /// `[n_head_kv·head_dim, n_embd]`.
     pub attn_k: Weight,
@@ -95,14 +95,49 @@ pub struct LayerWeights {
     pub attn_v: Weight,
     /// `[n_embd, n_head·head_dim]`.
     pub attn_output: Weight,
-    /// `[n_embd]` RMSNorm weight before the MLP (F32).
-    pub ffn_norm: Weight,
-    /// `[n_ff, n_embd]`.
-    pub ffn_gate: Weight,
+    /// `[n_ff, n_embd]`, in gated MLPs.
+    pub ffn_gate: Option<Weight>,
     /// `[n_ff, n_embd]`.
     pub ffn_up: Weight,
     /// `[n_embd, n_ff]`.
     pub ffn_down: Weight,
+    /// Norm weights and biases (F32), by [`Vector`]; `None` where the
+    /// model's block has no such tensor.
+    pub vectors: [Option<Weight>; Vector::COUNT],
+}
+
+impl LayerWeights {
+    /// The linear weight `w` (a gate only exists in gated MLPs: the block
+    /// asks for it only then).
+    pub fn linear(&self, w: Lin) -> &Weight {
+        match w {
+            Lin::Q => &self.attn_q,
+            Lin::K => &self.attn_k,
+            Lin::V => &self.attn_v,
+            Lin::Out => &self.attn_output,
+            Lin::Gate => self
+                .ffn_gate
+                .as_ref()
+                .expect("a gated MLP's gate is checked at load"),
+            Lin::Up => &self.ffn_up,
+            Lin::Down => &self.ffn_down,
+        }
+    }
+
+    /// Every linear weight of the block, mutably.
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Weight> {
+        [
+            Some(&mut self.attn_q),
+            Some(&mut self.attn_k),
+            Some(&mut self.attn_v),
+            Some(&mut self.attn_output),
+            self.ffn_gate.as_mut(),
+            Some(&mut self.ffn_up),
+            Some(&mut self.ffn_down),
+        ]
+        .into_iter()
+        .flatten()
+    }
 }
 
 /// A model ready to run: shared read-only by any number of sessions.
@@ -112,9 +147,12 @@ pub struct Model {
     pub hparams: HParams,
     /// `[n_vocab, n_embd]`.
     pub token_embd: Weight,
+    /// `[n_ctx_train, n_embd]` learned positions (GPT-2, OPT).
+    pub pos_embd: Option<Weight>,
     pub layers: Vec<LayerWeights>,
-    /// `[n_embd]` final RMSNorm (F32).
+    /// `[n_embd]` final norm (F32), and its bias for LayerNorm.
     pub output_norm: Weight,
+    pub output_norm_bias: Option<Weight>,
     /// `[n_vocab, n_embd]`; the same location as `token_embd` when tied.
     pub output: Weight,
     /// `(offset, len)` of the embedded tokenizer.json inside the image.
@@ -162,17 +200,7 @@ fn interleave_for_decoding(
     }
     let mut weights: Vec<&mut Weight> = layers
         .iter_mut()
-        .flat_map(|l| {
-            [
-                &mut l.attn_q,
-                &mut l.attn_k,
-                &mut l.attn_v,
-                &mut l.attn_output,
-                &mut l.ffn_gate,
-                &mut l.ffn_up,
-                &mut l.ffn_down,
-            ]
-        })
+        .flat_map(LayerWeights::linears_mut)
         .chain(std::iter::once(output))
         .filter(|w| {
             matches!(
@@ -317,26 +345,46 @@ impl Model {
         };
         let get = |n: &str| find(n, &shape_of(n), false);
         let norm = |n: &str| find(n, &shape_of(n), true);
+        let has = |n: &str| specs.iter().any(|(s, _)| s == n);
         let mut layers = Vec::with_capacity(hp.n_layer);
         for i in 0..hp.n_layer {
             let b = |s: &str| format!("blk.{i}.{s}.weight");
+            let mut vectors = [None; Vector::COUNT];
+            for (slot, v) in vectors.iter_mut().zip(Vector::ALL) {
+                let n = format!("blk.{i}.{}", v.name());
+                if has(&n) {
+                    *slot = Some(norm(&n)?);
+                }
+            }
+            let gate = b("ffn_gate");
             let mut lw = LayerWeights {
-                attn_norm: norm(&b("attn_norm"))?,
                 attn_q: get(&b("attn_q"))?,
                 attn_k: get(&b("attn_k"))?,
                 attn_v: get(&b("attn_v"))?,
                 attn_output: get(&b("attn_output"))?,
-                ffn_norm: norm(&b("ffn_norm"))?,
-                ffn_gate: get(&b("ffn_gate"))?,
+                ffn_gate: if has(&gate) { Some(get(&gate)?) } else { None },
                 ffn_up: get(&b("ffn_up"))?,
                 ffn_down: get(&b("ffn_down"))?,
+                vectors,
             };
             let bytes = file.bytes();
             share_equal_perms(bytes, &mut [&mut lw.attn_q, &mut lw.attn_k, &mut lw.attn_v]);
-            share_equal_perms(bytes, &mut [&mut lw.ffn_gate, &mut lw.ffn_up]);
+            if let Some(g) = lw.ffn_gate.as_mut() {
+                share_equal_perms(bytes, &mut [g, &mut lw.ffn_up]);
+            }
             layers.push(lw);
         }
         let token_embd = get("token_embd.weight")?;
+        let pos_embd = if has("pos_embd.weight") {
+            Some(get("pos_embd.weight")?)
+        } else {
+            None
+        };
+        let output_norm_bias = if has("output_norm.bias") {
+            Some(norm("output_norm.bias")?)
+        } else {
+            None
+        };
         let mut output = if hp.tie_embeddings {
             token_embd
         } else {
@@ -385,8 +433,10 @@ impl Model {
             name,
             hparams: hp,
             token_embd,
+            pos_embd,
             layers,
             output_norm,
+            output_norm_bias,
             output,
             tokenizer_json,
             tokenizer: std::sync::OnceLock::new(),
@@ -479,6 +529,13 @@ impl Model {
             .map(|(off, len)| bytemuck::cast_slice(&self.file.bytes()[off..off + len]))
     }
 
+    /// Vector `v` of layer `layer`, if the model has it.
+    pub fn layer_vector(&self, layer: usize, v: Vector) -> Option<&[f32]> {
+        self.layers[layer].vectors[v as usize]
+            .as_ref()
+            .map(|w| self.vector(w))
+    }
+
     /// An F32 vector weight (norms).
     pub fn vector(&self, w: &Weight) -> &[f32] {
         match self.data(w) {
@@ -498,19 +555,13 @@ impl Model {
             n += self.token_embd.nbytes / self.token_embd.rows.max(1);
         }
         for l in &self.layers {
-            for w in [
-                &l.attn_norm,
-                &l.attn_q,
-                &l.attn_k,
-                &l.attn_v,
-                &l.attn_output,
-                &l.ffn_norm,
-                &l.ffn_gate,
-                &l.ffn_up,
-                &l.ffn_down,
-            ] {
-                n += read(w);
+            for w in Lin::ALL
+                .iter()
+                .filter(|&&w| w != Lin::Gate || l.ffn_gate.is_some())
+            {
+                n += read(l.linear(*w));
             }
+            n += l.vectors.iter().flatten().map(|v| v.nbytes).sum::<usize>();
         }
         n
     }

@@ -70,6 +70,8 @@ pub struct Attend<'a, T: KvElem = u16> {
     pub out: &'a mut [f32],
     pub head_dim: usize,
     pub scale: f32,
+    /// cap·tanh(s/cap) on each score before the softmax; 0 = none.
+    pub softcap: f32,
 }
 
 /// Runs one [`Attend`] over an f16 cache.
@@ -124,6 +126,7 @@ fn attend_body<T: KvElem>(
         out,
         head_dim,
         scale,
+        softcap,
     } = a;
     let hd = head_dim;
     let group = qs.len() / hd;
@@ -131,6 +134,13 @@ fn attend_body<T: KvElem>(
         let k = &keys[t * stride..][..hd];
         for (j, q) in qs.chunks_exact(hd).enumerate() {
             scores[j * score_stride + t] = dot(q, k) * scale;
+        }
+    }
+    if softcap > 0.0 {
+        for j in 0..group {
+            for s in &mut scores[j * score_stride + range.start..j * score_stride + range.end] {
+                *s = softcap * (*s / softcap).tanh();
+            }
         }
     }
     for j in 0..group {
@@ -354,15 +364,18 @@ mod tests {
     #[test]
     fn every_isa_returns_the_reference_bits() {
         let mut seed = 11u64;
-        // (head_dim, group, n_ctx, range): SmolLM2's 64 × 3, odd head sizes
-        // (ragged 16-lane tails), one position, a sliding-window start.
-        for (hd, group, n_ctx, range) in [
-            (64usize, 3usize, 300usize, 0..257usize),
-            (64, 1, 8, 0..1),
-            (8, 2, 40, 5..40),
-            (72, 4, 33, 0..33),
-            (100, 2, 20, 3..17),
-            (1, 1, 5, 0..5),
+        // (head_dim, group, n_ctx, range, soft-cap): SmolLM2's 64 × 3, odd
+        // head sizes (ragged 16-lane tails), one position, a sliding-window
+        // start; Gemma 2's score soft-cap (small, so that it bites).
+        for (hd, group, n_ctx, range, softcap) in [
+            (64usize, 3usize, 300usize, 0..257usize, 0f32),
+            (64, 1, 8, 0..1, 0.0),
+            (8, 2, 40, 5..40, 0.0),
+            (72, 4, 33, 0..33, 0.0),
+            (100, 2, 20, 3..17, 0.0),
+            (1, 1, 5, 0..5, 0.0),
+            (64, 2, 50, 0..50, 1.5),
+            (24, 3, 17, 2..17, 0.7),
         ] {
             let stride = hd * 2 + 3;
             let half = |v: f32| crate::math::f32_to_f16(v);
@@ -379,12 +392,13 @@ mod tests {
             fn run_with<T: KvElem>(
                 f: fn(Attend<'_, T>),
                 (qs, keys, values): (&[f32], &[T], &[T]),
-                (hd, group, n_ctx, stride, range): (
+                (hd, group, n_ctx, stride, range, softcap): (
                     usize,
                     usize,
                     usize,
                     usize,
                     std::ops::Range<usize>,
+                    f32,
                 ),
             ) -> (Vec<f32>, Vec<f32>) {
                 let mut scores = vec![f32::NAN; group * n_ctx];
@@ -401,10 +415,11 @@ mod tests {
                     out: &mut out,
                     head_dim: hd,
                     scale,
+                    softcap,
                 });
                 (scores, out)
             }
-            let dims = (hd, group, n_ctx, stride, range.clone());
+            let dims = (hd, group, n_ctx, stride, range.clone(), softcap);
             let run = |f: AttendFn| run_with(f, (&qs, &keys, &values), dims.clone());
             let run32 = |f: AttendF32Fn| run_with(f, (&qs, &keys32, &values32), dims.clone());
             let (s0, o0) = run(attend_group_scalar);
@@ -420,6 +435,14 @@ mod tests {
                             .map(|(&a, &b)| f64::from(a) * wide(b))
                             .sum::<f64>()
                             / (hd as f64).sqrt()
+                    })
+                    .map(|r| {
+                        let cap = f64::from(softcap);
+                        if cap > 0.0 {
+                            cap * (r / cap).tanh()
+                        } else {
+                            r
+                        }
                     })
                     .collect();
                 let max = raw.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

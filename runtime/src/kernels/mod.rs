@@ -164,6 +164,12 @@ pub struct Kernels {
     pub attend_f32: AttendF32Fn,
     /// SwiGLU's `gate ← silu(gate)·up` ([`act`]).
     pub swiglu: SwigluFn,
+    /// GeGLU's `gate ← gelu_tanh(gate)·up` ([`act`]).
+    pub geglu: SwigluFn,
+    /// Activations of MLPs without a gate, in place ([`act`]).
+    pub gelu_tanh: act::UnaryFn,
+    pub gelu_erf: act::UnaryFn,
+    pub relu: act::UnaryFn,
     /// One causal attention row's softmax ([`act`]).
     pub causal_softmax: CausalSoftmaxFn,
 }
@@ -196,6 +202,10 @@ static SCALAR: Kernels = Kernels {
     attend: attn::attend_group_scalar,
     attend_f32: attn::attend_group_f32_scalar,
     swiglu: act::swiglu_scalar,
+    geglu: act::geglu_scalar,
+    gelu_tanh: act::gelu_tanh_scalar,
+    gelu_erf: act::gelu_erf_scalar,
+    relu: act::relu_scalar,
     causal_softmax: act::causal_softmax_scalar,
 };
 
@@ -228,6 +238,10 @@ static AVX2: Kernels = Kernels {
     attend: attn::x86::attend_group_avx2,
     attend_f32: attn::x86::attend_group_f32_avx2,
     swiglu: act::x86::swiglu_avx2,
+    geglu: act::x86::geglu_avx2,
+    gelu_tanh: act::x86::gelu_tanh_avx2,
+    gelu_erf: act::x86::gelu_erf_avx2,
+    relu: act::x86::relu_avx2,
     causal_softmax: act::x86::causal_softmax_avx2,
 };
 
@@ -260,6 +274,10 @@ static AVX512: Kernels = Kernels {
     attend: attn::x86::attend_group_avx512,
     attend_f32: attn::x86::attend_group_f32_avx512,
     swiglu: act::x86::swiglu_avx512,
+    geglu: act::x86::geglu_avx512,
+    gelu_tanh: act::x86::gelu_tanh_avx512,
+    gelu_erf: act::x86::gelu_erf_avx512,
+    relu: act::x86::relu_avx512,
     causal_softmax: act::x86::causal_softmax_avx512,
 };
 
@@ -295,6 +313,10 @@ const NEON_TABLE: Kernels = Kernels {
     attend: attn::attend_group_scalar,
     attend_f32: attn::attend_group_f32_scalar,
     swiglu: act::swiglu_scalar,
+    geglu: act::geglu_scalar,
+    gelu_tanh: act::gelu_tanh_scalar,
+    gelu_erf: act::gelu_erf_scalar,
+    relu: act::relu_scalar,
     causal_softmax: act::causal_softmax_scalar,
 };
 
