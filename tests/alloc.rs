@@ -160,3 +160,24 @@ fn decoding_packed_weights_on_two_threads_allocates_nothing() {
         assert_eq!(n, 0, "{threads} threads: {n} allocations in 24 tokens");
     }
 }
+
+/// Families whose block uses every switch the Llama block leaves off
+/// (LayerNorm with biases, learned positions, parallel residual, partial
+/// rotary, q/k norms, post-norms, soft-caps, per-layer windows and RoPE
+/// bases) decode without allocating too.
+#[test]
+fn decoding_other_families_allocates_nothing() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for family in ["gemma2", "gemma3", "gpt2", "gpt_neox", "qwen3", "opt"] {
+        let dir = common::shared().join("fixtures/hf-reference").join(family);
+        let model = Arc::new(Model::load(&dir).unwrap());
+        for threads in [1, 2] {
+            let mut n = allocs_per_decode(&model, threads, SamplerParams::greedy(), 24);
+            if n > 0 {
+                // See above: libtest's slow-test notice may allocate once.
+                n = allocs_per_decode(&model, threads, SamplerParams::greedy(), 24);
+            }
+            assert_eq!(n, 0, "{family}, {threads} threads: {n} allocations");
+        }
+    }
+}

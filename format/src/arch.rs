@@ -505,3 +505,55 @@ pub fn rope_inv_freq(theta: f64, rope_dim: usize, scaling: RopeScaling) -> Vec<f
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nib::{NibView, NibWriter};
+
+    fn metadata_round_trip(m: &MetadataBuilder, f: impl FnOnce(&Metadata<'_>)) {
+        let w = NibWriter::new(std::io::Cursor::new(Vec::new()), m).unwrap();
+        let bytes = w.finish().unwrap().into_inner();
+        let view = NibView::parse(&bytes).unwrap();
+        f(&view.metadata);
+    }
+
+    /// A file without `arch.*` keys (written before they existed) reads as
+    /// the Llama block with its one sliding window; a written description
+    /// reads back equal; an unknown value is an error naming the key.
+    #[test]
+    fn old_files_read_as_llama_and_descriptions_round_trip() {
+        metadata_round_trip(&MetadataBuilder::new(), |m| {
+            assert_eq!(
+                Architecture::read(m, 3, 16, 7).unwrap(),
+                Architecture::llama(3, 16, 7)
+            );
+        });
+        let mut a = Architecture::llama(3, 16, 0);
+        a.norm = NormKind::Layer;
+        a.activation = Activation::GeluErf;
+        a.parallel_residual = true;
+        a.rope_dim = 4;
+        a.attn_softcap = 50.0;
+        a.rope_scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_ctx: 64,
+        };
+        a.layers[1] = LayerDesc {
+            window: 16,
+            local_rope: true,
+        };
+        let mut m = MetadataBuilder::new();
+        a.write(&mut m);
+        metadata_round_trip(&m, |md| {
+            assert_eq!(Architecture::read(md, 3, 16, 0).unwrap(), a)
+        });
+        m.set(keys::ACTIVATION, OwnedValue::Str("swish2".into()));
+        metadata_round_trip(&m, |md| {
+            let e = Architecture::read(md, 3, 16, 0).unwrap_err().to_string();
+            assert!(e.contains("arch.activation") && e.contains("swish2"), "{e}");
+        });
+    }
+}
