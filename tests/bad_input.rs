@@ -60,6 +60,38 @@ fn unsupported_architecture_is_named() {
     assert!(msg.contains("cfg-arch"), "{msg}");
 }
 
+/// SmolLM2's GGUF with one metadata string value replaced in place (same
+/// length): `key`'s value `from` becomes `to`.
+fn smollm2_gguf_with(name: &str, key: &str, from: &str, to: &str) -> PathBuf {
+    assert_eq!(from.len(), to.len());
+    let src = shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut bytes = std::fs::read(src).unwrap();
+    let mut pat = (key.len() as u64).to_le_bytes().to_vec();
+    pat.extend_from_slice(key.as_bytes());
+    pat.extend_from_slice(&8u32.to_le_bytes());
+    pat.extend_from_slice(&(from.len() as u64).to_le_bytes());
+    pat.extend_from_slice(from.as_bytes());
+    let at = bytes
+        .windows(pat.len())
+        .position(|w| w == pat)
+        .expect("key with that value");
+    let v = at + pat.len() - from.len();
+    bytes[v..v + to.len()].copy_from_slice(to.as_bytes());
+    let p = tmpdir(name).join("model.gguf");
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// A GGUF of an architecture nibble does not read is refused by name, with
+/// the file named.
+#[test]
+fn unsupported_gguf_architecture_is_named() {
+    let p = smollm2_gguf_with("gguf-arch", "general.architecture", "llama", "mamba");
+    let msg = load_err(&p);
+    assert!(msg.contains("unsupported architecture 'mamba'"), "{msg}");
+    assert!(msg.contains("gguf-arch"), "{msg}");
+}
+
 /// Settings that change the numbers and that nibble does not implement are
 /// errors naming the setting and the file, never silently ignored.
 #[test]

@@ -457,25 +457,69 @@ fn slots_decode_each_row_like_its_own_sequence() {
     }
 }
 
-/// RTN quantizes every family fixture (biases, norms, learned positions and
-/// q/k norms are carried over as they are): 8-bit logits stay far closer to
-/// float's than 3-bit ones, and within 0.25 normwise (max |Δ| / max |ref|;
-/// these random tiny models are chaotic: the Llama fixture, whose path is
-/// unchanged, reads 0.14). GPTQ, whose calibration forward runs the Llama
-/// block only so far, refuses the other families with an error that names
-/// the model type and the way out.
+/// Every family fixture, through the one calibration block (biases, norms,
+/// learned positions, q/k norms, soft-caps, sliding windows and partial
+/// rotary carried over as they are):
+/// * RTN: 8-bit logits stay far closer to float's than 3-bit ones, and
+///   within 0.25 normwise (max |Δ| / max |ref|; these random tiny models
+///   are chaotic: the Llama fixture reads 0.14).
+/// * GPTQ 4-bit g32 (act-order, true-sequential, 8 windows of 32 tokens):
+///   its output error is below RTN's on every linear layer (both measured
+///   on the same calibration inputs), and its logits on tokens it did not
+///   calibrate on are no further from float's than RTN 4-bit g32's by more
+///   than [`GPTQ_OVER_RTN_LOGITS`]: GPTQ minimises each layer's error on
+///   the calibration distribution, so on held-out text from the same
+///   distribution it must not lose to rounding; the slack covers the
+///   noise of 24 held-out tokens.
+const GPTQ_OVER_RTN_LOGITS: f64 = 1.1;
+
 #[test]
-fn rtn_quantizes_every_family_and_gptq_names_what_it_cannot_calibrate() {
-    for family in [
-        "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "opt", "gpt2", "gpt_neox",
-    ] {
+fn rtn_and_gptq_quantize_every_family() {
+    for family in FAMILIES {
         let dir = shared().join("fixtures/hf-reference").join(family);
         let src = import_f32(&dir);
         let float = Arc::new(Model::from_nib(import_f32(&dir), family.into()).unwrap());
         let ids: Vec<u32> = (0..24u32).map(|i| 4 + (i * 37) % 500).collect();
         let want = forward_logits(&float, &ids, 1);
+        let per_layer = if float.layers[0].ffn_gate.is_some() {
+            7
+        } else {
+            6
+        };
+        let n_linear = float.layers.len() * per_layer;
+        let load = |buf: AlignedBytes, what: &str| {
+            Arc::new(
+                Model::from_nib(
+                    NibFile::from_memory(buf).unwrap(),
+                    format!("{family} {what}"),
+                )
+                .unwrap(),
+            )
+        };
+        // Calibration and held-out tokens from one seeded stream.
+        let mut state = 0x9E37_79B9u32 ^ family.len() as u32;
+        let mut token = || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            4 + (state >> 8) % 496
+        };
+        let windows: Vec<Vec<u32>> = (0..16)
+            .map(|_| (0..32).map(|_| token()).collect())
+            .collect();
+        let held_out: Vec<Vec<u32>> = (0..4).map(|_| (0..24).map(|_| token()).collect()).collect();
+        let l2 = |m: &Arc<Model>| -> f64 {
+            let (mut num, mut den) = (0f64, 0f64);
+            for ids in &held_out {
+                let (a, b) = (forward_logits(m, ids, 1), forward_logits(&float, ids, 1));
+                for (x, y) in a.iter().zip(&b) {
+                    num += f64::from(x - y).powi(2);
+                    den += f64::from(*y).powi(2);
+                }
+            }
+            (num / den).sqrt()
+        };
         let mut errs = vec![];
-        for bits in [8, 3] {
+        let mut rtn4 = 0.0;
+        for bits in [8, 4, 3] {
             let (buf, reports, _) = quantize_model(
                 &src.view().unwrap(),
                 &QuantizeOptions::rtn(bits, Some(32), false),
@@ -484,47 +528,43 @@ fn rtn_quantizes_every_family_and_gptq_names_what_it_cannot_calibrate() {
                 &mut |_, _, _| {},
             )
             .unwrap();
-            let per_layer = if float.layers[0].ffn_gate.is_some() {
-                7
-            } else {
-                6
-            };
-            assert_eq!(reports.len(), float.layers.len() * per_layer, "{family}");
-            let q = Arc::new(
-                Model::from_nib(NibFile::from_memory(buf).unwrap(), family.into()).unwrap(),
-            );
-            errs.push(rel_err(&forward_logits(&q, &ids, 1), &want));
+            assert_eq!(reports.len(), n_linear, "{family}");
+            let m = load(buf, "rtn");
+            errs.push(rel_err(&forward_logits(&m, &ids, 1), &want));
+            if bits == 4 {
+                rtn4 = l2(&m);
+            }
         }
-        eprintln!(
-            "{family}: logits rel err 8-bit {:.3e}, 3-bit {:.3e}",
-            errs[0], errs[1]
-        );
-        assert!(
-            errs[0] < 0.25 && errs[0] < errs[1] / 2.0,
-            "{family}: {errs:?}"
-        );
+        let [rtn8, _, rtn3] = errs[..] else {
+            unreachable!()
+        };
+        assert!(rtn8 < 0.25 && rtn8 < rtn3 / 2.0, "{family}: {errs:?}");
 
-        let windows = vec![ids.clone(); 2];
-        let gptq = quantize_model(
+        let (buf, reports, _) = quantize_model(
             &src.view().unwrap(),
             &gptq_opts(4, Some(32), true, true),
             Some(&windows),
             AlignedBytes::new(),
             &mut |_, _, _| {},
-        );
-        let hp = &float.hparams;
-        if hp.desc.is_llama_block(hp.head_dim, hp.sliding_window) {
-            // Phi-3: fused projections are a storage matter, split at import.
-            assert!(gptq.is_ok(), "{family}: {:?}", gptq.err());
-        } else {
-            let err = gptq
-                .err()
-                .expect("GPTQ must refuse a block it cannot calibrate")
-                .to_string();
+        )
+        .unwrap_or_else(|e| panic!("{family}: GPTQ: {e}"));
+        assert_eq!(reports.len(), n_linear, "{family}");
+        for r in &reports {
+            let rtn = r.rel_error_rtn.expect("GPTQ reports RTN's error");
             assert!(
-                err.contains(family) && err.contains("--method rtn"),
-                "{err}"
+                r.rel_error < rtn,
+                "{family} {}: GPTQ {:.3e} not below RTN {rtn:.3e}",
+                r.name,
+                r.rel_error
             );
         }
+        let gptq = l2(&load(buf, "gptq"));
+        eprintln!(
+            "{family}: logits max err RTN 8/3-bit {rtn8:.3e} {rtn3:.3e}; held-out L2 err 4-bit RTN {rtn4:.3e}, GPTQ {gptq:.3e}"
+        );
+        assert!(
+            gptq < rtn4 * GPTQ_OVER_RTN_LOGITS,
+            "{family}: GPTQ 4-bit logits error {gptq:.3e} against RTN 4-bit {rtn4:.3e}"
+        );
     }
 }

@@ -7,8 +7,6 @@
 
 use std::collections::HashSet;
 
-use half::{bf16, f16};
-
 use crate::bytes::{add, align_up, mul, Cursor};
 use crate::error::{FormatError, Result};
 
@@ -35,6 +33,8 @@ pub enum GgmlType {
     Q5K,
     Q6K,
     Q8K,
+    IQ4NL,
+    IQ4XS,
     BF16,
 }
 
@@ -55,6 +55,8 @@ impl GgmlType {
             13 => GgmlType::Q5K,
             14 => GgmlType::Q6K,
             15 => GgmlType::Q8K,
+            20 => GgmlType::IQ4NL,
+            23 => GgmlType::IQ4XS,
             30 => GgmlType::BF16,
             _ => return None,
         })
@@ -77,6 +79,8 @@ impl GgmlType {
             GgmlType::Q5K => (256, 176),
             GgmlType::Q6K => (256, 210),
             GgmlType::Q8K => (256, 292),
+            GgmlType::IQ4NL => (32, 18),
+            GgmlType::IQ4XS => (256, 136),
         }
     }
 
@@ -96,6 +100,8 @@ impl GgmlType {
             GgmlType::Q5K => "Q5_K",
             GgmlType::Q6K => "Q6_K",
             GgmlType::Q8K => "Q8_K",
+            GgmlType::IQ4NL => "IQ4_NL",
+            GgmlType::IQ4XS => "IQ4_XS",
             GgmlType::BF16 => "BF16",
         }
     }
@@ -488,59 +494,11 @@ pub fn dequantize(t: &GgufTensor<'_>, out: &mut [f32]) -> Result<()> {
             why: format!("output has {} elements, tensor {n}", out.len()),
         });
     }
-    let d = t.data;
-    let h = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
-    match t.ggml_type {
-        GgmlType::F32 => {
-            for (o, c) in out.iter_mut().zip(d.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        GgmlType::F16 => {
-            for (o, c) in out.iter_mut().zip(d.chunks_exact(2)) {
-                *o = h(c, 0);
-            }
-        }
-        GgmlType::BF16 => {
-            for (o, c) in out.iter_mut().zip(d.chunks_exact(2)) {
-                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }
-        GgmlType::Q8_0 => {
-            for (o, b) in out.chunks_exact_mut(32).zip(d.chunks_exact(34)) {
-                let scale = h(b, 0);
-                for (j, v) in o.iter_mut().enumerate() {
-                    *v = f32::from(b[2 + j] as i8) * scale;
-                }
-            }
-        }
-        GgmlType::Q4_0 => {
-            for (o, b) in out.chunks_exact_mut(32).zip(d.chunks_exact(18)) {
-                let scale = h(b, 0);
-                for j in 0..16 {
-                    let q = b[2 + j];
-                    o[j] = (f32::from(q & 0x0f) - 8.0) * scale;
-                    o[j + 16] = (f32::from(q >> 4) - 8.0) * scale;
-                }
-            }
-        }
-        GgmlType::Q4_1 => {
-            for (o, b) in out.chunks_exact_mut(32).zip(d.chunks_exact(20)) {
-                let scale = h(b, 0);
-                let min = h(b, 2);
-                for j in 0..16 {
-                    let q = b[4 + j];
-                    o[j] = f32::from(q & 0x0f) * scale + min;
-                    o[j + 16] = f32::from(q >> 4) * scale + min;
-                }
-            }
-        }
-        other => {
-            return Err(FormatError::UnsupportedTensorType {
-                name: t.name.into(),
-                what: format!("{} (not yet dequantizable by nibble)", other.name()),
-            })
-        }
+    if !crate::gguf_blocks::dequantize_blocks(t.ggml_type, t.data, out) {
+        return Err(FormatError::UnsupportedTensorType {
+            name: t.name.into(),
+            what: format!("{} (no decoder in nibble)", t.ggml_type.name()),
+        });
     }
     Ok(())
 }

@@ -478,102 +478,29 @@ struct GgufSource<'a> {
     file: GgufFile<'a>,
     path: PathBuf,
     hp: HParams,
+    arch: &'static crate::gguf_arch::GgufArch,
 }
 
 impl<'a> GgufSource<'a> {
     fn new(bytes: &'a [u8], path: &Path) -> Result<GgufSource<'a>> {
         let file = GgufFile::parse(bytes)?;
-        let arch = file
-            .get("general.architecture")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| FormatError::MissingKey {
-                key: "general.architecture".into(),
-            })?;
-        if arch != "llama" {
-            return Err(FormatError::UnsupportedArchitecture { arch: arch.into() });
-        }
-        let u = |k: &str| -> Result<Option<usize>> {
-            match file.get(&format!("llama.{k}")) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_u64()
-                    .and_then(|v| usize::try_from(v).ok())
-                    .map(Some)
-                    .ok_or_else(|| FormatError::BadValue {
-                        key: format!("llama.{k}"),
-                        why: format!("{v:?} is not a non-negative integer"),
-                    }),
-            }
-        };
-        let req = |k: &str| -> Result<usize> {
-            u(k)?.ok_or_else(|| FormatError::MissingKey {
-                key: format!("llama.{k}"),
-            })
-        };
-        let f = |k: &str, d: f64| -> Result<f64> {
-            match file.get(&format!("llama.{k}")) {
-                None => Ok(d),
-                Some(v) => v.as_f64().ok_or_else(|| FormatError::BadValue {
-                    key: format!("llama.{k}"),
-                    why: format!("{v:?} is not a number"),
-                }),
-            }
-        };
-        let n_embd = req("embedding_length")?;
-        let n_head = req("attention.head_count")?;
-        if n_head == 0 {
-            return Err(FormatError::BadConfig {
-                why: "llama.attention.head_count is 0".into(),
-            });
-        }
-        let embd = file
-            .tensor("token_embd.weight")
-            .ok_or(FormatError::MissingTensor {
-                name: "token_embd.weight".into(),
-            })?;
-        let n_vocab = match u("vocab_size")? {
-            Some(v) => v,
-            None => embd.ne.get(1).copied().unwrap_or(0) as usize,
-        };
-        let n_layer = req("block_count")?;
-        let head_dim = match u("attention.key_length")? {
-            Some(v) => v,
-            None => u("rope.dimension_count")?.unwrap_or(n_embd / n_head),
-        };
-        if n_layer == 0 || n_layer > 1024 {
-            return Err(FormatError::BadConfig {
-                why: format!("llama.block_count {n_layer} out of range"),
-            });
-        }
-        let hp = HParams {
-            arch: "llama".into(),
-            n_vocab,
-            n_embd,
-            n_layer,
-            n_head,
-            n_head_kv: u("attention.head_count_kv")?.unwrap_or(n_head),
-            head_dim,
-            n_ff: req("feed_forward_length")?,
-            n_ctx_train: u("context_length")?.unwrap_or(2048),
-            rope_theta: f("rope.freq_base", 10000.0)?,
-            norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5)?,
-            tie_embeddings: file.tensor("output.weight").is_none(),
-            sliding_window: 0,
-            desc: crate::arch::Architecture::llama(n_layer, head_dim, 0),
-        };
+        let (arch, config) = crate::gguf_arch::config_from_gguf(&file)?;
+        let (hp, _) = crate::families::hparams_from_config(&config)?;
         Ok(GgufSource {
             file,
             path: path.to_path_buf(),
             hp,
+            arch,
         })
     }
 
     /// The tensor `name`, checked to have the (row-major) shape `expected`.
     fn checked_tensor(&self, name: &str, expected: &[u64]) -> Result<&crate::gguf::GgufTensor<'a>> {
+        let gguf_name = crate::gguf_arch::gguf_tensor_name(name);
         let t = self
             .file
-            .tensor(name)
-            .ok_or_else(|| FormatError::MissingTensor { name: name.into() })?;
+            .tensor(&gguf_name)
+            .ok_or(FormatError::MissingTensor { name: gguf_name })?;
         let shape: Vec<u64> = t.ne.iter().rev().copied().collect();
         if shape != expected {
             return Err(FormatError::BadShape {
@@ -587,7 +514,9 @@ impl<'a> GgufSource<'a> {
 
     /// Heads whose rows llama.cpp permuted for its rotary order (q and k).
     fn rotary_heads(&self, name: &str) -> Option<usize> {
-        if name.ends_with("attn_q.weight") {
+        if !self.arch.permuted_qk {
+            None
+        } else if name.ends_with("attn_q.weight") {
             Some(self.hp.n_head)
         } else if name.ends_with("attn_k.weight") {
             Some(self.hp.n_head_kv)

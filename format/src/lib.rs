@@ -19,6 +19,8 @@ pub mod dtype;
 pub mod error;
 pub mod families;
 pub mod gguf;
+pub mod gguf_arch;
+pub mod gguf_blocks;
 pub mod hparams;
 pub mod import;
 pub mod nib;

@@ -19,11 +19,12 @@ use nibble_format::import::{open_any, ImportOptions};
 use nibble_format::{keys, DType, HParams};
 use nibble_quantizer::calib::{
     accumulate_xtx, calibration_windows, linear, mirror_lower, self_generated_calibration,
-    BlockCtx, BlockWeights,
+    CalibExec,
 };
 use nibble_quantizer::gptq::{gptq, rtn, GptqConfig};
 use nibble_quantizer::grid::Grid;
 use nibble_quantizer::model::tensor_f32;
+use nibble_runtime::block::{norm_rows, BlockBufs, Lin, Stage};
 
 const SEQLEN: usize = 512;
 const THREADS: usize = 2;
@@ -86,7 +87,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
 
     let e = hp.n_embd;
-    let bc = BlockCtx::new(&hp, SEQLEN, THREADS)?;
+    let mut exec = CalibExec::new(&hp, SEQLEN, THREADS)?;
+    let mut bufs = BlockBufs::new(&hp, SEQLEN);
     let rope = nibble_runtime::block::Rope::new(&hp, SEQLEN);
     let kv_dim = hp.n_head_kv * hp.head_dim;
     let embd = tensor_f32(view.tensor("token_embd.weight").ok_or("no token_embd")?)?;
@@ -105,26 +107,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("block\tattention on pos 0\t|v|² pos 0\tRTN pos 0\tGPTQ pos 0\tact-order pos 0\t|v|² rest\tRTN rest\tGPTQ rest\tact-order rest");
     let mut xn = vec![0f32; SEQLEN * e];
     for l in 0..hp.n_layer {
-        let get = |s: &str| -> Result<Vec<f32>, Box<dyn std::error::Error>> {
-            let name = format!("blk.{l}.{s}.weight");
-            Ok(tensor_f32(view.tensor(&name).ok_or(name.clone())?)?)
+        exec.load_layer(&view, l)?;
+        let attn_norm = tensor_f32(
+            view.tensor(&format!("blk.{l}.attn_norm.weight"))
+                .ok_or("no attn_norm")?,
+        )?;
+        let norm = |xs: &[f32], xn: &mut [f32]| {
+            norm_rows(hp.desc.norm, hp.norm_eps, xs, xn, &attn_norm, None)
         };
-        let w = BlockWeights {
-            attn_norm: get("attn_norm")?,
-            q: get("attn_q")?,
-            k: get("attn_k")?,
-            v: get("attn_v")?,
-            o: get("attn_output")?,
-            ffn_norm: get("ffn_norm")?,
-            gate: get("ffn_gate")?,
-            up: get("ffn_up")?,
-            down: get("ffn_down")?,
-        };
+        let (wq, wk, wv) = (
+            exec.weight(Lin::Q).to_vec(),
+            exec.weight(Lin::K).to_vec(),
+            exec.weight(Lin::V).to_vec(),
+        );
         // H of the q/k/v input over all windows.
         let mut h = vec![0f64; e * e];
         let mut scratch = Vec::new();
         for xs in x.chunks_exact(SEQLEN * e) {
-            bc.norm_rows(xs, &w.attn_norm, &mut xn);
+            norm(xs, &mut xn);
             accumulate_xtx(&mut h, &xn, SEQLEN, e, &mut scratch, THREADS);
         }
         mirror_lower(&mut h, e);
@@ -134,20 +134,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         let mut cfg = GptqConfig::new(BITS, group_size, false)?;
         cfg.threads = THREADS;
-        let plain = gptq(&w.v, &h, kv_dim, e, &cfg)?.dequantize();
+        let plain = gptq(&wv, &h, kv_dim, e, &cfg)?.dequantize();
         cfg.act_order = true;
-        let ordered = gptq(&w.v, &h, kv_dim, e, &cfg)?.dequantize();
-        let round = rtn(&w.v, kv_dim, e, grid, group_size)?.dequantize();
+        let ordered = gptq(&wv, &h, kv_dim, e, &cfg)?.dequantize();
+        let round = rtn(&wv, kv_dim, e, grid, group_size)?.dequantize();
 
         // Mean attention probability that queries at positions 1.. put on
         // position 0 (every head, the first ATTN_WINDOWS windows).
         let mut mass = (0f64, 0usize);
         for xs in x.chunks_exact(SEQLEN * e).take(ATTN_WINDOWS) {
-            bc.norm_rows(xs, &w.attn_norm, &mut xn);
-            let (q, k) = (
-                rotated(&hp, &xn, &w.q, &rope),
-                rotated(&hp, &xn, &w.k, &rope),
-            );
+            norm(xs, &mut xn);
+            let (q, k) = (rotated(&hp, &xn, &wq, &rope), rotated(&hp, &xn, &wk, &rope));
             let (hd, q_dim) = (hp.head_dim, hp.n_head * hp.head_dim);
             let scale = 1.0 / (hd as f64).sqrt();
             for head in 0..hp.n_head {
@@ -173,8 +170,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut acc = [[0f64; 4]; 2];
         let mut outs = vec![vec![0f32; SEQLEN * kv_dim]; 4];
         for xs in x.chunks_exact(SEQLEN * e) {
-            bc.norm_rows(xs, &w.attn_norm, &mut xn);
-            for (m, o) in [&w.v, &round, &plain, &ordered].iter().zip(outs.iter_mut()) {
+            norm(xs, &mut xn);
+            for (m, o) in [&wv, &round, &plain, &ordered].iter().zip(outs.iter_mut()) {
                 linear(&xn, m, SEQLEN, kv_dim, e, o, THREADS);
             }
             for p in 0..SEQLEN {
@@ -196,7 +193,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             acc[0].map(|v| format!("{:.3e}", v / n0)).join("\t"),
             acc[1].map(|v| format!("{:.3e}", v / n1)).join("\t")
         );
-        bc.block_forward(&w, &mut x);
+        for xs in x.chunks_exact_mut(SEQLEN * e) {
+            bufs.x.copy_from_slice(xs);
+            for s in Stage::ALL {
+                exec.run(l, &mut bufs, &rope, s);
+            }
+            xs.copy_from_slice(&bufs.x);
+        }
     }
     Ok(())
 }

@@ -3,12 +3,17 @@
 //! linear layer (to accumulate Hessians) — one block at a time, never the
 //! whole model's activations.
 
-use nibble_format::HParams;
-use nibble_runtime::block::{rmsnorm, rope, Rope};
+use std::time::Instant;
+
+use nibble_format::{HParams, NibView};
+use nibble_runtime::block::{
+    block_stage, boundary_width, AttnParams, BlockBufs, BlockExec, Lin, Rope, Stage, Vector,
+};
 use nibble_runtime::kernels::{matmul, Kernels, MatMut, MatRef};
 use rayon::prelude::*;
 
 use crate::error::{QuantError, Result};
+use crate::model::tensor_f32;
 
 /// `nsamples` windows of `seqlen` tokens at seeded random offsets (as the
 /// GPTQ authors' data loaders do).
@@ -212,29 +217,152 @@ pub fn self_generated_calibration(
     calibration_windows(&sequences.concat(), nsamples, seqlen, seed)
 }
 
-/// Dense f32 weights of one block (`[rows, cols]` row-major, HF rotate-half q/k).
-#[derive(Clone)]
-pub struct BlockWeights {
-    pub attn_norm: Vec<f32>,
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub o: Vec<f32>,
-    pub ffn_norm: Vec<f32>,
-    pub gate: Vec<f32>,
-    pub up: Vec<f32>,
-    pub down: Vec<f32>,
-}
-
-/// Shapes and tables shared by every block forward.
-pub struct BlockCtx<'a> {
-    pub hp: &'a HParams,
-    pub seqlen: usize,
-    pub threads: usize,
-    rope: Rope,
-    /// Softmax and SwiGLU compiled for this CPU (bit-identical to the
+/// The quantizer's [`BlockExec`]: dense f32 weights of one layer (float,
+/// or dequantized once GPTQ has quantized them), `gemm` products, causal
+/// attention within one calibration window, and the hook that adds each
+/// linear group's inputs to its Hessian. The block itself is the runtime's
+/// ([`block_stage`]), so calibration runs exactly what inference runs.
+pub struct CalibExec {
+    hp: HParams,
+    seqlen: usize,
+    threads: usize,
+    /// Softmax and activations compiled for this CPU (bit-identical to the
     /// scalar references).
     kernels: &'static Kernels,
+    /// `[rows, cols]` per [`Lin`] (empty: the model has no such layer).
+    weights: [Vec<f32>; 7],
+    vectors: [Option<Vec<f32>>; Vector::COUNT],
+    /// The lower triangles of Σ x·xᵀ being collected, per [`Stage`] whose
+    /// boundary they are the input of (see [`CalibExec::collect`]).
+    hessians: [Option<Vec<f64>>; 4],
+    scratch: Vec<f32>,
+    /// Seconds spent in the hook (accumulating Hessians).
+    pub hessian_secs: f64,
+}
+
+/// The slot of a boundary stage in [`CalibExec::hessians`].
+fn hessian_slot(first: Lin) -> usize {
+    match first {
+        Lin::Q | Lin::K | Lin::V => 0,
+        Lin::Out => 1,
+        Lin::Gate | Lin::Up => 2,
+        Lin::Down => 3,
+    }
+}
+
+impl CalibExec {
+    /// An executor for `seqlen`-token windows; the softmax and activations
+    /// run through the runtime's kernel table (the one the runtime chose).
+    pub fn new(hp: &HParams, seqlen: usize, threads: usize) -> Result<Self> {
+        let kernels = Kernels::from_env()
+            .map_err(|e| QuantError::Runtime(nibble_runtime::RuntimeError::InvalidParam(e)))?;
+        Ok(CalibExec {
+            hp: hp.clone(),
+            seqlen,
+            threads: threads.max(1),
+            kernels,
+            weights: Default::default(),
+            vectors: Default::default(),
+            hessians: Default::default(),
+            scratch: Vec::new(),
+            hessian_secs: 0.0,
+        })
+    }
+
+    /// Layer `l`'s float weights and vectors from `src`.
+    pub fn load_layer(&mut self, src: &NibView<'_>, l: usize) -> Result<()> {
+        for w in Lin::ALL {
+            let name = format!("blk.{l}.{}.weight", w.role());
+            self.weights[w as usize] = match src.tensor(&name) {
+                Some(t) => tensor_f32(t)?,
+                None if w == Lin::Gate && !self.hp.desc.activation.gated() => Vec::new(),
+                None => return Err(QuantError::Shape(format!("missing tensor '{name}'"))),
+            };
+        }
+        for v in Vector::ALL {
+            let name = format!("blk.{l}.{}", v.name());
+            self.vectors[v as usize] = src.tensor(&name).map(tensor_f32).transpose()?;
+        }
+        Ok(())
+    }
+
+    /// Linear layer `w`'s current weights `[rows, cols]`.
+    pub fn weight(&self, w: Lin) -> &[f32] {
+        &self.weights[w as usize]
+    }
+
+    /// Replace linear layer `w`'s weights (by their dequantized values).
+    pub fn set_weight(&mut self, w: Lin, values: Vec<f32>) {
+        self.weights[w as usize] = values;
+    }
+
+    /// From now on the hook adds the input stage `s` ends with to a
+    /// Hessian (`cols × cols`, lower triangle), until [`CalibExec::take_hessian`].
+    pub fn collect(&mut self, s: Stage) {
+        if let Some(&first) = s.consumers(self.hp.desc.activation.gated()).first() {
+            let cols = boundary_width(&self.hp, s);
+            self.hessians[hessian_slot(first)] = Some(vec![0f64; cols * cols]);
+        }
+    }
+
+    /// H = 2/n · Σ x·xᵀ of the input stage `s` ends with, over the `n`
+    /// rows seen since [`CalibExec::collect`].
+    pub fn take_hessian(&mut self, s: Stage, n: usize) -> Option<Vec<f32>> {
+        let first = *s.consumers(self.hp.desc.activation.gated()).first()?;
+        let mut h = self.hessians[hessian_slot(first)].take()?;
+        let cols = boundary_width(&self.hp, s);
+        mirror_lower(&mut h, cols);
+        Some(h.iter().map(|&v| (v * 2.0 / n as f64) as f32).collect())
+    }
+
+    /// Stage `s` of block `l` over one window held in `b` (positions
+    /// `0..seqlen`).
+    pub fn run(&mut self, l: usize, b: &mut BlockBufs, rope: &Rope, s: Stage) {
+        let hp = self.hp.clone();
+        block_stage(&hp, l, self, b, rope, self.seqlen, s);
+    }
+}
+
+impl BlockExec for CalibExec {
+    fn vector(&self, _layer: usize, v: Vector) -> Option<&[f32]> {
+        self.vectors[v as usize].as_deref()
+    }
+
+    fn input(&mut self, _layer: usize, first: Lin, x: &[f32], rows: usize) {
+        if let Some(h) = &mut self.hessians[hessian_slot(first)] {
+            let t = Instant::now();
+            let cols = x.len() / rows;
+            accumulate_xtx(h, x, rows, cols, &mut self.scratch, self.threads);
+            self.hessian_secs += t.elapsed().as_secs_f64();
+        }
+    }
+
+    fn linear(&mut self, _layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]) {
+        let wt = &self.weights[w as usize];
+        let cols = x.len() / rows;
+        linear(x, wt, rows, wt.len() / cols, cols, out, self.threads);
+    }
+
+    fn position(&self, row: usize) -> usize {
+        row
+    }
+
+    fn attend(
+        &mut self,
+        _layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        rows: usize,
+        out: &mut [f32],
+        p: AttnParams,
+    ) {
+        causal_attention(&self.hp, self.kernels, q, k, v, rows, out, p, self.threads);
+    }
+
+    fn kernels(&self) -> &'static Kernels {
+        self.kernels
+    }
 }
 
 /// `out[n, rows] = x[n, cols] · wᵀ`.
@@ -275,7 +403,7 @@ pub fn linear(
     );
 }
 
-/// Query rows per causal attention product in [`BlockCtx::attention`].
+/// Query rows per causal attention product in [`causal_attention`].
 const ATTN_CHUNK: usize = 128;
 
 /// Column panel width of [`accumulate_xtx`]'s products.
@@ -356,191 +484,116 @@ pub fn mirror_lower(h: &mut [f64], cols: usize) {
     }
 }
 
-impl<'a> BlockCtx<'a> {
-    /// The context for `seqlen`-token windows; the softmax and SwiGLU run
-    /// through the runtime's kernel table (`NIBBLE_ISA`, else the best this
-    /// CPU has), an unknown `NIBBLE_ISA` is an error.
-    pub fn new(hp: &'a HParams, seqlen: usize, threads: usize) -> Result<BlockCtx<'a>> {
-        let rope = Rope::new(hp, seqlen);
-        let kernels = Kernels::from_env()
-            .map_err(|e| QuantError::Runtime(nibble_runtime::RuntimeError::InvalidParam(e)))?;
-        Ok(BlockCtx {
-            hp,
-            seqlen,
-            threads,
-            rope,
-            kernels,
-        })
-    }
-
-    pub fn q_dim(&self) -> usize {
-        self.hp.n_head * self.hp.head_dim
-    }
-
-    /// RMSNorm of every row of `x[n, n_embd]` into `out`.
-    pub fn norm_rows(&self, x: &[f32], weight: &[f32], out: &mut [f32]) {
-        let e = self.hp.n_embd;
-        let eps = self.hp.norm_eps;
-        out.par_chunks_exact_mut(e)
-            .zip(x.par_chunks_exact(e))
-            .with_min_len(64)
-            .for_each(|(o, r)| rmsnorm(o, r, weight, eps));
-    }
-
-    /// Causal self-attention of one sequence: `xn[seqlen, n_embd]` (normalized)
-    /// → `att[seqlen, q_dim]` (the input of the output projection).
-    pub fn attention(&self, w: &BlockWeights, xn: &[f32], att: &mut [f32]) {
-        let hp = self.hp;
-        let (l, e, hd) = (self.seqlen, hp.n_embd, hp.head_dim);
-        let (q_dim, kv_dim) = (self.q_dim(), hp.n_head_kv * hd);
-        let group = hp.n_head / hp.n_head_kv;
-        let mut q = vec![0f32; l * q_dim];
-        let mut k = vec![0f32; l * kv_dim];
-        let mut v = vec![0f32; l * kv_dim];
-        linear(xn, &w.q, l, q_dim, e, &mut q, self.threads);
-        linear(xn, &w.k, l, kv_dim, e, &mut k, self.threads);
-        linear(xn, &w.v, l, kv_dim, e, &mut v, self.threads);
-        for p in 0..l {
-            let (c, s) = self.rope.at(false, p);
-            rope(&mut q[p * q_dim..(p + 1) * q_dim], hd, c, s);
-            rope(&mut k[p * kv_dim..(p + 1) * kv_dim], hd, c, s);
+/// Causal self-attention of one window: roped `q[l, n_head·head_dim]`,
+/// `k`/`v[l, n_head_kv·head_dim]` → `att[l, n_head·head_dim]` with the
+/// layer's window, scale and soft-cap.
+#[allow(clippy::too_many_arguments)]
+fn causal_attention(
+    hp: &HParams,
+    kernels: &Kernels,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    l: usize,
+    att: &mut [f32],
+    p: AttnParams,
+    threads: usize,
+) {
+    let hd = hp.head_dim;
+    let (q_dim, kv_dim) = (hp.n_head * hd, hp.n_head_kv * hd);
+    let group = hp.n_head / hp.n_head_kv;
+    // Causal: queries in chunks of ATTN_CHUNK rows see only the keys up
+    // to their chunk's end, so the products skip most of the masked
+    // upper triangle (5/8 of the full l × l work at l = 4 chunks). The
+    // (head, chunk) pairs are independent tasks spread over the rayon
+    // pool, each with single-threaded products: per-head products are
+    // too small for gemm's own threading, and the softmax's exp, a
+    // large share of the time, is then spread over the threads too.
+    let n_chunks = l.div_ceil(ATTN_CHUNK);
+    let tasks: Vec<(usize, usize)> = (0..hp.n_head)
+        .flat_map(|h| (0..n_chunks).map(move |c| (h, c * ATTN_CHUNK)))
+        .collect();
+    let run = |&(h, i0): &(usize, usize)| -> Vec<f32> {
+        let g = h / group;
+        let i1 = (i0 + ATTN_CHUNK).min(l);
+        let rows = i1 - i0;
+        // scores[rows, i1] = q[i0..i1, head h] · k[0..i1, group g]ᵀ.
+        let mut scores = vec![0f32; rows * i1];
+        matmul(
+            MatMut {
+                data: &mut scores,
+                rows,
+                cols: i1,
+                rs: i1,
+                cs: 1,
+            },
+            MatRef {
+                data: &q[i0 * q_dim + h * hd..],
+                rows,
+                cols: hd,
+                rs: q_dim,
+                cs: 1,
+            },
+            MatRef {
+                data: &k[g * hd..],
+                rows: hd,
+                cols: i1,
+                rs: 1,
+                cs: kv_dim,
+            },
+            p.scale,
+            false,
+            1,
+        );
+        for (r, row) in scores.chunks_exact_mut(i1).enumerate() {
+            let i = i0 + r;
+            let lo = p.first_key(i);
+            if p.softcap > 0.0 {
+                for s in &mut row[lo..=i] {
+                    *s = p.softcap * (*s / p.softcap).tanh();
+                }
+            }
+            (kernels.causal_softmax)(row, lo, i);
         }
-        // Causal: queries in chunks of ATTN_CHUNK rows see only the keys up
-        // to their chunk's end, so the products skip most of the masked
-        // upper triangle (5/8 of the full l × l work at l = 4 chunks). The
-        // (head, chunk) pairs are independent tasks spread over the rayon
-        // pool, each with single-threaded products: per-head products are
-        // too small for gemm's own threading, and the softmax's exp, a
-        // large share of the time, is then spread over the threads too.
-        let n_chunks = l.div_ceil(ATTN_CHUNK);
-        let tasks: Vec<(usize, usize)> = (0..hp.n_head)
-            .flat_map(|h| (0..n_chunks).map(move |c| (h, c * ATTN_CHUNK)))
-            .collect();
-        let scale = 1.0 / (hd as f32).sqrt();
-        let run = |&(h, i0): &(usize, usize)| -> Vec<f32> {
-            let g = h / group;
-            let i1 = (i0 + ATTN_CHUNK).min(l);
-            let rows = i1 - i0;
-            // scores[rows, i1] = q[i0..i1, head h] · k[0..i1, group g]ᵀ.
-            let mut scores = vec![0f32; rows * i1];
-            matmul(
-                MatMut {
-                    data: &mut scores,
-                    rows,
-                    cols: i1,
-                    rs: i1,
-                    cs: 1,
-                },
-                MatRef {
-                    data: &q[i0 * q_dim + h * hd..],
-                    rows,
-                    cols: hd,
-                    rs: q_dim,
-                    cs: 1,
-                },
-                MatRef {
-                    data: &k[g * hd..],
-                    rows: hd,
-                    cols: i1,
-                    rs: 1,
-                    cs: kv_dim,
-                },
-                scale,
-                false,
-                1,
-            );
-            for (r, row) in scores.chunks_exact_mut(i1).enumerate() {
-                let i = i0 + r;
-                let lo = if hp.sliding_window > 0 {
-                    (i + 1).saturating_sub(hp.sliding_window)
-                } else {
-                    0
-                };
-                (self.kernels.causal_softmax)(row, lo, i);
-            }
-            // out[rows, hd] = scores · v[0..i1, group g].
-            let mut out = vec![0f32; rows * hd];
-            matmul(
-                MatMut {
-                    data: &mut out,
-                    rows,
-                    cols: hd,
-                    rs: hd,
-                    cs: 1,
-                },
-                MatRef {
-                    data: &scores,
-                    rows,
-                    cols: i1,
-                    rs: i1,
-                    cs: 1,
-                },
-                MatRef {
-                    data: &v[g * hd..],
-                    rows: i1,
-                    cols: hd,
-                    rs: kv_dim,
-                    cs: 1,
-                },
-                1.0,
-                false,
-                1,
-            );
-            out
-        };
-        let outs: Vec<Vec<f32>> = if self.threads > 1 {
-            tasks.par_iter().map(run).collect()
-        } else {
-            tasks.iter().map(run).collect()
-        };
-        for (&(h, i0), out) in tasks.iter().zip(&outs) {
-            for (r, o) in out.chunks_exact(hd).enumerate() {
-                let dst = (i0 + r) * q_dim + h * hd;
-                att[dst..dst + hd].copy_from_slice(o);
-            }
-        }
-    }
-
-    /// One whole block over `n_seq` sequences in place: `x[n_seq·seqlen, n_embd]`
-    /// becomes the block's output (the residual stream after the MLP).
-    pub fn block_forward(&self, w: &BlockWeights, x: &mut [f32]) {
-        let hp = self.hp;
-        let (l, e, f, q_dim) = (self.seqlen, hp.n_embd, hp.n_ff, self.q_dim());
-        let mut xn = vec![0f32; l * e];
-        let mut att = vec![0f32; l * q_dim];
-        let mut o = vec![0f32; l * e];
-        let mut hidden = vec![0f32; l * f];
-        for xs in x.chunks_exact_mut(l * e) {
-            self.norm_rows(xs, &w.attn_norm, &mut xn);
-            self.attention(w, &xn, &mut att);
-            linear(&att, &w.o, l, e, q_dim, &mut o, self.threads);
-            for (a, b) in xs.iter_mut().zip(&o) {
-                *a += b;
-            }
-            self.norm_rows(xs, &w.ffn_norm, &mut xn);
-            self.mlp_hidden(w, &xn, l, &mut hidden);
-            linear(&hidden, &w.down, l, e, f, &mut o, self.threads);
-            for (a, b) in xs.iter_mut().zip(&o) {
-                *a += b;
-            }
-        }
-    }
-
-    /// SwiGLU input of the down projection: `h = silu(xn2·gateᵀ) ⊙ (xn2·upᵀ)`.
-    pub fn mlp_hidden(&self, w: &BlockWeights, xn2: &[f32], n: usize, h: &mut [f32]) {
-        let (e, f) = (self.hp.n_embd, self.hp.n_ff);
-        let mut u = vec![0f32; n * f];
-        linear(xn2, &w.gate, n, f, e, h, self.threads);
-        linear(xn2, &w.up, n, f, e, &mut u, self.threads);
-        let swiglu = |(hc, uc): (&mut [f32], &[f32])| (self.kernels.swiglu)(hc, uc);
-        // The exp is a large share of this step: rows spread over the pool.
-        if self.threads > 1 {
-            h[..n * f]
-                .par_chunks_mut(f)
-                .zip(u.par_chunks(f))
-                .for_each(swiglu);
-        } else {
-            h[..n * f].chunks_mut(f).zip(u.chunks(f)).for_each(swiglu);
+        // out[rows, hd] = scores · v[0..i1, group g].
+        let mut out = vec![0f32; rows * hd];
+        matmul(
+            MatMut {
+                data: &mut out,
+                rows,
+                cols: hd,
+                rs: hd,
+                cs: 1,
+            },
+            MatRef {
+                data: &scores,
+                rows,
+                cols: i1,
+                rs: i1,
+                cs: 1,
+            },
+            MatRef {
+                data: &v[g * hd..],
+                rows: i1,
+                cols: hd,
+                rs: kv_dim,
+                cs: 1,
+            },
+            1.0,
+            false,
+            1,
+        );
+        out
+    };
+    let outs: Vec<Vec<f32>> = if threads > 1 {
+        tasks.par_iter().map(run).collect()
+    } else {
+        tasks.iter().map(run).collect()
+    };
+    for (&(h, i0), out) in tasks.iter().zip(&outs) {
+        for (r, o) in out.chunks_exact(hd).enumerate() {
+            let dst = (i0 + r) * q_dim + h * hd;
+            att[dst..dst + hd].copy_from_slice(o);
         }
     }
 }

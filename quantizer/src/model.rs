@@ -26,7 +26,9 @@ use nibble_format::{
     keys, DType, HParams, MetadataBuilder, NibView, NibWriter, OwnedValue, TensorInfo,
 };
 
-use crate::calib::{accumulate_xtx, linear, mirror_lower, BlockCtx, BlockWeights};
+use nibble_runtime::block::{boundary_width, finish_embedding, BlockBufs, Lin, Rope, Stage};
+
+use crate::calib::{linear, CalibExec};
 use crate::error::{QuantError, Result};
 use crate::gptq::{
     gptq_prepared, prepare_hessian, rtn, GptqConfig, PreparedHessian, QuantizedLayer,
@@ -143,6 +145,12 @@ pub fn is_linear(name: &str) -> bool {
             .any(|l| name.ends_with(&format!(".{l}.weight")))
 }
 
+/// Is this the bias of an MLP layer that produces the down projection's
+/// input (`ffn_gate` / `ffn_up`)?
+fn is_producer_bias(name: &str) -> bool {
+    name.starts_with("blk.") && (name.ends_with(".ffn_gate.bias") || name.ends_with(".ffn_up.bias"))
+}
+
 /// Effective group size for a row of `cols`: one group per row when
 /// `group_size` is `None` or does not fit the row.
 pub fn effective_group_size(group_size: Option<usize>, cols: usize) -> usize {
@@ -243,6 +251,8 @@ enum Fold {
 /// A packed weight waiting for its row order ([`Fold::Producer`]).
 struct HeldRows {
     name: String,
+    /// The layer's bias (F32), whose entries follow its rows.
+    bias: Option<Vec<f32>>,
     dtype: DType,
     group_size: usize,
     rows: usize,
@@ -331,8 +341,13 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
         let packed = pack_layer(&q, self.grid.bits, gs, permuted.then_some(&q.perm[..]));
         let dtype = DType::from_quant_bits(self.grid.bits).expect("validated");
         if fold == Fold::Producer {
+            let bias = match self.src.tensor(&name.replace(".weight", ".bias")) {
+                Some(t) => Some(tensor_f32(t)?),
+                None => None,
+            };
             self.held.push(HeldRows {
                 name: name.to_string(),
+                bias,
                 dtype,
                 group_size: gs,
                 rows,
@@ -369,6 +384,19 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
                     &[held.rows as u64, held.cols as u64],
                     &rows,
                 )?;
+                if let Some(bias) = held.bias {
+                    let bias: Vec<f32> = if permuted {
+                        q.perm.iter().map(|&r| bias[r]).collect()
+                    } else {
+                        bias
+                    };
+                    self.writer.add_tensor(
+                        &held.name.replace(".weight", ".bias"),
+                        DType::F32,
+                        &[held.rows as u64],
+                        &encode(&bias, DType::F32),
+                    )?;
+                }
             }
         } else if permuted {
             let perm: Vec<u8> = q
@@ -427,14 +455,6 @@ pub fn quantize_model<W: Write + Seek>(
         return Err(QuantError::BadDamp(opts.damp));
     }
     let hp = HParams::read(&src.metadata)?;
-    if opts.method == Method::Gptq && !hp.desc.is_llama_block(hp.head_dim, hp.sliding_window) {
-        return Err(QuantError::Calibration(format!(
-            "GPTQ's calibration forward runs the Llama block only so far; this '{}' model \
-             (its norms, activation, biases or positions differ) can be quantized with \
-             --method rtn",
-            hp.arch
-        )));
-    }
     // Everything is checked before any heavy work.
     for t in src
         .tensors
@@ -539,7 +559,9 @@ pub fn quantize_model<W: Write + Seek>(
     // Tensors that are not quantized: norms as they are, 2-D floats as F16
     // (or the embedding / head as RTN groups with `head_bits`).
     for t in &src.tensors {
-        if is_linear(t.name) {
+        if is_linear(t.name) || (windows.is_some() && is_producer_bias(t.name)) {
+            // GPTQ writes the biases of the layers that produce the down
+            // projection's input with their (possibly permuted) rows.
             continue;
         }
         let is_head = matches!(t.name, "token_embd.weight" | "output.weight");
@@ -598,6 +620,59 @@ pub fn quantize_model<W: Write + Seek>(
     Ok((w, reports, timings))
 }
 
+/// What the progress line says while stage `s` of a block runs.
+fn stage_label(s: Stage) -> &'static str {
+    match s {
+        Stage::AttnInput => "q/k/v inputs",
+        Stage::Attention => "attention",
+        Stage::FfnInput => "MLP inputs",
+        Stage::FfnHidden => "MLP activations",
+        Stage::FfnOutput => "block output",
+    }
+}
+
+/// GPTQ of the linear layers that read the input stage `s` ends with, on
+/// its Hessian `h`; their dequantized weights replace the float ones in
+/// `exec`. The MLP's first layers (gate/up, or up alone) are the producers
+/// of the down projection's input, element by element through the
+/// activation, so down's act-order permutation is folded into their rows.
+fn quantize_group<W: Write + Seek>(
+    ctx: &mut Ctx<'_, '_, W>,
+    exec: &mut CalibExec,
+    l: usize,
+    s: Stage,
+    h: &[f32],
+    gated: bool,
+) -> Result<()> {
+    let cols = (h.len() as f64).sqrt() as usize;
+    let prep = ctx.prepare(h, cols)?;
+    for &w in s.consumers(gated) {
+        let name = format!("blk.{l}.{}.weight", w.role());
+        let weights = exec.weight(w).to_vec();
+        let rows = weights.len() / cols;
+        let fold = match w {
+            Lin::Gate | Lin::Up => Fold::Producer,
+            Lin::Down => Fold::Consumer,
+            _ => Fold::No,
+        };
+        let deq = ctx.quantize_one(&name, &weights, rows, cols, Some((h, &prep)), fold)?;
+        exec.set_weight(w, deq);
+    }
+    Ok(())
+}
+
+/// GPTQ block by block through the runtime's own block ([`block_stage`] via
+/// [`CalibExec`]), its hook collecting each linear group's inputs.
+///
+/// With true-sequential the block runs one [`Stage`] at a time over every
+/// window: a stage first multiplies by the group the previous stage's
+/// Hessian has just quantized, then ends at the next group's input, which
+/// the hook adds to that group's Hessian. So every group sees inputs made by
+/// the already quantized layers before it, in one pass per block; between
+/// stages each window keeps its residual stream (`x`) and the stage's
+/// output (`act`, the widest stage boundary). Without it: the float block
+/// collects all four Hessians, then the quantized block makes the next
+/// block's inputs.
 fn gptq_blocks<W: Write + Seek>(
     ctx: &mut Ctx<'_, '_, W>,
     hp: &HParams,
@@ -607,242 +682,125 @@ fn gptq_blocks<W: Write + Seek>(
     let seqlen = windows[0].len();
     let n_seq = windows.len();
     let n = n_seq * seqlen;
-    let (e, f) = (hp.n_embd, hp.n_ff);
-    let bc = BlockCtx::new(hp, seqlen, threads)?;
-    let q_dim = bc.q_dim();
-    let kv_dim = hp.n_head_kv * hp.head_dim;
+    let e = hp.n_embd;
+    let gated = hp.desc.activation.gated();
+    let mut exec = CalibExec::new(hp, seqlen, threads)?;
+    let rope = Rope::new(hp, seqlen);
+    let mut b = BlockBufs::new(hp, seqlen);
 
     // Block 0's inputs: the embeddings of every calibration token.
     let t0 = Instant::now();
     let mut x = vec![0f32; n * e];
     {
         let embd = tensor_f32(ctx.tensor("token_embd.weight")?)?;
-        for (row, &tok) in x.chunks_exact_mut(e).zip(windows.iter().flatten()) {
-            row.copy_from_slice(&embd[tok as usize * e..(tok as usize + 1) * e]);
+        let pos = match ctx.src.tensor("pos_embd.weight") {
+            Some(t) => {
+                let p = tensor_f32(t)?;
+                if p.len() < seqlen * e {
+                    return Err(QuantError::Calibration(format!(
+                        "windows of {seqlen} tokens exceed the model's {} learned positions",
+                        p.len() / e
+                    )));
+                }
+                Some(p)
+            }
+            None => None,
+        };
+        for (i, (row, &tok)) in x
+            .chunks_exact_mut(e)
+            .zip(windows.iter().flatten())
+            .enumerate()
+        {
+            let tok = tok as usize;
+            row.copy_from_slice(&embd[tok * e..(tok + 1) * e]);
+            let p = i % seqlen;
+            finish_embedding(&hp.desc, row, pos.as_ref().map(|v| &v[p * e..(p + 1) * e]));
         }
     }
     ctx.timings.forward += t0.elapsed().as_secs_f64();
-    // Attention outputs of every window (`[n, q_dim]`); with true-sequential
-    // the same buffer then holds the SwiGLU activations (`[n, n_ff]`).
-    let act_width = if ctx.opts.true_sequential {
-        q_dim.max(f)
+    let ts = ctx.opts.true_sequential;
+    let width = if ts {
+        Stage::ALL
+            .iter()
+            .map(|&s| boundary_width(hp, s))
+            .max()
+            .unwrap_or(0)
     } else {
-        q_dim
+        0
     };
-    let mut act = vec![0f32; n * act_width];
-    // The residual after attention (`[n, n_embd]`). With true-sequential
-    // the block inputs are not needed once it is formed, so it is built in
-    // place of `x` and this stays empty.
-    let mut x1 = if ctx.opts.true_sequential {
-        Vec::new()
-    } else {
-        vec![0f32; n * e]
-    };
-    let mut o_out = vec![0f32; seqlen * e];
-    let mut scratch = Vec::new();
-    // H = 2/n · Σ x·xᵀ, from the lower triangle `accumulate_xtx` filled.
-    let scale_h = |h: &mut [f64], cols: usize| -> Vec<f32> {
-        mirror_lower(h, cols);
-        h.iter().map(|&v| (v * 2.0 / n as f64) as f32).collect()
-    };
+    let mut act = vec![0f32; n * width];
+    let rows_e = seqlen * e;
 
     for l in 0..hp.n_layer {
-        let name = |s: &str| format!("blk.{l}.{s}.weight");
-        let get =
-            |c: &Ctx<'_, '_, W>, s: &str| -> Result<Vec<f32>> { tensor_f32(c.tensor(&name(s))?) };
-        let mut w = BlockWeights {
-            attn_norm: get(ctx, "attn_norm")?,
-            q: get(ctx, "attn_q")?,
-            k: get(ctx, "attn_k")?,
-            v: get(ctx, "attn_v")?,
-            o: get(ctx, "attn_output")?,
-            ffn_norm: get(ctx, "ffn_norm")?,
-            gate: get(ctx, "ffn_gate")?,
-            up: get(ctx, "ffn_up")?,
-            down: get(ctx, "ffn_down")?,
-        };
-        let ts = ctx.opts.true_sequential;
-        let mut xn = vec![0f32; seqlen * e];
-
-        // q/k/v: inputs are the normalized block inputs.
-        ctx.report(&format!("block {l}: q/k/v inputs"));
-        let t = Instant::now();
-        let mut h_qkv = vec![0f64; e * e];
-        for s in 0..n_seq {
-            bc.norm_rows(
-                &x[s * seqlen * e..(s + 1) * seqlen * e],
-                &w.attn_norm,
-                &mut xn,
-            );
-            accumulate_xtx(&mut h_qkv, &xn, seqlen, e, &mut scratch, threads);
-        }
-        let h_qkv = scale_h(&mut h_qkv, e);
-        ctx.timings.hessian += t.elapsed().as_secs_f64();
-        let p_qkv = ctx.prepare(&h_qkv, e)?;
-        let hq = Some((&h_qkv[..], &p_qkv));
-        let quantize_qkv = |ctx: &mut Ctx<'_, '_, W>, w: &mut BlockWeights| -> Result<()> {
-            w.q = ctx.quantize_one(&name("attn_q"), &w.q, q_dim, e, hq, Fold::No)?;
-            w.k = ctx.quantize_one(&name("attn_k"), &w.k, kv_dim, e, hq, Fold::No)?;
-            w.v = ctx.quantize_one(&name("attn_v"), &w.v, kv_dim, e, hq, Fold::No)?;
-            Ok(())
-        };
+        exec.load_layer(ctx.src, l)?;
         if ts {
-            quantize_qkv(ctx, &mut w)?;
-        }
-
-        // o: inputs are the attention outputs (with quantized q/k/v if true-sequential).
-        let (mut h_o, mut fwd, mut hes) = (vec![0f64; q_dim * q_dim], 0.0, 0.0);
-        for s in 0..n_seq {
-            let t = Instant::now();
-            bc.norm_rows(
-                &x[s * seqlen * e..(s + 1) * seqlen * e],
-                &w.attn_norm,
-                &mut xn,
-            );
-            let a = &mut act[s * seqlen * q_dim..(s + 1) * seqlen * q_dim];
-            bc.attention(&w, &xn, a);
-            fwd += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            accumulate_xtx(&mut h_o, a, seqlen, q_dim, &mut scratch, threads);
-            hes += t.elapsed().as_secs_f64();
-        }
-        let h_o = scale_h(&mut h_o, q_dim);
-        ctx.timings.forward += fwd;
-        ctx.timings.hessian += hes;
-        let p_o = ctx.prepare(&h_o, q_dim)?;
-        let ho = Some((&h_o[..], &p_o));
-        if ts {
-            w.o = ctx.quantize_one(&name("attn_output"), &w.o, e, q_dim, ho, Fold::No)?;
-        }
-
-        // gate/up: inputs are the normalized residual after attention.
-        // x1 = x + att·oᵀ, one window at a time (in place of x with true-sequential).
-        let post_attention =
-            |w: &BlockWeights, att: &[f32], x: &mut [f32], x1: &mut [f32], o_out: &mut [f32]| {
-                for s in 0..n_seq {
-                    let rows = s * seqlen * e..(s + 1) * seqlen * e;
-                    let a = &att[s * seqlen * q_dim..(s + 1) * seqlen * q_dim];
-                    linear(a, &w.o, seqlen, e, q_dim, o_out, threads);
-                    if x1.is_empty() {
-                        for (xv, b) in x[rows].iter_mut().zip(&*o_out) {
-                            *xv += b;
-                        }
-                    } else {
-                        for ((r, xv), b) in x1[rows.clone()].iter_mut().zip(&x[rows]).zip(&*o_out) {
-                            *r = xv + b;
-                        }
+            let mut prev: Option<Stage> = None;
+            for s in Stage::ALL {
+                ctx.report(&format!("block {l}: {}", stage_label(s)));
+                exec.collect(s);
+                let (t, h0) = (Instant::now(), exec.hessian_secs);
+                let reads_x = matches!(s, Stage::AttnInput | Stage::FfnInput | Stage::FfnOutput);
+                let writes_x = matches!(s, Stage::FfnInput | Stage::FfnOutput);
+                for w in 0..n_seq {
+                    let xs = &mut x[w * rows_e..(w + 1) * rows_e];
+                    let slot = &mut act[w * seqlen * width..(w + 1) * seqlen * width];
+                    if reads_x {
+                        b.x[..rows_e].copy_from_slice(xs);
+                    }
+                    if let Some(p) = prev {
+                        let len = seqlen * boundary_width(hp, p);
+                        b.boundary_mut(p)[..len].copy_from_slice(&slot[..len]);
+                    }
+                    exec.run(l, &mut b, &rope, s);
+                    if writes_x {
+                        xs.copy_from_slice(&b.x[..rows_e]);
+                    }
+                    if s != Stage::FfnOutput {
+                        let len = seqlen * boundary_width(hp, s);
+                        slot[..len].copy_from_slice(&b.boundary(s)[..len]);
                     }
                 }
-            };
-        let t = Instant::now();
-        post_attention(&w, &act, &mut x, &mut x1, &mut o_out);
-        ctx.timings.forward += t.elapsed().as_secs_f64();
-        let x1v: &[f32] = if ts { &x } else { &x1 };
-        let mut h_gu = vec![0f64; e * e];
-        let t = Instant::now();
-        for s in 0..n_seq {
-            bc.norm_rows(
-                &x1v[s * seqlen * e..(s + 1) * seqlen * e],
-                &w.ffn_norm,
-                &mut xn,
-            );
-            accumulate_xtx(&mut h_gu, &xn, seqlen, e, &mut scratch, threads);
-        }
-        let h_gu = scale_h(&mut h_gu, e);
-        ctx.timings.hessian += t.elapsed().as_secs_f64();
-        let p_gu = ctx.prepare(&h_gu, e)?;
-        let hg = Some((&h_gu[..], &p_gu));
-        let quantize_gu = |ctx: &mut Ctx<'_, '_, W>, w: &mut BlockWeights| -> Result<()> {
-            w.gate = ctx.quantize_one(&name("ffn_gate"), &w.gate, f, e, hg, Fold::Producer)?;
-            w.up = ctx.quantize_one(&name("ffn_up"), &w.up, f, e, hg, Fold::Producer)?;
-            Ok(())
-        };
-        if ts {
-            quantize_gu(ctx, &mut w)?;
-        }
-
-        // down: inputs are the SwiGLU activations. With true-sequential,
-        // gate/up are final here, so these are also the quantized block's
-        // activations: they are kept (in the buffer the attention outputs
-        // used, which are no longer needed) and the final pass below only
-        // multiplies them by the quantized down projection. Without it, one
-        // sequence's activations at a time from the float block.
-        let (mut h_down, mut fwd, mut hes) = (vec![0f64; f * f], 0.0, 0.0);
-        let mut hidden_seq = if ts {
-            Vec::new()
+                let hes = exec.hessian_secs - h0;
+                ctx.timings.hessian += hes;
+                ctx.timings.forward += t.elapsed().as_secs_f64() - hes;
+                if let Some(h) = exec.take_hessian(s, n) {
+                    quantize_group(ctx, &mut exec, l, s, &h, gated)?;
+                }
+                prev = Some(s);
+            }
         } else {
-            vec![0f32; seqlen * f]
-        };
-        for s in 0..n_seq {
-            let t = Instant::now();
-            bc.norm_rows(
-                &x1v[s * seqlen * e..(s + 1) * seqlen * e],
-                &w.ffn_norm,
-                &mut xn,
-            );
-            let hidden = if ts {
-                &mut act[s * seqlen * f..(s + 1) * seqlen * f]
-            } else {
-                &mut hidden_seq[..]
-            };
-            bc.mlp_hidden(&w, &xn, seqlen, hidden);
-            fwd += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            accumulate_xtx(&mut h_down, hidden, seqlen, f, &mut scratch, threads);
-            hes += t.elapsed().as_secs_f64();
-        }
-        let h_down = scale_h(&mut h_down, f);
-        ctx.timings.forward += fwd;
-        ctx.timings.hessian += hes;
-        let p_down = ctx.prepare(&h_down, f)?;
-        let hd = Some((&h_down[..], &p_down));
-        if !ts {
-            // All Hessians came from the float block; quantize everything now.
-            quantize_qkv(ctx, &mut w)?;
-            w.o = ctx.quantize_one(&name("attn_output"), &w.o, e, q_dim, ho, Fold::No)?;
-            quantize_gu(ctx, &mut w)?;
-        }
-        w.down = ctx.quantize_one(&name("ffn_down"), &w.down, e, f, hd, Fold::Consumer)?;
-
-        // The next block's inputs come from the quantized block.
-        ctx.report(&format!("block {l}: quantized forward"));
-        let t = Instant::now();
-        if !ts {
-            for s in 0..n_seq {
-                bc.norm_rows(
-                    &x[s * seqlen * e..(s + 1) * seqlen * e],
-                    &w.attn_norm,
-                    &mut xn,
-                );
-                bc.attention(
-                    &w,
-                    &xn,
-                    &mut act[s * seqlen * q_dim..(s + 1) * seqlen * q_dim],
-                );
+            // The float block collects every Hessian …
+            ctx.report(&format!("block {l}: float forward"));
+            for s in Stage::ALL {
+                exec.collect(s);
             }
-            post_attention(&w, &act, &mut x, &mut x1, &mut o_out);
-        }
-        for s in 0..n_seq {
-            let rows = s * seqlen * e..(s + 1) * seqlen * e;
-            let hidden = if ts {
-                &act[s * seqlen * f..(s + 1) * seqlen * f]
-            } else {
-                bc.norm_rows(&x1[rows.clone()], &w.ffn_norm, &mut xn);
-                bc.mlp_hidden(&w, &xn, seqlen, &mut hidden_seq);
-                &hidden_seq[..]
-            };
-            linear(hidden, &w.down, seqlen, e, f, &mut o_out, threads);
-            if ts {
-                for (xo, b) in x[rows].iter_mut().zip(&o_out) {
-                    *xo += b;
-                }
-            } else {
-                for ((xo, a), b) in x[rows.clone()].iter_mut().zip(&x1[rows]).zip(&o_out) {
-                    *xo = a + b;
+            let (t, h0) = (Instant::now(), exec.hessian_secs);
+            for xs in x.chunks_exact(rows_e) {
+                b.x[..rows_e].copy_from_slice(xs);
+                for s in Stage::ALL {
+                    exec.run(l, &mut b, &rope, s);
                 }
             }
+            let hes = exec.hessian_secs - h0;
+            ctx.timings.hessian += hes;
+            ctx.timings.forward += t.elapsed().as_secs_f64() - hes;
+            for s in Stage::ALL {
+                if let Some(h) = exec.take_hessian(s, n) {
+                    quantize_group(ctx, &mut exec, l, s, &h, gated)?;
+                }
+            }
+            // … then the quantized block makes the next block's inputs.
+            ctx.report(&format!("block {l}: quantized forward"));
+            let t = Instant::now();
+            for xs in x.chunks_exact_mut(rows_e) {
+                b.x[..rows_e].copy_from_slice(xs);
+                for s in Stage::ALL {
+                    exec.run(l, &mut b, &rope, s);
+                }
+                xs.copy_from_slice(&b.x[..rows_e]);
+            }
+            ctx.timings.forward += t.elapsed().as_secs_f64();
         }
-        ctx.timings.forward += t.elapsed().as_secs_f64();
     }
     Ok(())
 }

@@ -159,9 +159,11 @@ impl AttnParams {
 pub trait BlockExec {
     /// A vector of layer `layer` (None when the model has no such tensor).
     fn vector(&self, layer: usize, v: Vector) -> Option<&[f32]>;
-    /// The linear calls that follow read a new input (whatever was derived
-    /// from the previous one, e.g. its int8 blocks, is stale).
-    fn new_input(&mut self);
+    /// The hook: `x[rows, width]` is the input the linear layers that
+    /// follow read, `first` the first of them ([`Stage::consumers`]).
+    /// Whatever an executor derived from the previous input (its int8
+    /// blocks) is stale from here; the quantizer collects its Hessians here.
+    fn input(&mut self, layer: usize, first: Lin, x: &[f32], rows: usize);
     /// `out[rows, w.rows] = x[rows, w.cols] · Wᵀ` (no bias).
     fn linear(&mut self, layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]);
     /// Position of row `row` (for RoPE).
@@ -439,32 +441,80 @@ fn residual_add<E: BlockExec>(
     }
 }
 
-/// The MLP of `rows` normalized rows `b.xn` into `b.o`.
-fn mlp<E: BlockExec>(hp: &HParams, l: usize, e: &mut E, b: &mut BlockBufs, rows: usize) {
-    let (n, ff) = (hp.n_embd, hp.n_ff);
-    let k = e.kernels();
-    let xn = &b.xn[..rows * n];
-    let h = &mut b.h[..rows * ff];
-    e.new_input();
-    let act = hp.desc.activation;
-    if act.gated() {
-        let h2 = &mut b.h2[..rows * ff];
-        linear_bias(e, l, Lin::Gate, xn, rows, h);
-        linear_bias(e, l, Lin::Up, xn, rows, h2);
-        match act {
-            Activation::GeGluTanh => (k.geglu)(h, h2),
-            _ => (k.swiglu)(h, h2),
-        }
-    } else {
-        linear_bias(e, l, Lin::Up, xn, rows, h);
-        match act {
-            Activation::GeluTanh => (k.gelu_tanh)(h),
-            Activation::GeluErf => (k.gelu_erf)(h),
-            _ => (k.relu)(h),
+/// Where [`block`] can stop and resume: each stage ends where a group of
+/// linear layers reads its input, after [`BlockExec::input`] has seen it,
+/// and the next stage begins by multiplying that input. The quantizer runs a
+/// block one stage at a time over all its calibration windows (collecting a
+/// Hessian at each boundary and quantizing the group before the next stage
+/// multiplies by it: GPTQ's true-sequential order in one pass); every
+/// other path runs the stages back to back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Norm of the block input → the input of q/k/v (`xn`).
+    AttnInput,
+    /// q/k/v, q/k norms, RoPE, attention → the input of the output projection (`att`).
+    Attention,
+    /// Output projection, residual (or parallel branch) → the MLP input (`xn`).
+    FfnInput,
+    /// Gate/up and activation → the input of the down projection (`h`).
+    FfnHidden,
+    /// Down projection and residual → the block output (`x`).
+    FfnOutput,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::AttnInput,
+        Stage::Attention,
+        Stage::FfnInput,
+        Stage::FfnHidden,
+        Stage::FfnOutput,
+    ];
+
+    /// The linear layers that read the input this stage ends with (in the
+    /// order the block multiplies them; `gated` = the MLP has a gate).
+    pub fn consumers(self, gated: bool) -> &'static [Lin] {
+        match self {
+            Stage::AttnInput => &[Lin::Q, Lin::K, Lin::V],
+            Stage::Attention => &[Lin::Out],
+            Stage::FfnInput if gated => &[Lin::Gate, Lin::Up],
+            Stage::FfnInput => &[Lin::Up],
+            Stage::FfnHidden => &[Lin::Down],
+            Stage::FfnOutput => &[],
         }
     }
-    e.new_input();
-    linear_bias(e, l, Lin::Down, h, rows, &mut b.o[..rows * n]);
+}
+
+impl BlockBufs {
+    /// The buffer holding the input that stage `s` ends with (`x` for the
+    /// last stage), `[rows, width]`.
+    pub fn boundary(&self, s: Stage) -> &[f32] {
+        match s {
+            Stage::AttnInput | Stage::FfnInput => &self.xn,
+            Stage::Attention => &self.att,
+            Stage::FfnHidden => &self.h,
+            Stage::FfnOutput => &self.x,
+        }
+    }
+
+    /// [`BlockBufs::boundary`], writable (to resume a stage).
+    pub fn boundary_mut(&mut self, s: Stage) -> &mut [f32] {
+        match s {
+            Stage::AttnInput | Stage::FfnInput => &mut self.xn,
+            Stage::Attention => &mut self.att,
+            Stage::FfnHidden => &mut self.h,
+            Stage::FfnOutput => &mut self.x,
+        }
+    }
+}
+
+/// Width of the input stage `s` ends with.
+pub fn boundary_width(hp: &HParams, s: Stage) -> usize {
+    match s {
+        Stage::AttnInput | Stage::FfnInput | Stage::FfnOutput => hp.n_embd,
+        Stage::Attention => hp.n_head * hp.head_dim,
+        Stage::FfnHidden => hp.n_ff,
+    }
 }
 
 /// Decoder block `l` over the first `rows` rows of `b.x`, in place.
@@ -476,106 +526,162 @@ pub fn block<E: BlockExec>(
     rope_tables: &Rope,
     rows: usize,
 ) {
-    let d = &hp.desc;
-    let (n, hd) = (hp.n_embd, hp.head_dim);
-    let (qd, kvd) = (hp.n_head * hd, hp.n_head_kv * hd);
-    let ld = d.layers[l];
+    for s in Stage::ALL {
+        block_stage(hp, l, e, b, rope_tables, rows, s);
+    }
+}
 
-    norm_into(
-        e,
-        hp,
-        l,
-        (Vector::AttnNorm, Vector::AttnNormBias),
-        &b.x[..rows * n],
-        &mut b.xn[..rows * n],
-    );
-    e.new_input();
-    let xn = &b.xn[..rows * n];
-    let (q, k, v) = (
-        &mut b.q[..rows * qd],
-        &mut b.k[..rows * kvd],
-        &mut b.v[..rows * kvd],
-    );
-    linear_bias(e, l, Lin::Q, xn, rows, q);
-    linear_bias(e, l, Lin::K, xn, rows, k);
-    linear_bias(e, l, Lin::V, xn, rows, v);
-    if d.qk_norm {
-        for (t, w) in [(&mut *q, Vector::QNorm), (&mut *k, Vector::KNorm)] {
-            let w = e.vector(l, w).expect("q/k norms are checked at load");
-            for head in t.chunks_exact_mut(hd) {
-                let scale = rms_scale(head, hp.norm_eps);
-                for (v, &w) in head.iter_mut().zip(w) {
-                    *v = w * (*v * scale);
+/// Stage `s` of decoder block `l` over the first `rows` rows of `b` (which
+/// hold what the previous stage left: `x` and its [`BlockBufs::boundary`]).
+pub fn block_stage<E: BlockExec>(
+    hp: &HParams,
+    l: usize,
+    e: &mut E,
+    b: &mut BlockBufs,
+    rope_tables: &Rope,
+    rows: usize,
+    s: Stage,
+) {
+    let d = &hp.desc;
+    let (n, hd, ff) = (hp.n_embd, hp.head_dim, hp.n_ff);
+    let (qd, kvd) = (hp.n_head * hd, hp.n_head_kv * hd);
+    match s {
+        Stage::AttnInput => {
+            norm_into(
+                e,
+                hp,
+                l,
+                (Vector::AttnNorm, Vector::AttnNormBias),
+                &b.x[..rows * n],
+                &mut b.xn[..rows * n],
+            );
+            e.input(l, Lin::Q, &b.xn[..rows * n], rows);
+        }
+        Stage::Attention => {
+            let ld = d.layers[l];
+            let xn = &b.xn[..rows * n];
+            let (q, k, v) = (
+                &mut b.q[..rows * qd],
+                &mut b.k[..rows * kvd],
+                &mut b.v[..rows * kvd],
+            );
+            linear_bias(e, l, Lin::Q, xn, rows, q);
+            linear_bias(e, l, Lin::K, xn, rows, k);
+            linear_bias(e, l, Lin::V, xn, rows, v);
+            if d.qk_norm {
+                for (t, w) in [(&mut *q, Vector::QNorm), (&mut *k, Vector::KNorm)] {
+                    let w = e.vector(l, w).expect("q/k norms are checked at load");
+                    for head in t.chunks_exact_mut(hd) {
+                        let scale = rms_scale(head, hp.norm_eps);
+                        for (v, &w) in head.iter_mut().zip(w) {
+                            *v = w * (*v * scale);
+                        }
+                    }
                 }
             }
+            if d.positions == Positions::Rope {
+                for r in 0..rows {
+                    let (cos, sin) = rope_tables.at(ld.local_rope, e.position(r));
+                    rope(&mut q[r * qd..(r + 1) * qd], hd, cos, sin);
+                    rope(&mut k[r * kvd..(r + 1) * kvd], hd, cos, sin);
+                }
+            }
+            let p = AttnParams {
+                window: ld.window,
+                scale: d.attn_scale,
+                softcap: d.attn_softcap,
+            };
+            e.attend(l, q, k, v, rows, &mut b.att[..rows * qd], p);
+            e.input(l, Lin::Out, &b.att[..rows * qd], rows);
+        }
+        Stage::FfnInput => {
+            linear_bias(
+                e,
+                l,
+                Lin::Out,
+                &b.att[..rows * qd],
+                rows,
+                &mut b.o[..rows * n],
+            );
+            let x = &mut b.x[..rows * n];
+            if d.parallel_residual {
+                // x + attn(norm1(x)) + mlp(norm2(x)): the MLP reads the block input.
+                norm_into(
+                    e,
+                    hp,
+                    l,
+                    (Vector::FfnNorm, Vector::FfnNormBias),
+                    x,
+                    &mut b.xn[..rows * n],
+                );
+                for (x, d) in x.iter_mut().zip(&b.o[..rows * n]) {
+                    *x += d;
+                }
+            } else {
+                residual_add(
+                    e,
+                    hp,
+                    l,
+                    Vector::AttnPostNorm,
+                    x,
+                    &b.o[..rows * n],
+                    &mut b.xn[..rows * n],
+                );
+                norm_into(
+                    e,
+                    hp,
+                    l,
+                    (Vector::FfnNorm, Vector::FfnNormBias),
+                    x,
+                    &mut b.xn[..rows * n],
+                );
+            }
+            let first = Stage::FfnInput.consumers(d.activation.gated())[0];
+            e.input(l, first, &b.xn[..rows * n], rows);
+        }
+        Stage::FfnHidden => {
+            let k = e.kernels();
+            let xn = &b.xn[..rows * n];
+            let h = &mut b.h[..rows * ff];
+            let act = d.activation;
+            if act.gated() {
+                let h2 = &mut b.h2[..rows * ff];
+                linear_bias(e, l, Lin::Gate, xn, rows, h);
+                linear_bias(e, l, Lin::Up, xn, rows, h2);
+                match act {
+                    Activation::GeGluTanh => (k.geglu)(h, h2),
+                    _ => (k.swiglu)(h, h2),
+                }
+            } else {
+                linear_bias(e, l, Lin::Up, xn, rows, h);
+                match act {
+                    Activation::GeluTanh => (k.gelu_tanh)(h),
+                    Activation::GeluErf => (k.gelu_erf)(h),
+                    _ => (k.relu)(h),
+                }
+            }
+            e.input(l, Lin::Down, &b.h[..rows * ff], rows);
+        }
+        Stage::FfnOutput => {
+            linear_bias(
+                e,
+                l,
+                Lin::Down,
+                &b.h[..rows * ff],
+                rows,
+                &mut b.o[..rows * n],
+            );
+            residual_add(
+                e,
+                hp,
+                l,
+                Vector::FfnPostNorm,
+                &mut b.x[..rows * n],
+                &b.o[..rows * n],
+                &mut b.xn[..rows * n],
+            );
         }
     }
-    if d.positions == Positions::Rope {
-        for r in 0..rows {
-            let (cos, sin) = rope_tables.at(ld.local_rope, e.position(r));
-            rope(&mut q[r * qd..(r + 1) * qd], hd, cos, sin);
-            rope(&mut k[r * kvd..(r + 1) * kvd], hd, cos, sin);
-        }
-    }
-    let p = AttnParams {
-        window: ld.window,
-        scale: d.attn_scale,
-        softcap: d.attn_softcap,
-    };
-    e.attend(l, q, k, v, rows, &mut b.att[..rows * qd], p);
-    e.new_input();
-    linear_bias(
-        e,
-        l,
-        Lin::Out,
-        &b.att[..rows * qd],
-        rows,
-        &mut b.o[..rows * n],
-    );
-
-    let x = &mut b.x[..rows * n];
-    if d.parallel_residual {
-        // x + attn(norm1(x)) + mlp(norm2(x)): the MLP reads the block input.
-        norm_into(
-            e,
-            hp,
-            l,
-            (Vector::FfnNorm, Vector::FfnNormBias),
-            x,
-            &mut b.xn[..rows * n],
-        );
-        for (x, d) in x.iter_mut().zip(&b.o[..rows * n]) {
-            *x += d;
-        }
-    } else {
-        residual_add(
-            e,
-            hp,
-            l,
-            Vector::AttnPostNorm,
-            x,
-            &b.o[..rows * n],
-            &mut b.xn[..rows * n],
-        );
-        norm_into(
-            e,
-            hp,
-            l,
-            (Vector::FfnNorm, Vector::FfnNormBias),
-            x,
-            &mut b.xn[..rows * n],
-        );
-    }
-    mlp(hp, l, e, b, rows);
-    residual_add(
-        e,
-        hp,
-        l,
-        Vector::FfnPostNorm,
-        &mut b.x[..rows * n],
-        &b.o[..rows * n],
-        &mut b.xn[..rows * n],
-    );
 }
 
 /// The token embedding row `row` finished: scaled (Gemma) and with its

@@ -446,7 +446,7 @@ impl BlockExec for TokenExec<'_> {
     fn vector(&self, layer: usize, v: Vector) -> Option<&[f32]> {
         self.model.layer_vector(layer, v)
     }
-    fn new_input(&mut self) {
+    fn input(&mut self, _layer: usize, _first: Lin, _x: &[f32], _rows: usize) {
         self.inp.reset();
     }
     fn linear(&mut self, layer: usize, w: Lin, x: &[f32], _rows: usize, out: &mut [f32]) {
@@ -801,18 +801,26 @@ fn linear_batch(
     }
 }
 
-/// Run `tokens` (≤ n_batch) at positions `start..start + len` as one batch,
-/// filling those KV cache rows. `logits`: `None` computes no logits, `Some(false)`
-/// The prompt path: batched products ([`linear_batch`]), rows at positions
-/// `start..`, attention per query head as two `gemm` products over the
-/// layer's cached keys.
+/// Where the rows of a batched step sit.
+enum BatchRows<'a> {
+    /// A prompt: rows at positions `start..`, attention per query head as
+    /// two `gemm` products over the layer's cached keys (each KV head's
+    /// keys and values widened to f32 once, into `kv_f32`).
+    Prompt { kv_f32: &'a mut [f32], start: usize },
+    /// Sequences in lockstep: row `i` is the sequence of slot `i` of the KV
+    /// cache (`slot_len` rows each), every row at position `pos`; per row
+    /// the one-token attention kernel over its own slot.
+    Slots { pos: usize, slot_len: usize },
+}
+
+/// The batched paths (a prompt, sequences in lockstep): batched products
+/// ([`linear_batch`]) over rows laid out as [`BatchRows`] says.
 struct BatchExec<'a> {
     model: &'a Model,
     kv: &'a mut KvCache,
-    kv_f32: &'a mut [f32],
     scores: &'a mut [f32],
     scratch: &'a mut BatchScratch,
-    start: usize,
+    rows: BatchRows<'a>,
     n_ctx: usize,
     threads: usize,
 }
@@ -821,7 +829,7 @@ impl BlockExec for BatchExec<'_> {
     fn vector(&self, layer: usize, v: Vector) -> Option<&[f32]> {
         self.model.layer_vector(layer, v)
     }
-    fn new_input(&mut self) {
+    fn input(&mut self, _layer: usize, _first: Lin, _x: &[f32], _rows: usize) {
         self.scratch.new_input();
     }
     fn linear(&mut self, layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]) {
@@ -838,7 +846,10 @@ impl BlockExec for BatchExec<'_> {
         );
     }
     fn position(&self, row: usize) -> usize {
-        self.start + row
+        match self.rows {
+            BatchRows::Prompt { start, .. } => start + row,
+            BatchRows::Slots { pos, .. } => pos,
+        }
     }
     fn attend(
         &mut self,
@@ -850,39 +861,94 @@ impl BlockExec for BatchExec<'_> {
         out: &mut [f32],
         p: AttnParams,
     ) {
-        let hp = &self.model.hparams;
-        let (hd, n_kv) = (hp.head_dim, hp.n_head_kv);
-        let (q_dim, kv_dim, group) = (hp.n_head * hd, n_kv * hd, hp.n_head / n_kv);
-        let (start, n_keys) = (self.start, self.start + b);
-        let lbase = l * self.n_ctx * kv_dim;
-        self.kv.store(lbase + start * kv_dim, k, v);
-        // Attention per query head: S = Q·Kᵀ·scale over all cached keys,
-        // causal (and sliding-window) mask, softmax per row, then O = S·V;
-        // the KV head's keys and values widened to f32 once for its query
-        // heads.
-        for kvh in 0..n_kv {
-            let kv = lbase + kvh * hd;
-            let per = self.kv_f32.len() / 2;
-            let (kf, vf) = self.kv_f32.split_at_mut(per);
-            let (keys, values, stride): (&[f32], &[f32], usize) = match &*self.kv {
-                KvCache::F32 { keys, values } => (&keys[kv..], &values[kv..], kv_dim),
-                KvCache::F16 { keys, values } => {
-                    widen_head(kf, &keys[kv..], kv_dim, hd, n_keys);
-                    widen_head(vf, &values[kv..], kv_dim, hd, n_keys);
-                    (kf, vf, hd)
+        match self.rows {
+            BatchRows::Prompt {
+                ref mut kv_f32,
+                start,
+            } => {
+                let kv_f32: &mut [f32] = kv_f32;
+                let hp = &self.model.hparams;
+                let (hd, n_kv) = (hp.head_dim, hp.n_head_kv);
+                let (q_dim, kv_dim, group) = (hp.n_head * hd, n_kv * hd, hp.n_head / n_kv);
+                let (start, n_keys) = (start, start + b);
+                let lbase = l * self.n_ctx * kv_dim;
+                self.kv.store(lbase + start * kv_dim, k, v);
+                // Attention per query head: S = Q·Kᵀ·scale over all cached keys,
+                // causal (and sliding-window) mask, softmax per row, then O = S·V;
+                // the KV head's keys and values widened to f32 once for its query
+                // heads.
+                for kvh in 0..n_kv {
+                    let kv = lbase + kvh * hd;
+                    let per = kv_f32.len() / 2;
+                    let (kf, vf) = kv_f32.split_at_mut(per);
+                    let (keys, values, stride): (&[f32], &[f32], usize) = match &*self.kv {
+                        KvCache::F32 { keys, values } => (&keys[kv..], &values[kv..], kv_dim),
+                        KvCache::F16 { keys, values } => {
+                            widen_head(kf, &keys[kv..], kv_dim, hd, n_keys);
+                            widen_head(vf, &values[kv..], kv_dim, hd, n_keys);
+                            (kf, vf, hd)
+                        }
+                    };
+                    for h in kvh * group..(kvh + 1) * group {
+                        attend_rows(
+                            (&q[h * hd..], b, q_dim),
+                            (keys, values, stride),
+                            n_keys,
+                            (self.scores, n_keys),
+                            &mut out[h * hd..],
+                            (hd, p, self.threads),
+                            self.model.kernels().causal_softmax,
+                            |i| (p.first_key(start + i), start + i),
+                        );
+                    }
                 }
-            };
-            for h in kvh * group..(kvh + 1) * group {
-                attend_rows(
-                    (&q[h * hd..], b, q_dim),
-                    (keys, values, stride),
-                    n_keys,
-                    (self.scores, n_keys),
-                    &mut out[h * hd..],
-                    (hd, p, self.threads),
-                    self.model.kernels().causal_softmax,
-                    |i| (p.first_key(start + i), start + i),
-                );
+            }
+            BatchRows::Slots { pos, slot_len } => {
+                let hp = &self.model.hparams;
+                let (q_dim, kv_dim) = (hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim);
+                let lbase = l * self.n_ctx * kv_dim;
+                for i in 0..b {
+                    let row = lbase + (i * slot_len + pos) * kv_dim;
+                    let r = i * kv_dim..(i + 1) * kv_dim;
+                    self.kv.store(row, &k[r.clone()], &v[r]);
+                }
+                // Per row and KV head, the `group` query heads that share it: one
+                // query per head, so the one-token attention kernel (each cached key
+                // and value read once for the group), not `gemm` on 3-row products,
+                // whose set-up cost dominated at these sizes.
+                let kern = self.model.kernels();
+                let kv = &*self.kv;
+                let lo = p.first_key(pos);
+                let attend = |(i, (att, scores)): (usize, (&mut [f32], &mut [f32]))| {
+                    let slot = lbase + i * slot_len * kv_dim;
+                    let q = &q[i * q_dim..(i + 1) * q_dim];
+                    attend_cache(
+                        kern,
+                        kv,
+                        slot,
+                        hp,
+                        q,
+                        lo..pos + 1,
+                        (scores, slot_len),
+                        att,
+                        p,
+                    );
+                };
+                let att_rows = &mut out[..b * q_dim];
+                let per_row = hp.n_head * slot_len;
+                if self.threads > 1 {
+                    att_rows
+                        .par_chunks_mut(q_dim)
+                        .zip(self.scores.par_chunks_mut(per_row))
+                        .enumerate()
+                        .for_each(attend);
+                } else {
+                    att_rows
+                        .chunks_mut(q_dim)
+                        .zip(self.scores.chunks_mut(per_row))
+                        .enumerate()
+                        .for_each(attend);
+                }
             }
         }
     }
@@ -911,10 +977,12 @@ pub fn forward_batch(
     let mut ex = BatchExec {
         model,
         kv: &mut s.kv,
-        kv_f32: &mut bs.kv_f32,
         scores: &mut bs.scores,
         scratch: &mut bs.scratch,
-        start,
+        rows: BatchRows::Prompt {
+            kv_f32: &mut bs.kv_f32,
+            start,
+        },
         n_ctx: s.n_ctx,
         threads,
     };
@@ -953,105 +1021,6 @@ fn embed_rows(model: &Model, tokens: &[u32], pos: impl Fn(usize) -> usize, bufs:
     }
 }
 
-/// Sequences in lockstep: row `i` is the sequence of slot `i` of the KV
-/// cache, every row at position `pos`; batched products, and per row the
-/// one-token attention kernel over its own slot.
-struct SlotsExec<'a> {
-    model: &'a Model,
-    kv: &'a mut KvCache,
-    scores: &'a mut [f32],
-    scratch: &'a mut BatchScratch,
-    pos: usize,
-    slot_len: usize,
-    n_ctx: usize,
-    threads: usize,
-}
-
-impl BlockExec for SlotsExec<'_> {
-    fn vector(&self, layer: usize, v: Vector) -> Option<&[f32]> {
-        self.model.layer_vector(layer, v)
-    }
-    fn new_input(&mut self) {
-        self.scratch.new_input();
-    }
-    fn linear(&mut self, layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]) {
-        let w = self.model.layers[layer].linear(w);
-        linear_batch(
-            self.model,
-            w,
-            x,
-            rows,
-            out,
-            w.rows,
-            self.scratch,
-            self.threads,
-        );
-    }
-    fn position(&self, _row: usize) -> usize {
-        self.pos
-    }
-    fn attend(
-        &mut self,
-        l: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        b: usize,
-        out: &mut [f32],
-        p: AttnParams,
-    ) {
-        let hp = &self.model.hparams;
-        let (q_dim, kv_dim) = (hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim);
-        let (pos, slot_len) = (self.pos, self.slot_len);
-        let lbase = l * self.n_ctx * kv_dim;
-        for i in 0..b {
-            let row = lbase + (i * slot_len + pos) * kv_dim;
-            let r = i * kv_dim..(i + 1) * kv_dim;
-            self.kv.store(row, &k[r.clone()], &v[r]);
-        }
-        // Per row and KV head, the `group` query heads that share it: one
-        // query per head, so the one-token attention kernel (each cached key
-        // and value read once for the group), not `gemm` on 3-row products,
-        // whose set-up cost dominated at these sizes.
-        let kern = self.model.kernels();
-        let kv = &*self.kv;
-        let lo = p.first_key(pos);
-        let attend = |(i, (att, scores)): (usize, (&mut [f32], &mut [f32]))| {
-            let slot = lbase + i * slot_len * kv_dim;
-            let q = &q[i * q_dim..(i + 1) * q_dim];
-            attend_cache(
-                kern,
-                kv,
-                slot,
-                hp,
-                q,
-                lo..pos + 1,
-                (scores, slot_len),
-                att,
-                p,
-            );
-        };
-        let att_rows = &mut out[..b * q_dim];
-        let per_row = hp.n_head * slot_len;
-        if self.threads > 1 {
-            att_rows
-                .par_chunks_mut(q_dim)
-                .zip(self.scores.par_chunks_mut(per_row))
-                .enumerate()
-                .for_each(attend);
-        } else {
-            att_rows
-                .chunks_mut(q_dim)
-                .zip(self.scores.chunks_mut(per_row))
-                .enumerate()
-                .for_each(attend);
-        }
-    }
-    fn kernels(&self) -> &'static Kernels {
-        self.model.kernels()
-    }
-}
-
 /// One decoding step of `b = tokens.len()` independent sequences at once
 /// (e.g. the quantizer's self-generated calibration text): row `i` is the
 /// sequence kept in slot `i` of the KV cache (cache rows `i·slot_len ..
@@ -1085,13 +1054,12 @@ pub fn forward_slots(
         "forward_slots: make `bs` with BatchState::for_slots"
     );
     embed_rows(model, tokens, |_| pos, &mut bs.bufs);
-    let mut ex = SlotsExec {
+    let mut ex = BatchExec {
         model,
         kv: &mut s.kv,
         scores: &mut bs.scores,
         scratch: &mut bs.scratch,
-        pos,
-        slot_len,
+        rows: BatchRows::Slots { pos, slot_len },
         n_ctx: s.n_ctx,
         threads,
     };

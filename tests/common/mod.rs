@@ -30,7 +30,7 @@ pub fn reference_ids(reference: &std::path::Path) -> Vec<u32> {
         .collect()
 }
 
-/// Read one tensor of a reference `.safetensors` file (F32 or I64).
+/// Read one tensor of a reference `.safetensors` file (F32, F16 or I64).
 pub fn read_ref(path: &std::path::Path, name: &str) -> RefTensor {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
@@ -54,6 +54,12 @@ pub fn read_ref(path: &std::path::Path, name: &str) -> RefTensor {
             r.i64 = d
                 .chunks_exact(8)
                 .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        }
+        safetensors::Dtype::F16 => {
+            r.f32 = d
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect()
         }
         other => panic!("unexpected dtype {other:?}"),
@@ -264,4 +270,42 @@ pub fn import_f32(path: &std::path::Path) -> nibble::format::NibFile {
         &mut |_, _, _| {},
     )
     .expect("import")
+}
+
+/// Every tiny model of `../shared/fixtures/hf-reference/`.
+#[allow(dead_code)]
+pub const FAMILIES: [&str; 13] = [
+    "llama",
+    "llama_tied_hd8",
+    "llama3_rope",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "opt",
+    "gpt2",
+    "gpt_neox",
+];
+
+/// Where `../shared/scripts/fetch-models.sh` puts the real GGUF files:
+/// `$NIBBLE_MODELS`, else `~/.cache/nibble/models`.
+pub fn models_dir() -> PathBuf {
+    match std::env::var_os("NIBBLE_MODELS") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/nibble/models"),
+    }
+}
+
+/// A fetched real model file, or a panic that says how to fetch it.
+pub fn real_model(file: &str) -> PathBuf {
+    let p = models_dir().join(file);
+    assert!(
+        p.is_file(),
+        "{} is missing: run ../shared/scripts/fetch-models.sh (it is idempotent)",
+        p.display()
+    );
+    p
 }

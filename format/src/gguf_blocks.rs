@@ -1,0 +1,381 @@
+//! Scalar reference decoders of ggml's block types, one function per type.
+//!
+//! Each block decodes to exactly the f32 values llama.cpp's reference
+//! `dequantize_row_*` gives (the same operations in the same order), so a
+//! GGUF imported to f32 holds the weights llama.cpp's own float path sees.
+//! The layouts are ggml's (`ggml-common.h`); a test checks every type
+//! against the gguf Python package's `gguf.quants.dequantize` on seeded
+//! blocks (`scripts/gguf-dequant-vectors.py` made the vectors).
+
+use half::{bf16, f16};
+
+use crate::gguf::GgmlType;
+
+/// Weights per K-quant super-block.
+const QK_K: usize = 256;
+
+/// The 16 values of the non-linear 4-bit grid of IQ4_NL and IQ4_XS.
+const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Decode `data` (whole blocks of `ty`) into `out` (`out.len()` weights).
+/// Returns false for a type without a decoder here (the caller names it).
+pub fn dequantize_blocks(ty: GgmlType, data: &[u8], out: &mut [f32]) -> bool {
+    let (block, bytes) = ty.block();
+    let (block, bytes) = (block as usize, bytes as usize);
+    let blocks = out.chunks_exact_mut(block).zip(data.chunks_exact(bytes));
+    let decode: fn(&[u8], &mut [f32]) = match ty {
+        GgmlType::F32 => {
+            for (o, c) in blocks {
+                o[0] = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            return true;
+        }
+        GgmlType::F16 => {
+            for (o, c) in blocks {
+                o[0] = f16_at(c, 0);
+            }
+            return true;
+        }
+        GgmlType::BF16 => {
+            for (o, c) in blocks {
+                o[0] = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+            return true;
+        }
+        GgmlType::Q4_0 => dequant_q4_0,
+        GgmlType::Q4_1 => dequant_q4_1,
+        GgmlType::Q5_0 => dequant_q5_0,
+        GgmlType::Q5_1 => dequant_q5_1,
+        GgmlType::Q8_0 => dequant_q8_0,
+        GgmlType::Q2K => dequant_q2_k,
+        GgmlType::Q3K => dequant_q3_k,
+        GgmlType::Q4K => dequant_q4_k,
+        GgmlType::Q5K => dequant_q5_k,
+        GgmlType::Q6K => dequant_q6_k,
+        GgmlType::IQ4NL => dequant_iq4_nl,
+        GgmlType::IQ4XS => dequant_iq4_xs,
+        GgmlType::Q8_1 | GgmlType::Q8K => return false,
+    };
+    for (o, b) in blocks {
+        decode(b, o);
+    }
+    true
+}
+
+/// Q4_0: f16 scale, 16 bytes of 4-bit codes (low nibbles first), offset 8.
+fn dequant_q4_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for j in 0..16 {
+        let q = b[2 + j];
+        y[j] = (i32::from(q & 0x0f) - 8) as f32 * d;
+        y[j + 16] = (i32::from(q >> 4) - 8) as f32 * d;
+    }
+}
+
+/// Q4_1: f16 scale and minimum, 16 bytes of 4-bit codes.
+fn dequant_q4_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    for j in 0..16 {
+        let q = b[4 + j];
+        y[j] = f32::from(q & 0x0f) * d + m;
+        y[j + 16] = f32::from(q >> 4) * d + m;
+    }
+}
+
+/// The 5th bits of a Q5 block: bit `j` of the little-endian `u32` at `at`.
+fn high_bits(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Q5_0: f16 scale, 32 fifth bits, 16 bytes of low nibbles, offset 16.
+fn dequant_q5_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qh = high_bits(b, 2);
+    for j in 0..16 {
+        let q = b[6 + j];
+        let h0 = ((qh >> j) << 4) & 0x10;
+        let h1 = (qh >> (j + 12)) & 0x10;
+        y[j] = ((u32::from(q & 0x0f) | h0) as i32 - 16) as f32 * d;
+        y[j + 16] = ((u32::from(q >> 4) | h1) as i32 - 16) as f32 * d;
+    }
+}
+
+/// Q5_1: f16 scale and minimum, 32 fifth bits, 16 bytes of low nibbles.
+fn dequant_q5_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    let qh = high_bits(b, 4);
+    for j in 0..16 {
+        let q = b[8 + j];
+        let h0 = ((qh >> j) << 4) & 0x10;
+        let h1 = (qh >> (j + 12)) & 0x10;
+        y[j] = (u32::from(q & 0x0f) | h0) as f32 * d + m;
+        y[j + 16] = (u32::from(q >> 4) | h1) as f32 * d + m;
+    }
+}
+
+/// Q8_0: f16 scale, 32 signed bytes.
+fn dequant_q8_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (j, v) in y.iter_mut().enumerate() {
+        *v = f32::from(b[2 + j] as i8) * d;
+    }
+}
+
+/// Q2_K: 16 sub-blocks of 16 with 4-bit scales and mins (`scales[16]`),
+/// 2-bit codes (`qs[64]`), f16 super-block scale and minimum scale.
+fn dequant_q2_k(b: &[u8], y: &mut [f32]) {
+    let (scales, qs) = (&b[0..16], &b[16..80]);
+    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    let mut is = 0;
+    for n in 0..QK_K / 128 {
+        let q = &qs[32 * n..32 * n + 32];
+        let y = &mut y[128 * n..128 * n + 128];
+        for j in 0..4 {
+            let shift = 2 * j;
+            for half in 0..2 {
+                let sc = scales[is];
+                is += 1;
+                let dl = d * f32::from(sc & 0xf);
+                let ml = dmin * f32::from(sc >> 4);
+                for l in 0..16 {
+                    let code = (q[l + 16 * half] >> shift) & 3;
+                    y[32 * j + 16 * half + l] = dl * f32::from(code) - ml;
+                }
+            }
+        }
+    }
+}
+
+/// Q3_K: high bits (`hmask[32]`), 2-bit low codes (`qs[64]`), 16 6-bit
+/// signed scales packed in 12 bytes, f16 super-block scale.
+fn dequant_q3_k(b: &[u8], y: &mut [f32]) {
+    let (hmask, qs, packed) = (&b[0..32], &b[32..96], &b[96..108]);
+    let d_all = f16_at(b, 108);
+    let scales = q3k_scales(packed);
+    let mut m = 1u8;
+    let mut is = 0;
+    for n in 0..QK_K / 128 {
+        let q = &qs[32 * n..32 * n + 32];
+        let y = &mut y[128 * n..128 * n + 128];
+        for j in 0..4 {
+            let shift = 2 * j;
+            for half in 0..2 {
+                let dl = d_all * f32::from(scales[is] - 32);
+                is += 1;
+                for l in 0..16 {
+                    let i = l + 16 * half;
+                    let low = i32::from((q[i] >> shift) & 3);
+                    let high = if hmask[i] & m != 0 { 0 } else { 4 };
+                    y[32 * j + i] = dl * (low - high) as f32;
+                }
+            }
+            m <<= 1;
+        }
+    }
+}
+
+/// The 16 6-bit scales of a Q3_K block (biased by 32): low 4 bits from the
+/// first 8 bytes (low then high nibbles), high 2 bits from the last 4.
+fn q3k_scales(p: &[u8]) -> [i8; 16] {
+    let mut s = [0i8; 16];
+    for (i, v) in s.iter_mut().enumerate() {
+        let low = if i < 8 { p[i] & 0xf } else { p[i - 8] >> 4 };
+        let high = (p[8 + i % 4] >> (2 * (i / 4))) & 3;
+        *v = (low | (high << 4)) as i8;
+    }
+    s
+}
+
+/// Scale and minimum `j` (6 bits each) of a Q4_K / Q5_K block's 12 bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Q4_K: f16 scale and minimum scale, 8 sub-blocks of 32 with 6-bit scales
+/// and mins (12 bytes), 4-bit codes (`qs[128]`).
+fn dequant_q4_k(b: &[u8], y: &mut [f32]) {
+    let (d, min) = (f16_at(b, 0), f16_at(b, 2));
+    let (scales, qs) = (&b[4..16], &b[16..144]);
+    for (n, y) in y.chunks_exact_mut(64).enumerate() {
+        let q = &qs[32 * n..32 * n + 32];
+        let (sc1, m1) = scale_min_k4(2 * n, scales);
+        let (sc2, m2) = scale_min_k4(2 * n + 1, scales);
+        let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
+        let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
+        for l in 0..32 {
+            y[l] = d1 * f32::from(q[l] & 0xf) - m1;
+            y[l + 32] = d2 * f32::from(q[l] >> 4) - m2;
+        }
+    }
+}
+
+/// Q5_K: as Q4_K plus a fifth bit per weight (`qh[32]`).
+fn dequant_q5_k(b: &[u8], y: &mut [f32]) {
+    let (d, min) = (f16_at(b, 0), f16_at(b, 2));
+    let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+    for (n, y) in y.chunks_exact_mut(64).enumerate() {
+        let ql = &qs[32 * n..32 * n + 32];
+        let (u1, u2) = (1u8 << (2 * n), 2u8 << (2 * n));
+        let (sc1, m1) = scale_min_k4(2 * n, scales);
+        let (sc2, m2) = scale_min_k4(2 * n + 1, scales);
+        let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
+        let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
+        for l in 0..32 {
+            let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+            let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+            y[l] = d1 * f32::from((ql[l] & 0xf) + h1) - m1;
+            y[l + 32] = d2 * f32::from((ql[l] >> 4) + h2) - m2;
+        }
+    }
+}
+
+/// Q6_K: low 4 bits (`ql[128]`), high 2 bits (`qh[64]`), 16 signed 8-bit
+/// scales, f16 super-block scale; codes offset by 32.
+fn dequant_q6_k(b: &[u8], y: &mut [f32]) {
+    let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+    let d = f16_at(b, 208);
+    for n in 0..QK_K / 128 {
+        let (ql, qh) = (&ql[64 * n..64 * n + 64], &qh[32 * n..32 * n + 32]);
+        let sc = &sc[8 * n..8 * n + 8];
+        let y = &mut y[128 * n..128 * n + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let code = |low: u8, shift: u32| i32::from(low | (((qh[l] >> shift) & 3) << 4)) - 32;
+            let q1 = code(ql[l] & 0xf, 0);
+            let q2 = code(ql[l + 32] & 0xf, 2);
+            let q3 = code(ql[l] >> 4, 4);
+            let q4 = code(ql[l + 32] >> 4, 6);
+            let s = |k: usize| f32::from(sc[is + k] as i8);
+            y[l] = d * s(0) * q1 as f32;
+            y[l + 32] = d * s(2) * q2 as f32;
+            y[l + 64] = d * s(4) * q3 as f32;
+            y[l + 96] = d * s(6) * q4 as f32;
+        }
+    }
+}
+
+/// IQ4_NL: f16 scale, 16 bytes of 4-bit indices into [`KVALUES_IQ4NL`].
+fn dequant_iq4_nl(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for j in 0..16 {
+        let q = b[2 + j];
+        y[j] = d * f32::from(KVALUES_IQ4NL[usize::from(q & 0xf)]);
+        y[j + 16] = d * f32::from(KVALUES_IQ4NL[usize::from(q >> 4)]);
+    }
+}
+
+/// IQ4_XS: f16 scale, 8 sub-blocks of 32 with 6-bit scales (high 2 bits in
+/// `scales_h`, low 4 in `scales_l[4]`), 4-bit indices into [`KVALUES_IQ4NL`].
+fn dequant_iq4_xs(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+    let (scales_l, qs) = (&b[4..8], &b[8..136]);
+    for (ib, y) in y.chunks_exact_mut(32).enumerate() {
+        let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf;
+        let high = ((scales_h >> (2 * ib)) & 3) as u8;
+        let dl = d * (i32::from(low | (high << 4)) - 32) as f32;
+        let q = &qs[16 * ib..16 * ib + 16];
+        for j in 0..16 {
+            y[j] = dl * f32::from(KVALUES_IQ4NL[usize::from(q[j] & 0xf)]);
+            y[j + 16] = dl * f32::from(KVALUES_IQ4NL[usize::from(q[j] >> 4)]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Vectors from `scripts/gguf-dequant-vectors.py`: per type, seeded
+    /// random blocks (finite f16 scales) and what `gguf.quants.dequantize`
+    /// made of them.
+    const VECTORS: &str = include_str!("../tests/data/gguf_dequant_vectors.json");
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Every decoder equals the gguf package's to float rounding: ggml and
+    /// numpy may group a scale product differently (d·sc·q against
+    /// (d·sc)·q), at most a few ulps of the block's largest value.
+    #[test]
+    fn every_block_type_decodes_as_the_gguf_package_does() {
+        let v: serde_json::Value = serde_json::from_str(VECTORS).unwrap();
+        let mut seen = Vec::new();
+        for case in v.as_array().unwrap() {
+            let name = case["type"].as_str().unwrap();
+            let code = case["code"].as_u64().unwrap() as u32;
+            let ty = GgmlType::from_code(code).unwrap();
+            assert_eq!(ty.name(), name);
+            let data = hex(case["bytes"].as_str().unwrap());
+            let want: Vec<f32> = case["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            let mut got = vec![f32::NAN; want.len()];
+            assert!(dequantize_blocks(ty, &data, &mut got), "{name}");
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 4.0 * f32::EPSILON * scale,
+                    "{name} element {i}: {g} vs {w}"
+                );
+            }
+            seen.push(name.to_string());
+        }
+        for t in [
+            "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+            "IQ4_NL", "IQ4_XS",
+        ] {
+            assert!(seen.iter().any(|s| s == t), "no vectors for {t}");
+        }
+    }
+
+    /// The Q3_K scale unpacking equals ggml's word-wise formulation.
+    #[test]
+    fn q3k_scales_match_the_word_wise_unpacking() {
+        let mut state = 7u32;
+        for _ in 0..100 {
+            let p: Vec<u8> = (0..12)
+                .map(|_| {
+                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (state >> 24) as u8
+                })
+                .collect();
+            let w =
+                |i: usize| u32::from_le_bytes([p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]]);
+            let (k1, k2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
+            let (a0, a1, tmp) = (w(0), w(1), w(2));
+            let aux = [
+                (a0 & k2) | ((tmp & k1) << 4),
+                (a1 & k2) | (((tmp >> 2) & k1) << 4),
+                ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4),
+                ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4),
+            ];
+            let want: Vec<i8> = aux
+                .iter()
+                .flat_map(|a| a.to_le_bytes())
+                .map(|b| b as i8)
+                .collect();
+            assert_eq!(q3k_scales(&p).to_vec(), want);
+        }
+    }
+}
