@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quantization benchmarks on SmolLM2-135M-Instruct (numbers in the README).
+# Quantization benchmarks on SmolLM2-135M-Instruct (numbers in docs/BENCHMARKS.md).
 #   scripts/bench-quant.sh time       # wall time + peak RSS of GPTQ 4-bit g128 at 128 × 512, calibrated on
 #                                     # Shakespeare, at the defaults (true-sequential, act-order), then
 #                                     # --no-true-sequential, then --no-act-order

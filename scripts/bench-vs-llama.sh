@@ -7,8 +7,8 @@
 #
 #   LLAMA=/path/to/llama.cpp/build/bin scripts/bench-vs-llama.sh [ROUNDS] [REPS]
 #
-# llama.cpp is not part of this repository: build it yourself (README,
-# "llama.cpp on the same machine"). Output: one line per round, model,
+# llama.cpp is not part of this repository: build it yourself (docs/BENCHMARKS.md
+# says how). Output: one line per round, model,
 # program, threads and test, in tok/s (mean ± sd over REPS runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."

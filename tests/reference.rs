@@ -231,11 +231,11 @@ fn smollm2_gguf_blocks_run_natively_close_to_transformers() {
 ///   (the same sums in the same order as AVX2's interleaved kernels), their
 ///   greedy texts splitting from scalar's at token 20 (margin 0.015) like
 ///   AVX2's (the row kernels read 4.064234 and 4.076334). Since the
-///   attention kernel (`kernels::attn`, 8-lane dot products; Dec 4), on an
+///   attention kernel (`kernels::attn`, 8-lane dot products), on an
 ///   AVX-512 VNNI CPU: scalar 4.075456, AVX2 and AVX-512 (VNNI one-token and
 ///   batched kernels) 4.079413, batched 4.072030 on both, and all three
 ///   greedy texts identical over the 24 tokens. Since the vectorisable exp
-///   of softmax and SiLU (`math::exp_f32`, relative error < 5e-7; Dec 5):
+///   of softmax and SiLU (`math::exp_f32`, relative error < 5e-7):
 ///   scalar 4.078964, AVX2 and AVX-512 4.077675, batched 4.081884 (scalar
 ///   table) and 4.064900 (x86 kernels); the x86 greedy texts split from
 ///   scalar's at token 22 of 24, within `TOL_NEAR_TIE`.
@@ -377,7 +377,7 @@ fn mapped_model_releases_interleaved_pages_and_computes_the_same() {
 #[test]
 fn f16_kv_cache_stays_close_to_f32() {
     use nibble::{KvType, Session, SessionParams};
-    /// Measured (Dec 5, AVX-512): float logits 5.2e-4 (prompt path) and
+    /// Measured (AVX-512): float logits 5.2e-4 (prompt path) and
     /// 4.8e-4 (one token), NLL 4.066700 / 4.066751 against 4.066853; native
     /// blocks NLL 4.079910 against 4.064900 (prompt path), 4.078751 against
     /// 4.077675 (one token).

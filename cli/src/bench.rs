@@ -220,7 +220,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             )
         };
         // One untimed session first: the first one measured otherwise reads
-        // ~12 % slower than the same kind measured again after it (Dec 5,
+        // ~12 % slower than the same kind measured again after it (
         // 8-bit SmolLM2, pp128), whatever the kind, even after its own
         // warm-up run.
         if let Some(&n) = a.n_prompt.iter().max().filter(|&&n| n > 0) {

@@ -54,7 +54,7 @@ pub struct QuantizeArgs {
     /// the runtime gathers an input once for the weights that read it, never
     /// per group, and the down projection's order is folded into gate/up).
     /// The default: on SmolLM2 it beat GPTQ without it at every setting
-    /// measured, for 2-6 % of prompt speed (README, "Why act-order is the
+    /// measured, for 2-6 % of prompt speed (docs/quantization.md, "Why act-order is the
     /// default").
     #[arg(long, overrides_with = "no_act_order")]
     act_order: bool,
@@ -62,7 +62,7 @@ pub struct QuantizeArgs {
     /// default). On SmolLM2 this put 8-29× RTN's squared error on the value
     /// vector of each sequence's first position in blocks 12-23 (blocks
     /// 12-29 put 31-64 % of all attention on that position), and lost to RTN
-    /// at 4 bits (README).
+    /// at 4 bits (docs/quantization.md).
     #[arg(long, overrides_with = "act_order")]
     no_act_order: bool,
     /// GPTQ with act-order: fix each group's grid up front on contiguous columns.
@@ -79,7 +79,7 @@ pub struct QuantizeArgs {
     no_true_sequential: bool,
     /// GPTQ calibration text (plain UTF-8): text like what the model will see (a
     /// few hundred KB is plenty), never your evaluation text. It matters
-    /// most with --no-act-order (README, "Calibration text matters"). Default, or
+    /// most with --no-act-order (docs/quantization.md, "Calibration text matters"). Default, or
     /// `--calib self`: the model writes its own calibration text (⌈nsamples/8⌉
     /// sequences, at least 16, of seqlen tokens sampled from BOS at
     /// temperature 1, no top-p cut, seeded) and the windows are drawn from

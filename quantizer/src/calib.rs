@@ -53,12 +53,12 @@ pub fn calibration_windows(
 
 /// How [`self_generated_windows`] samples: the model's own distribution as
 /// it is (temperature 1, no nucleus cut), which needs no sort per token.
-/// Measured (Dec 5, GPTQ 4-bit per row without act-order, wikitext-2 on 20
+/// Measured (GPTQ 4-bit per row without act-order, wikitext-2 on 20
 /// windows of 2048; RTN 37.29): with 32 × 512 windows, temperature 1
 /// without a cut 35.54, with top-p 0.95 36.75, temperature 1.1 / 1.2
 /// without a cut 34.85 / 35.85, temperature 0.7 with top-p 0.95 40.25, a
 /// random first token after BOS 37.61; with 128 × 512 windows, 36.73
-/// without a cut against 36.48 with top-p 0.95 (Dec 4). So below
+/// without a cut against 36.48 with top-p 0.95. So below
 /// temperature 1 it gets worse, and the rest is within the ±1 that another
 /// sample of text moves it.
 pub const SELF_CALIB_TEMPERATURE: f32 = 1.0;
@@ -68,7 +68,7 @@ pub const SELF_CALIB_TOP_P: f32 = 1.0;
 /// batched step streams the weights once for all of them. 16 keeps the KV
 /// cache of a 512-token window at 16 × 512 × n_layer × 2 · kv_dim f16
 /// values (189 MB for SmolLM2), and decoded the most tokens per second
-/// (Dec 5, `cargo run --release --example decode_slots -- …Q4_1.gguf 2 R
+/// (`cargo run --release --example decode_slots -- …Q4_1.gguf 2 R
 /// 512 auto`: 524 / 613 / 555 tok/s at R = 12 / 16 / 24 rows).
 pub const SELF_CALIB_BATCH: usize = 16;
 
@@ -175,7 +175,7 @@ pub fn self_generated_windows(
 /// are drawn from their concatenation, as from a text file. Decoding is the
 /// dear part of self-calibration (about 600 tokens/s in batches of 16 on
 /// two cores, against about 430 windowed tokens/s for the whole GPTQ
-/// pass), and more distinct text did not measurably help (Dec 5, GPTQ
+/// pass), and more distinct text did not measurably help (GPTQ
 /// 4-bit per row without act-order, wikitext-2 on 20 windows; RTN 37.29):
 /// 128 windows from 128 sequences 36.73, from 32 sequences 36.73, from 16
 /// sequences 37.82; 32 windows from 32 sequences 35.54. A second sample of

@@ -165,7 +165,7 @@ pub struct RunState {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvType {
     /// IEEE half precision (llama.cpp's default): half the memory, and half
-    /// the bytes each token streams from a long context (Dec 5, SmolLM2
+    /// the bytes each token streams from a long context (SmolLM2
     /// native Q4_0 blocks, one thread: tg512 170–177 → 195–200 tok/s; 16
     /// self-generated calibration sequences at 384 positions 54.6 → 45.5 ms
     /// per step). With float weights the logits then differ from an f32

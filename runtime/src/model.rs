@@ -176,8 +176,8 @@ pub struct Model {
 /// Interleave every packed matrix the decoding products read (the layers
 /// and the output head) when this CPU's best kernel table has the
 /// interleaved kernel and `NIBBLE_X8` is not `0`: the copy costs their size
-/// in memory and makes the 4-bit products ~3× faster per weight (README,
-/// "Speed"); 3- and 2-bit codes are widened to 4 bits in the copy, so they
+/// in memory and makes the 4-bit products ~3× faster per weight (docs/runtime-performance.md,
+/// "Rows interleaved by eight"); 3- and 2-bit codes are widened to 4 bits in the copy, so they
 /// run at the 4-bit kernels' speed. The embedding lookup keeps reading the
 /// file's rows.
 ///

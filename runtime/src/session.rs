@@ -34,7 +34,7 @@ pub struct SessionParams {
 /// All compute the same `Ŵ·x̂` (activations rounded through the int8
 /// blocks of the one-token path) and differ only by float reassociation.
 /// Measured on this project's AVX2 machine (`nibble bench --prefill
-/// auto,tiles,int8`, README "Speed"): the interleaved kernel is the
+/// auto,tiles,int8`, docs/runtime-performance.md): the interleaved kernel is the
 /// fastest, decoded tiles come next, the row-by-row int8 kernel last.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKind {

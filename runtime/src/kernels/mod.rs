@@ -144,7 +144,7 @@ pub struct Kernels {
     qg_mm: Option<[QgMatmulFn; 5]>,
     /// Whether `qg_mm` beats decoded tiles + `gemm` for weights without an
     /// interleaved copy (the 8-bit ones, and a GGUF's Q8_0 head), so that
-    /// `PrefillKind::Auto` takes it. Measured on SmolLM2 (Dec 5, one thread):
+    /// `PrefillKind::Auto` takes it. Measured on SmolLM2 (one thread):
     /// with VNNI, 8-bit g128 prompts of 128 tokens 500 against 394 tok/s
     /// and 16 calibration sequences in lockstep 39.7 against 46.6 ms per step;
     /// AVX2's `maddubs` loses at 128 tokens (327 against 380 tok/s).

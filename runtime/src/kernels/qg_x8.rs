@@ -5,13 +5,13 @@
 //! nibbles (same scales and zero points, so the same Ŵ): the copy reads 4
 //! bits per weight instead of 3 or 2, but the 4-bit kernels run 3.5–4.6×
 //! more weights per second than the 2- and 3-bit row kernels (criterion,
-//! AVX-512; README, "Against llama.cpp on an AVX-512 VNNI machine").
+//! AVX-512; docs/BENCHMARKS.md.
 //!
 //! Why: the row-by-row kernels ([`super::qg`]) reduce each 32-weight
 //! sub-block of one row to one number, so per 32 weights they pay an unpack,
 //! a horizontal integer widening, an i32 → f32 conversion and a multiply-add
 //! by the block scale; that keeps a core at about half the memory bandwidth
-//! (README, "Speed"). With eight rows side by side, lane `r` of every
+//! (docs/runtime-performance.md). With eight rows side by side, lane `r` of every
 //! integer product belongs to row `r`: the sums never cross lanes, the
 //! i16 products of a whole sub-block accumulate before one widening, and
 //! the conversion, the block scale, the group scale and the zero-point /
