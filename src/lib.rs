@@ -4,7 +4,7 @@
 //! the workspace crates:
 //!
 //! * `format` ([`nibble_format`]) — the `.nib` single-file format and the GGUF / Hugging Face importers;
-//! * `runtime` ([`nibble_runtime`]) — the Llama-family runtime: [`Model`], [`Session`], [`Sampler`];
+//! * `runtime` ([`nibble_runtime`]) — the runtime: [`Model`], [`Session`], [`Sampler`];
 //! * `quantizer` ([`nibble_quantizer`]) — GPTQ and RTN over whole models into packed integer groups;
 //! * [`capi`] — the C API declared in `include/nibble.h` (this crate also
 //!   builds as `libnibble.a` / `libnibble.so`).

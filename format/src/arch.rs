@@ -174,14 +174,6 @@ impl Architecture {
         }
     }
 
-    /// The plain Llama block (every layer with `window`): the one block the
-    /// quantizer's calibration forward runs so far.
-    pub fn is_llama_block(&self, head_dim: usize, window: usize) -> bool {
-        let mut plain = Architecture::llama(self.layers.len(), head_dim, window);
-        plain.rope_theta_local = self.rope_theta_local;
-        *self == plain
-    }
-
     /// The norm layers carry a bias (LayerNorm).
     pub fn norm_bias(&self) -> bool {
         self.norm == NormKind::Layer

@@ -1,4 +1,5 @@
-//! `nibble-runtime`: runs Llama-family decoders from `.nib` images.
+//! `nibble-runtime`: runs decoder-only language models (every family the
+//! block description covers) from `.nib` images.
 //!
 //! * [`Model`] maps the file and records where every weight lives; weights
 //!   are used in place: F16/BF16 converted inside the dot products, packed
