@@ -166,17 +166,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .max()
         .unwrap_or(0)
         + 1;
-    println!(
+    outln!(
         "model: {} | {:.1} MB of weights read per token | load {:.1} ms",
         a.model.display(),
         bytes_per_token as f64 / 1e6,
         load_ms
-    );
-    println!(
+    )?;
+    outln!(
         "| isa | pool | prefill | threads | test | tokens/s (mean ± sd, {} reps) | bandwidth bound | % of bound |",
         a.repetitions
-    );
-    println!("|--|--|--|--:|--|--:|--:|--:|");
+    )?;
+    outln!("|--|--|--|--:|--|--:|--:|--:|")?;
     let n_vocab = model.hparams.n_vocab as u32;
     let mut probes: Vec<(usize, f64)> = vec![];
     for (&threads, &k, &pool) in a
@@ -241,9 +241,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     rates.push(n as f64 / t.elapsed().as_secs_f64());
                 }
                 let (m, sd) = mean_sd(&rates);
-                println!(
+                outln!(
                     "| {isa} | {pool_name} | {prefill_name} | {threads} | pp{n} | {m:.1} ± {sd:.1} | | |"
-                );
+                )?;
             }
         }
         let mut s = session(PrefillKind::default())?;
@@ -265,15 +265,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             match bw {
                 Some(bw) => {
                     let bound = bw * 1e9 / bytes_per_token as f64;
-                    println!(
+                    outln!(
                         "| {isa} | {pool_name} | - | {threads} | tg{n} | {m:.1} ± {sd:.1} | {bound:.0} tok/s ({bw:.1} GB/s) | {:.0}% |",
                         100.0 * m / bound
-                    );
+                    )?;
                 }
                 None => {
-                    println!(
+                    outln!(
                         "| {isa} | {pool_name} | - | {threads} | tg{n} | {m:.1} ± {sd:.1} | | |"
-                    )
+                    )?;
                 }
             }
         }

@@ -100,7 +100,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
     .with_context(|| format!("cannot convert {}", a.model.display()))?;
     pb.finish_and_clear();
     let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
-    eprintln!(
+    note!(
         "wrote {} ({:.1} MB, {}) in {:.1}s",
         a.output.display(),
         size as f64 / 1e6,
@@ -178,7 +178,7 @@ pub struct RunArgs {
 }
 
 fn print_stats(out: &nibble_runtime::GenerationStats) {
-    eprintln!(
+    note!(
         "\nprompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s | stop: {:?}",
         out.prompt_tokens,
         out.prompt_tokens as f64 / out.prompt_seconds.max(1e-9),
@@ -212,7 +212,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         stop_strings: a.sampling.stop.clone(),
         ignore_eos: a.ignore_eos,
     };
-    print!("{}", a.prompt);
+    out!("{}", a.prompt)?;
     generate_to_stdout(&mut session, &prompt, &params, &mut sampler, a.stats)?;
     Ok(())
 }
@@ -226,12 +226,18 @@ fn generate_to_stdout(
     sampler: &mut Sampler,
     stats: bool,
 ) -> Result<nibble_runtime::GenerationStats> {
-    let stdout = std::io::stdout();
-    let out = session.generate(prompt, params, sampler, |_, text| {
-        let mut o = stdout.lock();
-        o.write_all(text.as_bytes()).and_then(|_| o.flush()).is_ok()
+    let mut failed = None;
+    let out = session.generate(prompt, params, sampler, |_, text| match out!("{text}") {
+        Ok(()) => true,
+        Err(e) => {
+            failed = Some(e);
+            false
+        }
     })?;
-    println!();
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    outln!()?;
     if stats {
         print_stats(&out);
     }
@@ -287,7 +293,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         let user = match pending.take() {
             Some(p) => p,
             None if interactive => {
-                eprint!("> ");
+                note_part!("> ");
                 let _ = std::io::stderr().flush();
                 let mut line = String::new();
                 if stdin.lock().read_line(&mut line)? == 0 {
@@ -333,7 +339,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         };
         let out = generate_to_stdout(&mut session, &ids[common..], &params, &mut sampler, a.stats)?;
         if out.stop == StopReason::ContextFull {
-            eprintln!("(context full: conversation ends)");
+            note!("(context full: conversation ends)");
             break;
         }
         messages.push(ChatMessage {
@@ -424,12 +430,12 @@ pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
     }
     pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
-    println!(
+    outln!(
         "perplexity: {:.4} over {count} predicted tokens ({n_windows} windows of {n_ctx}); {:.1} tok/s, {:.1}s",
         (nll / count as f64).exp(),
         (n_windows * n_ctx) as f64 / secs,
         secs
-    );
+    )?;
     Ok(())
 }
 

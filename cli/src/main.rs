@@ -1,5 +1,47 @@
 //! `nibble`: convert, run, chat with, measure and inspect language models on the CPU.
 
+/// `print!` that returns an error instead of panicking when standard output
+/// cannot be written (a closed pipe ends the program quietly in `main`; a
+/// full device is an error with exit status 1).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout().lock();
+        write!(o, $($arg)*)
+            .and_then(|_| o.flush())
+            .map_err(|e| anyhow::Error::new(e).context("cannot write to standard output"))
+    }};
+}
+
+/// `println!` as [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout().lock();
+        writeln!(o, $($arg)*)
+            .and_then(|_| o.flush())
+            .map_err(|e| anyhow::Error::new(e).context("cannot write to standard output"))
+    }};
+}
+
+/// `eprintln!` for messages about the work (progress, timings): never
+/// panics, and an unwritable standard error does not stop the work.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// `eprint!` as [`note!`], without the newline.
+macro_rules! note_part {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut e = std::io::stderr().lock();
+        let _ = write!(e, $($arg)*).and_then(|_| e.flush());
+    }};
+}
+
 mod bench;
 mod commands;
 mod quantize;
@@ -110,11 +152,11 @@ fn main() {
         // Print the chain, skipping causes whose text the previous message
         // already includes (typed errors embed their source's message).
         let mut last = e.to_string();
-        eprintln!("error: {last}");
+        note!("error: {last}");
         for cause in e.chain().skip(1) {
             let msg = cause.to_string();
             if !last.contains(&msg) {
-                eprintln!("  caused by: {msg}");
+                note!("  caused by: {msg}");
             }
             last = msg;
         }

@@ -1,6 +1,7 @@
 //! `nibble quantize`: compress a model's linear weights into packed integer
 //! groups with GPTQ (calibrated) or RTN.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -159,6 +160,15 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         a.threads
     };
 
+    // The output must not be an input (or a device, a folder) before any work.
+    let mut inputs = vec![a.model.as_path()];
+    inputs.extend(a.calib.as_deref().filter(|_| !self_calib));
+    nibble_format::storage::check_output(&a.output, &inputs)?;
+    let mut report_path = a.output.clone().into_os_string();
+    report_path.push(".report.json");
+    let report_path = PathBuf::from(report_path);
+    nibble_format::storage::check_output(&report_path, &inputs)?;
+
     let t0 = Instant::now();
     let pb = bar(0, "loading");
     let src = open_any(
@@ -177,6 +187,15 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     .with_context(|| format!("cannot load {}", a.model.display()))?;
     pb.finish_and_clear();
     let view = src.view()?;
+    let hp = nibble_format::HParams::read(&view.metadata)?;
+    if method == Method::Gptq && hp.n_ctx_train > 0 && a.seqlen > hp.n_ctx_train {
+        bail!(
+            "--seqlen {} exceeds the context of {} ({} tokens)",
+            a.seqlen,
+            a.model.display(),
+            hp.n_ctx_train
+        );
+    }
 
     let (windows, calib_info) = match (&calib_text, &a.calib) {
         (Some(text), Some(path)) => {
@@ -228,7 +247,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
                 })?,
             );
             let n_seq = nibble_quantizer::calib::self_calib_sequences(a.nsamples);
-            eprintln!(
+            note!(
                 "no --calib FILE: the model writes its own calibration text ({n_seq} sequences × {} tokens, seed {}) for {} windows; pass --calib FILE to calibrate on text from your domain",
                 a.seqlen, a.seed, a.nsamples
             );
@@ -245,7 +264,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             )
             .with_context(|| format!("generating calibration text with {}", a.model.display()))?;
             pb.finish_and_clear();
-            eprintln!(
+            note!(
                 "generated {} calibration tokens in {:.1}s",
                 n_seq * a.seqlen,
                 tg.elapsed().as_secs_f64()
@@ -288,7 +307,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let out = AtomicFile::create(&a.output)?;
+    let out = AtomicFile::create_checked(&a.output, &inputs)?;
     let pb = bar(0, "quantizing");
     let (out, reports, timings) = pool
         .install(|| {
@@ -313,7 +332,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     } else {
         "relative weight error"
     };
-    eprintln!(
+    note!(
         "wrote {} ({:.1} MB, {:.2} bits per weight overall) in {secs:.1}s: {} layers, mean {what} {:.3e}",
         a.output.display(),
         size as f64 / 1e6,
@@ -326,13 +345,13 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             .iter()
             .filter(|r| r.rel_error_rtn.is_some_and(|e| r.rel_error < e))
             .count();
-        eprintln!(
+        note!(
             "GPTQ vs RTN on the calibration inputs: mean {:.3e} vs {:.3e}; GPTQ better on {better}/{} layers",
             mean(&|r| r.rel_error),
             mean(&|r| r.rel_error_rtn.unwrap_or(0.0)),
             reports.len()
         );
-        eprintln!(
+        note!(
             "time: forward passes {:.1}s, Hessians {:.1}s, GPTQ (Cholesky + sweep + report) {:.1}s, writing {:.1}s",
             timings.forward, timings.hessian, timings.gptq, timings.write
         );
@@ -360,9 +379,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             "rel_error": r.rel_error, "rel_error_rtn": r.rel_error_rtn,
         })).collect::<Vec<_>>(),
     });
-    let mut report_path = a.output.clone().into_os_string();
-    report_path.push(".report.json");
-    std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", PathBuf::from(&report_path).display()))?;
+    let mut f = AtomicFile::create_checked(&report_path, &inputs)?;
+    f.write_all(serde_json::to_string_pretty(&report)?.as_bytes())
+        .with_context(|| format!("cannot write {}", report_path.display()))?;
+    f.commit()?;
     Ok(())
 }

@@ -500,3 +500,228 @@ fn interactive_chat_keeps_the_conversation() {
         "the second turn sees the first: {text}"
     );
 }
+
+// ---------------------------------------------------------------- hardening
+
+const STORIES: &str = "models/stories260k";
+const SMOLLM2: &str = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Run with stdout piped, read `n` bytes, close the pipe, and return the exit.
+fn close_stdout_after(args: &[&str], n: usize) -> Output {
+    use std::io::Read;
+    let mut child = command()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn nibble");
+    let mut buf = vec![0u8; n];
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_exact(&mut buf)
+        .expect("some output first");
+    // The read end is dropped here: later writes get EPIPE.
+    child.wait_with_output().unwrap()
+}
+
+/// A reader that stops early (`| head -c 10`) ends the program quietly,
+/// for every command that streams to stdout.
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    let story = shared().join(STORIES);
+    let smol = shared().join(SMOLLM2);
+    let cases: [Vec<&str>; 3] = [
+        vec![
+            "run",
+            "-m",
+            s(&story),
+            "-p",
+            "Once upon a time",
+            "-n",
+            "200",
+            "--temp",
+            "0",
+            "--ignore-eos",
+        ],
+        vec![
+            "chat",
+            "-m",
+            s(&smol),
+            "-p",
+            "Tell me a long story.",
+            "-n",
+            "64",
+            "--temp",
+            "0",
+        ],
+        vec![
+            "bench",
+            "-m",
+            s(&story),
+            "-p",
+            "0",
+            "-n",
+            "4",
+            "-r",
+            "1",
+            "--no-bandwidth",
+            "-t",
+            "1,1,1,1",
+        ],
+    ];
+    for args in cases {
+        let o = close_stdout_after(&args, 10);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
+
+/// Output to a full device is an error with exit status 1 (not a panic);
+/// an unwritable stderr does not stop a conversion.
+#[test]
+fn a_full_device_is_an_error_not_a_panic() {
+    let full = Path::new("/dev/full");
+    if !full.exists() {
+        return;
+    }
+    let story = shared().join(STORIES);
+    let d = tmp("dev-full");
+    let text = d.join("text.txt");
+    std::fs::write(&text, "Once upon a time there was a cat. ".repeat(40)).unwrap();
+    for args in [
+        vec![
+            "run",
+            "-m",
+            s(&story),
+            "-p",
+            "Once",
+            "-n",
+            "8",
+            "--temp",
+            "0",
+        ],
+        vec!["perplexity", "-m", s(&story), "-f", s(&text), "-c", "64"],
+    ] {
+        let o = command()
+            .args(&args)
+            .stdout(std::fs::OpenOptions::new().write(true).open(full).unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("cannot write to standard output") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = d.join("s.nib");
+    let o = command()
+        .args(["convert", "-m", s(&story), "-o", s(&out)])
+        .stderr(std::fs::OpenOptions::new().write(true).open(full).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "convert with stderr on /dev/full failed"
+    );
+    assert!(out.is_file());
+}
+
+/// An output that is one of the inputs (the same inode, through a symlink
+/// too), or that is not a regular file, is refused before any work, and
+/// the input is left as it was.
+#[test]
+fn outputs_never_replace_inputs_or_non_files() {
+    let d = tmp("out-is-in");
+    let story = d.join("stories");
+    std::fs::create_dir_all(&story).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(shared().join(STORIES).join(f), story.join(f)).unwrap();
+    }
+    let nib = d.join("s.nib");
+    ok(&["convert", "-m", s(&story), "-o", s(&nib)]);
+    let gguf = d.join("m.gguf");
+    std::fs::copy(shared().join(SMOLLM2), &gguf).unwrap();
+    let link = d.join("link.nib");
+    std::os::unix::fs::symlink(&nib, &link).unwrap();
+    let before = |p: &Path| std::fs::read(p).unwrap();
+    let (nib0, st0, gguf0) = (
+        before(&nib),
+        before(&story.join("model.safetensors")),
+        before(&gguf),
+    );
+    let st = story.join("model.safetensors");
+    for args in [
+        vec!["quantize", "-m", s(&nib), "-o", s(&nib), "--method", "rtn"],
+        vec!["quantize", "-m", s(&nib), "-o", s(&link), "--method", "rtn"],
+        vec!["convert", "-m", s(&story), "-o", s(&st)],
+        vec![
+            "convert",
+            "-m",
+            s(&gguf),
+            "-o",
+            s(&gguf),
+            "--dtype",
+            "native",
+        ],
+    ] {
+        let err = fails(&args);
+        assert!(err.contains("would destroy the source"), "{args:?}: {err}");
+    }
+    assert!(before(&nib) == nib0 && before(&st) == st0 && before(&gguf) == gguf0);
+    // A folder or a device as the output.
+    let err = fails(&["convert", "-m", s(&story), "-o", s(&d)]);
+    assert!(err.contains("a directory"), "{err}");
+    if Path::new("/dev/full").exists() {
+        let err = fails(&["convert", "-m", s(&story), "-o", "/dev/full"]);
+        assert!(
+            err.contains("a device") && err.contains("/dev/full"),
+            "{err}"
+        );
+    }
+}
+
+/// SIGINT / SIGTERM in the middle of a conversion or a quantization leaves
+/// nothing behind (no temp file, no partial output).
+#[test]
+fn signals_leave_no_debris() {
+    let d = tmp("signals");
+    let smol = shared().join(SMOLLM2);
+    for (sig, cmd) in [
+        ("TERM", "convert"),
+        ("INT", "convert"),
+        ("TERM", "quantize"),
+    ] {
+        let out = d.join(format!("{cmd}-{sig}.nib"));
+        let mut args = vec![cmd, "-m", s(&smol), "-o", s(&out)];
+        if cmd == "quantize" {
+            args.extend(["--method", "gptq", "--nsamples", "64", "--seqlen", "256"]);
+        }
+        let mut child = command()
+            .args(&args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        if child.try_wait().unwrap().is_some() {
+            // Finished before the signal: nothing to test on this machine.
+            let _ = std::fs::remove_file(&out);
+            let _ = std::fs::remove_file(d.join(format!("{cmd}-{sig}.nib.report.json")));
+            continue;
+        }
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        child.wait().unwrap();
+        let left: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{cmd} after SIG{sig}: {left:?}");
+    }
+}

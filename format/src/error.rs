@@ -19,6 +19,8 @@ pub enum FormatError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot write {}: {why}", path.display())]
+    BadOutput { path: PathBuf, why: String },
     #[error("not a {expected} file (bad magic bytes {found:02x?})")]
     BadMagic {
         expected: &'static str,
@@ -120,7 +122,9 @@ impl FormatError {
     /// Attach the file path to an error (idempotent for already-attributed errors).
     pub fn in_file(self, path: impl Into<PathBuf>) -> FormatError {
         match self {
-            e @ (FormatError::InFile { .. } | FormatError::Io { .. }) => e,
+            e @ (FormatError::InFile { .. }
+            | FormatError::Io { .. }
+            | FormatError::BadOutput { .. }) => e,
             e => FormatError::InFile {
                 path: path.into(),
                 source: Box::new(e),

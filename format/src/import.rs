@@ -92,11 +92,13 @@ trait Source {
     }
 }
 
-/// Import `src` (HF folder or GGUF) into a `.nib` written to `out`.
+/// Import `src` (HF folder or GGUF) into a `.nib` written to `out`; write
+/// errors name `out_name` (the output file, or "memory").
 pub fn import_to<W: Write + Seek>(
     src: &Path,
     opts: &ImportOptions,
     out: W,
+    out_name: &Path,
     progress: Progress<'_>,
 ) -> Result<W> {
     let kind = detect(src)?;
@@ -105,7 +107,7 @@ pub fn import_to<W: Write + Seek>(
             let s = HfSource::open(src)?;
             let tok = s.tokenizer_info()?;
             let sha = opts.hash_source.then(|| s.hash()).transpose()?;
-            write_nib(&s, &tok, src, sha, opts, out, progress)
+            write_nib(&s, &tok, src, sha, opts, (out, out_name), progress)
         }
         InputKind::Gguf => {
             let map = mmap_file(src)?;
@@ -114,7 +116,7 @@ pub fn import_to<W: Write + Seek>(
             let sha = opts
                 .hash_source
                 .then(|| hex(&sha2::Sha256::digest(&map[..])));
-            write_nib(&s, &tok, src, sha, opts, out, progress)
+            write_nib(&s, &tok, src, sha, opts, (out, out_name), progress)
         }
         InputKind::Nib => Err(FormatError::BadValue {
             key: "input".into(),
@@ -133,7 +135,13 @@ pub fn import_to_memory(
     // Reserve the image's size up front so a large model is never copied by
     // buffer doubling (which would double the peak memory of the import).
     let reserve = estimate_size(src, opts).unwrap_or(0);
-    let buf = import_to(src, opts, AlignedBytes::with_capacity(reserve), progress)?;
+    let buf = import_to(
+        src,
+        opts,
+        AlignedBytes::with_capacity(reserve),
+        Path::new("memory"),
+        progress,
+    )?;
     NibFile::from_memory(buf)
 }
 
@@ -178,8 +186,8 @@ pub fn import_to_file(
     opts: &ImportOptions,
     progress: Progress<'_>,
 ) -> Result<()> {
-    let f = AtomicFile::create(dest)?;
-    let f = import_to(src, opts, f, progress)?;
+    let f = AtomicFile::create_checked(dest, &[src])?;
+    let f = import_to(src, opts, f, dest, progress)?;
     f.commit()
 }
 
@@ -202,7 +210,7 @@ fn write_nib<W: Write + Seek>(
     src: &Path,
     source_sha256: Option<String>,
     opts: &ImportOptions,
-    out: W,
+    (out, out_name): (W, &Path),
     progress: Progress<'_>,
 ) -> Result<W> {
     let hp = s.hparams();
@@ -236,7 +244,10 @@ fn write_nib<W: Write + Seek>(
     );
     meta.set(keys::PROV_CREATED, OwnedValue::Str(utc_now_rfc3339()));
 
-    let io = |e: std::io::Error| FormatError::io(src, e);
+    let io = |e: std::io::Error| FormatError::BadOutput {
+        path: out_name.to_path_buf(),
+        why: e.to_string(),
+    };
     let mut w = NibWriter::new(out, &meta).map_err(io)?;
     let specs = hp.tensor_specs();
     for (i, (name, shape)) in specs.iter().enumerate() {

@@ -1,7 +1,7 @@
 //! Where `.nib` bytes live: a memory-mapped file (zero-copy load) or a
 //! 64-byte-aligned heap buffer (models converted in memory), behind one
-//! owned type, [`NibFile`]; and [`AtomicFile`], the temp-file + fsync +
-//! rename sink that guarantees a crash never leaves a partial output.
+//! owned type, [`NibFile`]; and [`AtomicFile`], the output sink that never
+//! leaves a partial file, and never replaces an input or a non-file.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
@@ -225,28 +225,143 @@ impl NibFile {
     }
 }
 
-/// A file written through a temp file in the same directory, renamed into
-/// place only by [`AtomicFile::commit`]. Dropping it uncommitted deletes the
-/// temp file, so an interrupted write never leaves a partial output.
+/// A file that appears at its destination only complete: written unnamed
+/// (`O_TMPFILE` on Linux, where the filesystem supports it; nothing is left
+/// behind even after SIGKILL) or else through a named temp file in the same
+/// directory, and linked / renamed into place only by [`AtomicFile::commit`].
+/// Dropping it uncommitted (an error, an unwinding panic) deletes a named
+/// temp file.
 pub struct AtomicFile {
     file: Option<std::io::BufWriter<File>>,
-    tmp: PathBuf,
+    /// The named temp file; `None` while the file is unnamed.
+    tmp: Option<PathBuf>,
     dest: PathBuf,
 }
 
+/// What `m` is, in words, for an error message.
+fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    let t = m.file_type();
+    if t.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_char_device() || t.is_block_device() {
+            return "a device";
+        }
+        if t.is_fifo() {
+            return "a pipe";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    "not a regular file"
+}
+
+/// The same file on disk (symlinks resolved).
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        a.dev() == b.dev() && a.ino() == b.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (a, b);
+        false
+    }
+}
+
+/// Refuse an output path that is not a regular file (a directory, a device
+/// such as `/dev/full`, a pipe) or that is one of the files a command reads:
+/// an input file, or a file directly inside an input folder (symlinks
+/// resolved), which the write would destroy.
+pub fn check_output(dest: &Path, inputs: &[&Path]) -> Result<()> {
+    let bad = |why: String| FormatError::BadOutput {
+        path: dest.to_path_buf(),
+        why,
+    };
+    let Ok(out) = std::fs::metadata(dest) else {
+        return Ok(());
+    };
+    if !out.is_file() {
+        return Err(bad(format!(
+            "it exists and is {}; nibble only replaces regular files",
+            file_kind(&out)
+        )));
+    }
+    for &input in inputs {
+        let Ok(m) = std::fs::metadata(input) else {
+            continue;
+        };
+        let mut read = vec![(input.to_path_buf(), m.clone())];
+        if m.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(input) {
+                for e in entries.flatten() {
+                    if let Ok(em) = std::fs::metadata(e.path()) {
+                        read.push((e.path(), em));
+                    }
+                }
+            }
+        }
+        if let Some((p, _)) = read.iter().find(|(_, m)| same_file(m, &out)) {
+            return Err(bad(format!(
+                "it is the input {}; writing it would destroy the source (choose another output)",
+                p.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An unnamed file in `dir` (Linux `O_TMPFILE`), where the filesystem has it.
+#[cfg(target_os = "linux")]
+fn unnamed_in(dir: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o644)
+        .open(dir)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unnamed_in(_dir: &Path) -> Option<File> {
+    None
+}
+
 impl AtomicFile {
+    /// [`AtomicFile::create_checked`] with no inputs to protect.
     pub fn create(dest: impl AsRef<Path>) -> Result<AtomicFile> {
-        let dest = dest.as_ref().to_path_buf();
-        let name = dest
-            .file_name()
-            .ok_or_else(|| FormatError::BadValue {
-                key: dest.display().to_string(),
-                why: "output path has no file name".into(),
-            })?
-            .to_string_lossy()
-            .into_owned();
-        let tmp = dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        let file = File::create(&tmp).map_err(|e| FormatError::io(&tmp, e))?;
+        Self::create_checked(dest.as_ref(), &[])
+    }
+
+    /// A new output at `dest`, after [`check_output`] against `inputs`.
+    pub fn create_checked(dest: &Path, inputs: &[&Path]) -> Result<AtomicFile> {
+        check_output(dest, inputs)?;
+        let dest = dest.to_path_buf();
+        if dest.file_name().is_none() {
+            return Err(FormatError::BadOutput {
+                path: dest,
+                why: "the path has no file name".into(),
+            });
+        }
+        let dir = match dest.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let (file, tmp) = match unnamed_in(&dir) {
+            Some(f) => (f, None),
+            None => {
+                let tmp = Self::temp_name(&dest);
+                let f = File::create(&tmp).map_err(|e| FormatError::io(&tmp, e))?;
+                (f, Some(tmp))
+            }
+        };
         Ok(AtomicFile {
             file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
             tmp,
@@ -254,15 +369,37 @@ impl AtomicFile {
         })
     }
 
-    /// Flush, fsync, and rename over the destination.
+    /// `.NAME.tmp-PID` beside `dest`.
+    fn temp_name(dest: &Path) -> PathBuf {
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    }
+
+    /// Flush, fsync, and put the file in place (link an unnamed file under a
+    /// temp name, then rename over the destination); on failure nothing is
+    /// left behind.
     pub fn commit(mut self) -> Result<()> {
         let w = self.file.take().expect("committed once");
+        let tmp_or_dest = self.tmp.clone().unwrap_or_else(|| self.dest.clone());
         let file = w
             .into_inner()
-            .map_err(|e| FormatError::io(&self.tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| FormatError::io(&self.tmp, e))?;
+            .map_err(|e| FormatError::io(&tmp_or_dest, e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| FormatError::io(&tmp_or_dest, e))?;
+        if self.tmp.is_none() {
+            let tmp = Self::temp_name(&self.dest);
+            link_unnamed(&file, &tmp).map_err(|e| FormatError::io(&self.dest, e))?;
+            self.tmp = Some(tmp);
+        }
         drop(file);
-        std::fs::rename(&self.tmp, &self.dest).map_err(|e| FormatError::io(&self.dest, e))?;
+        let tmp = self.tmp.take().expect("named by now");
+        if let Err(e) = std::fs::rename(&tmp, &self.dest) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(FormatError::io(&self.dest, e));
+        }
         if let Some(dir) = self.dest.parent().filter(|d| !d.as_os_str().is_empty()) {
             // Persist the rename itself; not all platforms allow opening a directory.
             if let Ok(d) = File::open(dir) {
@@ -275,6 +412,26 @@ impl AtomicFile {
     pub fn dest(&self) -> &Path {
         &self.dest
     }
+}
+
+/// Give the unnamed (`O_TMPFILE`) `file` the name `path`.
+#[cfg(target_os = "linux")]
+fn link_unnamed(file: &File, path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        proc_path.as_str(),
+        rustix::fs::CWD,
+        path,
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    )
+    .map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn link_unnamed(_file: &File, _path: &Path) -> std::io::Result<()> {
+    unreachable!("unnamed files exist only on Linux")
 }
 
 impl Write for AtomicFile {
@@ -294,8 +451,8 @@ impl Seek for AtomicFile {
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
         }
     }
 }
