@@ -39,7 +39,8 @@ pub struct BenchArgs {
         default_value = "64"
     )]
     n_gen: Vec<usize>,
-    /// Thread counts to measure (comma-separated).
+    /// Thread counts to measure (comma-separated; 0 = one per physical core;
+    /// at most the CPUs this process may use).
     #[arg(
         short = 't',
         long = "threads",
@@ -179,8 +180,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     outln!("|--|--|--|--:|--|--:|--:|--:|")?;
     let n_vocab = model.hparams.n_vocab as u32;
     let mut probes: Vec<(usize, f64)> = vec![];
-    for (&threads, &k, &pool) in a
+    let thread_list: Vec<usize> = a
         .thread_list
+        .iter()
+        .map(|&t| crate::threads_for(t))
+        .collect();
+    for (&threads, &k, &pool) in thread_list
         .iter()
         .flat_map(|t| kernels.iter().map(move |k| (t, k)))
         .flat_map(|(t, k)| pools.iter().map(move |p| (t, k, p)))

@@ -66,7 +66,7 @@ pub fn new_session(model: &Arc<Model>, a: &ModelArgs) -> Result<Session> {
         Arc::clone(model),
         &SessionParams {
             n_ctx: a.ctx_size,
-            n_threads: a.threads,
+            n_threads: crate::threads_for(a.threads),
             kv: a.kv_type(),
             ..Default::default()
         },
@@ -396,7 +396,7 @@ pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
         Arc::clone(&model),
         &SessionParams {
             n_ctx,
-            n_threads: a.model.threads,
+            n_threads: crate::threads_for(a.model.threads),
             n_batch: a.batch_size,
             kv: a.model.kv_type(),
             ..Default::default()
@@ -541,7 +541,12 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             .with_context(|| format!("{}: checksum verification failed", a.file.display()))?;
         writeln!(
             out,
-            "verify: all {} tensor checksums OK ({:.0} ms)",
+            "verify: {}all {} tensor checksums OK ({:.0} ms)",
+            if view.version >= 2 {
+                "metadata and directory checksums OK, "
+            } else {
+                "(format version 1: no metadata or directory checksums) "
+            },
             view.tensors.len(),
             t1.elapsed().as_secs_f64() * 1e3
         )?;

@@ -46,6 +46,23 @@ mod bench;
 mod commands;
 mod quantize;
 
+/// The threads a command runs for `-t requested` (0 = one per physical
+/// core): more than the logical CPUs this process may use could only wait
+/// for each other, so they are capped there, with a warning.
+pub fn threads_for(requested: usize) -> usize {
+    let logical = nibble_runtime::cpu::logical_cpus();
+    match requested {
+        0 => nibble_runtime::cpu::physical_cores(),
+        t if t > logical => {
+            note!(
+                "warning: -t {t} exceeds the {logical} CPUs this process may use; running {logical} threads"
+            );
+            logical
+        }
+        t => t,
+    }
+}
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -101,10 +118,11 @@ pub struct ModelArgs {
     /// int8 activations; all else f32).
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: String,
-    /// Worker threads (0 = all cores).
+    /// Worker threads (0 = one per physical core). More than the CPUs this
+    /// process may use are not started (a warning says so).
     #[arg(short = 't', long, default_value_t = 0)]
     pub threads: usize,
-    /// Context length in tokens (0 = the model's, capped at 4096).
+    /// Context length in tokens (0 = the model's, capped at 4096; at most the model's).
     #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
     pub ctx_size: usize,
     /// KV cache element type: f16 (half the memory and half the bytes read

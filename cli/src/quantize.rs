@@ -101,7 +101,8 @@ pub struct QuantizeArgs {
     /// Seed of the calibration window sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Worker threads (0 = all cores).
+    /// Worker threads (0 = one per physical core; at most the CPUs this
+    /// process may use).
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
 }
@@ -154,11 +155,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     if self_calib && (a.nsamples == 0 || a.seqlen < 2) {
         bail!("--nsamples must be at least 1 and --seqlen at least 2");
     }
-    let threads = if a.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        a.threads
-    };
+    let threads = crate::threads_for(a.threads);
 
     // The output must not be an input (or a device, a folder) before any work.
     let mut inputs = vec![a.model.as_path()];

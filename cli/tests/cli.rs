@@ -131,7 +131,7 @@ fn convert_inspect_verify_and_run_from_nib() {
         "{info}"
     );
     assert!(
-        info.contains("verify: all 47 tensor checksums OK"),
+        info.contains("metadata and directory checksums OK, all 47 tensor checksums OK"),
         "{info}"
     );
     assert!(info.contains("provenance.source_sha256"), "{info}");
@@ -724,4 +724,46 @@ fn signals_leave_no_debris() {
             .collect();
         assert!(left.is_empty(), "{cmd} after SIG{sig}: {left:?}");
     }
+}
+
+/// A damaged norm weight (NaN) stops `run` and `perplexity` with an error
+/// that points at `inspect --verify`, which names the damage; a damaged
+/// metadata byte is caught by `inspect --verify` too.
+#[test]
+fn damaged_weights_and_metadata_are_errors() {
+    let d = tmp("damaged");
+    let nib = d.join("s.nib");
+    ok(&["convert", "-m", s(&shared().join(STORIES)), "-o", s(&nib)]);
+    let good = std::fs::read(&nib).unwrap();
+    let v = nibble_format::NibView::parse(&good).unwrap();
+    let t = v.tensor("blk.0.attn_norm.weight").unwrap();
+    let at = t.offset as usize;
+    let mut bytes = good.clone();
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let bad = d.join("nan.nib");
+    std::fs::write(&bad, &bytes).unwrap();
+    let text = d.join("t.txt");
+    std::fs::write(&text, "Once upon a time there was a cat. ".repeat(40)).unwrap();
+    for args in [
+        vec!["run", "-m", s(&bad), "-p", "Once", "-n", "8", "--temp", "0"],
+        vec!["perplexity", "-m", s(&bad), "-f", s(&text), "-c", "64"],
+    ] {
+        let err = fails(&args);
+        assert!(
+            err.contains("non-finite logits") && err.contains("inspect --verify"),
+            "{args:?}: {err}"
+        );
+    }
+    let err = fails(&["inspect", s(&bad), "--verify"]);
+    assert!(err.contains("blk.0.attn_norm.weight"), "{err}");
+    // One byte of the source path in the metadata: still parses, fails --verify.
+    let name = b"stories260k";
+    let at = good.windows(name.len()).position(|w| w == name).unwrap();
+    let mut bytes = good;
+    bytes[at] = b'S';
+    let bad = d.join("meta.nib");
+    std::fs::write(&bad, &bytes).unwrap();
+    ok(&["inspect", s(&bad)]);
+    let err = fails(&["inspect", s(&bad), "--verify"]);
+    assert!(err.contains("metadata section"), "{err}");
 }

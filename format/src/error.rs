@@ -88,6 +88,12 @@ pub enum FormatError {
         stored: u32,
         computed: u32,
     },
+    #[error("checksum mismatch in the {section}: stored {stored:08x}, computed {computed:08x}")]
+    SectionChecksumMismatch {
+        section: &'static str,
+        stored: u32,
+        computed: u32,
+    },
     #[error("missing metadata key '{key}'")]
     MissingKey { key: String },
     #[error("metadata key '{key}' has type {found}, expected {expected}")]

@@ -22,10 +22,13 @@ use crate::error::{FormatError, Result};
 
 /// File magic: PNG-style, so text-mode transfers and truncation are detected.
 pub const MAGIC: [u8; 8] = *b"\x89NIB\r\n\x1a\n";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
-/// Header length in bytes.
-pub const HEADER_LEN: u64 = 64;
+/// The format version this build writes (it reads 1 and 2).
+pub const VERSION: u32 = 2;
+/// Header length in bytes of version 2: version 1's 64 bytes, then the
+/// CRC-32 of the metadata section and of the tensor directory.
+pub const HEADER_LEN: u64 = 72;
+/// Header length in bytes of version 1 (no section checksums).
+pub const HEADER_LEN_V1: u64 = 64;
 /// Alignment of the data section and of every tensor, in bytes.
 pub const ALIGN: u64 = 64;
 
@@ -169,6 +172,9 @@ pub struct NibView<'a> {
     pub version: u32,
     pub metadata: Metadata<'a>,
     pub tensors: Vec<TensorInfo<'a>>,
+    /// Version 2: the stored CRC-32 of the metadata section and of the
+    /// tensor directory, with those sections' bytes.
+    sections: Option<[(&'static str, u32, &'a [u8]); 2]>,
 }
 
 struct Header {
@@ -197,18 +203,22 @@ impl<'a> NibView<'a> {
             });
         }
         let version = c.u32(&|| "version".into())?;
-        if version != VERSION {
-            return Err(FormatError::UnsupportedVersion {
-                what: ".nib",
-                found: version,
-                supported: "1",
-            });
-        }
-        let header_len = c.u32(&|| "header length".into())?;
-        if u64::from(header_len) != HEADER_LEN {
+        let want_len = match version {
+            1 => HEADER_LEN_V1,
+            2 => HEADER_LEN,
+            _ => {
+                return Err(FormatError::UnsupportedVersion {
+                    what: ".nib",
+                    found: version,
+                    supported: "1, 2",
+                })
+            }
+        };
+        let header_len = u64::from(c.u32(&|| "header length".into())?);
+        if header_len != want_len {
             return Err(FormatError::BadValue {
                 key: "header length".into(),
-                why: format!("{header_len}, expected {HEADER_LEN}"),
+                why: format!("{header_len}, expected {want_len} for version {version}"),
             });
         }
         let h = Header {
@@ -219,6 +229,11 @@ impl<'a> NibView<'a> {
             data_offset: c.u64(&|| "header".into())?,
             data_len: c.u64(&|| "header".into())?,
         };
+        let crcs = if version >= 2 {
+            Some((c.u32(&|| "header".into())?, c.u32(&|| "header".into())?))
+        } else {
+            None
+        };
 
         // Sections: inside the file, after the header, not overlapping.
         let sections = [
@@ -228,7 +243,7 @@ impl<'a> NibView<'a> {
         ];
         for &(what, off, len) in &sections {
             let end = off.checked_add(len);
-            if off < HEADER_LEN || end.is_none_or(|e| e > file_len) {
+            if off < header_len || end.is_none_or(|e| e > file_len) {
                 return Err(FormatError::OutOfBounds {
                     what: what.into(),
                     offset: off,
@@ -259,9 +274,13 @@ impl<'a> NibView<'a> {
         // Offsets fit in usize: they are bounded by the slice length.
         let slice = |off: u64, len: u64| &bytes[off as usize..(off + len) as usize];
 
-        let metadata = parse_metadata(slice(h.meta_offset, h.meta_len), h.meta_offset)?;
-        let tensors = parse_directory(
+        let (meta_bytes, dir_bytes) = (
+            slice(h.meta_offset, h.meta_len),
             slice(h.dir_offset, h.dir_len),
+        );
+        let metadata = parse_metadata(meta_bytes, h.meta_offset)?;
+        let tensors = parse_directory(
+            dir_bytes,
             h.dir_offset,
             slice(h.data_offset, h.data_len),
             h.data_offset,
@@ -270,6 +289,12 @@ impl<'a> NibView<'a> {
             version,
             metadata,
             tensors,
+            sections: crcs.map(|(m, d)| {
+                [
+                    ("metadata section", m, meta_bytes),
+                    ("tensor directory", d, dir_bytes),
+                ]
+            }),
         })
     }
 
@@ -277,8 +302,19 @@ impl<'a> NibView<'a> {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// Recompute every tensor's CRC-32 and compare with the directory.
+    /// Recompute the CRC-32 of the metadata section and the directory
+    /// (version 2) and of every tensor, and compare with the stored ones.
     pub fn verify_checksums(&self) -> Result<()> {
+        for (section, stored, bytes) in self.sections.iter().flatten() {
+            let computed = crc32fast::hash(bytes);
+            if computed != *stored {
+                return Err(FormatError::SectionChecksumMismatch {
+                    section,
+                    stored: *stored,
+                    computed,
+                });
+            }
+        }
         for t in &self.tensors {
             let computed = crc32fast::hash(t.data);
             if computed != t.crc32 {
@@ -663,6 +699,7 @@ pub struct NibWriter<W: Write + Seek> {
     data_pos: u64,
     meta_offset: u64,
     meta_len: u64,
+    meta_crc32: u32,
     dir: Vec<DirEntry>,
 }
 
@@ -683,6 +720,7 @@ impl<W: Write + Seek> NibWriter<W> {
             data_pos: 0,
             meta_offset: HEADER_LEN,
             meta_len: meta.len() as u64,
+            meta_crc32: crc32fast::hash(&meta),
             dir: Vec::new(),
         })
     }
@@ -774,6 +812,8 @@ impl<W: Write + Seek> NibWriter<W> {
         ] {
             header.extend_from_slice(&v.to_le_bytes());
         }
+        header.extend_from_slice(&self.meta_crc32.to_le_bytes());
+        header.extend_from_slice(&crc32fast::hash(&dir).to_le_bytes());
         debug_assert_eq!(header.len() as u64, HEADER_LEN);
         self.out.seek(SeekFrom::Start(0))?;
         self.out.write_all(&header)?;

@@ -34,6 +34,9 @@ struct Raw {
     data: Vec<u8>,
     /// (field index 0..6 in the header after header_len, value) overrides.
     header_override: Vec<(usize, u64)>,
+    /// Version 2: replaces the metadata and directory CRC-32s computed from
+    /// the sections.
+    crc_override: Option<(u32, u32)>,
 }
 
 fn entry(key: &[u8], ty: u8, value: &[u8]) -> Vec<u8> {
@@ -63,8 +66,8 @@ impl Raw {
         data.extend_from_slice(&b);
         Raw {
             magic: *b"\x89NIB\r\n\x1a\n",
-            version: 1,
-            header_len: 64,
+            version: 2,
+            header_len: 72,
             meta_count: None,
             meta: vec![
                 entry(b"general.architecture", 5, &str_value(b"llama")),
@@ -97,6 +100,17 @@ impl Raw {
             ],
             data,
             header_override: vec![],
+            crc_override: None,
+        }
+    }
+
+    /// The same file in format version 1 (64-byte header, no section
+    /// checksums), as nibble wrote it before.
+    fn valid_v1() -> Raw {
+        Raw {
+            version: 1,
+            header_len: 64,
+            ..Raw::valid()
         }
     }
 
@@ -128,7 +142,8 @@ impl Raw {
             dir.extend_from_slice(&t.nbytes.to_le_bytes());
             dir.extend_from_slice(&t.crc.to_le_bytes());
         }
-        let meta_offset = 64u64;
+        let v2 = self.version >= 2;
+        let meta_offset = if v2 { 72u64 } else { 64 };
         let data_offset = (meta_offset + meta.len() as u64).div_ceil(64) * 64;
         let dir_offset = data_offset + self.data.len() as u64;
         let mut fields = [
@@ -147,6 +162,13 @@ impl Raw {
         out.extend_from_slice(&self.header_len.to_le_bytes());
         for f in fields {
             out.extend_from_slice(&f.to_le_bytes());
+        }
+        if v2 {
+            let (m, d) = self
+                .crc_override
+                .unwrap_or((crc32fast::hash(&meta), crc32fast::hash(&dir)));
+            out.extend_from_slice(&m.to_le_bytes());
+            out.extend_from_slice(&d.to_le_bytes());
         }
         out.extend_from_slice(&meta);
         out.resize(data_offset as usize, 0);
@@ -213,13 +235,23 @@ fn corpus() -> Vec<Case> {
         matches!(e, FormatError::BadMagic { .. })
     });
     let mut r = v.clone();
-    r.version = 2;
+    r.version = 3;
     add("future version", r.build(), |e| {
-        matches!(e, FormatError::UnsupportedVersion { found: 2, .. })
+        matches!(e, FormatError::UnsupportedVersion { found: 3, .. })
     });
     let mut r = v.clone();
     r.header_len = 80;
     add("bad header length", r.build(), |e| {
+        matches!(e, FormatError::BadValue { .. })
+    });
+    let mut r = v.clone();
+    r.header_len = 64;
+    add("version 2 with version 1's header length", r.build(), |e| {
+        matches!(e, FormatError::BadValue { .. })
+    });
+    let mut r = Raw::valid_v1();
+    r.header_len = 72;
+    add("version 1 with version 2's header length", r.build(), |e| {
         matches!(e, FormatError::BadValue { .. })
     });
     add("truncated in data", good[..good.len() - 40].to_vec(), |e| {
@@ -236,7 +268,7 @@ fn corpus() -> Vec<Case> {
         matches!(e, FormatError::OutOfBounds { .. })
     });
     let mut r = v.clone();
-    r.header_override.push((DIR_OFFSET, 64));
+    r.header_override.push((DIR_OFFSET, 72));
     add("directory overlaps metadata", r.build(), |e| {
         matches!(e, FormatError::Overlap { .. })
     });
@@ -394,6 +426,56 @@ fn flipped_data_byte_fails_checksum_not_parse() {
         Err(FormatError::ChecksumMismatch { name, .. }) => assert_eq!(name, "b.weight"),
         other => panic!("expected a checksum mismatch, got {other:?}"),
     }
+}
+
+/// Version 2 checksums the metadata section and the directory too: a
+/// damaged byte there that still parses is caught by `verify_checksums`
+/// (`nibble inspect --verify`), naming the section.
+#[test]
+fn damaged_sections_fail_their_checksums() {
+    let good = Raw::valid().build();
+    let v = NibView::parse(&good).unwrap();
+    v.verify_checksums().unwrap();
+    // A byte of the string "llama" in the metadata.
+    let at = good.windows(5).position(|w| w == b"llama").unwrap();
+    let mut bytes = good.clone();
+    bytes[at] = b'L';
+    let v = NibView::parse(&bytes).expect("still parses");
+    match v.verify_checksums() {
+        Err(FormatError::SectionChecksumMismatch { section, .. }) => {
+            assert_eq!(section, "metadata section")
+        }
+        other => panic!("expected a metadata checksum error, got {other:?}"),
+    }
+    // A tensor's stored CRC in the directory (the directory is the tail).
+    let mut bytes = good.clone();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    let v = NibView::parse(&bytes).expect("still parses");
+    match v.verify_checksums() {
+        Err(FormatError::SectionChecksumMismatch { section, .. }) => {
+            assert_eq!(section, "tensor directory")
+        }
+        other => panic!("expected a directory checksum error, got {other:?}"),
+    }
+    // Wrong stored section checksums.
+    let mut r = Raw::valid();
+    r.crc_override = Some((1, 2));
+    let bytes = r.build();
+    assert!(matches!(
+        NibView::parse(&bytes).unwrap().verify_checksums(),
+        Err(FormatError::SectionChecksumMismatch { .. })
+    ));
+}
+
+/// Files of format version 1 (no section checksums) still load and verify.
+#[test]
+fn version_1_files_still_load() {
+    let bytes = Raw::valid_v1().build();
+    let v = NibView::parse(&bytes).expect("version 1 parses");
+    assert_eq!(v.version, 1);
+    assert_eq!(v.tensors.len(), 2);
+    v.verify_checksums().unwrap();
 }
 
 #[test]

@@ -34,6 +34,11 @@ pub enum RuntimeError {
     NoChatTemplate { model: String },
     #[error("chat template error: {0}")]
     Template(#[from] minijinja::Error),
+    #[error(
+        "{model}: the model produced non-finite logits (NaN or infinity) at position {pos}; \
+         its weights are probably damaged (check the file with `nibble inspect --verify`)"
+    )]
+    NonFiniteLogits { model: String, pos: usize },
     #[error("invalid parameter: {0}")]
     InvalidParam(String),
     #[error("could not start the thread pool: {0}")]

@@ -18,6 +18,7 @@
 //!   repetition penalty with a seed.
 
 pub mod block;
+pub mod cpu;
 pub mod error;
 pub mod forward;
 pub mod kernels;

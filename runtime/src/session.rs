@@ -13,9 +13,13 @@ use crate::tokenizer::TextStream;
 /// Session settings.
 #[derive(Clone, Debug)]
 pub struct SessionParams {
-    /// Context length in tokens (0 = the model's trained context, capped at 4096).
+    /// Context length in tokens (0 = the model's trained context, capped at
+    /// 4096); at most the model's trained context.
     pub n_ctx: usize,
-    /// Worker threads for the matrix-vector products (0 = all cores).
+    /// Worker threads for the matrix-vector products (0 = one per physical
+    /// core, [`crate::cpu::physical_cores`]). More than the logical CPUs
+    /// this process may use are not started: they could only wait for each
+    /// other ([`Session::n_threads`] says how many run).
     pub n_threads: usize,
     /// Prompt tokens evaluated together as matrix-matrix products (≥ 1).
     pub n_batch: usize,
@@ -130,21 +134,33 @@ pub struct Session {
 }
 
 impl Session {
+    /// Threads the per-token products run on.
+    pub fn n_threads(&self) -> usize {
+        self.n_threads
+    }
+
     pub fn new(model: Arc<Model>, params: &SessionParams) -> Result<Session> {
         let n_ctx = if params.n_ctx == 0 {
             model.hparams.n_ctx_train.min(4096)
         } else {
             params.n_ctx
         };
-        if n_ctx > model.hparams.n_ctx_train.max(1 << 20) {
+        let trained = model.hparams.n_ctx_train;
+        if trained > 0 && n_ctx > trained {
             return Err(RuntimeError::InvalidParam(format!(
-                "context {n_ctx} is too large"
+                "a context of {n_ctx} tokens exceeds the model's {trained}"
+            )));
+        }
+        if n_ctx > 1 << 20 {
+            return Err(RuntimeError::InvalidParam(format!(
+                "a context of {n_ctx} tokens exceeds nibble's limit of {}",
+                1 << 20
             )));
         }
         let n_threads = if params.n_threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            crate::cpu::physical_cores()
         } else {
-            params.n_threads
+            params.n_threads.min(crate::cpu::logical_cpus())
         };
         let pool = if n_threads > 1 {
             Some(
@@ -256,6 +272,19 @@ impl Session {
         self.tokens.extend_from_slice(chunk);
     }
 
+    /// An error when `logits` (the rows after the tokens ending at cache
+    /// position `pos`) hold a NaN or an infinity: damaged weights, which
+    /// would otherwise print garbage with no error.
+    fn check_logits(&self, logits: &[f32], pos: usize) -> Result<()> {
+        if logits.iter().all(|v| v.is_finite()) {
+            return Ok(());
+        }
+        Err(RuntimeError::NonFiniteLogits {
+            model: self.model.name().to_string(),
+            pos,
+        })
+    }
+
     /// Evaluate `tokens` after those already in the cache; returns the logits
     /// of the last one. One token takes the matrix-vector path and allocates
     /// nothing; several go through the batched path in chunks of n_batch.
@@ -269,6 +298,7 @@ impl Session {
                 self.step_batch(chunk, if i + 1 == n { Some(false) } else { None });
             }
         }
+        self.check_logits(&self.state.logits, self.tokens.len())?;
         Ok(&self.state.logits)
     }
 
@@ -283,6 +313,7 @@ impl Session {
         self.check(tokens)?;
         for (i, &t) in tokens.iter().enumerate() {
             self.step(t, true);
+            self.check_logits(&self.state.logits, self.tokens.len())?;
             f(i, &self.state.logits);
         }
         Ok(())
@@ -310,7 +341,9 @@ impl Session {
         for (c, chunk) in tokens.chunks(self.n_batch).enumerate() {
             self.step_batch(chunk, Some(true));
             let logits = &self.batch.as_ref().expect("created by step_batch").logits;
-            f(c * self.n_batch, &logits[..chunk.len() * n_vocab]);
+            let logits = &logits[..chunk.len() * n_vocab];
+            self.check_logits(logits, self.tokens.len())?;
+            f(c * self.n_batch, logits);
         }
         Ok(())
     }

@@ -3,22 +3,38 @@
 //! Decoding one token runs a few hundred short parallel loops (one per
 //! weight matrix, ~10–50 µs each). A general work-stealing pool pays for
 //! waking sleeping workers and queues jobs on the heap; this pool keeps its
-//! workers spinning on an epoch counter for a while after each job (then
-//! parks them on a condition variable), hands every worker the same borrowed
-//! closure, and joins on an atomic `done` counter: no allocation and no thread
-//! spawn per call. `nibble bench --pool rayon|spin` measures it against rayon.
+//! workers spinning on an epoch counter for a short while after each job
+//! (yielding the core now and then, then parking on a condition variable),
+//! hands every worker the same borrowed closure, and joins on atomic
+//! counters: no allocation and no thread spawn per call. `nibble bench
+//! --pool rayon|spin` measures it against rayon.
+//!
+//! A job is cut into one part per thread, and thread `i` takes part `i`
+//! first, so on an idle machine every thread runs its own static part. But
+//! any thread that finishes takes the parts nobody has claimed yet: when a
+//! worker is descheduled (another program on the core, more threads than
+//! cores), the caller does its part instead of spinning until the scheduler
+//! brings the worker back, and it waits only for parts that running threads
+//! hold, never for a worker that has not woken up.
 //!
 //! The one `unsafe` here erases the closure's lifetime to publish it to the
-//! workers; [`SpinPool::run`] does not return until every worker is done with
-//! it, which is what makes that sound.
+//! workers; a worker enters a job (`active`) before it reads the pointer,
+//! and [`SpinPool::run`] closes the job and waits until no worker is inside
+//! before it returns, which is what makes that sound.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// Spins (each a `spin_loop` hint) before a waiting worker parks.
-const SPIN_ROUNDS: usize = 1 << 17;
+/// Spins (each a `spin_loop` hint) before a waiting worker parks; between
+/// the jobs of one token the next comes within microseconds.
+const SPIN_ROUNDS: usize = 1 << 14;
+
+/// Spins between two `yield_now` calls of a waiting thread: a descheduled
+/// thread of ours (or a neighbour's) gets the core back within a few
+/// microseconds instead of a scheduler tick.
+const SPINS_PER_YIELD: usize = 256;
 
 /// A job: called once per thread with `(thread index, thread count)`.
 type Job<'a> = &'a (dyn Fn(usize, usize) + Sync);
@@ -38,8 +54,14 @@ impl<T> std::ops::Deref for Padded<T> {
 struct Shared {
     /// Bumped to publish a job.
     epoch: Padded<AtomicUsize>,
-    /// Workers that finished the current job.
-    done: Padded<AtomicUsize>,
+    /// Parts of the current job finished.
+    parts_done: Padded<AtomicUsize>,
+    /// Part `i` of the current job has been taken.
+    claimed: Vec<AtomicBool>,
+    /// Workers inside the current job (they may read `job`).
+    active: Padded<AtomicUsize>,
+    /// The current job takes no new workers.
+    closed: AtomicBool,
     /// Points at a `Job` on the caller's stack while a job runs.
     job: AtomicPtr<Job<'static>>,
     /// A worker's job panicked.
@@ -64,7 +86,10 @@ impl SpinPool {
         let n_threads = n_threads.max(1);
         let shared = Arc::new(Shared {
             epoch: Padded(AtomicUsize::new(0)),
-            done: Padded(AtomicUsize::new(0)),
+            parts_done: Padded(AtomicUsize::new(0)),
+            claimed: (0..n_threads).map(|_| AtomicBool::new(true)).collect(),
+            active: Padded(AtomicUsize::new(0)),
+            closed: AtomicBool::new(true),
             job: AtomicPtr::new(std::ptr::null_mut()),
             panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -92,8 +117,10 @@ impl SpinPool {
         self.n_threads
     }
 
-    /// Run `f(i, n)` on every thread `i < n` of the pool (this one is 0) and
-    /// return when all are done. A panic in any of them is re-raised here.
+    /// Run `f(i, n)` for every part `i < n` (n = the pool's threads) and
+    /// return when all are done; part `i` runs on thread `i` unless that
+    /// thread is late, then on whichever thread gets to it first. A panic in
+    /// any part is re-raised here.
     pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
         if self.n_threads == 1 {
             return f(0, 1);
@@ -102,17 +129,21 @@ impl SpinPool {
         let job: Job<'_> = f;
         let job_ptr = &job as *const Job<'_> as *mut Job<'static>;
         sh.job.store(job_ptr, Ordering::SeqCst);
-        sh.done.store(0, Ordering::SeqCst);
+        sh.parts_done.store(0, Ordering::SeqCst);
+        for c in &sh.claimed {
+            c.store(false, Ordering::SeqCst);
+        }
+        sh.closed.store(false, Ordering::SeqCst);
         sh.epoch.fetch_add(1, Ordering::SeqCst);
         if sh.parked.load(Ordering::SeqCst) > 0 {
             let _guard = sh.lock.lock().unwrap_or_else(|e| e.into_inner());
             sh.wake.notify_all();
         }
-        let mine = catch_unwind(AssertUnwindSafe(|| f(0, self.n_threads)));
-        let others = self.n_threads - 1;
-        while sh.done.load(Ordering::Acquire) < others {
-            std::hint::spin_loop();
-        }
+        let mine = run_parts(sh, f, 0, self.n_threads);
+        wait_until(|| sh.parts_done.load(Ordering::Acquire) >= self.n_threads);
+        // No worker enters from now on; wait for those inside to leave.
+        sh.closed.store(true, Ordering::SeqCst);
+        wait_until(|| sh.active.load(Ordering::SeqCst) == 0);
         sh.job.store(std::ptr::null_mut(), Ordering::SeqCst);
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
@@ -121,6 +152,36 @@ impl SpinPool {
             panic!("a nibble worker thread panicked");
         }
     }
+}
+
+/// Spin on `done`, yielding the core every [`SPINS_PER_YIELD`] spins.
+fn wait_until(done: impl Fn() -> bool) {
+    let mut spins = 0usize;
+    while !done() {
+        spins += 1;
+        if spins % SPINS_PER_YIELD == 0 {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Run part `first` if nobody has taken it, then every part still free.
+/// A panicking part counts as done (the panic is reported) so that the
+/// caller never waits for it.
+fn run_parts(sh: &Shared, f: Job<'_>, first: usize, n: usize) -> std::thread::Result<()> {
+    let mut result = Ok(());
+    for i in (first..n).chain(0..first) {
+        if sh.claimed[i].swap(true, Ordering::AcqRel) {
+            continue;
+        }
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(i, n))) {
+            result = Err(p);
+        }
+        sh.parts_done.fetch_add(1, Ordering::Release);
+    }
+    result
 }
 
 /// A raw pointer that may cross threads (the disjoint-chunk split below).
@@ -174,7 +235,11 @@ fn worker(sh: &Shared, idx: usize, n_threads: usize) {
             }
             if spins < SPIN_ROUNDS {
                 spins += 1;
-                std::hint::spin_loop();
+                if spins % SPINS_PER_YIELD == 0 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
             } else {
                 // Register as parked *before* re-checking the epoch, so that a
                 // publisher either sees `parked > 0` or we see its new epoch.
@@ -191,18 +256,24 @@ fn worker(sh: &Shared, idx: usize, n_threads: usize) {
                 spins = 0;
             }
         }
-        let ptr = sh.job.load(Ordering::SeqCst);
-        if !ptr.is_null() {
-            // SAFETY: `run` stored a pointer to a live `Job` on its stack
-            // before bumping the epoch we just observed, and it does not
-            // return (so the job outlives this call) until `done` counts this
-            // worker, which happens only after the call below.
-            let job: Job<'_> = unsafe { *ptr };
-            if catch_unwind(AssertUnwindSafe(|| job(idx, n_threads))).is_err() {
-                sh.panicked.store(true, Ordering::SeqCst);
+        // Enter the job, then check that it still takes workers: the caller
+        // closes it before waiting for `active` to drain, so once it has
+        // closed, no worker reads the pointer.
+        sh.active.fetch_add(1, Ordering::SeqCst);
+        if !sh.closed.load(Ordering::SeqCst) && sh.epoch.load(Ordering::SeqCst) == seen {
+            let ptr = sh.job.load(Ordering::SeqCst);
+            if !ptr.is_null() {
+                // SAFETY: `run` stored a pointer to a live `Job` on its stack
+                // before bumping the epoch we just observed, and the job is
+                // not closed: `run` does not return (so the job outlives this
+                // use) until `active` drops back to zero, after this call.
+                let job: Job<'_> = unsafe { *ptr };
+                if run_parts(sh, job, idx, n_threads).is_err() {
+                    sh.panicked.store(true, Ordering::SeqCst);
+                }
             }
         }
-        sh.done.fetch_add(1, Ordering::Release);
+        sh.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
