@@ -179,6 +179,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     )?;
     outln!("|--|--|--|--:|--|--:|--:|--:|")?;
     let n_vocab = model.hparams.n_vocab as u32;
+    let trained = model.hparams.n_ctx_train;
+    if trained > 0 && max_len > trained {
+        bail!(
+            "-p/-n {max_len} exceed the context of {} ({trained} tokens)",
+            a.model.display()
+        );
+    }
     let mut probes: Vec<(usize, f64)> = vec![];
     let thread_list: Vec<usize> = a
         .thread_list

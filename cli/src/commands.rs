@@ -138,9 +138,18 @@ pub struct SamplingArgs {
     /// Random seed (sampling is deterministic for a given seed).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Stop when this string is generated (repeatable).
-    #[arg(long = "stop")]
+    /// Stop when this (non-empty) string is generated (repeatable).
+    #[arg(long = "stop", value_parser = non_empty)]
     stop: Vec<String>,
+}
+
+/// A `--stop` string: an empty one would stop before the first token.
+fn non_empty(s: &str) -> std::result::Result<String, String> {
+    if s.is_empty() {
+        Err("an empty stop string would stop before the first token".into())
+    } else {
+        Ok(s.to_string())
+    }
 }
 
 impl SamplingArgs {
@@ -296,7 +305,10 @@ pub fn chat(a: ChatArgs) -> Result<()> {
                 note_part!("> ");
                 let _ = std::io::stderr().flush();
                 let mut line = String::new();
-                if stdin.lock().read_line(&mut line)? == 0 {
+                let n = stdin.lock().read_line(&mut line).context(
+                    "cannot read the message from standard input (it must be UTF-8 text)",
+                )?;
+                if n == 0 {
                     break;
                 }
                 let line = line.trim_end_matches(['\n', '\r']).to_string();
@@ -369,10 +381,14 @@ pub struct PerplexityArgs {
 }
 
 pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
-    if a.model.ctx_size == 0 {
-        a.model.ctx_size = 2048;
+    if a.model.ctx_size == 1 {
+        bail!("-c 1: perplexity needs windows of at least 2 tokens (one to predict from)");
     }
     let model = load_model(&a.model)?;
+    if a.model.ctx_size == 0 {
+        // The model's context, capped as every session's default is.
+        a.model.ctx_size = model.hparams.n_ctx_train.clamp(2, 4096);
+    }
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("cannot read {}", a.file.display()))?;
     let ids = model.tokenizer()?.encode(&text, false)?;

@@ -57,14 +57,14 @@ pub struct QuantizeArgs {
     /// The default: on SmolLM2 it beat GPTQ without it at every setting
     /// measured, for 2-6 % of prompt speed (docs/quantization.md, "Why act-order is the
     /// default").
-    #[arg(long, overrides_with = "no_act_order")]
+    #[arg(long, conflicts_with = "no_act_order")]
     act_order: bool,
     /// GPTQ: process columns in their stored order (the reference code's
     /// default). On SmolLM2 this put 8-29× RTN's squared error on the value
     /// vector of each sequence's first position in blocks 12-23 (blocks
     /// 12-29 put 31-64 % of all attention on that position), and lost to RTN
     /// at 4 bits (docs/quantization.md).
-    #[arg(long, overrides_with = "act_order")]
+    #[arg(long)]
     no_act_order: bool,
     /// GPTQ with act-order: fix each group's grid up front on contiguous columns.
     #[arg(long)]
@@ -72,11 +72,11 @@ pub struct QuantizeArgs {
     /// GPTQ: quantize q/k/v, then o, then gate/up, then down, each seeing inputs
     /// produced by the already-quantized sub-layers. The default: it is both
     /// more accurate and faster (one forward pass per block instead of two).
-    #[arg(long, overrides_with = "no_true_sequential")]
+    #[arg(long, conflicts_with = "no_true_sequential")]
     true_sequential: bool,
     /// GPTQ: take every sub-layer's inputs from the float block instead (the
     /// GPTQ reference code's default); costs a second forward pass per block.
-    #[arg(long, overrides_with = "true_sequential")]
+    #[arg(long)]
     no_true_sequential: bool,
     /// GPTQ calibration text (plain UTF-8): text like what the model will see (a
     /// few hundred KB is plenty), never your evaluation text. It matters

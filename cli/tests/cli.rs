@@ -767,3 +767,166 @@ fn damaged_weights_and_metadata_are_errors() {
     let err = fails(&["inspect", s(&bad), "--verify"]);
     assert!(err.contains("metadata section"), "{err}");
 }
+
+/// Lengths beyond the model are refused before any work, saying the limit;
+/// perplexity's default window is the model's context.
+#[test]
+fn lengths_beyond_the_model_are_refused() {
+    let story = shared().join(STORIES);
+    let d = tmp("lengths");
+    let out = d.join("q.nib");
+    let text = d.join("t.txt");
+    std::fs::write(&text, "Once upon a time there was a cat. ".repeat(200)).unwrap();
+    for (args, want) in [
+        (
+            vec![
+                "quantize",
+                "-m",
+                s(&story),
+                "-o",
+                s(&out),
+                "--seqlen",
+                "100000",
+            ],
+            "--seqlen 100000 exceeds the context",
+        ),
+        (
+            vec!["bench", "-m", s(&story), "-p", "100000", "-n", "0"],
+            "(512 tokens)",
+        ),
+        (
+            vec!["bench", "-m", s(&story), "-p", "0", "-n", "100000"],
+            "(512 tokens)",
+        ),
+        (
+            vec!["run", "-m", s(&story), "-c", "100000", "-p", "Once"],
+            "exceeds the model's 512",
+        ),
+        (
+            vec!["perplexity", "-m", s(&story), "-f", s(&text), "-c", "1"],
+            "at least 2 tokens",
+        ),
+    ] {
+        let err = fails(&args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert!(!out.exists());
+    let o = ok(&["perplexity", "-m", s(&story), "-f", s(&text)]);
+    assert!(o.contains("windows of 512"), "{o}");
+}
+
+/// A folder whose tokenizer.json does not load is refused before anything
+/// is written.
+#[test]
+fn an_invalid_tokenizer_is_refused_at_convert() {
+    let d = tmp("bad-tokenizer");
+    let src = d.join("stories");
+    std::fs::create_dir_all(&src).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(shared().join(STORIES).join(f), src.join(f)).unwrap();
+    }
+    std::fs::write(
+        src.join("tokenizer.json"),
+        br#"{"model": {"type": "nonsense"}}"#,
+    )
+    .unwrap();
+    let out = d.join("s.nib");
+    let err = fails(&["convert", "-m", s(&src), "-o", s(&out)]);
+    assert!(
+        err.contains("tokenizer.json") && err.contains("does not load"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+/// Messages say what is wrong: a folder given to `inspect`, a file that is
+/// no model (its first bytes shown), a folder without config.json, a GGUF
+/// without a tokenizer beside it, an empty stop string, contradictory
+/// flags, binary text on chat's standard input.
+#[test]
+fn messages_say_what_is_wrong() {
+    let d = tmp("messages");
+    let err = fails(&["inspect", s(&d)]);
+    assert!(
+        err.contains("is a folder") || err.contains("a folder, not a .nib"),
+        "{err}"
+    );
+    let junk = d.join("junk.nib");
+    std::fs::write(&junk, b"hello world").unwrap();
+    let err = fails(&["run", "-m", s(&junk), "-p", "x"]);
+    assert!(
+        err.contains("68 65 6c 6c 6f") && err.contains("GGUF"),
+        "{err}"
+    );
+    let empty = d.join("empty.gguf");
+    std::fs::write(&empty, b"").unwrap();
+    let err = fails(&["run", "-m", s(&empty), "-p", "x"]);
+    assert!(err.contains("empty"), "{err}");
+    let folder = d.join("no-config");
+    std::fs::create_dir_all(&folder).unwrap();
+    let err = fails(&["run", "-m", s(&folder), "-p", "x"]);
+    assert!(
+        err.contains("no config.json") && !err.contains("metadata key"),
+        "{err}"
+    );
+    let gguf = d.join("alone.gguf");
+    std::fs::copy(shared().join(SMOLLM2), &gguf).unwrap();
+    let err = fails(&["run", "-m", s(&gguf), "-p", "x"]);
+    assert!(
+        err.contains("beside it") && !err.contains("embedded"),
+        "{err}"
+    );
+    let story = shared().join(STORIES);
+    let o = nibble(&["run", "-m", s(&story), "-p", "x", "--stop", ""]);
+    assert_eq!(o.status.code(), Some(2), "clap rejects an empty --stop");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("empty stop string"));
+    let o = nibble(&[
+        "quantize",
+        "-m",
+        s(&story),
+        "-o",
+        "x.nib",
+        "--act-order",
+        "--no-act-order",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "contradictory flags are refused");
+    let chat = command()
+        .args(["chat", "-m", s(&shared().join(SMOLLM2))])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = chat.stdin.as_ref().unwrap();
+        stdin.write_all(&[0xff, 0xfe, 0x00, 0x80, b'\n']).unwrap();
+    }
+    let o = chat.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("standard input"), "{err}");
+}
+
+/// More threads than CPUs: a warning, and the run goes on at the CPU count
+/// (it used to spin for minutes with `-t 1000`).
+#[test]
+fn oversubscription_warns_and_runs() {
+    let story = shared().join(STORIES);
+    let o = nibble(&[
+        "run",
+        "-m",
+        s(&story),
+        "-p",
+        "Once",
+        "-n",
+        "8",
+        "--temp",
+        "0",
+        "-t",
+        "1000",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("warning: -t 1000 exceeds"), "{err}");
+}

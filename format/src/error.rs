@@ -120,8 +120,11 @@ pub enum FormatError {
     },
     #[error("this build only supports little-endian hosts")]
     BigEndianHost,
-    #[error("cannot detect the model type of this path: expected a .nib file, a .gguf file or a Hugging Face model folder")]
-    UnknownInput,
+    #[error(
+        "not a model: expected a .nib file (first bytes 89 4e 49 42 = \\x89NIB), a GGUF file \
+         (47 47 55 46 = GGUF) or a Hugging Face model folder; {found}"
+    )]
+    UnknownInput { found: String },
 }
 
 impl FormatError {

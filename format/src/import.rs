@@ -33,8 +33,10 @@ pub fn detect(path: &Path) -> Result<InputKind> {
         return if path.join("config.json").is_file() {
             Ok(InputKind::HfFolder)
         } else {
-            Err(FormatError::MissingKey {
-                key: "config.json (a Hugging Face model folder needs one)".into(),
+            Err(FormatError::BadConfig {
+                why: "this folder has no config.json: a Hugging Face model folder needs \
+                      config.json, the weights (*.safetensors) and tokenizer.json"
+                    .into(),
             }
             .in_file(path))
         };
@@ -47,7 +49,19 @@ pub fn detect(path: &Path) -> Result<InputKind> {
     } else if n >= 4 && magic[..4] == crate::gguf::GGUF_MAGIC {
         Ok(InputKind::Gguf)
     } else {
-        Err(FormatError::UnknownInput.in_file(path))
+        let found = if n == 0 {
+            "the file is empty".to_string()
+        } else {
+            format!(
+                "its first bytes are {}",
+                magic[..n]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
+        };
+        Err(FormatError::UnknownInput { found }.in_file(path))
     }
 }
 
@@ -215,6 +229,7 @@ fn write_nib<W: Write + Seek>(
 ) -> Result<W> {
     let hp = s.hparams();
     hp.validate()?;
+    tok.validate()?;
     let mut meta = MetadataBuilder::new();
     hp.write(&mut meta);
     tok.write(&mut meta);
@@ -408,6 +423,37 @@ impl HfSource {
             bos_id: bos,
             eos_ids: eos,
         })
+    }
+}
+
+impl TokenizerInfo {
+    /// Everything that goes into the `.nib` must load: the tokenizer parses
+    /// (the same crate the runtime uses), the chat template compiles, the
+    /// special ids are inside the vocabulary.
+    fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: String| FormatError::BadValue {
+            key: key.into(),
+            why,
+        };
+        if let Some(json) = &self.json {
+            let t = tokenizers::Tokenizer::from_bytes(json)
+                .map_err(|e| bad("tokenizer.json", format!("does not load: {e}")))?;
+            let n = t.get_vocab_size(true) as u64;
+            for id in self.bos_id.iter().chain(&self.eos_ids) {
+                if *id >= n {
+                    return Err(bad(
+                        "tokenizer ids",
+                        format!("special token id {id} is outside the tokenizer's {n} tokens"),
+                    ));
+                }
+            }
+        }
+        if let Some(t) = &self.chat_template {
+            let mut env = minijinja::Environment::new();
+            env.add_template("chat", t)
+                .map_err(|e| bad("chat template", format!("does not compile: {e}")))?;
+        }
+        Ok(())
     }
 }
 

@@ -132,6 +132,14 @@ impl NibFile {
     /// not the checksums). Errors name the file.
     pub fn open(path: impl AsRef<Path>) -> Result<NibFile> {
         let path = path.as_ref();
+        if path.is_dir() {
+            return Err(FormatError::BadConfig {
+                why: "this is a folder, not a .nib file (`nibble convert -m FOLDER -o model.nib` \
+                      writes one)"
+                    .into(),
+            }
+            .in_file(path));
+        }
         let map = mmap_file(path)?;
         let file = NibFile {
             backing: Backing::Mmap(map),

@@ -26,7 +26,10 @@ pub enum RuntimeError {
     ContextOverflow { needed: usize, n_ctx: usize },
     #[error("token id {id} is out of range (vocabulary has {n_vocab} tokens)")]
     BadToken { id: u32, n_vocab: usize },
-    #[error("{model}: this model has no embedded tokenizer (convert it from a folder with tokenizer.json)")]
+    #[error(
+        "{model}: no tokenizer: a .nib carries the tokenizer.json of the folder it was \
+         converted from, and a GGUF file reads the tokenizer.json beside it"
+    )]
     NoTokenizer { model: String },
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
