@@ -159,7 +159,7 @@ fn wait_until(done: impl Fn() -> bool) {
     let mut spins = 0usize;
     while !done() {
         spins += 1;
-        if spins % SPINS_PER_YIELD == 0 {
+        if spins.is_multiple_of(SPINS_PER_YIELD) {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();
@@ -235,7 +235,7 @@ fn worker(sh: &Shared, idx: usize, n_threads: usize) {
             }
             if spins < SPIN_ROUNDS {
                 spins += 1;
-                if spins % SPINS_PER_YIELD == 0 {
+                if spins.is_multiple_of(SPINS_PER_YIELD) {
                     std::thread::yield_now();
                 } else {
                     std::hint::spin_loop();
