@@ -112,9 +112,6 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         bail!("-r must be at least 1");
     }
-    if a.thread_list.contains(&0) {
-        bail!("-t takes thread counts of at least 1");
-    }
     let pools: Vec<PoolKind> = a
         .pool
         .iter()

@@ -434,7 +434,6 @@ fn gptq_quantize_reports_gptq_beside_rtn() {
         "--group-size",
         "32",
         "--act-order",
-        "--true-sequential",
         "--no-true-sequential",
         "--calib",
         s(&calib),
