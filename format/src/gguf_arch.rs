@@ -8,6 +8,7 @@
 use serde_json::{json, Map, Value as Json};
 
 use crate::error::{FormatError, Result};
+use crate::families::Transform;
 use crate::gguf::{GgufFile, GgufValue};
 
 /// One GGUF architecture nibble reads.
@@ -23,6 +24,47 @@ pub struct GgufArch {
     /// Config keys llama.cpp fixes in code for this architecture (not in
     /// the metadata), as `hparams_from_config` reads them.
     pub fixed: fn(&GgufFile<'_>, &mut Map<String, Json>),
+    /// Canonical roles stored under another llama.cpp name or fused with
+    /// others: (canonical role, llama.cpp role, how to get it back). Roles
+    /// not listed are stored under their canonical name, as they are.
+    pub roles: &'static [(&'static str, &'static str, Transform)],
+}
+
+/// llama.cpp's fused `attn_qkv` (rows q | k | v; its GPT-NeoX converter
+/// already reorders the per-head interleaved rows this way).
+const FUSED_QKV: [(&str, &str, Transform); 3] = [
+    ("attn_q", "attn_qkv", Transform::FusedQkv(0)),
+    ("attn_k", "attn_qkv", Transform::FusedQkv(1)),
+    ("attn_v", "attn_qkv", Transform::FusedQkv(2)),
+];
+
+/// Phi-3: fused qkv, and `ffn_up` holding gate | up.
+const PHI3_ROLES: [(&str, &str, Transform); 5] = [
+    FUSED_QKV[0],
+    FUSED_QKV[1],
+    FUSED_QKV[2],
+    ("ffn_gate", "ffn_up", Transform::FusedGateUp(0)),
+    ("ffn_up", "ffn_up", Transform::FusedGateUp(1)),
+];
+
+/// GPT-2: fused qkv and a learned position table named `position_embd`.
+const GPT2_ROLES: [(&str, &str, Transform); 4] = [
+    FUSED_QKV[0],
+    FUSED_QKV[1],
+    FUSED_QKV[2],
+    ("pos_embd", "position_embd", Transform::Plain),
+];
+
+/// GPT-NeoX: the residual layout is a boolean key.
+fn gptneox_fixed(f: &GgufFile<'_>, c: &mut Map<String, Json>) {
+    if let Some(GgufValue::Bool(b)) = f.get("gptneox.use_parallel_residual") {
+        c.insert("use_parallel_residual".into(), json!(b));
+    }
+}
+
+/// GPT-2's MLP is the tanh GELU (`gelu_new`), not in the metadata.
+fn gpt2_fixed(_: &GgufFile<'_>, c: &mut Map<String, Json>) {
+    c.insert("activation_function".into(), json!("gelu_new"));
 }
 
 fn no_fixed(_: &GgufFile<'_>, _: &mut Map<String, Json>) {}
@@ -72,36 +114,63 @@ pub const GGUF_ARCHS: &[GgufArch] = &[
         model_type: "llama",
         permuted_qk: true,
         fixed: no_fixed,
+        roles: &[],
     },
     GgufArch {
         name: "qwen2",
         model_type: "qwen2",
         permuted_qk: false,
         fixed: no_fixed,
+        roles: &[],
     },
     GgufArch {
         name: "qwen3",
         model_type: "qwen3",
         permuted_qk: false,
         fixed: no_fixed,
+        roles: &[],
     },
     GgufArch {
         name: "gemma",
         model_type: "gemma",
         permuted_qk: false,
         fixed: gemma_fixed,
+        roles: &[],
     },
     GgufArch {
         name: "gemma2",
         model_type: "gemma2",
         permuted_qk: false,
         fixed: gemma2_fixed,
+        roles: &[],
     },
     GgufArch {
         name: "gemma3",
         model_type: "gemma3_text",
         permuted_qk: false,
         fixed: gemma3_fixed,
+        roles: &[],
+    },
+    GgufArch {
+        name: "phi3",
+        model_type: "phi3",
+        permuted_qk: false,
+        fixed: no_fixed,
+        roles: &PHI3_ROLES,
+    },
+    GgufArch {
+        name: "gpt2",
+        model_type: "gpt2",
+        permuted_qk: false,
+        fixed: gpt2_fixed,
+        roles: &GPT2_ROLES,
+    },
+    GgufArch {
+        name: "gptneox",
+        model_type: "gpt_neox",
+        permuted_qk: false,
+        fixed: gptneox_fixed,
+        roles: &FUSED_QKV,
     },
 ];
 
@@ -116,6 +185,7 @@ const KEYS: &[(&str, &str)] = &[
     ("context_length", "max_position_embeddings"),
     ("rope.freq_base", "rope_theta"),
     ("attention.layer_norm_rms_epsilon", "rms_norm_eps"),
+    ("attention.layer_norm_epsilon", "layer_norm_eps"),
     ("attention.sliding_window", "sliding_window"),
     ("attn_logit_softcapping", "attn_logit_softcapping"),
     ("final_logit_softcapping", "final_logit_softcapping"),
@@ -124,6 +194,10 @@ const KEYS: &[(&str, &str)] = &[
 /// Metadata that changes the numbers and that nibble does not implement
 /// for GGUF input, with what it is.
 const REFUSED: &[(&str, &str)] = &[
+    (
+        "rope.scaling.original_context_length",
+        "long-context RoPE factors (LongRoPE) are not supported",
+    ),
     (
         "expert_count",
         "mixture-of-experts models are not supported",
@@ -134,11 +208,25 @@ const REFUSED: &[(&str, &str)] = &[
     ),
 ];
 
-/// Canonical tensor name → the name llama.cpp writes.
-pub fn gguf_tensor_name(canonical: &str) -> String {
-    canonical
-        .replace(".attn_post_norm.", ".post_attention_norm.")
-        .replace(".ffn_post_norm.", ".post_ffw_norm.")
+/// Where llama.cpp keeps the canonical tensor `canonical` in a file of
+/// `arch`: its name there, and how the canonical tensor is taken from it.
+pub fn gguf_tensor(arch: &GgufArch, canonical: &str) -> (String, Transform) {
+    let renamed = || {
+        canonical
+            .replace(".attn_post_norm.", ".post_attention_norm.")
+            .replace(".ffn_post_norm.", ".post_ffw_norm.")
+    };
+    let Some((stem, kind)) = canonical.rsplit_once('.') else {
+        return (renamed(), Transform::Plain);
+    };
+    let (prefix, role) = match stem.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+        Some((i, role)) => (format!("blk.{i}."), role),
+        None => (String::new(), stem),
+    };
+    match arch.roles.iter().find(|(c, _, _)| *c == role) {
+        Some(&(_, stored, t)) => (format!("{prefix}{stored}.{kind}"), t),
+        None => (renamed(), Transform::Plain),
+    }
 }
 
 /// The architecture of `file` and a Hugging Face config describing its

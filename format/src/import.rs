@@ -14,6 +14,7 @@ use sha2::Digest;
 
 use crate::dtype::DType;
 use crate::error::{FormatError, Result};
+use crate::families::Transform;
 use crate::gguf::{dequantize, GgufFile};
 use crate::hparams::{keys, utc_now_rfc3339, HParams, TokenizerInfo};
 use crate::nib::{MetadataBuilder, NibWriter, OwnedValue};
@@ -551,9 +552,16 @@ impl<'a> GgufSource<'a> {
         })
     }
 
-    /// The tensor `name`, checked to have the (row-major) shape `expected`.
-    fn checked_tensor(&self, name: &str, expected: &[u64]) -> Result<&crate::gguf::GgufTensor<'a>> {
-        let gguf_name = crate::gguf_arch::gguf_tensor_name(name);
+    /// The stored tensor holding canonical `name` (row-major shape
+    /// `expected`), checked to have the shape it must have, and how `name`
+    /// is taken from it.
+    fn checked_tensor(
+        &self,
+        name: &str,
+        expected: &[u64],
+    ) -> Result<(&crate::gguf::GgufTensor<'a>, Transform)> {
+        let (gguf_name, transform) = crate::gguf_arch::gguf_tensor(self.arch, name);
+        let expected = &crate::families::stored_shape(transform, &self.hp, expected)[..];
         let t = self
             .file
             .tensor(&gguf_name)
@@ -566,7 +574,7 @@ impl<'a> GgufSource<'a> {
                 why: format!("expected {expected:?} from the GGUF hyper-parameters"),
             });
         }
-        Ok(t)
+        Ok((t, transform))
     }
 
     /// Heads whose rows llama.cpp permuted for its rotary order (q and k).
@@ -614,9 +622,13 @@ impl Source for GgufSource<'_> {
     }
 
     fn tensor_f32(&self, name: &str, expected: &[u64]) -> Result<Vec<f32>> {
-        let t = self.checked_tensor(name, expected)?;
+        let (t, transform) = self.checked_tensor(name, expected)?;
         let mut data = vec![0f32; t.n_elements() as usize];
         dequantize(t, &mut data)?;
+        if transform != Transform::Plain {
+            let stored: Vec<u64> = t.ne.iter().rev().copied().collect();
+            data = crate::families::apply(transform, &self.hp, data, &stored);
+        }
         if let Some(n_heads) = self.rotary_heads(name) {
             data = unpermute_rotary_rows(&data, n_heads, self.hp.head_dim, self.hp.n_embd);
         }
@@ -624,7 +636,11 @@ impl Source for GgufSource<'_> {
     }
 
     fn tensor_packed(&self, name: &str, expected: &[u64]) -> Result<Option<(DType, u32, Vec<u8>)>> {
-        let t = self.checked_tensor(name, expected)?;
+        let (t, transform) = self.checked_tensor(name, expected)?;
+        if transform != Transform::Plain {
+            // Fused tensors are split from their decoded values.
+            return Ok(None);
+        }
         let Some((dtype, mut bytes)) = crate::gguf::transcode_blocks(t) else {
             return Ok(None);
         };
