@@ -15,13 +15,12 @@ macro_rules! out {
 
 /// `println!` as [`out!`].
 macro_rules! outln {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let mut o = std::io::stdout().lock();
-        writeln!(o, $($arg)*)
-            .and_then(|_| o.flush())
-            .map_err(|e| anyhow::Error::new(e).context("cannot write to standard output"))
-    }};
+    () => {
+        out!("\n")
+    };
+    ($($arg:tt)*) => {
+        out!("{}\n", format_args!($($arg)*))
+    };
 }
 
 /// `eprintln!` for messages about the work (progress, timings): never

@@ -204,6 +204,15 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// The (scale, minimum) of sub-blocks `2n` and `2n + 1` of a Q4_K / Q5_K
+/// block: the 6-bit values times the super-block's scale and minimum scale.
+fn pair_scales(n: usize, scales: &[u8], d: f32, min: f32) -> [(f32, f32); 2] {
+    [2 * n, 2 * n + 1].map(|j| {
+        let (sc, m) = scale_min_k4(j, scales);
+        (d * f32::from(sc), min * f32::from(m))
+    })
+}
+
 /// Q4_K: f16 scale and minimum scale, 8 sub-blocks of 32 with 6-bit scales
 /// and mins (12 bytes), 4-bit codes (`qs[128]`).
 fn dequant_q4_k(b: &[u8], y: &mut [f32]) {
@@ -211,10 +220,7 @@ fn dequant_q4_k(b: &[u8], y: &mut [f32]) {
     let (scales, qs) = (&b[4..16], &b[16..144]);
     for (n, y) in y.chunks_exact_mut(64).enumerate() {
         let q = &qs[32 * n..32 * n + 32];
-        let (sc1, m1) = scale_min_k4(2 * n, scales);
-        let (sc2, m2) = scale_min_k4(2 * n + 1, scales);
-        let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
-        let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
+        let [(d1, m1), (d2, m2)] = pair_scales(n, scales, d, min);
         for l in 0..32 {
             y[l] = d1 * f32::from(q[l] & 0xf) - m1;
             y[l + 32] = d2 * f32::from(q[l] >> 4) - m2;
@@ -229,10 +235,7 @@ fn dequant_q5_k(b: &[u8], y: &mut [f32]) {
     for (n, y) in y.chunks_exact_mut(64).enumerate() {
         let ql = &qs[32 * n..32 * n + 32];
         let (u1, u2) = (1u8 << (2 * n), 2u8 << (2 * n));
-        let (sc1, m1) = scale_min_k4(2 * n, scales);
-        let (sc2, m2) = scale_min_k4(2 * n + 1, scales);
-        let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
-        let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
+        let [(d1, m1), (d2, m2)] = pair_scales(n, scales, d, min);
         for l in 0..32 {
             let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
             let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
