@@ -293,6 +293,48 @@ fn missing_metadata_key_is_named() {
     assert!(e.contains("model.n_head") && e.contains("m.nib"), "{e}");
 }
 
+/// A context beyond the model's is refused with the limit; one whose KV
+/// cache cannot fit in the memory there is, too (a model that claims a
+/// context of 2⁴⁰ tokens), before anything is allocated.
+#[test]
+fn contexts_beyond_the_model_or_the_machine_are_refused() {
+    let model = Arc::new(Model::load(shared().join("models/stories260k")).unwrap());
+    let params = |n_ctx| nibble::SessionParams {
+        n_ctx,
+        ..Default::default()
+    };
+    let e = nibble::Session::new(model, &params(100_000))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("exceeds the model's 512"), "{e}");
+    let f = rebuilt(
+        |_, s| Some(s.to_vec()),
+        |m| {
+            m.set("model.n_ctx_train", OwnedValue::U64(1 << 24));
+        },
+    )
+    .unwrap();
+    let huge = Arc::new(Model::from_nib(f, "huge.nib".into()).unwrap());
+    let hp = &huge.hparams;
+    let n_ctx = 1usize << 24;
+    let f32_kv = nibble::SessionParams {
+        n_ctx,
+        kv: nibble::KvType::F32,
+        ..Default::default()
+    };
+    let needed = 2 * 4 * (hp.n_layer * n_ctx * hp.n_head_kv * hp.head_dim) as u64;
+    // Asserted where the machine has less memory available than that (it
+    // would otherwise be a valid, if large, context).
+    if nibble::runtime::cpu::available_memory().is_some_and(|m| m < needed) {
+        let e = nibble::Session::new(huge, &f32_kv)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("of memory available"), "{e}");
+    }
+}
+
 #[test]
 fn context_overflow_and_bad_token_are_errors() {
     let model = Arc::new(Model::load(shared().join("models/stories260k")).unwrap());

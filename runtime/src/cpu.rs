@@ -1,4 +1,5 @@
-//! How many threads this process should use: the CPUs it may run on
+//! What this machine offers a session: memory available now (to refuse a
+//! context whose KV cache could not fit) and how many threads to use: the CPUs it may run on
 //! (affinity and cgroup limits, as `available_parallelism` reports them)
 //! and, among those, the physical cores. Two hardware threads of one core
 //! share its execution units, and the per-token products are bound by
@@ -22,6 +23,15 @@ pub fn physical_cores() -> usize {
         Some(n) if n > 0 => n.min(logical),
         _ => logical,
     }
+}
+
+/// Memory available to new allocations without swapping, in bytes
+/// (Linux: `MemAvailable` of `/proc/meminfo`); `None` where unknown.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
 }
 
 fn sys_physical_cores() -> Option<usize> {
@@ -68,6 +78,13 @@ mod tests {
         assert_eq!(parse_cpu_list("0"), Some(vec![0]));
         assert_eq!(parse_cpu_list("3-1"), None);
         assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn available_memory_is_plausible_where_known() {
+        if let Some(m) = available_memory() {
+            assert!(m > 1 << 20, "{m} bytes");
+        }
     }
 
     #[test]

@@ -151,6 +151,23 @@ impl Session {
                 "a context of {n_ctx} tokens exceeds the model's {trained}"
             )));
         }
+        // The KV cache at full context must fit in the memory there is.
+        let hp = &model.hparams;
+        let elem = match params.kv {
+            KvType::F16 => 2u64,
+            KvType::F32 => 4,
+        };
+        let kv_bytes = 2 * elem * (hp.n_layer * n_ctx * hp.n_head_kv * hp.head_dim) as u64;
+        if let Some(avail) = crate::cpu::available_memory() {
+            if kv_bytes > avail {
+                return Err(RuntimeError::InvalidParam(format!(
+                    "a context of {n_ctx} tokens needs {:.1} GB of KV cache, more than the {:.1} GB \
+                     of memory available (lower the context)",
+                    kv_bytes as f64 / 1e9,
+                    avail as f64 / 1e9
+                )));
+            }
+        }
         if n_ctx > 1 << 20 {
             return Err(RuntimeError::InvalidParam(format!(
                 "a context of {n_ctx} tokens exceeds nibble's limit of {}",
