@@ -223,7 +223,9 @@ pub fn self_generated_calibration(
 /// linear group's inputs to its Hessian. The block itself is the runtime's
 /// ([`block_stage`]), so calibration runs exactly what inference runs.
 pub struct CalibExec {
-    hp: HParams,
+    /// Shared, so that [`CalibExec::run`] can hand the block its own
+    /// reference without copying the description per stage.
+    hp: std::sync::Arc<HParams>,
     seqlen: usize,
     threads: usize,
     /// Softmax and activations compiled for this CPU (bit-identical to the
@@ -257,7 +259,7 @@ impl CalibExec {
         let kernels = Kernels::from_env()
             .map_err(|e| QuantError::Runtime(nibble_runtime::RuntimeError::InvalidParam(e)))?;
         Ok(CalibExec {
-            hp: hp.clone(),
+            hp: std::sync::Arc::new(hp.clone()),
             seqlen,
             threads: threads.max(1),
             kernels,
@@ -318,7 +320,7 @@ impl CalibExec {
     /// Stage `s` of block `l` over one window held in `b` (positions
     /// `0..seqlen`).
     pub fn run(&mut self, l: usize, b: &mut BlockBufs, rope: &Rope, s: Stage) {
-        let hp = self.hp.clone();
+        let hp = std::sync::Arc::clone(&self.hp);
         block_stage(&hp, l, self, b, rope, self.seqlen, s);
     }
 }
