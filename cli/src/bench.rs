@@ -19,9 +19,9 @@ pub struct BenchArgs {
     /// Model: a .nib file, a GGUF file, or a Hugging Face model folder.
     #[arg(short = 'm', long = "model", value_name = "MODEL")]
     model: std::path::PathBuf,
-    /// Weight type when a GGUF/HF model is converted in memory: f32, f16, bf16,
-    /// or native (GGUF Q4_0/Q4_1/Q8_0 weights as they are).
-    #[arg(long, default_value = "f32")]
+    /// Weight type when a GGUF/HF model is loaded: auto (a GGUF's blocks as
+    /// they are, a Hugging Face folder in f32), f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
     dtype: String,
     /// Prompt lengths to measure (comma-separated; 0 skips).
     #[arg(

@@ -30,15 +30,17 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// `--dtype`: f32, f16, bf16, or `native` (GGUF Q4_0/Q4_1/Q8_0 weights kept as
-/// packed groups, losslessly; everything else F32).
-pub fn import_options(s: &str, hash_source: bool) -> Result<ImportOptions> {
-    let keep = s.eq_ignore_ascii_case("native");
+/// `--dtype`: `auto` (the default; `native` is the same) keeps a GGUF's
+/// quantized blocks and its float tensors' types as they are and converts
+/// a Hugging Face folder to `hf_float`; `f32`, `f16` or `bf16` convert every
+/// linear and embedding weight to that type.
+pub fn import_options(s: &str, hash_source: bool, hf_float: DType) -> Result<ImportOptions> {
+    let keep = s.eq_ignore_ascii_case("auto") || s.eq_ignore_ascii_case("native");
     let dtype = if keep {
-        DType::F32
+        hf_float
     } else {
         DType::parse(s)
-            .with_context(|| format!("unknown dtype '{s}' (use native, f32, f16 or bf16)"))?
+            .with_context(|| format!("unknown dtype '{s}' (use auto, f32, f16 or bf16)"))?
     };
     Ok(ImportOptions {
         dtype,
@@ -49,7 +51,7 @@ pub fn import_options(s: &str, hash_source: bool) -> Result<ImportOptions> {
 
 /// Load any supported model path, with a progress bar while converting.
 pub fn load_model(a: &ModelArgs) -> Result<Arc<Model>> {
-    let opts = import_options(&a.dtype, false)?;
+    let opts = import_options(&a.dtype, false, DType::F32)?;
     let pb = bar(0, "loading");
     let model = Model::load_with(&a.model, &opts, &mut |done, total, name| {
         pb.set_length(total as u64);
@@ -81,15 +83,15 @@ pub struct ConvertArgs {
     /// Output .nib file (written atomically: it appears only when complete).
     #[arg(short = 'o', long)]
     output: PathBuf,
-    /// Weight type of the linear and embedding weights: f16, f32, bf16, or
-    /// native (GGUF Q4_0/Q4_1/Q8_0 kept as packed groups, losslessly, the rest
-    /// f32); norms stay f32.
-    #[arg(long, default_value = "f16")]
+    /// Weight type of the linear and embedding weights: auto (a GGUF's
+    /// blocks kept as they are, losslessly, a Hugging Face folder as f16),
+    /// or f16, f32, bf16 for every such weight; norms stay f32.
+    #[arg(long, default_value = "auto")]
     dtype: String,
 }
 
 pub fn convert(a: ConvertArgs) -> Result<()> {
-    let opts = import_options(&a.dtype, true)?;
+    let opts = import_options(&a.dtype, true, DType::F16)?;
     let t0 = Instant::now();
     let pb = bar(0, "converting");
     import_to_file(&a.model, &a.output, &opts, &mut |done, total, name| {
@@ -105,7 +107,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         a.output.display(),
         size as f64 / 1e6,
         if opts.keep_gguf_blocks {
-            "native GGUF blocks, other weights F32".to_string()
+            "GGUF blocks and float types kept".to_string()
         } else {
             opts.dtype.to_string()
         },
@@ -181,17 +183,28 @@ pub struct RunArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
-    /// Print timing statistics to stderr.
+    /// Leave out the timing line (prompt and generation tokens/s) that
+    /// ends the output on stderr.
     #[arg(long)]
+    no_timings: bool,
+    /// Kept for scripts: the timing line is printed by default.
+    #[arg(long, hide = true)]
     stats: bool,
 }
 
+/// The timing line that ends `run` and `chat` output on stderr, as
+/// llama.cpp's `llama_perf_context_print` does.
 fn print_stats(out: &nibble_runtime::GenerationStats) {
+    let ms = |s: f64, n: usize| 1e3 * s / (n.max(1) as f64);
     note!(
-        "\nprompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.1} tok/s | stop: {:?}",
+        "\nprompt: {} tokens in {:.0} ms ({:.2} ms/token, {:.1} tok/s) | generation: {} tokens in {:.0} ms ({:.2} ms/token, {:.1} tok/s) | stop: {:?}",
         out.prompt_tokens,
+        1e3 * out.prompt_seconds,
+        ms(out.prompt_seconds, out.prompt_tokens),
         out.prompt_tokens as f64 / out.prompt_seconds.max(1e-9),
         out.generated_tokens,
+        1e3 * out.generate_seconds,
+        ms(out.generate_seconds, out.generated_tokens),
         out.generated_tokens as f64 / out.generate_seconds.max(1e-9),
         out.stop
     );
@@ -222,7 +235,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         ignore_eos: a.ignore_eos,
     };
     out!("{}", a.prompt)?;
-    generate_to_stdout(&mut session, &prompt, &params, &mut sampler, a.stats)?;
+    generate_to_stdout(&mut session, &prompt, &params, &mut sampler, !a.no_timings)?;
     Ok(())
 }
 
@@ -268,8 +281,12 @@ pub struct ChatArgs {
     n_predict: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Print timing statistics to stderr after each answer.
+    /// Leave out the timing line (prompt and generation tokens/s) printed
+    /// to stderr after each answer.
     #[arg(long)]
+    no_timings: bool,
+    /// Kept for scripts: the timing line is printed by default.
+    #[arg(long, hide = true)]
     stats: bool,
 }
 
@@ -282,6 +299,12 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             a.model.model.display()
         )
     })?;
+    if let Some(family) = &model.chat_template_fallback {
+        note!(
+            "{} carries no chat template: using the known {family} template",
+            a.model.model.display()
+        );
+    }
     let token_text = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
     let bos = token_text(model.bos_id);
     let eos = token_text(model.eos_ids.first().copied());
@@ -349,7 +372,13 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             stop_strings: a.sampling.stop.clone(),
             ignore_eos: false,
         };
-        let out = generate_to_stdout(&mut session, &ids[common..], &params, &mut sampler, a.stats)?;
+        let out = generate_to_stdout(
+            &mut session,
+            &ids[common..],
+            &params,
+            &mut sampler,
+            !a.no_timings,
+        )?;
         if out.stop == StopReason::ContextFull {
             note!("(context full: conversation ends)");
             break;

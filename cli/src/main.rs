@@ -112,10 +112,11 @@ pub struct ModelArgs {
     /// Model: a .nib file, a GGUF file, or a Hugging Face model folder.
     #[arg(short = 'm', long = "model", value_name = "MODEL")]
     pub model: PathBuf,
-    /// Weight type when a GGUF/HF model is converted in memory: f32, f16, bf16,
-    /// or native (GGUF Q4_0/Q4_1/Q8_0 weights run as they are, losslessly, with
-    /// int8 activations; all else f32).
-    #[arg(long, default_value = "f32", value_name = "DTYPE")]
+    /// Weight type when a GGUF file or a Hugging Face folder is loaded: auto
+    /// runs a GGUF's quantized blocks as they are (losslessly, int8
+    /// activations; no f32 copy) and a Hugging Face folder in f32; f32, f16
+    /// or bf16 convert every linear and embedding weight to that type.
+    #[arg(long, default_value = "auto", value_name = "DTYPE")]
     pub dtype: String,
     /// Worker threads (0 = one per physical core). More than the CPUs this
     /// process may use are not started (a warning says so).

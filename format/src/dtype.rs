@@ -26,6 +26,17 @@ pub enum DType {
     /// Packed 4-bit groups with an f16 minimum instead of an integer zero
     /// point (weight = scale · code + min): GGUF `Q4_1` blocks, byte for byte.
     Q4GM,
+    /// GGUF block types run as llama.cpp stores them: a row is whole blocks
+    /// of [`DType::gguf_block`] weights, the file's bytes verbatim
+    /// (`gguf_blocks` documents each layout).
+    Q5_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    IQ4NL,
+    IQ4XS,
 }
 
 /// Elements per packed sub-block: every group is stored as whole sub-blocks.
@@ -34,7 +45,7 @@ pub const SUB_BLOCK: usize = 32;
 pub const GROUP_HEADER: usize = 4;
 
 impl DType {
-    pub const ALL: [DType; 9] = [
+    pub const ALL: [DType; 17] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -44,6 +55,26 @@ impl DType {
         DType::Q4G,
         DType::Q8G,
         DType::Q4GM,
+        DType::Q5_0,
+        DType::Q2K,
+        DType::Q3K,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+        DType::IQ4NL,
+        DType::IQ4XS,
+    ];
+
+    /// The GGUF block types, in the order of the kernel tables.
+    pub const GGUF_BLOCKS: [DType; 8] = [
+        DType::Q5_0,
+        DType::Q2K,
+        DType::Q3K,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+        DType::IQ4NL,
+        DType::IQ4XS,
     ];
 
     pub fn code(self) -> u16 {
@@ -57,7 +88,31 @@ impl DType {
             DType::Q4G => 18,
             DType::Q8G => 19,
             DType::Q4GM => 20,
+            // 32 + the ggml type id.
+            DType::Q5_0 => 38,
+            DType::Q2K => 42,
+            DType::Q3K => 43,
+            DType::Q4K => 44,
+            DType::Q5K => 45,
+            DType::Q6K => 46,
+            DType::IQ4NL => 52,
+            DType::IQ4XS => 55,
         }
+    }
+
+    /// `(weights, bytes)` of one block of a GGUF block type.
+    pub fn gguf_block(self) -> Option<(usize, usize)> {
+        Some(match self {
+            DType::Q5_0 => (32, 22),
+            DType::Q2K => (256, 84),
+            DType::Q3K => (256, 110),
+            DType::Q4K => (256, 144),
+            DType::Q5K => (256, 176),
+            DType::Q6K => (256, 210),
+            DType::IQ4NL => (32, 18),
+            DType::IQ4XS => (256, 136),
+            _ => return None,
+        })
     }
 
     pub fn from_code(code: u16) -> Option<DType> {
@@ -91,8 +146,9 @@ impl DType {
         }
     }
 
+    /// Packed: a group type or a GGUF block type.
     pub fn is_quantized(self) -> bool {
-        self.quant_bits().is_some()
+        self.quant_bits().is_some() || self.gguf_block().is_some()
     }
 
     /// Bytes per element of a plain type (panics for packed types: use [`tensor_bytes`]).
@@ -115,6 +171,14 @@ impl DType {
             DType::Q4G => "Q4G",
             DType::Q8G => "Q8G",
             DType::Q4GM => "Q4GM",
+            DType::Q5_0 => "Q5_0",
+            DType::Q2K => "Q2_K",
+            DType::Q3K => "Q3_K",
+            DType::Q4K => "Q4_K",
+            DType::Q5K => "Q5_K",
+            DType::Q6K => "Q6_K",
+            DType::IQ4NL => "IQ4_NL",
+            DType::IQ4XS => "IQ4_XS",
         }
     }
 
@@ -158,6 +222,14 @@ pub fn row_bytes(bits: u32, cols: usize, group_size: usize) -> usize {
 /// Byte length of a tensor: plain types `Π shape × size`; packed types need
 /// a 2-D shape and a group size. `None` on overflow or an invalid combination.
 pub fn tensor_bytes(dtype: DType, shape: &[u64], quant_param: u32) -> Option<u64> {
+    if let Some((block, bytes)) = dtype.gguf_block() {
+        // GGUF blocks: the quant_param is the block size, rows whole blocks.
+        let [rows, cols] = *shape else { return None };
+        if quant_param as usize != block || cols == 0 || !cols.is_multiple_of(block as u64) {
+            return None;
+        }
+        return (cols / block as u64 * bytes as u64).checked_mul(rows);
+    }
     match dtype.quant_bits() {
         None => {
             if quant_param != 0 {

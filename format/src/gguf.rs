@@ -84,6 +84,38 @@ impl GgmlType {
         }
     }
 
+    /// The `.nib` type that stores this block type verbatim, if any.
+    pub fn block_dtype(self) -> Option<crate::DType> {
+        use crate::DType;
+        Some(match self {
+            GgmlType::Q5_0 => DType::Q5_0,
+            GgmlType::Q2K => DType::Q2K,
+            GgmlType::Q3K => DType::Q3K,
+            GgmlType::Q4K => DType::Q4K,
+            GgmlType::Q5K => DType::Q5K,
+            GgmlType::Q6K => DType::Q6K,
+            GgmlType::IQ4NL => DType::IQ4NL,
+            GgmlType::IQ4XS => DType::IQ4XS,
+            _ => return None,
+        })
+    }
+
+    /// The inverse of [`GgmlType::block_dtype`].
+    pub fn of_block_dtype(dtype: crate::DType) -> Option<GgmlType> {
+        [
+            GgmlType::Q5_0,
+            GgmlType::Q2K,
+            GgmlType::Q3K,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+            GgmlType::IQ4NL,
+            GgmlType::IQ4XS,
+        ]
+        .into_iter()
+        .find(|t| t.block_dtype() == Some(dtype))
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             GgmlType::F32 => "F32",
@@ -507,10 +539,18 @@ pub fn dequantize(t: &GgufTensor<'_>, out: &mut [f32]) -> Result<()> {
 /// nibble's packed groups of 32, losslessly (every weight decodes to the
 /// same f32 as [`dequantize`]): `Q4_0` → `Q4G` with zero point 8 (the codes
 /// and their nibble order are the same), `Q4_1` → `Q4GM` (byte for byte),
-/// `Q8_0` → `Q8G` with zero point 128 (codes shifted by 128). Returns the
-/// type and the bytes in nibble's row layout, or `None` for other types.
+/// `Q8_0` → `Q8G` with zero point 128 (codes shifted by 128). The other
+/// block types nibble runs natively (`Q5_0`, K-quants, IQ4) are kept verbatim
+/// as their [`GgmlType::block_dtype`]. Returns the type and the bytes in
+/// nibble's row layout, or `None` for other types.
 pub fn transcode_blocks(t: &GgufTensor<'_>) -> Option<(crate::DType, Vec<u8>)> {
     use crate::DType;
+    if let Some(dtype) = t.ggml_type.block_dtype() {
+        // Stored verbatim: the kernels run llama.cpp's own block layout.
+        let (block, _) = dtype.gguf_block()?;
+        return (t.ne.len() == 2 && t.ne[0].is_multiple_of(block as u64))
+            .then(|| (dtype, t.data.to_vec()));
+    }
     let (block, bytes) = t.ggml_type.block();
     if t.ne.len() != 2 || block != 32 || !t.ne[0].is_multiple_of(32) {
         return None;

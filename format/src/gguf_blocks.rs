@@ -15,7 +15,7 @@ use crate::gguf::GgmlType;
 const QK_K: usize = 256;
 
 /// The 16 values of the non-linear 4-bit grid of IQ4_NL and IQ4_XS.
-const KVALUES_IQ4NL: [i8; 16] = [
+pub const KVALUES_IQ4NL: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
@@ -182,7 +182,7 @@ fn dequant_q3_k(b: &[u8], y: &mut [f32]) {
 
 /// The 16 6-bit scales of a Q3_K block (biased by 32): low 4 bits from the
 /// first 8 bytes (low then high nibbles), high 2 bits from the last 4.
-fn q3k_scales(p: &[u8]) -> [i8; 16] {
+pub fn q3k_scales(p: &[u8]) -> [i8; 16] {
     let mut s = [0i8; 16];
     for (i, v) in s.iter_mut().enumerate() {
         let low = if i < 8 { p[i] & 0xf } else { p[i - 8] >> 4 };
@@ -193,7 +193,7 @@ fn q3k_scales(p: &[u8]) -> [i8; 16] {
 }
 
 /// Scale and minimum `j` (6 bits each) of a Q4_K / Q5_K block's 12 bytes.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -298,6 +298,152 @@ fn dequant_iq4_xs(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// One sub-block of 32 weights of a block in integer form: weight `j` is
+/// `a·w1[j] + b·w2[j]`. The integer dot products of the runtime's kernels
+/// work on this form (`Σ w·q` exact in i32, then two float multiplies), and
+/// it is their scalar reference's view of every block type: Q4_K's
+/// `d·sc·q − dmin·m` is `a = d, w1 = sc·q, b = −dmin, w2 = m`; Q6_K's two
+/// 16-weight scales fold into `w1 = sc·(q − 32)`.
+#[derive(Clone, Copy, Debug)]
+pub struct IntSub {
+    pub a: f32,
+    pub w1: [i16; 32],
+    pub b: f32,
+    pub w2: [i16; 32],
+}
+
+impl IntSub {
+    pub const ZERO: IntSub = IntSub {
+        a: 0.0,
+        w1: [0; 32],
+        b: 0.0,
+        w2: [0; 32],
+    };
+}
+
+/// Unpack one block of a native block type into `out` (at least 8
+/// entries); returns the number of sub-blocks of 32 (1 or 8), or `None`
+/// for a type without an integer form here.
+pub fn unpack_int(ty: GgmlType, b: &[u8], out: &mut [IntSub]) -> Option<usize> {
+    let nibbles = |q: &[u8], j: usize| if j < 16 { q[j] & 0xf } else { q[j - 16] >> 4 };
+    match ty {
+        GgmlType::Q5_0 => {
+            let qh = high_bits(b, 2);
+            let s = &mut out[0];
+            (s.a, s.b) = (f16_at(b, 0), 0.0);
+            for j in 0..32 {
+                let h = ((qh >> j) & 1) as u8;
+                s.w1[j] = i16::from(nibbles(&b[6..22], j) | (h << 4)) - 16;
+                s.w2[j] = 0;
+            }
+            Some(1)
+        }
+        GgmlType::IQ4NL => {
+            let s = &mut out[0];
+            (s.a, s.b) = (f16_at(b, 0), 0.0);
+            for j in 0..32 {
+                s.w1[j] = i16::from(KVALUES_IQ4NL[usize::from(nibbles(&b[2..18], j))]);
+                s.w2[j] = 0;
+            }
+            Some(1)
+        }
+        GgmlType::IQ4XS => {
+            let d = f16_at(b, 0);
+            let scales_h = u16::from_le_bytes([b[2], b[3]]);
+            for (ib, s) in out[..8].iter_mut().enumerate() {
+                let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf;
+                let high = ((scales_h >> (2 * ib)) & 3) as u8;
+                let ls = i16::from(low | (high << 4)) - 32;
+                let q = &b[8 + 16 * ib..24 + 16 * ib];
+                (s.a, s.b) = (d, 0.0);
+                for j in 0..32 {
+                    s.w1[j] = ls * i16::from(KVALUES_IQ4NL[usize::from(nibbles(q, j))]);
+                    s.w2[j] = 0;
+                }
+            }
+            Some(8)
+        }
+        GgmlType::Q4K | GgmlType::Q5K => {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let scales = &b[4..16];
+            let five = ty == GgmlType::Q5K;
+            let qs = if five { &b[48..176] } else { &b[16..144] };
+            for (j, s) in out[..8].iter_mut().enumerate() {
+                let (sc, m) = scale_min_k4(j, scales);
+                let q = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+                (s.a, s.b) = (d, -dmin);
+                for l in 0..32 {
+                    let mut code = if j % 2 == 0 { q[l] & 0xf } else { q[l] >> 4 };
+                    if five && b[16 + l] & (1 << j) != 0 {
+                        code += 16;
+                    }
+                    s.w1[l] = i16::from(sc) * i16::from(code);
+                    s.w2[l] = i16::from(m);
+                }
+            }
+            Some(8)
+        }
+        GgmlType::Q6K => {
+            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+            let d = f16_at(b, 208);
+            for (k, s) in out[..8].iter_mut().enumerate() {
+                let (n, part) = (k / 4, k % 4);
+                let (ql, qh) = (&ql[64 * n..64 * n + 64], &qh[32 * n..32 * n + 32]);
+                (s.a, s.b) = (d, 0.0);
+                for l in 0..32 {
+                    let low = match part {
+                        0 => ql[l] & 0xf,
+                        1 => ql[l + 32] & 0xf,
+                        2 => ql[l] >> 4,
+                        _ => ql[l + 32] >> 4,
+                    };
+                    let code = i16::from(low | (((qh[l] >> (2 * part)) & 3) << 4)) - 32;
+                    let scale = i16::from(sc[8 * n + 2 * part + l / 16] as i8);
+                    s.w1[l] = scale * code;
+                    s.w2[l] = 0;
+                }
+            }
+            Some(8)
+        }
+        GgmlType::Q2K => {
+            let (scales, qs) = (&b[0..16], &b[16..80]);
+            let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+            for (k, s) in out[..8].iter_mut().enumerate() {
+                let (n, j) = (k / 4, k % 4);
+                let q = &qs[32 * n..32 * n + 32];
+                (s.a, s.b) = (d, -dmin);
+                for i in 0..32 {
+                    let sc = scales[8 * n + 2 * j + i / 16];
+                    let code = (q[i] >> (2 * j)) & 3;
+                    s.w1[i] = i16::from(sc & 0xf) * i16::from(code);
+                    s.w2[i] = i16::from(sc >> 4);
+                }
+            }
+            Some(8)
+        }
+        GgmlType::Q3K => {
+            let (hmask, qs) = (&b[0..32], &b[32..96]);
+            let scales = q3k_scales(&b[96..108]);
+            let d = f16_at(b, 108);
+            for (k, s) in out[..8].iter_mut().enumerate() {
+                let (n, j) = (k / 4, k % 4);
+                let q = &qs[32 * n..32 * n + 32];
+                let m = 1u8 << (4 * n + j);
+                (s.a, s.b) = (d, 0.0);
+                for i in 0..32 {
+                    let low = i16::from((q[i] >> (2 * j)) & 3);
+                    let high = if hmask[i] & m != 0 { 0 } else { 4 };
+                    let scale = i16::from(scales[8 * n + 2 * j + i / 16]) - 32;
+                    s.w1[i] = scale * (low - high);
+                    s.w2[i] = 0;
+                }
+            }
+            Some(8)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,6 +496,44 @@ mod tests {
         ] {
             assert!(seen.iter().any(|s| s == t), "no vectors for {t}");
         }
+    }
+
+    /// The integer form of every native block type decodes to the same
+    /// weights as the float decoders (which equal the gguf package's).
+    #[test]
+    fn integer_form_decodes_as_the_float_decoders() {
+        let v: serde_json::Value = serde_json::from_str(VECTORS).unwrap();
+        let mut checked = 0;
+        for case in v.as_array().unwrap() {
+            let ty = GgmlType::from_code(case["code"].as_u64().unwrap() as u32).unwrap();
+            if ty.block_dtype().is_none() {
+                continue;
+            }
+            let data = hex(case["bytes"].as_str().unwrap());
+            let (block, bytes) = ty.block();
+            let mut want = vec![0f32; data.len() / bytes as usize * block as usize];
+            assert!(dequantize_blocks(ty, &data, &mut want));
+            let mut subs = [IntSub::ZERO; 8];
+            let mut got = Vec::new();
+            for b in data.chunks_exact(bytes as usize) {
+                let n = unpack_int(ty, b, &mut subs).unwrap();
+                for s in &subs[..n] {
+                    got.extend(
+                        (0..32).map(|j| s.a * f32::from(s.w1[j]) + s.b * f32::from(s.w2[j])),
+                    );
+                }
+            }
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 4.0 * f32::EPSILON * scale,
+                    "{} element {i}: {g} vs {w}",
+                    ty.name()
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked >= 8, "{checked} types checked");
     }
 
     /// The Q3_K scale unpacking equals ggml's word-wise formulation.

@@ -23,6 +23,8 @@ pub mod keys {
     pub const SLIDING_WINDOW: &str = "model.sliding_window";
     pub const TOKENIZER_JSON: &str = "tokenizer.json";
     pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
+    /// The family whose known chat template stands in for a missing one.
+    pub const CHAT_TEMPLATE_FALLBACK: &str = "tokenizer.chat_template_fallback";
     pub const BOS_ID: &str = "tokenizer.bos_id";
     pub const EOS_IDS: &str = "tokenizer.eos_ids";
     pub const QUANT_METHOD: &str = "quant.method";
@@ -243,6 +245,9 @@ pub struct TokenizerInfo {
     pub json: Option<Vec<u8>>,
     /// Jinja chat template (from tokenizer_config.json or GGUF).
     pub chat_template: Option<String>,
+    /// Set when `chat_template` is a family's known template standing in
+    /// for one the source lacks: that family's name.
+    pub chat_template_fallback: Option<String>,
     pub bos_id: Option<u64>,
     /// Token ids that end generation.
     pub eos_ids: Vec<u64>,
@@ -256,6 +261,9 @@ impl TokenizerInfo {
         }
         if let Some(t) = &self.chat_template {
             m.set(CHAT_TEMPLATE, OwnedValue::Str(t.clone()));
+        }
+        if let Some(f) = &self.chat_template_fallback {
+            m.set(CHAT_TEMPLATE_FALLBACK, OwnedValue::Str(f.clone()));
         }
         if let Some(b) = self.bos_id {
             m.set(BOS_ID, OwnedValue::U64(b));

@@ -28,6 +28,40 @@ pub enum InputKind {
     HfFolder,
 }
 
+/// The model file a path names: the path itself, or — for a folder without
+/// `config.json` holding exactly one `.gguf` (as a Hub GGUF repository
+/// downloads) — that file. Several `.gguf` files are an error listing them.
+pub fn resolve_model_path(path: &Path) -> Result<PathBuf> {
+    if !path.is_dir() || path.join("config.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let rd = std::fs::read_dir(path).map_err(|e| FormatError::io(path, e))?;
+    let mut ggufs: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+        })
+        .collect();
+    ggufs.sort();
+    match ggufs.len() {
+        0 => Ok(path.to_path_buf()),
+        1 => Ok(ggufs.remove(0)),
+        _ => Err(FormatError::BadConfig {
+            why: format!(
+                "this folder holds several GGUF files ({}): name one with -m",
+                ggufs
+                    .iter()
+                    .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+        .in_file(path)),
+    }
+}
+
 /// Detect the input kind from the path (folder) or the file's magic bytes.
 pub fn detect(path: &Path) -> Result<InputKind> {
     if path.is_dir() {
@@ -35,8 +69,9 @@ pub fn detect(path: &Path) -> Result<InputKind> {
             Ok(InputKind::HfFolder)
         } else {
             Err(FormatError::BadConfig {
-                why: "this folder has no config.json: a Hugging Face model folder needs \
-                      config.json, the weights (*.safetensors) and tokenizer.json"
+                why: "this folder has no config.json and no .gguf file: a Hugging Face \
+                      model folder needs config.json, the weights (*.safetensors) and \
+                      tokenizer.json"
                     .into(),
             }
             .in_file(path))
@@ -105,6 +140,15 @@ trait Source {
     ) -> Result<Option<(DType, u32, Vec<u8>)>> {
         Ok(None)
     }
+    /// The float type a source stores a tensor in, where keeping it is
+    /// lossless (GGUF F32/F16/BF16 tensors).
+    fn stored_float(&self, _name: &str) -> Option<DType> {
+        None
+    }
+    /// The tensor has been written: a memory-mapped source may drop its
+    /// pages, so an import holds the source's bytes and the output's no
+    /// longer than one tensor at a time.
+    fn done_with(&self, _name: &str) {}
 }
 
 /// Import `src` (HF folder or GGUF) into a `.nib` written to `out`; write
@@ -116,6 +160,7 @@ pub fn import_to<W: Write + Seek>(
     out_name: &Path,
     progress: Progress<'_>,
 ) -> Result<W> {
+    let src = &resolve_model_path(src)?;
     let kind = detect(src)?;
     let inner = || match kind {
         InputKind::HfFolder => {
@@ -147,6 +192,7 @@ pub fn import_to_memory(
     opts: &ImportOptions,
     progress: Progress<'_>,
 ) -> Result<NibFile> {
+    let src = &resolve_model_path(src)?;
     // Reserve the image's size up front so a large model is never copied by
     // buffer doubling (which would double the peak memory of the import).
     let reserve = estimate_size(src, opts).unwrap_or(0);
@@ -209,6 +255,7 @@ pub fn import_to_file(
 /// Open any supported model path as a `.nib` image: `.nib` files are mapped,
 /// HF folders and GGUF files are converted in memory with `opts`.
 pub fn open_any(path: &Path, opts: &ImportOptions, progress: Progress<'_>) -> Result<NibFile> {
+    let path = &resolve_model_path(path)?;
     match detect(path)? {
         InputKind::Nib => NibFile::open(path),
         _ => import_to_memory(path, opts, progress),
@@ -271,6 +318,7 @@ fn write_nib<W: Write + Seek>(
         if opts.keep_gguf_blocks && shape.len() == 2 {
             if let Some((dtype, gs, bytes)) = s.tensor_packed(name, shape)? {
                 w.add_tensor_q(name, dtype, gs, shape, &bytes).map_err(io)?;
+                s.done_with(name);
                 continue;
             }
         }
@@ -284,11 +332,14 @@ fn write_nib<W: Write + Seek>(
         // Norm vectors stay F32: tiny, and precision matters there.
         let dtype = if shape.len() == 1 {
             DType::F32
+        } else if opts.keep_gguf_blocks {
+            s.stored_float(name).unwrap_or(opts.dtype)
         } else {
             opts.dtype
         };
         let bytes = encode(&data, dtype);
         w.add_tensor(name, dtype, shape, &bytes).map_err(io)?;
+        s.done_with(name);
     }
     progress(specs.len(), specs.len(), "");
     w.finish().map_err(io)
@@ -421,6 +472,7 @@ impl HfSource {
         Ok(TokenizerInfo {
             json,
             chat_template,
+            chat_template_fallback: None,
             bos_id: bos,
             eos_ids: eos,
         })
@@ -533,6 +585,7 @@ impl Source for HfSource {
 // ------------------------------------------------------------------------ GGUF
 
 struct GgufSource<'a> {
+    map: &'a memmap2::Mmap,
     file: GgufFile<'a>,
     path: PathBuf,
     hp: HParams,
@@ -540,11 +593,12 @@ struct GgufSource<'a> {
 }
 
 impl<'a> GgufSource<'a> {
-    fn new(bytes: &'a [u8], path: &Path) -> Result<GgufSource<'a>> {
-        let file = GgufFile::parse(bytes)?;
+    fn new(map: &'a memmap2::Mmap, path: &Path) -> Result<GgufSource<'a>> {
+        let file = GgufFile::parse(map)?;
         let (arch, config) = crate::gguf_arch::config_from_gguf(&file)?;
         let (hp, _) = crate::families::hparams_from_config(&config)?;
         Ok(GgufSource {
+            map,
             file,
             path: path.to_path_buf(),
             hp,
@@ -590,28 +644,53 @@ impl<'a> GgufSource<'a> {
         }
     }
 
+    /// The GGUF's own tokenizer (`tokenizer.ggml.*`) and chat template; a
+    /// `tokenizer.json` / `tokenizer_config.json` beside the file only where
+    /// the GGUF lacks them; the family's known template where neither has one.
     fn tokenizer_info(&self) -> Result<TokenizerInfo> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
+        let in_file = |e: FormatError| e.in_file(&self.path);
+        let embedded = crate::gguf_tokenizer::from_gguf(&self.file).map_err(in_file)?;
         let tj = dir.join("tokenizer.json");
-        let json = if tj.is_file() {
-            Some(std::fs::read(&tj).map_err(|e| FormatError::io(&tj, e))?)
-        } else {
-            None
-        };
-        let chat_template = match chat_template_from_dir(dir)? {
-            Some(t) => Some(t),
-            None => self
-                .file
-                .get("tokenizer.chat_template")
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
+        let (json, mut bos_id, mut eos_ids) = match embedded {
+            Some(t) => (Some(t.json), t.bos_id, t.eos_ids),
+            None if tj.is_file() => (
+                Some(std::fs::read(&tj).map_err(|e| FormatError::io(&tj, e))?),
+                None,
+                Vec::new(),
+            ),
+            None => (None, None, Vec::new()),
         };
         let id = |k: &str| self.file.get(k).and_then(|v| v.as_u64());
+        if bos_id.is_none() {
+            bos_id = id("tokenizer.ggml.bos_token_id");
+        }
+        if eos_ids.is_empty() {
+            eos_ids = id("tokenizer.ggml.eos_token_id").into_iter().collect();
+        }
+        let mut chat_template_fallback = None;
+        let chat_template = match self
+            .file
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+        {
+            Some(t) => Some(t.to_string()),
+            None => match chat_template_from_dir(dir)? {
+                Some(t) => Some(t),
+                None => crate::gguf_tokenizer::fallback_chat_template(self.arch.name).map(
+                    |(family, t)| {
+                        chat_template_fallback = Some(family.to_string());
+                        t.to_string()
+                    },
+                ),
+            },
+        };
         Ok(TokenizerInfo {
             json,
             chat_template,
-            bos_id: id("tokenizer.ggml.bos_token_id"),
-            eos_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            chat_template_fallback,
+            bos_id,
+            eos_ids,
         })
     }
 }
@@ -635,6 +714,24 @@ impl Source for GgufSource<'_> {
         Ok(data)
     }
 
+    fn done_with(&self, name: &str) {
+        let (gguf_name, _) = crate::gguf_arch::gguf_tensor(self.arch, name);
+        if let Some(t) = self.file.tensor(&gguf_name) {
+            let offset = t.data.as_ptr() as usize - self.map.as_ptr() as usize;
+            crate::storage::release_mapped_pages(self.map, offset, t.data.len());
+        }
+    }
+
+    fn stored_float(&self, name: &str) -> Option<DType> {
+        let (gguf_name, _) = crate::gguf_arch::gguf_tensor(self.arch, name);
+        match self.file.tensor(&gguf_name)?.ggml_type {
+            crate::gguf::GgmlType::F32 => Some(DType::F32),
+            crate::gguf::GgmlType::F16 => Some(DType::F16),
+            crate::gguf::GgmlType::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
     fn tensor_packed(&self, name: &str, expected: &[u64]) -> Result<Option<(DType, u32, Vec<u8>)>> {
         let (t, transform) = self.checked_tensor(name, expected)?;
         if transform != Transform::Plain {
@@ -646,6 +743,12 @@ impl Source for GgufSource<'_> {
         };
         let (rows, cols) = (expected[0] as usize, expected[1] as usize);
         let row_bytes = bytes.len() / rows;
+        if let Some((block, _)) = dtype.gguf_block() {
+            if let Some(n_heads) = self.rotary_heads(name) {
+                bytes = unpermute_rotary_rows(&bytes, n_heads, self.hp.head_dim, row_bytes);
+            }
+            return Ok(Some((dtype, block as u32, bytes)));
+        }
         // Every group header starts with an f16 scale (and Q4GM an f16 min).
         for (g, h) in bytes.chunks_exact(row_bytes / (cols / 32)).enumerate() {
             let bad = |v: f16| !v.is_finite();

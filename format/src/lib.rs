@@ -21,6 +21,7 @@ pub mod families;
 pub mod gguf;
 pub mod gguf_arch;
 pub mod gguf_blocks;
+pub mod gguf_tokenizer;
 pub mod hparams;
 pub mod import;
 pub mod nib;

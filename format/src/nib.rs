@@ -472,7 +472,16 @@ fn parse_directory<'a>(
                 why: "zero-sized dimension".into(),
             });
         }
-        if dtype.is_quantized() {
+        if let Some((block, _)) = dtype.gguf_block() {
+            let ok = matches!(*shape, [_, cols] if quant_param as usize == block && cols.is_multiple_of(block as u64));
+            if !ok {
+                return Err(FormatError::BadShape {
+                    name: name.into(),
+                    shape,
+                    why: format!("{dtype} needs a 2-D shape whose rows are whole blocks of {block} and a quant parameter of {block} (got {quant_param})"),
+                });
+            }
+        } else if dtype.is_quantized() {
             let ok = matches!(*shape, [_, cols] if crate::dtype::valid_group_size(quant_param.into(), cols));
             if !ok {
                 return Err(FormatError::BadShape {

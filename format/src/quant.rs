@@ -110,6 +110,11 @@ pub fn pack_row_q4gm(
 
 /// Decode one packed row of any packed type into `out[cols]`.
 pub fn dequantize(dtype: DType, group_size: usize, row: &[u8], out: &mut [f32]) {
+    if let Some(ty) = crate::gguf::GgmlType::of_block_dtype(dtype) {
+        // The GGUF reference decoders (checked against the gguf package).
+        assert!(crate::gguf_blocks::dequantize_blocks(ty, row, out));
+        return;
+    }
     match dtype {
         DType::Q4GM => dequantize_row_q4gm(group_size, row, out),
         d => dequantize_row(d.quant_bits().expect("a packed type"), group_size, row, out),

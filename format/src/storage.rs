@@ -187,7 +187,7 @@ impl NibFile {
 }
 
 #[cfg(unix)]
-fn release_mapped_pages(map: &memmap2::Mmap, offset: usize, len: usize) -> usize {
+pub(crate) fn release_mapped_pages(map: &memmap2::Mmap, offset: usize, len: usize) -> usize {
     // SAFETY: sysconf has no preconditions.
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0);
     let end = offset.saturating_add(len).min(map.len());
@@ -219,7 +219,7 @@ fn release_mapped_pages(map: &memmap2::Mmap, offset: usize, len: usize) -> usize
 }
 
 #[cfg(not(unix))]
-fn release_mapped_pages(_map: &memmap2::Mmap, _offset: usize, _len: usize) -> usize {
+pub(crate) fn release_mapped_pages(_map: &memmap2::Mmap, _offset: usize, _len: usize) -> usize {
     0
 }
 

@@ -161,6 +161,9 @@ pub struct Model {
     /// 50k-token BPE takes ~100 ms, far more than mapping the file.
     tokenizer: std::sync::OnceLock<std::result::Result<Tokenizer, String>>,
     pub chat_template: Option<String>,
+    /// Set when `chat_template` is the family's known template standing in
+    /// for one the source lacked: that family's name.
+    pub chat_template_fallback: Option<String>,
     pub bos_id: Option<u32>,
     pub eos_ids: Vec<u32>,
     /// The kernels chosen at load (CPU features or `NIBBLE_ISA`).
@@ -402,6 +405,10 @@ impl Model {
             .opt_str(keys::CHAT_TEMPLATE)
             .map_err(in_file)?
             .map(str::to_string);
+        let chat_template_fallback = md
+            .opt_str(keys::CHAT_TEMPLATE_FALLBACK)
+            .map_err(in_file)?
+            .map(str::to_string);
         let to_id = |v: u64| -> Result<u32> {
             u32::try_from(v)
                 .ok()
@@ -441,6 +448,7 @@ impl Model {
             tokenizer_json,
             tokenizer: std::sync::OnceLock::new(),
             chat_template,
+            chat_template_fallback,
             bos_id,
             eos_ids,
             kernels,
@@ -515,11 +523,11 @@ impl Model {
             DType::F32 => WeightData::F32(bytemuck::cast_slice(bytes)),
             DType::F16 => WeightData::F16(bytemuck::cast_slice(bytes)),
             DType::BF16 => WeightData::BF16(bytemuck::cast_slice(bytes)),
-            DType::Q2G | DType::Q3G | DType::Q4G | DType::Q8G | DType::Q4GM => WeightData::Packed(
+            DType::U32 => unreachable!("rejected at load"),
+            _ => WeightData::Packed(
                 PackedRows::new(w.dtype, bytes, w.rows, w.cols, w.group_size)
                     .expect("packed sizes are checked at load"),
             ),
-            DType::U32 => unreachable!("rejected at load"),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod act;
 pub mod attn;
 pub mod float;
 mod gemm;
+pub mod gguf;
 pub mod pool;
 pub mod q8;
 pub mod qg;
@@ -134,6 +135,9 @@ pub struct Kernels {
     pub quantize_q8: QuantizeQ8Fn,
     /// Packed groups × int8 activations, by type: Q2G, Q3G, Q4G, Q8G, Q4GM.
     qg: [QgMatvecFn; 5],
+    /// GGUF block types run as stored × int8 activations, in
+    /// [`DType::GGUF_BLOCKS`] order ([`gguf`]).
+    gguf: [QgMatvecFn; 8],
     /// Packed rows decoded to f32 (prompt tiles), by type as `qg`.
     dequant: [DequantRowFn; 5],
     /// Packed groups × f32 activations (the float-activation variant), by type as `qg`.
@@ -184,6 +188,7 @@ static SCALAR: Kernels = Kernels {
         qg::vec_dot_q8g_q8_scalar,
         qg::vec_dot_q4gm_q8_scalar,
     ],
+    gguf: gguf::SCALAR,
     dequant: [qg::dequant_row_scalar; 5],
     qg_f32: [
         qg_f32::vec_dot_q2g_f32_scalar,
@@ -220,6 +225,7 @@ static AVX2: Kernels = Kernels {
         qg::x86::vec_dot_q8g_q8_avx2,
         qg::x86::vec_dot_q4gm_q8_avx2,
     ],
+    gguf: gguf::x86::AVX2,
     dequant: [qg::x86::dequant_row_avx2; 5],
     qg_f32: [
         qg_f32::x86::vec_dot_q2g_f32_avx2,
@@ -256,6 +262,7 @@ static AVX512: Kernels = Kernels {
         qg::x86::vec_dot_q8g_q8_avx512,
         qg::x86::vec_dot_q4gm_q8_avx512,
     ],
+    gguf: gguf::x86::AVX2,
     dequant: [qg::x86::dequant_row_avx2; 5],
     qg_f32: [
         qg_f32::x86::vec_dot_q2g_f32_avx2,
@@ -295,6 +302,7 @@ const NEON_TABLE: Kernels = Kernels {
         qg::neon::vec_dot_q8g_q8_neon,
         qg::neon::vec_dot_q4gm_q8_neon,
     ],
+    gguf: gguf::SCALAR,
     dequant: [qg::neon::dequant_row_neon; 5],
     qg_f32: [
         qg_f32::neon::vec_dot_q2g_f32_neon,
@@ -382,9 +390,12 @@ impl Kernels {
         })
     }
 
-    /// The packed-group kernel for a packed `dtype`.
+    /// The packed kernel for a packed `dtype` (group or GGUF block type).
     pub fn matvec_qg(&self, dtype: DType) -> QgMatvecFn {
-        self.qg[packed_index(dtype)]
+        match gguf_index(dtype) {
+            Some(i) => self.gguf[i],
+            None => self.qg[packed_index(dtype)],
+        }
     }
 
     /// The float-activation kernel for a packed `dtype`.
@@ -395,13 +406,26 @@ impl Kernels {
     /// The batched (prompt) kernel for a packed `dtype`, where this
     /// instruction set has one.
     pub fn matmul_qg(&self, dtype: DType) -> Option<QgMatmulFn> {
+        if gguf_index(dtype).is_some() {
+            // GGUF block types take decoded tiles.
+            return None;
+        }
         self.qg_mm.map(|t| t[packed_index(dtype)])
     }
 
-    /// The row decoder for a packed `dtype`.
+    /// The row decoder for a packed `dtype` (GGUF block types: the
+    /// reference decoders of `nibble_format::gguf_blocks`).
     pub fn dequant_qg(&self, dtype: DType) -> DequantRowFn {
-        self.dequant[packed_index(dtype)]
+        match gguf_index(dtype) {
+            Some(_) => qg::dequant_row_scalar,
+            None => self.dequant[packed_index(dtype)],
+        }
     }
+}
+
+/// Position of a GGUF block type in [`DType::GGUF_BLOCKS`].
+fn gguf_index(dtype: DType) -> Option<usize> {
+    DType::GGUF_BLOCKS.iter().position(|&d| d == dtype)
 }
 
 pub(crate) fn packed_index(dtype: DType) -> usize {

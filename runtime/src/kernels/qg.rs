@@ -53,11 +53,20 @@ impl<'a> PackedRows<'a> {
         cols: usize,
         group_size: usize,
     ) -> Option<PackedRows<'a>> {
-        let bits = dtype.quant_bits()?;
-        if cols == 0 || !nibble_format::dtype::valid_group_size(group_size as u64, cols as u64) {
-            return None;
-        }
-        let rb = row_bytes(bits, cols, group_size);
+        let rb = if let Some((block, bytes)) = dtype.gguf_block() {
+            // GGUF block types: rows of whole blocks, the group is the block.
+            if cols == 0 || group_size != block || !cols.is_multiple_of(block) {
+                return None;
+            }
+            cols / block * bytes
+        } else {
+            let bits = dtype.quant_bits()?;
+            if cols == 0 || !nibble_format::dtype::valid_group_size(group_size as u64, cols as u64)
+            {
+                return None;
+            }
+            row_bytes(bits, cols, group_size)
+        };
         (rows.checked_mul(rb)? == data.len()).then_some(PackedRows {
             data,
             dtype,
@@ -227,7 +236,7 @@ pub fn vec_dot_q4gm_q8_scalar(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32])
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) mod x86 {
+pub(crate) mod x86 {
     //! AVX2 and AVX-512 VNNI versions. They share one row loop (a macro, so
     //! each is compiled with its own target features); only the 32-lane
     //! integer dot differs.

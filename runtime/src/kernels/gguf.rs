@@ -1,0 +1,503 @@
+//! GGUF block types run as stored (`Q5_0`, `Q2_K`…`Q6_K`, `IQ4_NL`,
+//! `IQ4_XS`) times int8 activation blocks ([`super::q8`]): `vec_dot_q4k_q8`
+//! and its siblings, the scalar reference and the AVX2 versions.
+//!
+//! A GGUF block is 32 or 256 weights; every type reads as sub-blocks of 32
+//! in the integer form of [`nibble_format::gguf_blocks::IntSub`] (weight =
+//! `a·w1 + b·w2`), so against activation block `k` (`x ≈ d_k·q`):
+//!
+//! ```text
+//! Σ_j ŵ_j·x_j ≈ Σ_k d_k · (a_k · Σ w1·q + b_k · Σ w2·q)
+//! ```
+//!
+//! with both integer sums exact. Where `w2` is constant over the sub-block
+//! (K-quant minimums), `Σ w2·q = w2 · Σ q` comes from the block's `ds`.
+//! The reference computes exactly this per sub-block; the SIMD versions
+//! keep per-lane partial sums (float order differs, hence the tolerance of
+//! the tests).
+//!
+//! AVX2 versions exist for the types of today's Q4_K_M / Q5_K_M files and
+//! the IQ4 pair (`Q4_K`, `Q5_K`, `Q6_K`, `Q5_0`, `IQ4_NL`, `IQ4_XS`): codes
+//! unpack with AND/shift (nibbles), a byte compare (fifth bits) or `pshufb`
+//! (the non-linear IQ4 grid); `vpmaddubsw` then `vpmaddwd`. `Q2_K` and
+//! `Q3_K` use the reference on every instruction set, as do the NEON tables.
+
+use nibble_format::gguf::GgmlType;
+use nibble_format::gguf_blocks::{unpack_int, IntSub};
+use nibble_format::DType;
+
+use super::q8::Q8Ref;
+use super::qg::PackedRows;
+use super::SUB_BLOCK;
+
+/// The ggml type of a native block `dtype` (panics for other types: the
+/// tables only hold these kernels under block types).
+fn ggml(dtype: DType) -> GgmlType {
+    GgmlType::of_block_dtype(dtype).expect("a GGUF block type")
+}
+
+/// The preconditions every kernel relies on, checked once per call.
+fn check(w: &PackedRows<'_>, want: DType, x: &Q8Ref<'_>, out: &[f32]) {
+    assert_eq!(w.dtype(), want, "gguf kernel: weight type");
+    assert_eq!(out.len(), w.rows(), "gguf kernel: output length");
+    let nb = w.cols() / SUB_BLOCK;
+    assert!(
+        w.cols().is_multiple_of(SUB_BLOCK)
+            && x.len == w.cols()
+            && x.d.len() == nb
+            && x.ds.len() == nb
+            && x.qs.len() == nb * SUB_BLOCK,
+        "gguf kernel: activation blocks do not match {} columns",
+        w.cols()
+    );
+}
+
+/// Scalar reference for one row: each block in integer form, then per
+/// sub-block `d · (a · Σ w1·q + b · Σ w2·q)`.
+fn row_dot_scalar(ty: GgmlType, row: &[u8], x: &Q8Ref<'_>) -> f32 {
+    let (_, bytes) = ty.block();
+    let mut subs = [IntSub::ZERO; 8];
+    let (mut sum, mut k) = (0f32, 0usize);
+    for block in row.chunks_exact(bytes as usize) {
+        let n = unpack_int(ty, block, &mut subs).expect("a native block type");
+        for s in &subs[..n] {
+            let q = &x.qs[k * SUB_BLOCK..(k + 1) * SUB_BLOCK];
+            let (mut i1, mut i2) = (0i32, 0i32);
+            for ((&w1, &w2), &q) in s.w1.iter().zip(&s.w2).zip(q) {
+                i1 += i32::from(w1) * i32::from(q);
+                i2 += i32::from(w2) * i32::from(q);
+            }
+            sum += x.d[k] * (s.a * i1 as f32 + s.b * i2 as f32);
+            k += 1;
+        }
+    }
+    sum
+}
+
+fn matvec_scalar(dtype: DType, w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+    check(&w, dtype, x, out);
+    let ty = ggml(dtype);
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = row_dot_scalar(ty, w.row(r), x);
+    }
+}
+
+macro_rules! scalar_kernels {
+    ($($name:ident => $dtype:ident),* $(,)?) => {$(
+        /// Scalar reference (see the module docs).
+        pub fn $name(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+            matvec_scalar(DType::$dtype, w, x, out)
+        }
+    )*};
+}
+
+scalar_kernels!(
+    vec_dot_q5_0_q8_scalar => Q5_0,
+    vec_dot_q2k_q8_scalar => Q2K,
+    vec_dot_q3k_q8_scalar => Q3K,
+    vec_dot_q4k_q8_scalar => Q4K,
+    vec_dot_q5k_q8_scalar => Q5K,
+    vec_dot_q6k_q8_scalar => Q6K,
+    vec_dot_iq4nl_q8_scalar => IQ4NL,
+    vec_dot_iq4xs_q8_scalar => IQ4XS,
+);
+
+/// The scalar table, in [`DType::GGUF_BLOCKS`] order.
+pub const SCALAR: [super::QgMatvecFn; 8] = [
+    vec_dot_q5_0_q8_scalar,
+    vec_dot_q2k_q8_scalar,
+    vec_dot_q3k_q8_scalar,
+    vec_dot_q4k_q8_scalar,
+    vec_dot_q5k_q8_scalar,
+    vec_dot_q6k_q8_scalar,
+    vec_dot_iq4nl_q8_scalar,
+    vec_dot_iq4xs_q8_scalar,
+];
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    //! AVX2 versions (also in the AVX-512 table: the 256-bit integer dot is
+    //! not what limits these kernels, the unpacking is).
+    use super::*;
+    use crate::kernels::float::avx2::hsum;
+    use crate::kernels::qg::x86::half;
+    use nibble_format::gguf_blocks::{scale_min_k4, KVALUES_IQ4NL};
+    use std::arch::x86_64::*;
+
+    /// The row functions' shared driver: sizes checked once (`check`), then
+    /// `out[r] = row(bytes of row r, x)`.
+    fn each_row(
+        dtype: DType,
+        w: PackedRows<'_>,
+        x: &Q8Ref<'_>,
+        out: &mut [f32],
+        row: unsafe fn(&[u8], &Q8Ref<'_>) -> f32,
+    ) {
+        check(&w, dtype, x, out);
+        for (r, o) in out.iter_mut().enumerate() {
+            // SAFETY: these kernels sit only in tables built after AVX2, FMA
+            // and F16C were detected; `check` and `PackedRows` guarantee the
+            // row holds cols/block whole blocks and `x` a block per 32.
+            *o = unsafe { row(w.row(r), x) };
+        }
+    }
+
+    /// Σ u·q over 32 lanes as 8 i32 sums (`u` unsigned bytes < 128).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn dot_u8_i8(u: __m256i, q: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1))
+    }
+
+    /// Σ v·q over 32 lanes, both signed (`v` > −128).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn dot_i8_i8(v: __m256i, q: __m256i) -> __m256i {
+        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(q, v));
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+
+    /// 32 nibbles of 16 bytes in the 32-weight block order (low nibbles are
+    /// weights 0..16, high ones 16..32). SAFETY (caller): 16 bytes at `p`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn nibbles16(p: *const u8) -> __m256i {
+        // SAFETY: guaranteed by the caller.
+        let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        let m = _mm_set1_epi8(0x0F);
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m))
+    }
+
+    /// Byte `j` = 0xFF where bit `j` of `bits` is set.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn bytes_from_bits(bits: u32) -> __m256i {
+        let idx = _mm256_setr_epi64x(
+            0,
+            0x0101_0101_0101_0101,
+            0x0202_0202_0202_0202,
+            0x0303_0303_0303_0303,
+        );
+        let b = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), idx);
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit)
+    }
+
+    /// Activation block `k` (32 signed bytes). SAFETY (caller): it exists.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn act(x: &Q8Ref<'_>, k: usize) -> __m256i {
+        // SAFETY: guaranteed by the caller.
+        unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(k * SUB_BLOCK) as *const __m256i) }
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn f16_at(p: *const u8) -> f32 {
+        // SAFETY: the callers read headers inside checked blocks.
+        unsafe { half((p as *const u16).read_unaligned()) }
+    }
+
+    /// Q4_K / Q5_K (`FIVE`): per 64 weights one 32-byte load of nibbles
+    /// (and the fifth bits of `qh`), two sub-blocks with their 6-bit scale
+    /// and minimum; the minimums against `ds`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_q45k<const FIVE: bool>(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+        let bytes = if FIVE { 176 } else { 144 };
+        let m4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut mins = 0f32;
+        let mut k = 0;
+        for b in row.chunks_exact(bytes) {
+            let p = b.as_ptr();
+            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
+            unsafe {
+                let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+                let scales = &b[4..16];
+                let qs = p.add(if FIVE { 48 } else { 16 });
+                let mut qh = if FIVE {
+                    _mm256_loadu_si256(p.add(16) as *const __m256i)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for n in 0..4 {
+                    let q = _mm256_loadu_si256(qs.add(32 * n) as *const __m256i);
+                    let mut lo = _mm256_and_si256(q, m4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                    if FIVE {
+                        let h0 = _mm256_and_si256(qh, one);
+                        let h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 1), one);
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+                        qh = _mm256_srli_epi16(qh, 2);
+                    }
+                    let (s0, m0) = scale_min_k4(2 * n, scales);
+                    let (s1, m1) = scale_min_k4(2 * n + 1, scales);
+                    let i0 = dot_u8_i8(lo, act(x, k));
+                    let i1 = dot_u8_i8(hi, act(x, k + 1));
+                    let f0 = d * f32::from(s0) * x.d[k];
+                    let f1 = d * f32::from(s1) * x.d[k + 1];
+                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f0), _mm256_cvtepi32_ps(i0), acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f1), _mm256_cvtepi32_ps(i1), acc1);
+                    mins += dmin * (f32::from(m0) * x.ds[k] + f32::from(m1) * x.ds[k + 1]);
+                    k += 2;
+                }
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) - mins
+    }
+
+    /// Q6_K: per 128 weights two 32-byte loads of low nibbles and one of
+    /// high pairs make four sub-blocks; `Σ (c − 32)·q` as `maddubs(c, q) −
+    /// maddubs(32, q)` in i16, then the two 16-weight scales by `vpmaddwd`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_q6k(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(3);
+        let c32 = _mm256_set1_epi8(32);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut k = 0;
+        for b in row.chunks_exact(210) {
+            let p = b.as_ptr();
+            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
+            unsafe {
+                let d = f16_at(p.add(208));
+                for n in 0..2 {
+                    let ql0 = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
+                    let ql1 = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
+                    let qh = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
+                    let high = |s: i32| {
+                        let h = match s {
+                            0 => qh,
+                            2 => _mm256_srli_epi16(qh, 2),
+                            4 => _mm256_srli_epi16(qh, 4),
+                            _ => _mm256_srli_epi16(qh, 6),
+                        };
+                        _mm256_slli_epi16(_mm256_and_si256(h, m2), 4)
+                    };
+                    let codes = [
+                        _mm256_or_si256(_mm256_and_si256(ql0, m4), high(0)),
+                        _mm256_or_si256(_mm256_and_si256(ql1, m4), high(2)),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), high(4)),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), high(6)),
+                    ];
+                    for (part, c) in codes.into_iter().enumerate() {
+                        let q = act(x, k);
+                        let prod = _mm256_sub_epi16(
+                            _mm256_maddubs_epi16(c, q),
+                            _mm256_maddubs_epi16(c32, q),
+                        );
+                        let s = 192 + 8 * n + 2 * part;
+                        let (s0, s1) = (i16::from(b[s] as i8), i16::from(b[s + 1] as i8));
+                        let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                        let i = _mm256_madd_epi16(prod, scale);
+                        let f = _mm256_set1_ps(d * x.d[k]);
+                        if part % 2 == 0 {
+                            acc0 = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(i), acc0);
+                        } else {
+                            acc1 = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(i), acc1);
+                        }
+                        k += 1;
+                    }
+                }
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
+    /// Q5_0: nibbles plus the fifth bits (a byte compare), offset 16 taken
+    /// from `ds`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_q5_0(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+        let h16 = _mm256_set1_epi8(0x10);
+        let (mut acc, mut offs) = (_mm256_setzero_ps(), 0f32);
+        for (k, b) in row.chunks_exact(22).enumerate() {
+            let p = b.as_ptr();
+            // SAFETY: `b` is one whole block; block k of `x` exists.
+            unsafe {
+                let d = f16_at(p);
+                let qh = (p.add(2) as *const u32).read_unaligned();
+                let c = _mm256_or_si256(
+                    nibbles16(p.add(6)),
+                    _mm256_and_si256(bytes_from_bits(qh), h16),
+                );
+                let i = dot_u8_i8(c, act(x, k));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[k]), _mm256_cvtepi32_ps(i), acc);
+                offs += d * 16.0 * x.ds[k];
+            }
+        }
+        hsum(acc) - offs
+    }
+
+    /// IQ4_NL (`XS` false) and IQ4_XS: indices through `pshufb` into the
+    /// signed grid, then a signed dot; IQ4_XS adds a 6-bit scale per 32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_iq4<const XS: bool>(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+        // SAFETY: the table is 16 bytes, loaded into both lanes.
+        let grid = unsafe {
+            let t = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i);
+            _mm256_set_m128i(t, t)
+        };
+        let mut acc = _mm256_setzero_ps();
+        let bytes = if XS { 136 } else { 18 };
+        let mut k = 0;
+        for b in row.chunks_exact(bytes) {
+            let p = b.as_ptr();
+            // SAFETY: `b` is one whole block; its blocks of `x` exist.
+            unsafe {
+                let d = f16_at(p);
+                if XS {
+                    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+                    for ib in 0..8 {
+                        let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf;
+                        let high = ((scales_h >> (2 * ib)) & 3) as u8;
+                        let ls = i32::from(low | (high << 4)) - 32;
+                        let v = _mm256_shuffle_epi8(grid, nibbles16(p.add(8 + 16 * ib)));
+                        let i = dot_i8_i8(v, act(x, k));
+                        let f = _mm256_set1_ps(d * ls as f32 * x.d[k]);
+                        acc = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(i), acc);
+                        k += 1;
+                    }
+                } else {
+                    let v = _mm256_shuffle_epi8(grid, nibbles16(p.add(2)));
+                    let i = dot_i8_i8(v, act(x, k));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[k]), _mm256_cvtepi32_ps(i), acc);
+                    k += 1;
+                }
+            }
+        }
+        hsum(acc)
+    }
+
+    pub fn vec_dot_q4k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        each_row(DType::Q4K, w, x, out, row_q45k::<false>)
+    }
+    pub fn vec_dot_q5k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        each_row(DType::Q5K, w, x, out, row_q45k::<true>)
+    }
+    pub fn vec_dot_q6k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        each_row(DType::Q6K, w, x, out, row_q6k)
+    }
+    pub fn vec_dot_q5_0_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        each_row(DType::Q5_0, w, x, out, row_q5_0)
+    }
+    pub fn vec_dot_iq4nl_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        each_row(DType::IQ4NL, w, x, out, row_iq4::<false>)
+    }
+    pub fn vec_dot_iq4xs_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        each_row(DType::IQ4XS, w, x, out, row_iq4::<true>)
+    }
+
+    /// The AVX2 table, in [`DType::GGUF_BLOCKS`] order.
+    pub const AVX2: [crate::kernels::QgMatvecFn; 8] = [
+        vec_dot_q5_0_q8_avx2,
+        vec_dot_q2k_q8_scalar,
+        vec_dot_q3k_q8_scalar,
+        vec_dot_q4k_q8_avx2,
+        vec_dot_q5k_q8_avx2,
+        vec_dot_q6k_q8_avx2,
+        vec_dot_iq4nl_q8_avx2,
+        vec_dot_iq4xs_q8_avx2,
+    ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_util::lcg;
+    use crate::kernels::{Isa, Kernels, Q8Buf};
+    use half::f16;
+
+    /// SIMD against the reference: relative to the sum of |terms|, as for
+    /// the group kernels (float order only).
+    const TOL: f32 = 2e-5;
+
+    /// `rows` rows of `cols` weights of `dtype`: random bytes with finite
+    /// f16 scales written where each layout keeps them; `zero` zeroes the
+    /// scales of the first block.
+    fn make_rows(dtype: DType, rows: usize, cols: usize, seed: &mut u64, zero: bool) -> Vec<u8> {
+        let (block, bytes) = dtype.gguf_block().unwrap();
+        let n = rows * cols / block;
+        let mut data: Vec<u8> = (0..n * bytes)
+            .map(|_| ((lcg(seed) + 1.0) * 127.9) as u8)
+            .collect();
+        let f16_offsets: &[usize] = match dtype {
+            DType::Q5_0 | DType::IQ4NL | DType::IQ4XS => &[0],
+            DType::Q4K | DType::Q5K => &[0, 2],
+            DType::Q2K => &[80, 82],
+            DType::Q3K => &[108],
+            DType::Q6K => &[208],
+            _ => unreachable!(),
+        };
+        for (i, b) in data.chunks_exact_mut(bytes).enumerate() {
+            for &o in f16_offsets {
+                let v = if zero && i == 0 {
+                    0.0
+                } else {
+                    lcg(seed) * 0.05
+                };
+                b[o..o + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            }
+        }
+        data
+    }
+
+    #[test]
+    fn every_isa_matches_the_scalar_reference() {
+        let mut seed = 42u64;
+        let scalar = Kernels::for_isa(Isa::Scalar).unwrap();
+        for dtype in DType::GGUF_BLOCKS {
+            let (block, _) = dtype.gguf_block().unwrap();
+            for (cols, rows, zero) in [
+                (block, 3, false),
+                (block * 3, 5, true),
+                (block * 8, 9, false),
+            ] {
+                let data = make_rows(dtype, rows, cols, &mut seed, zero);
+                let w = PackedRows::new(dtype, &data, rows, cols, block).unwrap();
+                let xs: Vec<f32> = (0..cols).map(|_| lcg(&mut seed) * 3.0).collect();
+                let mut xq = Q8Buf::new(cols);
+                xq.quantize(scalar.quantize_q8, &xs);
+                let mut want = vec![0f32; rows];
+                scalar.matvec_qg(dtype)(w, &xq.as_ref(), &mut want);
+                // The reference against the decoded weights in f64.
+                let mut deq = vec![0f32; cols];
+                let mut xd = vec![0f32; cols];
+                xq.as_ref().dequantize_into(&mut xd);
+                for (r, &want_r) in want.iter().enumerate() {
+                    nibble_format::quant::dequantize(dtype, block, w.row(r), &mut deq);
+                    let exact: f64 = deq
+                        .iter()
+                        .zip(&xd)
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum();
+                    let mag: f64 = deq
+                        .iter()
+                        .zip(&xd)
+                        .map(|(a, b)| f64::from((a * b).abs()))
+                        .sum();
+                    assert!(
+                        (f64::from(want_r) - exact).abs() <= 1e-5 * mag.max(1e-12),
+                        "{dtype} reference row {r}: {want_r} vs {exact}"
+                    );
+                }
+                for isa in Isa::available() {
+                    let k = Kernels::for_isa(isa).unwrap();
+                    let mut got = vec![f32::NAN; rows];
+                    k.matvec_qg(dtype)(w, &xq.as_ref(), &mut got);
+                    for r in 0..rows {
+                        nibble_format::quant::dequantize(dtype, block, w.row(r), &mut deq);
+                        let mag: f32 = deq.iter().zip(&xd).map(|(a, b)| (a * b).abs()).sum();
+                        assert!(
+                            (got[r] - want[r]).abs() <= TOL * mag.max(1e-12),
+                            "{dtype} {isa} cols {cols} row {r}: {} vs {}",
+                            got[r],
+                            want[r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
