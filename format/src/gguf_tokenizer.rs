@@ -166,84 +166,85 @@ pub fn from_gguf(file: &GgufFile<'_>) -> Result<Option<GgufTokenizer>> {
     let eos = id("tokenizer.ggml.eos_token_id")?;
     let unk = id("tokenizer.ggml.unknown_token_id")?;
 
-    let (model_json, normalizer, pre_tokenizer, decoder, default_add_bos) =
-        match model {
-            "llama" => {
-                let scores = f32_array(file, "tokenizer.ggml.scores")?.ok_or_else(|| {
-                    bad(
-                        "tokenizer.ggml.scores",
-                        "missing (needed by the llama model)",
-                    )
-                })?;
-                if scores.len() != n {
-                    return Err(bad(
-                        "tokenizer.ggml.scores",
-                        format!("has {} entries for {n} tokens", scores.len()),
-                    ));
-                }
-                let prefix = flag(file, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
-                let (model, normalizer, decoder) = spm_model(&tokens, &types, &scores, unk, prefix);
-                (model, normalizer, Json::Null, decoder, true)
-            }
-            "gpt2" => {
-                let pre = file
-                    .get("tokenizer.ggml.pre")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("default");
-                let regexes = pre_tokenizer_regexes(pre).ok_or_else(|| {
-                    bad(
-                        "tokenizer.ggml.pre",
-                        format!("pre-tokenizer {pre:?} is not implemented by nibble"),
-                    )
-                })?;
-                let merges = file.string_array("tokenizer.ggml.merges").ok_or_else(|| {
-                    bad(
-                        "tokenizer.ggml.merges",
-                        "missing (needed by the gpt2 model)",
-                    )
-                })?;
-                let mut vocab = serde_json::Map::with_capacity(n);
-                for (i, t) in tokens.iter().enumerate() {
-                    vocab.insert((*t).to_string(), json!(i));
-                }
-                let model = json!({
-                    "type": "BPE",
-                    "dropout": null,
-                    "unk_token": null,
-                    "continuing_subword_prefix": null,
-                    "end_of_word_suffix": null,
-                    "fuse_unk": false,
-                    "byte_fallback": false,
-                    "ignore_merges": false,
-                    "vocab": vocab,
-                    "merges": merges,
-                });
-                let mut pre_toks: Vec<Json> = regexes
-                    .iter()
-                    .map(|r| {
-                        json!({"type": "Split", "pattern": {"Regex": r},
-                           "behavior": "Isolated", "invert": false})
-                    })
-                    .collect();
-                pre_toks.push(json!({"type": "ByteLevel", "add_prefix_space": false,
-                                 "trim_offsets": false, "use_regex": false}));
-                let decoder = json!({"type": "ByteLevel", "add_prefix_space": false,
-                                 "trim_offsets": false, "use_regex": false});
-                (
-                    model,
-                    Json::Null,
-                    json!({"type": "Sequence", "pretokenizers": pre_toks}),
-                    decoder,
-                    false,
+    let (model_json, normalizer, pre_tokenizer, decoder, default_add_bos) = match model {
+        "llama" => {
+            let scores = f32_array(file, "tokenizer.ggml.scores")?.ok_or_else(|| {
+                bad(
+                    "tokenizer.ggml.scores",
+                    "missing (needed by the llama model)",
                 )
+            })?;
+            if scores.len() != n {
+                return Err(bad(
+                    "tokenizer.ggml.scores",
+                    format!("has {} entries for {n} tokens", scores.len()),
+                ));
             }
-            other => return Err(bad(
+            let prefix = flag(file, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
+            let (model, normalizer, decoder) = spm_model(&tokens, &types, &scores, unk, prefix);
+            (model, normalizer, Json::Null, decoder, true)
+        }
+        "gpt2" => {
+            let pre = file
+                .get("tokenizer.ggml.pre")
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            let regexes = pre_tokenizer_regexes(pre).ok_or_else(|| {
+                bad(
+                    "tokenizer.ggml.pre",
+                    format!("pre-tokenizer {pre:?} is not implemented by nibble"),
+                )
+            })?;
+            let merges = file.string_array("tokenizer.ggml.merges").ok_or_else(|| {
+                bad(
+                    "tokenizer.ggml.merges",
+                    "missing (needed by the gpt2 model)",
+                )
+            })?;
+            let mut vocab = serde_json::Map::with_capacity(n);
+            for (i, t) in tokens.iter().enumerate() {
+                vocab.insert((*t).to_string(), json!(i));
+            }
+            let model = json!({
+                "type": "BPE",
+                "dropout": null,
+                "unk_token": null,
+                "continuing_subword_prefix": null,
+                "end_of_word_suffix": null,
+                "fuse_unk": false,
+                "byte_fallback": false,
+                "ignore_merges": false,
+                "vocab": vocab,
+                "merges": merges,
+            });
+            let mut pre_toks: Vec<Json> = regexes
+                .iter()
+                .map(|r| {
+                    json!({"type": "Split", "pattern": {"Regex": r},
+                           "behavior": "Isolated", "invert": false})
+                })
+                .collect();
+            pre_toks.push(json!({"type": "ByteLevel", "add_prefix_space": false,
+                                 "trim_offsets": false, "use_regex": false}));
+            let decoder = json!({"type": "ByteLevel", "add_prefix_space": false,
+                                 "trim_offsets": false, "use_regex": false});
+            (
+                model,
+                Json::Null,
+                json!({"type": "Sequence", "pretokenizers": pre_toks}),
+                decoder,
+                false,
+            )
+        }
+        other => {
+            return Err(bad(
                 "tokenizer.ggml.model",
                 format!(
                     "tokenizer model {other:?} is not implemented by nibble (only llama and gpt2)"
                 ),
-            )),
-        };
+            ))
+        }
+    };
 
     let added: Vec<Json> = types
         .iter()
