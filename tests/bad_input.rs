@@ -92,6 +92,69 @@ fn unsupported_gguf_architecture_is_named() {
     assert!(msg.contains("gguf-arch"), "{msg}");
 }
 
+/// A GGUF whose tokenizer model or pre-tokenizer nibble does not implement
+/// is refused naming the key, the value and the file (not run with a wrong
+/// tokenizer).
+#[test]
+fn unimplemented_gguf_tokenizers_are_named() {
+    let p = smollm2_gguf_with("gguf-tok-model", "tokenizer.ggml.model", "gpt2", "bert");
+    let msg = load_err(&p);
+    assert!(
+        msg.contains("tokenizer.ggml.model") && msg.contains("\"bert\" is not implemented"),
+        "{msg}"
+    );
+    assert!(msg.contains("gguf-tok-model"), "{msg}");
+    let p = smollm2_gguf_with("gguf-tok-pre", "tokenizer.ggml.pre", "smollm", "klingo");
+    let msg = load_err(&p);
+    assert!(
+        msg.contains("tokenizer.ggml.pre") && msg.contains("\"klingo\""),
+        "{msg}"
+    );
+}
+
+/// A real GGUF cut short (its first 199 MB, as an interrupted download
+/// leaves it) is an error naming the file; `convert` writes nothing.
+#[test]
+fn truncated_real_gguf_is_an_error_and_writes_nothing() {
+    let src = common::real_model("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    let d = tmpdir("gguf-truncated");
+    let cut = d.join("cut.gguf");
+    {
+        use std::io::{Read, Write};
+        let mut f = std::fs::File::open(&src).unwrap();
+        let mut buf = vec![0u8; 199 << 20];
+        f.read_exact(&mut buf).unwrap();
+        std::fs::File::create(&cut)
+            .unwrap()
+            .write_all(&buf)
+            .unwrap();
+    }
+    let msg = load_err(&cut);
+    assert!(msg.contains("cut.gguf"), "{msg}");
+    assert!(
+        msg.contains("truncat") || msg.contains("beyond") || msg.contains("end of"),
+        "{msg}"
+    );
+    let out = d.join("out.nib");
+    let e = nibble::format::import::import_to_file(
+        &cut,
+        &out,
+        &ImportOptions {
+            dtype: DType::F16,
+            hash_source: true,
+            keep_gguf_blocks: true,
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("cut.gguf"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("cut.gguf")], "debris");
+}
+
 /// Settings that change the numbers and that nibble does not implement are
 /// errors naming the setting and the file, never silently ignored.
 #[test]

@@ -407,6 +407,13 @@ pub struct PerplexityArgs {
     /// Tokens evaluated together as one matrix-matrix batch.
     #[arg(short = 'b', long, default_value_t = 512)]
     batch_size: usize,
+    /// What is scored. `full`: every predicted token of non-overlapping
+    /// windows of -c tokens (the GPTQ papers' protocol). `llama.cpp`: what
+    /// llama-perplexity computes — the text tokenized with the model's BOS,
+    /// each window's first token replaced by BOS where the model adds one, and
+    /// only the second half of each window scored.
+    #[arg(long, default_value = "full", value_parser = ["full", "llama.cpp"])]
+    protocol: String,
 }
 
 pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
@@ -420,8 +427,23 @@ pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
     }
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("cannot read {}", a.file.display()))?;
-    let ids = model.tokenizer()?.encode(&text, false)?;
+    let llama_cpp = a.protocol == "llama.cpp";
+    if llama_cpp && a.model.ctx_size < 4 {
+        bail!(
+            "-c {}: the llama.cpp protocol scores the second half of each window; use -c 4 or more",
+            a.model.ctx_size
+        );
+    }
+    let tok = model.tokenizer()?;
+    let ids = tok.encode(&text, llama_cpp)?;
+    // llama.cpp puts BOS first in every window when the tokenizer adds one.
+    let bos_first = match model.bos_id {
+        Some(b) if llama_cpp => tok.encode("x", true)?.first() == Some(&b),
+        _ => false,
+    };
     let n_ctx = a.model.ctx_size;
+    // llama.cpp scores the second half of each window only.
+    let score_from = if llama_cpp { n_ctx / 2 } else { 0 };
     let n_vocab = model.hparams.n_vocab;
     let mut n_windows = ids.len() / n_ctx;
     if n_windows == 0 {
@@ -451,33 +473,43 @@ pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut nll = 0f64;
     let mut count = 0usize;
+    let mut window = vec![0u32; n_ctx];
     for w in 0..n_windows {
-        let window = &ids[w * n_ctx..(w + 1) * n_ctx];
+        window.copy_from_slice(&ids[w * n_ctx..(w + 1) * n_ctx]);
+        if let (true, Some(b)) = (bos_first, model.bos_id) {
+            window[0] = b;
+        }
+        let window = &window[..];
         session.reset();
         session.eval_batches(window, |first, logits| {
             // Each row's log-softmax is independent: score the batch's rows in
             // parallel, then add them in order (the same sum as one by one).
+            // Row i is position first + i; it predicts window[first + i + 1].
             let rows = logits.len() / n_vocab;
-            let scored = rows.min(window.len() - 1 - first);
-            let nlls: Vec<f64> = logits[..scored * n_vocab]
-                .par_chunks_exact(n_vocab)
-                .enumerate()
-                .map(|(i, row)| nll_of(row, window[first + i + 1]))
-                .collect();
-            for v in nlls {
-                nll += v;
+            let from = score_from.saturating_sub(first).min(rows);
+            let to = rows.min(window.len() - 1 - first);
+            if to > from {
+                let nlls: Vec<f64> = logits[from * n_vocab..to * n_vocab]
+                    .par_chunks_exact(n_vocab)
+                    .enumerate()
+                    .map(|(i, row)| nll_of(row, window[first + from + i + 1]))
+                    .collect();
+                for v in nlls {
+                    nll += v;
+                }
+                count += to - from;
             }
-            count += scored;
             pb.inc(rows as u64);
         })?;
         pb.set_position(((w + 1) * n_ctx) as u64);
-        pb.set_prefix(format!("ppl {:.4}", (nll / count as f64).exp()));
+        pb.set_prefix(format!("ppl {:.4}", (nll / count.max(1) as f64).exp()));
     }
     pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     outln!(
-        "perplexity: {:.4} over {count} predicted tokens ({n_windows} windows of {n_ctx}); {:.1} tok/s, {:.1}s",
+        "perplexity: {:.4} over {count} predicted tokens ({n_windows} windows of {n_ctx}, protocol {}); {:.1} tok/s, {:.1}s",
         (nll / count as f64).exp(),
+        a.protocol,
         (n_windows * n_ctx) as f64 / secs,
         secs
     )?;

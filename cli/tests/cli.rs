@@ -967,3 +967,76 @@ fn oversubscription_warns_and_runs() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("warning: -t 1000 exceeds"), "{err}");
 }
+
+/// A file fetched by `../shared/scripts/fetch-models.sh` (`$NIBBLE_MODELS`,
+/// else `~/.cache/nibble/models`).
+fn real_model(file: &str) -> PathBuf {
+    let dir = match std::env::var_os("NIBBLE_MODELS") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/nibble/models"),
+    };
+    let p = dir.join(file);
+    assert!(
+        p.is_file(),
+        "{} is missing: run ../shared/scripts/fetch-models.sh",
+        p.display()
+    );
+    p
+}
+
+/// `perplexity --protocol llama.cpp` computes what llama-perplexity does:
+/// after 4 windows of 512 of wikitext-2, within 1 % of llama.cpp's running
+/// value there (`fixtures/gguf-reference/llamacpp_results.json`), for the
+/// SentencePiece model that adds BOS (Gemma 3) and the BPE one that does
+/// not (Qwen2.5). The full 20 windows: docs/BENCHMARKS.md.
+#[test]
+#[cfg_attr(
+    target_arch = "aarch64",
+    ignore = "minutes of model arithmetic under qemu"
+)]
+fn perplexity_llama_cpp_protocol_matches_llama_perplexity() {
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(shared().join("fixtures/gguf-reference/llamacpp_results.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let text = shared().join("data/wikitext-2-test.txt");
+    for (key, file) in [
+        ("gemma-3-270m", "gemma-3-270m-q4_k_m.gguf"),
+        (
+            "qwen2.5-coder-0.5b",
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        ),
+    ] {
+        let want = results["models"][key]["perplexity_c512_chunks20"]["running"][3]
+            .as_f64()
+            .unwrap();
+        let out = ok(&[
+            "perplexity",
+            "-m",
+            s(&real_model(file)),
+            "-f",
+            s(&text),
+            "-c",
+            "512",
+            "--chunks",
+            "4",
+            "--protocol",
+            "llama.cpp",
+            "-t",
+            "2",
+        ]);
+        assert!(out.contains("over 1020 predicted tokens"), "{out}");
+        let ppl: f64 = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no number in {out}"));
+        let rel = (ppl / want - 1.0).abs();
+        eprintln!(
+            "{key}: nibble {ppl:.4}, llama.cpp {want:.4} ({:+.2} %)",
+            100.0 * (ppl / want - 1.0)
+        );
+        assert!(rel < 0.01, "{key}: {ppl} vs llama.cpp {want}");
+    }
+}

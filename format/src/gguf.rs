@@ -449,6 +449,24 @@ impl<'a> GgufFile<'a> {
             why: "overflow".into(),
         })?;
         let file_len = bytes.len() as u64;
+        // A file cut short (an interrupted download) ends before its last
+        // tensor: say so once, with the sizes, rather than naming a tensor.
+        let need = infos
+            .iter()
+            .filter_map(|i| data_start.checked_add(i.offset)?.checked_add(i.nbytes))
+            .max()
+            .unwrap_or(data_start);
+        if need > file_len {
+            return Err(FormatError::Truncated {
+                what: format!(
+                    "the tensor data ({} tensors; the file is incomplete, e.g. an interrupted download)",
+                    infos.len()
+                ),
+                offset: 0,
+                need,
+                have: file_len,
+            });
+        }
         let mut tensors = Vec::with_capacity(infos.len());
         for info in &infos {
             let w = || format!("GGUF tensor '{}'", info.name);

@@ -186,7 +186,36 @@ pub fn import_to<W: Write + Seek>(
     inner().map_err(|e| e.in_file(src))
 }
 
-/// Import into a 64-byte aligned in-memory image (for `run -m model.gguf`).
+/// Import into an unnamed scratch file and map it (for `run -m model.gguf`):
+/// the image's pages then belong to the page cache, so the process's
+/// resident memory behaves as with a `.nib` on disk (the interleaved copies
+/// release the pages they copied). `None` when no scratch file can be made
+/// or written (no `O_TMPFILE`, a full disk): the caller builds the image in
+/// memory instead. Errors of the input are errors.
+pub fn import_to_scratch(
+    src: &Path,
+    opts: &ImportOptions,
+    progress: Progress<'_>,
+) -> Result<Option<NibFile>> {
+    let Some(file) = crate::storage::scratch_file() else {
+        return Ok(None);
+    };
+    let scratch = Path::new("scratch file");
+    let written = match import_to(src, opts, std::io::BufWriter::new(file), scratch, progress) {
+        Ok(w) => w,
+        // The scratch file could not be written (a full disk): build in memory.
+        Err(e) if matches!(e.root(), FormatError::BadOutput { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Ok(file) = written.into_inner() else {
+        return Ok(None);
+    };
+    NibFile::from_scratch(&file, src)
+        .map(Some)
+        .map_err(|e| e.in_file(src))
+}
+
+/// Import into a 64-byte aligned in-memory image.
 pub fn import_to_memory(
     src: &Path,
     opts: &ImportOptions,
@@ -258,7 +287,10 @@ pub fn open_any(path: &Path, opts: &ImportOptions, progress: Progress<'_>) -> Re
     let path = &resolve_model_path(path)?;
     match detect(path)? {
         InputKind::Nib => NibFile::open(path),
-        _ => import_to_memory(path, opts, progress),
+        _ => match import_to_scratch(path, opts, progress)? {
+            Some(file) => Ok(file),
+            None => import_to_memory(path, opts, progress),
+        },
     }
 }
 

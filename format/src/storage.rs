@@ -149,6 +149,22 @@ impl NibFile {
         Ok(file)
     }
 
+    /// Memory-map and validate the `.nib` written into an unnamed scratch
+    /// file ([`scratch_file`]); `name` is what errors call it.
+    pub fn from_scratch(file: &File, name: &Path) -> Result<NibFile> {
+        // SAFETY: the file is unnamed (O_TMPFILE) and its only handle is this
+        // process's: nobody else can open, truncate or rewrite it, and nibble
+        // does not write to it after this point. The map stays valid after
+        // the handle is closed.
+        let map = unsafe { memmap2::Mmap::map(file) }.map_err(|e| FormatError::io(name, e))?;
+        let file = NibFile {
+            backing: Backing::Mmap(map),
+            path: None,
+        };
+        file.view()?;
+        Ok(file)
+    }
+
     /// Validate an in-memory image.
     pub fn from_memory(bytes: AlignedBytes) -> Result<NibFile> {
         let file = NibFile {
@@ -322,6 +338,14 @@ pub fn check_output(dest: &Path, inputs: &[&Path]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An unnamed read-write file in the system's temporary folder (Linux
+/// `O_TMPFILE`), gone when its last handle and map are: room to build a
+/// `.nib` image on disk and map it, so that its pages are the page cache's
+/// rather than anonymous memory. `None` where the system has no such files.
+pub fn scratch_file() -> Option<File> {
+    unnamed_in(&std::env::temp_dir())
 }
 
 /// An unnamed file in `dir` (Linux `O_TMPFILE`), where the filesystem has it.

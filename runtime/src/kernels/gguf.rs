@@ -16,11 +16,13 @@
 //! keep per-lane partial sums (float order differs, hence the tolerance of
 //! the tests).
 //!
-//! AVX2 versions exist for the types of today's Q4_K_M / Q5_K_M files and
-//! the IQ4 pair (`Q4_K`, `Q5_K`, `Q6_K`, `Q5_0`, `IQ4_NL`, `IQ4_XS`): codes
-//! unpack with AND/shift (nibbles), a byte compare (fifth bits) or `pshufb`
-//! (the non-linear IQ4 grid); `vpmaddubsw` then `vpmaddwd`. `Q2_K` and
-//! `Q3_K` use the reference on every instruction set, as do the NEON tables.
+//! AVX2 and NEON (with and without `sdot`) versions exist for the types of
+//! today's Q4_K_M / Q5_K_M files and the IQ4 pair (`Q4_K`, `Q5_K`, `Q6_K`,
+//! `Q5_0`, `IQ4_NL`, `IQ4_XS`): codes unpack with AND/shift (nibbles), a byte
+//! compare or bit test (fifth bits) or a table lookup (`pshufb` / `tbl`, the
+//! non-linear IQ4 grid); on x86 `vpmaddubsw` then `vpmaddwd`. The AVX-512
+//! table uses the AVX2 versions. `Q2_K` and `Q3_K` use the reference on every
+//! instruction set.
 
 use nibble_format::gguf::GgmlType;
 use nibble_format::gguf_blocks::{unpack_int, IntSub};
@@ -102,6 +104,25 @@ scalar_kernels!(
     vec_dot_iq4xs_q8_scalar => IQ4XS,
 );
 
+/// The SIMD row functions' shared driver: sizes checked once (`check`),
+/// then `out[r] = row(bytes of row r, x)`.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn each_row(
+    dtype: DType,
+    w: PackedRows<'_>,
+    x: &Q8Ref<'_>,
+    out: &mut [f32],
+    row: unsafe fn(&[u8], &Q8Ref<'_>) -> f32,
+) {
+    check(&w, dtype, x, out);
+    for (r, o) in out.iter_mut().enumerate() {
+        // SAFETY: the SIMD kernels sit only in tables built after their
+        // features were detected; `check` and `PackedRows` guarantee the row
+        // holds cols/block whole blocks and `x` a block per 32 columns.
+        *o = unsafe { row(w.row(r), x) };
+    }
+}
+
 /// The scalar table, in [`DType::GGUF_BLOCKS`] order.
 pub const SCALAR: [super::QgMatvecFn; 8] = [
     vec_dot_q5_0_q8_scalar,
@@ -123,24 +144,6 @@ pub mod x86 {
     use crate::kernels::qg::x86::half;
     use nibble_format::gguf_blocks::{scale_min_k4, KVALUES_IQ4NL};
     use std::arch::x86_64::*;
-
-    /// The row functions' shared driver: sizes checked once (`check`), then
-    /// `out[r] = row(bytes of row r, x)`.
-    fn each_row(
-        dtype: DType,
-        w: PackedRows<'_>,
-        x: &Q8Ref<'_>,
-        out: &mut [f32],
-        row: unsafe fn(&[u8], &Q8Ref<'_>) -> f32,
-    ) {
-        check(&w, dtype, x, out);
-        for (r, o) in out.iter_mut().enumerate() {
-            // SAFETY: these kernels sit only in tables built after AVX2, FMA
-            // and F16C were detected; `check` and `PackedRows` guarantee the
-            // row holds cols/block whole blocks and `x` a block per 32.
-            *o = unsafe { row(w.row(r), x) };
-        }
-    }
 
     /// Σ u·q over 32 lanes as 8 i32 sums (`u` unsigned bytes < 128).
     #[target_feature(enable = "avx2")]
@@ -400,6 +403,247 @@ pub mod x86 {
         vec_dot_iq4nl_q8_avx2,
         vec_dot_iq4xs_q8_avx2,
     ];
+}
+
+#[cfg(target_arch = "aarch64")]
+pub mod neon {
+    //! NEON versions, with and without the dot-product extension (`sdot`):
+    //! codes unpacked to signed bytes per 16 lanes, one integer dot per
+    //! sub-block (per 16-weight half for Q6_K's scales), the float scale
+    //! applied to its sum.
+    use super::*;
+    use crate::kernels::qg::neon::{dot16, dot16_sdot};
+    use half::f16;
+    use nibble_format::gguf_blocks::{scale_min_k4, KVALUES_IQ4NL};
+    use std::arch::aarch64::*;
+
+    fn f16_at(b: &[u8], i: usize) -> f32 {
+        f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+    }
+
+    /// Activation block `k` as two halves. SAFETY (caller): it exists.
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn act(x: &Q8Ref<'_>, k: usize) -> (int8x16_t, int8x16_t) {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            let q = x.qs.as_ptr().add(k * SUB_BLOCK);
+            (vld1q_s8(q), vld1q_s8(q.add(16)))
+        }
+    }
+
+    /// Byte `j` of the result = 0x10 where bit `j` of `bits` (16 bits) is set.
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn fifth_bits(bits: u32) -> uint8x16_t {
+        const MASK: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+        // SAFETY: MASK holds 16 bytes.
+        let mask = unsafe { vld1q_u8(MASK.as_ptr()) };
+        let b = vcombine_u8(vdup_n_u8(bits as u8), vdup_n_u8((bits >> 8) as u8));
+        vandq_u8(vtstq_u8(b, mask), vdupq_n_u8(0x10))
+    }
+
+    macro_rules! neon_rows {
+        ($q45k:ident, $q6k:ident, $q50:ident, $iq4:ident, $features:literal, $dot:ident) => {
+            /// Q4_K / Q5_K (`FIVE`). SAFETY (caller): `row` is whole blocks,
+            /// `x` has their activation blocks.
+            #[target_feature(enable = $features)]
+            unsafe fn $q45k<const FIVE: bool>(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+                let bytes = if FIVE { 176 } else { 144 };
+                let m4 = vdupq_n_u8(0x0F);
+                let h16 = vdupq_n_u8(0x10);
+                let (mut sum, mut mins, mut k) = (0f32, 0f32, 0usize);
+                for b in row.chunks_exact(bytes) {
+                    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                    let scales = &b[4..16];
+                    let qs = &b[if FIVE { 48 } else { 16 }..];
+                    // SAFETY: all loads lie inside the block `b`; blocks
+                    // k..k+8 of `x` exist (caller).
+                    unsafe {
+                        let (qh0, qh1) = if FIVE {
+                            (vld1q_u8(b.as_ptr().add(16)), vld1q_u8(b.as_ptr().add(32)))
+                        } else {
+                            (vdupq_n_u8(0), vdupq_n_u8(0))
+                        };
+                        for n in 0..4 {
+                            let q0 = vld1q_u8(qs.as_ptr().add(32 * n));
+                            let q1 = vld1q_u8(qs.as_ptr().add(32 * n + 16));
+                            let (mut l0, mut l1) = (vandq_u8(q0, m4), vandq_u8(q1, m4));
+                            let (mut h0, mut h1) = (vshrq_n_u8(q0, 4), vshrq_n_u8(q1, 4));
+                            if FIVE {
+                                let u1 = vdupq_n_u8(1 << (2 * n));
+                                let u2 = vdupq_n_u8(2 << (2 * n));
+                                l0 = vorrq_u8(l0, vandq_u8(vtstq_u8(qh0, u1), h16));
+                                l1 = vorrq_u8(l1, vandq_u8(vtstq_u8(qh1, u1), h16));
+                                h0 = vorrq_u8(h0, vandq_u8(vtstq_u8(qh0, u2), h16));
+                                h1 = vorrq_u8(h1, vandq_u8(vtstq_u8(qh1, u2), h16));
+                            }
+                            let (s0, m0) = scale_min_k4(2 * n, scales);
+                            let (s1, m1) = scale_min_k4(2 * n + 1, scales);
+                            let (x0, x1) = act(x, k);
+                            let i0 = vaddvq_s32(vaddq_s32(
+                                $dot(vreinterpretq_s8_u8(l0), x0),
+                                $dot(vreinterpretq_s8_u8(l1), x1),
+                            ));
+                            let (x0, x1) = act(x, k + 1);
+                            let i1 = vaddvq_s32(vaddq_s32(
+                                $dot(vreinterpretq_s8_u8(h0), x0),
+                                $dot(vreinterpretq_s8_u8(h1), x1),
+                            ));
+                            sum += d * f32::from(s0) * x.d[k] * i0 as f32
+                                + d * f32::from(s1) * x.d[k + 1] * i1 as f32;
+                            mins += dmin * (f32::from(m0) * x.ds[k] + f32::from(m1) * x.ds[k + 1]);
+                            k += 2;
+                        }
+                    }
+                }
+                sum - mins
+            }
+
+            /// Q6_K: codes − 32 as signed bytes, one dot per 16-weight half
+            /// (one scale each). SAFETY (caller): as above.
+            #[target_feature(enable = $features)]
+            unsafe fn $q6k(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+                let m4 = vdupq_n_u8(0x0F);
+                let m3 = vdupq_n_u8(3);
+                let c32 = vdupq_n_s8(32);
+                let (mut sum, mut k) = (0f32, 0usize);
+                for b in row.chunks_exact(210) {
+                    let d = f16_at(b, 208);
+                    let p = b.as_ptr();
+                    for n in 0..2 {
+                        // SAFETY: all loads lie inside the block `b`; its
+                        // activation blocks exist (caller).
+                        unsafe {
+                            for half in 0..2 {
+                                let ql0 = vld1q_u8(p.add(64 * n + 16 * half));
+                                let ql1 = vld1q_u8(p.add(64 * n + 32 + 16 * half));
+                                let qh = vld1q_u8(p.add(128 + 32 * n + 16 * half));
+                                let hi = |s: i32| -> uint8x16_t {
+                                    let h = match s {
+                                        0 => qh,
+                                        2 => vshrq_n_u8(qh, 2),
+                                        4 => vshrq_n_u8(qh, 4),
+                                        _ => vshrq_n_u8(qh, 6),
+                                    };
+                                    vshlq_n_u8(vandq_u8(h, m3), 4)
+                                };
+                                let codes = [
+                                    vorrq_u8(vandq_u8(ql0, m4), hi(0)),
+                                    vorrq_u8(vandq_u8(ql1, m4), hi(2)),
+                                    vorrq_u8(vshrq_n_u8(ql0, 4), hi(4)),
+                                    vorrq_u8(vshrq_n_u8(ql1, 4), hi(6)),
+                                ];
+                                for (part, c) in codes.into_iter().enumerate() {
+                                    let c = vsubq_s8(vreinterpretq_s8_u8(c), c32);
+                                    let kk = k + part;
+                                    let q = x.qs.as_ptr().add(kk * SUB_BLOCK + 16 * half);
+                                    let i = vaddvq_s32($dot(c, vld1q_s8(q)));
+                                    let s = b[192 + 8 * n + 2 * part + half] as i8;
+                                    sum += d * x.d[kk] * (i * i32::from(s)) as f32;
+                                }
+                            }
+                        }
+                        k += 4;
+                    }
+                }
+                sum
+            }
+
+            /// Q5_0: nibbles plus fifth bits, minus 16, as signed bytes.
+            /// SAFETY (caller): as above.
+            #[target_feature(enable = $features)]
+            unsafe fn $q50(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+                let m4 = vdupq_n_u8(0x0F);
+                let c16 = vdupq_n_s8(16);
+                let mut sum = 0f32;
+                for (k, b) in row.chunks_exact(22).enumerate() {
+                    let d = f16_at(b, 0);
+                    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                    // SAFETY: the loads lie inside the block `b`; block k of
+                    // `x` exists (caller).
+                    unsafe {
+                        let q = vld1q_u8(b.as_ptr().add(6));
+                        let c0 = vorrq_u8(vandq_u8(q, m4), fifth_bits(qh));
+                        let c1 = vorrq_u8(vshrq_n_u8(q, 4), fifth_bits(qh >> 16));
+                        let c0 = vsubq_s8(vreinterpretq_s8_u8(c0), c16);
+                        let c1 = vsubq_s8(vreinterpretq_s8_u8(c1), c16);
+                        let (x0, x1) = act(x, k);
+                        let i = vaddvq_s32(vaddq_s32($dot(c0, x0), $dot(c1, x1)));
+                        sum += d * x.d[k] * i as f32;
+                    }
+                }
+                sum
+            }
+
+            /// IQ4_NL (`XS` false) and IQ4_XS: indices through `tbl` into
+            /// the signed grid. SAFETY (caller): as above.
+            #[target_feature(enable = $features)]
+            unsafe fn $iq4<const XS: bool>(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+                let m4 = vdupq_n_u8(0x0F);
+                // SAFETY: the grid holds 16 values.
+                let grid = unsafe { vld1q_s8(KVALUES_IQ4NL.as_ptr()) };
+                let bytes = if XS { 136 } else { 18 };
+                let (mut sum, mut k) = (0f32, 0usize);
+                for b in row.chunks_exact(bytes) {
+                    let d = f16_at(b, 0);
+                    let n_sub = if XS { 8 } else { 1 };
+                    for ib in 0..n_sub {
+                        let (scale, at) = if XS {
+                            let scales_h = u16::from_le_bytes([b[2], b[3]]);
+                            let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf;
+                            let high = ((scales_h >> (2 * ib)) & 3) as u8;
+                            ((i32::from(low | (high << 4)) - 32) as f32, 8 + 16 * ib)
+                        } else {
+                            (1.0, 2)
+                        };
+                        // SAFETY: the load lies inside the block `b`; block
+                        // k of `x` exists (caller).
+                        unsafe {
+                            let q = vld1q_u8(b.as_ptr().add(at));
+                            let v0 = vqtbl1q_s8(grid, vandq_u8(q, m4));
+                            let v1 = vqtbl1q_s8(grid, vshrq_n_u8(q, 4));
+                            let (x0, x1) = act(x, k);
+                            let i = vaddvq_s32(vaddq_s32($dot(v0, x0), $dot(v1, x1)));
+                            sum += d * scale * x.d[k] * i as f32;
+                        }
+                        k += 1;
+                    }
+                }
+                sum
+            }
+        };
+    }
+
+    neon_rows!(q45k_neon, q6k_neon, q5_0_neon, iq4_neon, "neon", dot16);
+    neon_rows!(
+        q45k_sdot,
+        q6k_sdot,
+        q5_0_sdot,
+        iq4_sdot,
+        "neon,dotprod",
+        dot16_sdot
+    );
+
+    macro_rules! neon_table {
+        ($name:ident, $q45k:ident, $q6k:ident, $q50:ident, $iq4:ident) => {
+            /// The table, in [`DType::GGUF_BLOCKS`] order (Q2_K and Q3_K:
+            /// the scalar reference).
+            pub const $name: [crate::kernels::QgMatvecFn; 8] = [
+                |w, x, o| each_row(DType::Q5_0, w, x, o, $q50),
+                vec_dot_q2k_q8_scalar,
+                vec_dot_q3k_q8_scalar,
+                |w, x, o| each_row(DType::Q4K, w, x, o, $q45k::<false>),
+                |w, x, o| each_row(DType::Q5K, w, x, o, $q45k::<true>),
+                |w, x, o| each_row(DType::Q6K, w, x, o, $q6k),
+                |w, x, o| each_row(DType::IQ4NL, w, x, o, $iq4::<false>),
+                |w, x, o| each_row(DType::IQ4XS, w, x, o, $iq4::<true>),
+            ];
+        };
+    }
+
+    neon_table!(NEON, q45k_neon, q6k_neon, q5_0_neon, iq4_neon);
+    neon_table!(NEONDOT, q45k_sdot, q6k_sdot, q5_0_sdot, iq4_sdot);
 }
 
 #[cfg(test)]

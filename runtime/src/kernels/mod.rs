@@ -302,7 +302,7 @@ const NEON_TABLE: Kernels = Kernels {
         qg::neon::vec_dot_q8g_q8_neon,
         qg::neon::vec_dot_q4gm_q8_neon,
     ],
-    gguf: gguf::SCALAR,
+    gguf: gguf::neon::NEON,
     dequant: [qg::neon::dequant_row_neon; 5],
     qg_f32: [
         qg_f32::neon::vec_dot_q2g_f32_neon,
@@ -338,6 +338,7 @@ static NEONDOT: Kernels = Kernels {
         qg::neon::vec_dot_q8g_q8_neondot,
         qg::neon::vec_dot_q4gm_q8_neondot,
     ],
+    gguf: gguf::neon::NEONDOT,
     matvec_x8: Some(qg_x8::neon::vec_dot_x8_q8_neondot),
     matmul_x8: Some(qg_x8::neon::matmul_x8_q8_neondot),
     ..NEON_TABLE

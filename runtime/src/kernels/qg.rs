@@ -576,7 +576,7 @@ pub(crate) mod x86 {
 }
 
 #[cfg(target_arch = "aarch64")]
-pub(super) mod neon {
+pub(crate) mod neon {
     use super::*;
     use std::arch::aarch64::*;
 
@@ -625,7 +625,7 @@ pub(super) mod neon {
     /// Σ c·q into 4 i32 partial sums (|c| ≤ 128, |q| ≤ 127: pairs fit i16).
     #[target_feature(enable = "neon")]
     #[inline]
-    unsafe fn dot16(c: int8x16_t, q: int8x16_t) -> int32x4_t {
+    pub(crate) unsafe fn dot16(c: int8x16_t, q: int8x16_t) -> int32x4_t {
         let p = vmull_s8(vget_low_s8(c), vget_low_s8(q));
         let p = vmlal_s8(p, vget_high_s8(c), vget_high_s8(q));
         vpaddlq_s16(p)
