@@ -309,28 +309,49 @@ pub mod x86 {
         hsum(_mm256_add_ps(acc0, acc1))
     }
 
-    /// Q5_0: nibbles plus the fifth bits (a byte compare), offset 16 taken
-    /// from `ds`.
+    /// Q5_0: the signed codes `c − 16` straight from the nibbles: where the
+    /// fifth bit is clear the byte is `nibble | 0xF0` (that is `nibble − 16`
+    /// in two's complement), where it is set the nibble itself; then a
+    /// signed dot. Two blocks per step into two accumulators, so the
+    /// multiply-adds do not wait on each other.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn row_q5_0(row: &[u8], x: &Q8Ref<'_>) -> f32 {
-        let h16 = _mm256_set1_epi8(0x10);
-        let (mut acc, mut offs) = (_mm256_setzero_ps(), 0f32);
-        for (k, b) in row.chunks_exact(22).enumerate() {
-            let p = b.as_ptr();
-            // SAFETY: `b` is one whole block; block k of `x` exists.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn block(b: *const u8, x: &Q8Ref<'_>, k: usize, acc: __m256) -> __m256 {
+            // SAFETY: the caller passes one whole block and an existing k.
             unsafe {
-                let d = f16_at(p);
-                let qh = (p.add(2) as *const u32).read_unaligned();
-                let c = _mm256_or_si256(
-                    nibbles16(p.add(6)),
-                    _mm256_and_si256(bytes_from_bits(qh), h16),
+                let d = f16_at(b);
+                let qh = (b.add(2) as *const u32).read_unaligned();
+                let high = _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10));
+                let c = _mm256_or_si256(nibbles16(b.add(6)), high);
+                let q = act(x, k);
+                // Σ (c − 16)·q = maddubs(c, q) − maddubs(16, q), in i16.
+                let p = _mm256_sub_epi16(
+                    _mm256_maddubs_epi16(c, q),
+                    _mm256_maddubs_epi16(_mm256_set1_epi8(16), q),
                 );
-                let i = dot_u8_i8(c, act(x, k));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[k]), _mm256_cvtepi32_ps(i), acc);
-                offs += d * 16.0 * x.ds[k];
+                let i = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+                _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[k]), _mm256_cvtepi32_ps(i), acc)
             }
         }
-        hsum(acc) - offs
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut pairs = row.chunks_exact(44);
+        let mut k = 0;
+        for b in &mut pairs {
+            // SAFETY: `b` is two whole blocks; blocks k, k+1 of `x` exist.
+            unsafe {
+                acc0 = block(b.as_ptr(), x, k, acc0);
+                acc1 = block(b.as_ptr().add(22), x, k + 1, acc1);
+            }
+            k += 2;
+        }
+        let rest = pairs.remainder();
+        if !rest.is_empty() {
+            // SAFETY: the remainder is one whole block; block k exists.
+            acc0 = unsafe { block(rest.as_ptr(), x, k, acc0) };
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
     }
 
     /// IQ4_NL (`XS` false) and IQ4_XS: indices through `pshufb` into the
