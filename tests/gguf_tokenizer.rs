@@ -75,3 +75,42 @@ fn qwen2_bpe_tokenizer_equals_llama_cpp() {
         false,
     );
 }
+
+/// SmolLM2's GGUF (`gpt2` model, `smollm` pre-tokenizer: digits split
+/// first) against the Hugging Face `tokenizer.json` shipped beside it, on the
+/// fixture texts: the same ids, so a lone copy of the file tokenizes as the
+/// folder did.
+#[test]
+fn smollm_bpe_tokenizer_equals_its_tokenizer_json() {
+    let dir = shared().join("models/smollm2-135m-instruct");
+    let bytes = std::fs::read(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let gguf = GgufFile::parse(&bytes).expect("parse");
+    let built = gguf_tokenizer::from_gguf(&gguf).unwrap().unwrap();
+    let ours = Tokenizer::from_bytes(&built.json).unwrap();
+    let theirs =
+        Tokenizer::from_bytes(&std::fs::read(dir.join("tokenizer.json")).unwrap()).unwrap();
+    let fx: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(shared().join("fixtures/gguf-reference/qwen2.5-coder-0.5b/tokens.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut texts: Vec<String> = fx["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    texts.push("<|im_start|>user\nWhat is 12345 + 678?<|im_end|>\n".into());
+    for (i, text) in texts.iter().enumerate() {
+        let a = ours.encode(text, true).unwrap();
+        let b = theirs.encode(text, true).unwrap();
+        assert_eq!(a, b, "text {i}: {text:?}");
+        assert_eq!(
+            ours.decode(&a, false).unwrap(),
+            *text,
+            "text {i}: round trip"
+        );
+    }
+    assert_eq!(built.bos_id, Some(1));
+    assert!(built.eos_ids.contains(&2), "{:?}", built.eos_ids);
+}
