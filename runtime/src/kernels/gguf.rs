@@ -201,23 +201,32 @@ pub mod x86 {
         unsafe { half((p as *const u16).read_unaligned()) }
     }
 
-    /// Q4_K / Q5_K (`FIVE`): per 64 weights one 32-byte load of nibbles
-    /// (and the fifth bits of `qh`), two sub-blocks with their 6-bit scale
-    /// and minimum; the minimums against `ds`.
+    /// Q4_K / Q5_K (`FIVE`): the eight 6-bit scales and minimums decoded
+    /// once per block; per 64 weights one 32-byte load of nibbles (and the
+    /// fifth bits of `qh`), two sub-blocks whose scale multiplies the i16
+    /// products in `vpmaddwd`; the minimums against `ds`, eight at a time.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn row_q45k<const FIVE: bool>(row: &[u8], x: &Q8Ref<'_>) -> f32 {
         let bytes = if FIVE { 176 } else { 144 };
         let m4 = _mm256_set1_epi8(0x0F);
         let one = _mm256_set1_epi8(1);
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut mins = 0f32;
+        let mut minacc = _mm256_setzero_ps();
         let mut k = 0;
         for b in row.chunks_exact(bytes) {
             let p = b.as_ptr();
+            let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+            for j in 0..8 {
+                (sc[j], mn[j]) = scale_min_k4(j, &b[4..16]);
+            }
             // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
             unsafe {
                 let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
-                let scales = &b[4..16];
+                let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    mn.as_ptr() as *const __m128i
+                )));
+                let ds = _mm256_loadu_ps(x.ds.as_ptr().add(k));
+                minacc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), m), ds, minacc);
                 let qs = p.add(if FIVE { 48 } else { 16 });
                 let mut qh = if FIVE {
                     _mm256_loadu_si256(p.add(16) as *const __m256i)
@@ -235,20 +244,19 @@ pub mod x86 {
                         hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
                         qh = _mm256_srli_epi16(qh, 2);
                     }
-                    let (s0, m0) = scale_min_k4(2 * n, scales);
-                    let (s1, m1) = scale_min_k4(2 * n + 1, scales);
-                    let i0 = dot_u8_i8(lo, act(x, k));
-                    let i1 = dot_u8_i8(hi, act(x, k + 1));
-                    let f0 = d * f32::from(s0) * x.d[k];
-                    let f1 = d * f32::from(s1) * x.d[k + 1];
-                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f0), _mm256_cvtepi32_ps(i0), acc0);
-                    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f1), _mm256_cvtepi32_ps(i1), acc1);
-                    mins += dmin * (f32::from(m0) * x.ds[k] + f32::from(m1) * x.ds[k + 1]);
+                    let s0 = _mm256_set1_epi16(i16::from(sc[2 * n]));
+                    let s1 = _mm256_set1_epi16(i16::from(sc[2 * n + 1]));
+                    let i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, act(x, k)), s0);
+                    let i1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, act(x, k + 1)), s1);
+                    let f0 = _mm256_set1_ps(d * x.d[k]);
+                    let f1 = _mm256_set1_ps(d * x.d[k + 1]);
+                    acc0 = _mm256_fmadd_ps(f0, _mm256_cvtepi32_ps(i0), acc0);
+                    acc1 = _mm256_fmadd_ps(f1, _mm256_cvtepi32_ps(i1), acc1);
                     k += 2;
                 }
             }
         }
-        hsum(_mm256_add_ps(acc0, acc1)) - mins
+        hsum(_mm256_add_ps(acc0, acc1)) - hsum(minacc)
     }
 
     /// Q6_K: per 128 weights two 32-byte loads of low nibbles and one of
