@@ -145,13 +145,6 @@ pub mod x86 {
     use nibble_format::gguf_blocks::{scale_min_k4, KVALUES_IQ4NL};
     use std::arch::x86_64::*;
 
-    /// Σ u·q over 32 lanes as 8 i32 sums (`u` unsigned bytes < 128).
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn dot_u8_i8(u: __m256i, q: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1))
-    }
-
     /// Σ v·q over 32 lanes, both signed (`v` > −128).
     #[target_feature(enable = "avx2")]
     #[inline]
