@@ -323,8 +323,15 @@ fn mapped_model_releases_interleaved_pages_and_computes_the_same() {
     let nib = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("smollm2-native-release.nib");
     nibble::format::import::import_to_file(&gguf, &nib, &opts, &mut |_, _, _| {}).unwrap();
     let mapped = Arc::new(Model::load(&nib).unwrap());
-    let memory = Arc::new(Model::load_with(&gguf, &opts, &mut |_, _, _| {}).unwrap());
+    let image = nibble::format::import::import_to_memory(&gguf, &opts, &mut |_, _, _| {}).unwrap();
+    let memory = Arc::new(Model::from_nib(image, "memory".into()).unwrap());
     assert_eq!(memory.x8_released_bytes(), 0);
+    // Loading the GGUF itself maps an unnamed scratch image: it releases too.
+    let scratch = Model::load_with(&gguf, &opts, &mut |_, _, _| {}).unwrap();
+    if cfg!(target_os = "linux") {
+        assert_eq!(scratch.x8_released_bytes(), mapped.x8_released_bytes());
+    }
+    drop(scratch);
     if mapped.x8_bytes() > 0 && cfg!(unix) {
         // The layers' Q4_1 blocks (66 MB) and the tied Q8_0 embedding/head
         // (30 MB), less partial pages at the ends.
