@@ -282,7 +282,8 @@ pub fn import_to_file(
 }
 
 /// Open any supported model path as a `.nib` image: `.nib` files are mapped,
-/// HF folders and GGUF files are converted in memory with `opts`.
+/// HF folders and GGUF files (or a folder holding one) are converted with
+/// `opts` into a mapped scratch image ([`import_to_scratch`]), else in memory.
 pub fn open_any(path: &Path, opts: &ImportOptions, progress: Progress<'_>) -> Result<NibFile> {
     let path = &resolve_model_path(path)?;
     match detect(path)? {
