@@ -280,16 +280,22 @@ fn dequant_iq4_nl(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// The signed 6-bit scale of sub-block `ib` of an IQ4_XS block `b` (high 2
+/// bits in `scales_h`, low 4 in `scales_l`), minus its bias of 32.
+pub fn iq4xs_scale(b: &[u8], ib: usize) -> i16 {
+    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+    let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf;
+    let high = ((scales_h >> (2 * ib)) & 3) as u8;
+    i16::from(low | (high << 4)) - 32
+}
+
 /// IQ4_XS: f16 scale, 8 sub-blocks of 32 with 6-bit scales (high 2 bits in
 /// `scales_h`, low 4 in `scales_l[4]`), 4-bit indices into [`KVALUES_IQ4NL`].
 fn dequant_iq4_xs(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
-    let scales_h = u16::from_le_bytes([b[2], b[3]]);
-    let (scales_l, qs) = (&b[4..8], &b[8..136]);
+    let qs = &b[8..136];
     for (ib, y) in y.chunks_exact_mut(32).enumerate() {
-        let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf;
-        let high = ((scales_h >> (2 * ib)) & 3) as u8;
-        let dl = d * (i32::from(low | (high << 4)) - 32) as f32;
+        let dl = d * f32::from(iq4xs_scale(b, ib));
         let q = &qs[16 * ib..16 * ib + 16];
         for j in 0..16 {
             y[j] = dl * f32::from(KVALUES_IQ4NL[usize::from(q[j] & 0xf)]);
@@ -349,11 +355,8 @@ pub fn unpack_int(ty: GgmlType, b: &[u8], out: &mut [IntSub]) -> Option<usize> {
         }
         GgmlType::IQ4XS => {
             let d = f16_at(b, 0);
-            let scales_h = u16::from_le_bytes([b[2], b[3]]);
             for (ib, s) in out[..8].iter_mut().enumerate() {
-                let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf;
-                let high = ((scales_h >> (2 * ib)) & 3) as u8;
-                let ls = i16::from(low | (high << 4)) - 32;
+                let ls = iq4xs_scale(b, ib);
                 let q = &b[8 + 16 * ib..24 + 16 * ib];
                 (s.a, s.b) = (d, 0.0);
                 for j in 0..32 {

@@ -88,31 +88,31 @@ pub fn pre_tokenizer_regexes(pre: &str) -> Option<&'static [&'static str]> {
     })
 }
 
-fn i32_array(file: &GgufFile<'_>, key: &str) -> Result<Option<Vec<i32>>> {
+/// An array of 4-byte little-endian numbers of GGUF type `elem_type`
+/// (5: i32, 6: f32), decoded by `from_le`.
+fn array4<T>(
+    file: &GgufFile<'_>,
+    key: &str,
+    elem_type: u32,
+    from_le: fn([u8; 4]) -> T,
+) -> Result<Option<Vec<T>>> {
     match file.get(key) {
         None => Ok(None),
         Some(GgufValue::Array {
-            elem_type: 5, raw, ..
-        }) => Ok(Some(
+            elem_type: t, raw, ..
+        }) if t == elem_type => Ok(Some(
             raw.chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .map(|c| from_le([c[0], c[1], c[2], c[3]]))
                 .collect(),
         )),
-        Some(_) => Err(bad(key, "must be an array of i32")),
-    }
-}
-
-fn f32_array(file: &GgufFile<'_>, key: &str) -> Result<Option<Vec<f32>>> {
-    match file.get(key) {
-        None => Ok(None),
-        Some(GgufValue::Array {
-            elem_type: 6, raw, ..
-        }) => Ok(Some(
-            raw.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
+        Some(_) => Err(bad(
+            key,
+            if elem_type == 5 {
+                "must be an array of i32"
+            } else {
+                "must be an array of f32"
+            },
         )),
-        Some(_) => Err(bad(key, "must be an array of f32")),
     }
 }
 
@@ -143,8 +143,8 @@ pub fn from_gguf(file: &GgufFile<'_>) -> Result<Option<GgufTokenizer>> {
     if n == 0 {
         return Err(bad("tokenizer.ggml.tokens", "is empty"));
     }
-    let types =
-        i32_array(file, "tokenizer.ggml.token_type")?.unwrap_or_else(|| vec![TOKEN_NORMAL; n]);
+    let types = array4(file, "tokenizer.ggml.token_type", 5, i32::from_le_bytes)?
+        .unwrap_or_else(|| vec![TOKEN_NORMAL; n]);
     if types.len() != n {
         return Err(bad(
             "tokenizer.ggml.token_type",
@@ -168,12 +168,13 @@ pub fn from_gguf(file: &GgufFile<'_>) -> Result<Option<GgufTokenizer>> {
 
     let (model_json, normalizer, pre_tokenizer, decoder, default_add_bos) = match model {
         "llama" => {
-            let scores = f32_array(file, "tokenizer.ggml.scores")?.ok_or_else(|| {
-                bad(
-                    "tokenizer.ggml.scores",
-                    "missing (needed by the llama model)",
-                )
-            })?;
+            let scores =
+                array4(file, "tokenizer.ggml.scores", 6, f32::from_le_bytes)?.ok_or_else(|| {
+                    bad(
+                        "tokenizer.ggml.scores",
+                        "missing (needed by the llama model)",
+                    )
+                })?;
             if scores.len() != n {
                 return Err(bad(
                     "tokenizer.ggml.scores",

@@ -142,7 +142,7 @@ pub mod x86 {
     use super::*;
     use crate::kernels::float::avx2::hsum;
     use crate::kernels::qg::x86::half;
-    use nibble_format::gguf_blocks::{scale_min_k4, KVALUES_IQ4NL};
+    use nibble_format::gguf_blocks::{iq4xs_scale, scale_min_k4, KVALUES_IQ4NL};
     use std::arch::x86_64::*;
 
     /// Σ v·q over 32 lanes, both signed (`v` > −128).
@@ -373,11 +373,8 @@ pub mod x86 {
             unsafe {
                 let d = f16_at(p);
                 if XS {
-                    let scales_h = u16::from_le_bytes([b[2], b[3]]);
                     for ib in 0..8 {
-                        let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf;
-                        let high = ((scales_h >> (2 * ib)) & 3) as u8;
-                        let ls = i32::from(low | (high << 4)) - 32;
+                        let ls = iq4xs_scale(b, ib);
                         let v = _mm256_shuffle_epi8(grid, nibbles16(p.add(8 + 16 * ib)));
                         let i = dot_i8_i8(v, act(x, k));
                         let f = _mm256_set1_ps(d * ls as f32 * x.d[k]);
@@ -436,7 +433,7 @@ pub mod neon {
     use super::*;
     use crate::kernels::qg::neon::{dot16, dot16_sdot};
     use half::f16;
-    use nibble_format::gguf_blocks::{scale_min_k4, KVALUES_IQ4NL};
+    use nibble_format::gguf_blocks::{iq4xs_scale, scale_min_k4, KVALUES_IQ4NL};
     use std::arch::aarch64::*;
 
     fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -612,10 +609,7 @@ pub mod neon {
                     let n_sub = if XS { 8 } else { 1 };
                     for ib in 0..n_sub {
                         let (scale, at) = if XS {
-                            let scales_h = u16::from_le_bytes([b[2], b[3]]);
-                            let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf;
-                            let high = ((scales_h >> (2 * ib)) & 3) as u8;
-                            ((i32::from(low | (high << 4)) - 32) as f32, 8 + 16 * ib)
+                            (f32::from(iq4xs_scale(b, ib)), 8 + 16 * ib)
                         } else {
                             (1.0, 2)
                         };
