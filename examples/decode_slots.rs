@@ -34,7 +34,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let opts = ImportOptions {
         dtype: DType::F16,
         hash_source: false,
-        keep_gguf_blocks: true,
+        keep_blocks: true,
+        lora: Vec::new(),
     };
     let model = Model::load_with(model_path, &opts, &mut |_, _, _| {})?;
     let pool = rayon::ThreadPoolBuilder::new()

@@ -143,7 +143,8 @@ fn decoding_packed_weights_on_two_threads_allocates_nothing() {
     let opts = nibble::format::import::ImportOptions {
         dtype: nibble::format::DType::F32,
         hash_source: false,
-        keep_gguf_blocks: true,
+        keep_blocks: true,
+        lora: Vec::new(),
     };
     let model = Arc::new(Model::load_with(&gguf, &opts, &mut |_, _, _| {}).unwrap());
     assert!(model.layers[0].ffn_up.dtype.is_quantized());

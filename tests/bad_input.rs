@@ -142,7 +142,8 @@ fn truncated_real_gguf_is_an_error_and_writes_nothing() {
         &ImportOptions {
             dtype: DType::F16,
             hash_source: true,
-            keep_gguf_blocks: true,
+            keep_blocks: true,
+            lora: Vec::new(),
         },
         &mut |_, _, _| {},
     )
@@ -433,7 +434,8 @@ fn mutated_model_files_never_panic_the_loader_or_forward_pass() {
         &ImportOptions {
             dtype: DType::F16,
             hash_source: false,
-            keep_gguf_blocks: false,
+            keep_blocks: false,
+            lora: Vec::new(),
         },
         &mut |_, _, _| {},
     )

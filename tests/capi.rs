@@ -74,7 +74,8 @@ fn stories_nib(dir: &Path) -> PathBuf {
     let opts = ImportOptions {
         dtype: DType::F32,
         hash_source: false,
-        keep_gguf_blocks: false,
+        keep_blocks: false,
+        lora: Vec::new(),
     };
     import_to_file(
         &shared().join("models/stories260k"),

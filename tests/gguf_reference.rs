@@ -101,7 +101,8 @@ fn check_native(file: &str, fixture: &str) {
         &nibble::format::import::ImportOptions {
             dtype: nibble::format::DType::F32,
             hash_source: false,
-            keep_gguf_blocks: true,
+            keep_blocks: true,
+            lora: Vec::new(),
         },
         &mut |_, _, _| {},
     )

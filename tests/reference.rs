@@ -18,7 +18,8 @@ fn native_blocks() -> nibble::format::import::ImportOptions {
     nibble::format::import::ImportOptions {
         dtype: nibble::format::DType::F32,
         hash_source: false,
-        keep_gguf_blocks: true,
+        keep_blocks: true,
+        lora: Vec::new(),
     }
 }
 

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use nibble_format::import::{import_to_file, ImportOptions};
+use nibble_format::lora::LoraSpec;
 use nibble_format::{keys, DType, NibFile, Value};
 use nibble_runtime::{
     render_chat, ChatMessage, GenerateParams, Model, Sampler, SamplerParams, Session,
@@ -31,9 +32,10 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 /// `--dtype`: `auto` (the default; `native` is the same) keeps a GGUF's
-/// quantized blocks and its float tensors' types as they are and converts
-/// a Hugging Face folder to `hf_float`; `f32`, `f16` or `bf16` convert every
-/// linear and embedding weight to that type.
+/// quantized blocks, a GPTQ checkpoint's codes and their float tensors'
+/// types as they are and converts a plain Hugging Face folder to `hf_float`;
+/// `f32`, `f16` or `bf16` convert every linear and embedding weight to that
+/// type (quantized weights dequantized exactly).
 pub fn import_options(s: &str, hash_source: bool, hf_float: DType) -> Result<ImportOptions> {
     let keep = s.eq_ignore_ascii_case("auto") || s.eq_ignore_ascii_case("native");
     let dtype = if keep {
@@ -45,7 +47,8 @@ pub fn import_options(s: &str, hash_source: bool, hf_float: DType) -> Result<Imp
     Ok(ImportOptions {
         dtype,
         hash_source,
-        keep_gguf_blocks: keep,
+        keep_blocks: keep,
+        lora: Vec::new(),
     })
 }
 
@@ -77,21 +80,34 @@ pub fn new_session(model: &Arc<Model>, a: &ModelArgs) -> Result<Session> {
 
 #[derive(Args)]
 pub struct ConvertArgs {
-    /// Source: a GGUF file or a Hugging Face model folder.
+    /// Source: a GGUF file or a Hugging Face model folder (float or a GPTQ
+    /// checkpoint).
     #[arg(short = 'm', long = "model")]
     model: PathBuf,
     /// Output .nib file (written atomically: it appears only when complete).
     #[arg(short = 'o', long)]
     output: PathBuf,
     /// Weight type of the linear and embedding weights: auto (a GGUF's
-    /// blocks kept as they are, losslessly, a Hugging Face folder as f16),
+    /// blocks and a GPTQ checkpoint's codes kept as they are, losslessly, a
+    /// float Hugging Face folder as f16),
     /// or f16, f32, bf16 for every such weight; norms stay f32.
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// Merge a PEFT LoRA adapter folder into the weights it targets
+    /// (W + SCALE · alpha/r · B·A; SCALE defaults to 1); repeatable. The
+    /// merged weights are stored as --dtype (f16 for auto).
+    #[arg(long = "lora", value_name = "ADAPTER[:SCALE]", value_parser = parse_lora)]
+    lora: Vec<LoraSpec>,
+}
+
+/// `--lora ADAPTER[:SCALE]`.
+pub fn parse_lora(s: &str) -> std::result::Result<LoraSpec, String> {
+    LoraSpec::parse(s)
 }
 
 pub fn convert(a: ConvertArgs) -> Result<()> {
-    let opts = import_options(&a.dtype, true, DType::F16)?;
+    let mut opts = import_options(&a.dtype, true, DType::F16)?;
+    opts.lora = a.lora.clone();
     let t0 = Instant::now();
     let pb = bar(0, "converting");
     import_to_file(&a.model, &a.output, &opts, &mut |done, total, name| {
@@ -106,8 +122,8 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         "wrote {} ({:.1} MB, {}) in {:.1}s",
         a.output.display(),
         size as f64 / 1e6,
-        if opts.keep_gguf_blocks {
-            "GGUF blocks and float types kept".to_string()
+        if opts.keep_blocks {
+            "quantized weights and float types kept".to_string()
         } else {
             opts.dtype.to_string()
         },

@@ -43,6 +43,7 @@ macro_rules! note_part {
 
 mod bench;
 mod commands;
+mod export;
 mod quantize;
 
 /// The threads a command runs for `-t requested` (0 = one per physical
@@ -92,8 +93,11 @@ struct Cli {
 enum Command {
     /// Convert a Hugging Face folder or a GGUF file into a single .nib file.
     Convert(commands::ConvertArgs),
-    /// Quantize a model's linear weights to 2/3/4/8-bit integer groups (RTN).
+    /// Quantize a model's linear weights to 2/3/4/8-bit integer groups (GPTQ or RTN).
     Quantize(quantize::QuantizeArgs),
+    /// Write a quantized model as a GPTQ checkpoint folder for transformers,
+    /// GPTQModel and vLLM.
+    Export(export::ExportArgs),
     /// Generate text from a prompt.
     Run(commands::RunArgs),
     /// Chat with an instruction-tuned model (interactive, or one-shot with -p).
@@ -109,13 +113,15 @@ enum Command {
 /// Options shared by every command that loads a model.
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// Model: a .nib file, a GGUF file, or a Hugging Face model folder.
+    /// Model: a .nib file, a GGUF file, a Hugging Face model folder (float
+    /// or a GPTQ checkpoint), or a folder holding one .gguf.
     #[arg(short = 'm', long = "model", value_name = "MODEL")]
     pub model: PathBuf,
     /// Weight type when a GGUF file or a Hugging Face folder is loaded: auto
-    /// runs a GGUF's quantized blocks as they are (losslessly, int8
-    /// activations; no f32 copy) and a Hugging Face folder in f32; f32, f16
-    /// or bf16 convert every linear and embedding weight to that type.
+    /// runs a GGUF's quantized blocks and a GPTQ checkpoint's codes as they
+    /// are (losslessly, int8 activations; no f32 copy) and a float Hugging
+    /// Face folder in f32; f32, f16 or bf16 convert every linear and
+    /// embedding weight to that type (quantized ones dequantized exactly).
     #[arg(long, default_value = "auto", value_name = "DTYPE")]
     pub dtype: String,
     /// Worker threads (0 = one per physical core). More than the CPUs this
@@ -153,6 +159,7 @@ fn main() {
     let result = match cli.command {
         Command::Convert(a) => commands::convert(a),
         Command::Quantize(a) => quantize::quantize(a),
+        Command::Export(a) => export::export(a),
         Command::Run(a) => commands::run(a),
         Command::Chat(a) => commands::chat(a),
         Command::Perplexity(a) => commands::perplexity(a),

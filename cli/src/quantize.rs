@@ -105,6 +105,12 @@ pub struct QuantizeArgs {
     /// process may use).
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
+    /// Merge a PEFT LoRA adapter folder into the float weights before
+    /// calibration (W + SCALE · alpha/r · B·A), so GPTQ quantizes the merged
+    /// model: fine-tune, merge, quantize in one command. Repeatable; the
+    /// adapters and their SHA-256 are recorded in the file's provenance.
+    #[arg(long = "lora", value_name = "ADAPTER[:SCALE]", value_parser = crate::commands::parse_lora)]
+    lora: Vec<nibble_format::lora::LoraSpec>,
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
@@ -173,7 +179,8 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         &ImportOptions {
             dtype: DType::F32,
             hash_source: true,
-            keep_gguf_blocks: false,
+            keep_blocks: false,
+            lora: a.lora.clone(),
         },
         &mut |d, t, n| {
             pb.set_length(t as u64);
@@ -232,7 +239,8 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
                     &ImportOptions {
                         dtype: DType::F16,
                         hash_source: false,
-                        keep_gguf_blocks: true,
+                        keep_blocks: true,
+                        lora: a.lora.clone(),
                     },
                     &mut |_, _, _| {},
                 )

@@ -108,6 +108,12 @@ pub enum FormatError {
     UnsupportedArchitecture { arch: String },
     #[error("unsupported tensor type {what} for tensor '{name}'")]
     UnsupportedTensorType { name: String, what: String },
+    #[error("LoRA adapter: {why}")]
+    BadLora { why: String },
+    #[error("cannot export: {why}")]
+    CannotExport { why: String },
+    #[error("unsupported quantization: {what}")]
+    UnsupportedQuantization { what: String },
     #[error("bad model config: {why}")]
     BadConfig { why: String },
     #[error("safetensors error: {0}")]

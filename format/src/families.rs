@@ -341,6 +341,21 @@ pub fn apply(t: Transform, hp: &HParams, data: Vec<f32>, shape: &[u64]) -> Vec<f
     }
 }
 
+/// The stored rows a row-only transform takes, in canonical order (a fused
+/// projection's part), for tensors held as rows of codes rather than
+/// floats; `None` for transforms that move columns or change values.
+pub fn row_sources(t: Transform, hp: &HParams, stored: &[u64]) -> Option<Vec<usize>> {
+    match t {
+        Plain | FusedQkv(_) | FusedGateUp(_) | HeadInterleavedQkv(_) | SkipRows(_) => {
+            // Row indices (exact in f32 below 2^24) through the float transform.
+            let rows: Vec<f32> = (0..stored[0]).map(|r| r as f32).collect();
+            let picked = apply(t, hp, rows, &[stored[0], 1]);
+            Some(picked.into_iter().map(|r| r as usize).collect())
+        }
+        Transposed | TransposedQkv(_) | PlusOne => None,
+    }
+}
+
 /// The stored shape a canonical `want` shape comes from under `t`.
 pub fn stored_shape(t: Transform, hp: &HParams, want: &[u64]) -> Vec<u64> {
     let (q, kv, ff) = (

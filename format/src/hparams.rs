@@ -34,6 +34,8 @@ pub mod keys {
     pub const QUANT_HEAD_BITS: &str = "quant.head_bits";
     pub const QUANT_GROUP_SIZE: &str = "quant.group_size";
     pub const QUANT_SYM: &str = "quant.sym";
+    /// A GPTQ checkpoint's `checkpoint_format` ("gptq" or "gptq_v2").
+    pub const QUANT_CHECKPOINT_FORMAT: &str = "quant.checkpoint_format";
     pub const QUANT_ACT_ORDER: &str = "quant.act_order";
     pub const QUANT_STATIC_GROUPS: &str = "quant.static_groups";
     pub const QUANT_TRUE_SEQUENTIAL: &str = "quant.true_sequential";
@@ -46,6 +48,8 @@ pub mod keys {
     pub const PROV_SOURCE: &str = "provenance.source";
     pub const PROV_SOURCE_SHA256: &str = "provenance.source_sha256";
     pub const PROV_TOOL: &str = "provenance.tool";
+    /// LoRA adapters merged at import, one line each: `<sha256> <scale> <folder>`.
+    pub const PROV_LORA: &str = "provenance.lora";
     pub const PROV_CREATED: &str = "provenance.created";
 }
 

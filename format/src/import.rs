@@ -16,9 +16,12 @@ use crate::dtype::DType;
 use crate::error::{FormatError, Result};
 use crate::families::Transform;
 use crate::gguf::{dequantize, GgufFile};
+use crate::gptq_checkpoint::{GptqConfig, GptqLinear, GptqTensors, GroupedWeight, ModuleQuant};
 use crate::hparams::{keys, utc_now_rfc3339, HParams, TokenizerInfo};
+use crate::lora::{LoraAdapter, LoraSpec};
 use crate::nib::{MetadataBuilder, NibWriter, OwnedValue};
 use crate::storage::{mmap_file, AlignedBytes, AtomicFile, NibFile};
+use safetensors::tensor::TensorView;
 
 /// What kind of model a path points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,9 +111,14 @@ pub struct ImportOptions {
     pub dtype: DType,
     /// Hash the source files into the provenance (costs one read of them).
     pub hash_source: bool,
-    /// Keep GGUF `Q4_0` / `Q4_1` / `Q8_0` weights as packed groups (lossless
-    /// transcoding, the bytes llama.cpp runs) instead of converting them to `dtype`.
-    pub keep_gguf_blocks: bool,
+    /// Keep a source's quantized weights as they are stored — a GGUF's
+    /// blocks (the bytes llama.cpp runs), a GPTQ checkpoint's codes as
+    /// integer groups — and its float tensors in their stored type, instead
+    /// of converting them to `dtype` (losslessly in both cases).
+    pub keep_blocks: bool,
+    /// PEFT LoRA adapters merged into the float weights they target
+    /// (`W + s · alpha/r · B·A`); those weights are then stored as `dtype`.
+    pub lora: Vec<LoraSpec>,
 }
 
 impl Default for ImportOptions {
@@ -118,7 +126,8 @@ impl Default for ImportOptions {
         ImportOptions {
             dtype: DType::F16,
             hash_source: true,
-            keep_gguf_blocks: false,
+            keep_blocks: false,
+            lora: Vec::new(),
         }
     }
 }
@@ -131,20 +140,18 @@ trait Source {
     fn hparams(&self) -> &HParams;
     /// Row-major f32 data of a canonical tensor (`expected_shape` for checks).
     fn tensor_f32(&self, name: &str, expected_shape: &[u64]) -> Result<Vec<f32>>;
-    /// The tensor as packed groups `(dtype, group size, bytes)` when the
-    /// source stores it in a block format nibble can take over losslessly.
-    fn tensor_packed(
-        &self,
-        _name: &str,
-        _expected_shape: &[u64],
-    ) -> Result<Option<(DType, u32, Vec<u8>)>> {
+    /// The tensor as packed groups when the source stores it in a block
+    /// format nibble can take over losslessly.
+    fn tensor_packed(&self, _name: &str, _expected_shape: &[u64]) -> Result<Option<GroupedWeight>> {
         Ok(None)
     }
     /// The float type a source stores a tensor in, where keeping it is
-    /// lossless (GGUF F32/F16/BF16 tensors).
+    /// lossless (GGUF F32/F16/BF16 tensors, a GPTQ checkpoint's float ones).
     fn stored_float(&self, _name: &str) -> Option<DType> {
         None
     }
+    /// The quantization the kept blocks carry, for the metadata.
+    fn quant_metadata(&self, _meta: &mut MetadataBuilder) {}
     /// The tensor has been written: a memory-mapped source may drop its
     /// pages, so an import holds the source's bytes and the output's no
     /// longer than one tensor at a time.
@@ -287,6 +294,12 @@ pub fn import_to_file(
 pub fn open_any(path: &Path, opts: &ImportOptions, progress: Progress<'_>) -> Result<NibFile> {
     let path = &resolve_model_path(path)?;
     match detect(path)? {
+        InputKind::Nib if !opts.lora.is_empty() => Err(FormatError::BadLora {
+            why: "adapters are merged while a model is imported: give its Hugging Face folder \
+                  or GGUF file, not a .nib"
+                .into(),
+        }
+        .in_file(path)),
         InputKind::Nib => NibFile::open(path),
         _ => match import_to_scratch(path, opts, progress)? {
             Some(file) => Ok(file),
@@ -311,6 +324,21 @@ fn write_nib<W: Write + Seek>(
     let hp = s.hparams();
     hp.validate()?;
     tok.validate()?;
+    // Adapters are read and checked against the base before any work.
+    let adapters = if opts.lora.is_empty() {
+        Vec::new()
+    } else {
+        let family = crate::families::family(&hp.arch).ok_or_else(|| FormatError::BadLora {
+            why: format!(
+                "no Hugging Face module names for architecture '{}'",
+                hp.arch
+            ),
+        })?;
+        opts.lora
+            .iter()
+            .map(|spec| LoraAdapter::load(spec, hp, family))
+            .collect::<Result<Vec<_>>>()?
+    };
     let mut meta = MetadataBuilder::new();
     hp.write(&mut meta);
     tok.write(&mut meta);
@@ -320,19 +348,29 @@ fn write_nib<W: Write + Seek>(
             OwnedValue::Str(name.to_string_lossy().into_owned()),
         );
     }
-    let method = if opts.keep_gguf_blocks {
+    let method = if opts.keep_blocks {
         "gguf-blocks"
     } else {
         "none"
     };
     meta.set(keys::QUANT_METHOD, OwnedValue::Str(method.into()));
     meta.set(keys::QUANT_DTYPE, OwnedValue::Str(opts.dtype.name().into()));
+    if opts.keep_blocks {
+        s.quant_metadata(&mut meta);
+    }
     meta.set(
         keys::PROV_SOURCE,
         OwnedValue::Str(src.display().to_string()),
     );
     if let Some(h) = source_sha256 {
         meta.set(keys::PROV_SOURCE_SHA256, OwnedValue::Str(h));
+    }
+    if !adapters.is_empty() {
+        let lines: Vec<String> = adapters
+            .iter()
+            .map(|a| format!("{} {} {}", a.sha256, a.scale, a.path.display()))
+            .collect();
+        meta.set(keys::PROV_LORA, OwnedValue::Str(lines.join("\n")));
     }
     meta.set(
         keys::PROV_TOOL,
@@ -348,14 +386,28 @@ fn write_nib<W: Write + Seek>(
     let specs = hp.tensor_specs();
     for (i, (name, shape)) in specs.iter().enumerate() {
         progress(i, specs.len(), name);
-        if opts.keep_gguf_blocks && shape.len() == 2 {
-            if let Some((dtype, gs, bytes)) = s.tensor_packed(name, shape)? {
-                w.add_tensor_q(name, dtype, gs, shape, &bytes).map_err(io)?;
+        let updates: Vec<_> = adapters
+            .iter()
+            .filter_map(|a| a.modules.get(name))
+            .collect();
+        if opts.keep_blocks && shape.len() == 2 && updates.is_empty() {
+            if let Some(p) = s.tensor_packed(name, shape)? {
+                w.add_tensor_q(name, p.dtype, p.group_size, shape, &p.bytes)
+                    .map_err(io)?;
+                if let Some(perm) = p.perm {
+                    let perm_name = format!("{}.perm", name.trim_end_matches(".weight"));
+                    let bytes: Vec<u8> = perm.iter().flat_map(|i| i.to_le_bytes()).collect();
+                    w.add_tensor(&perm_name, DType::U32, &[shape[1]], &bytes)
+                        .map_err(io)?;
+                }
                 s.done_with(name);
                 continue;
             }
         }
-        let data = s.tensor_f32(name, shape)?;
+        let mut data = s.tensor_f32(name, shape)?;
+        for u in &updates {
+            u.merge_into(&mut data, shape[1] as usize);
+        }
         if let Some(pos) = data.iter().position(|v| !v.is_finite()) {
             return Err(FormatError::BadValue {
                 key: name.clone(),
@@ -365,7 +417,7 @@ fn write_nib<W: Write + Seek>(
         // Norm vectors stay F32: tiny, and precision matters there.
         let dtype = if shape.len() == 1 {
             DType::F32
-        } else if opts.keep_gguf_blocks {
+        } else if opts.keep_blocks && updates.is_empty() {
             s.stored_float(name).unwrap_or(opts.dtype)
         } else {
             opts.dtype
@@ -403,6 +455,8 @@ struct HfSource {
     family: &'static crate::families::Family,
     /// (file, map) per safetensors shard.
     shards: Vec<(PathBuf, memmap2::Mmap)>,
+    /// The checkpoint's GPTQ quantization, if it has one.
+    gptq: Option<GptqConfig>,
 }
 
 fn read_json(path: &Path) -> Result<Json> {
@@ -427,6 +481,20 @@ impl HfSource {
         let config = read_json(&dir.join("config.json"))?;
         let (hp, family) = crate::families::hparams_from_config(&config)
             .map_err(|e| e.in_file(dir.join("config.json")))?;
+        // AutoGPTQ's own file where config.json carries no quantization_config.
+        let legacy_path = dir.join("quantize_config.json");
+        let legacy = if config.get("quantization_config").is_none() && legacy_path.is_file() {
+            Some(read_json(&legacy_path)?)
+        } else {
+            None
+        };
+        let gptq = GptqConfig::from_config(&config, legacy.as_ref()).map_err(|e| {
+            e.in_file(if legacy.is_some() {
+                legacy_path.clone()
+            } else {
+                dir.join("config.json")
+            })
+        })?;
 
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.is_file() {
@@ -469,7 +537,124 @@ impl HfSource {
             hp,
             family,
             shards,
+            gptq,
         })
+    }
+
+    /// The shard holding stored tensor `name`, and its view.
+    fn find(&self, name: &str) -> Result<Option<(&Path, TensorView<'_>)>> {
+        for (path, map) in &self.shards {
+            let st = safetensors::SafeTensors::deserialize(map)
+                .map_err(|e| FormatError::from(e).in_file(path))?;
+            if let Ok(view) = st.tensor(name) {
+                return Ok(Some((path.as_path(), view)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The GPTQ layer behind canonical `name` (shape `expected`), unpacked
+    /// (and, for a fused projection, cut to its rows); `None` when the
+    /// source is not a GPTQ checkpoint or stores this tensor in float.
+    fn gptq_linear(&self, name: &str, expected: &[u64]) -> Result<Option<(String, GptqLinear)>> {
+        let Some(cfg) = &self.gptq else {
+            return Ok(None);
+        };
+        let Some((hf, transform)) = crate::families::locate(self.family, name) else {
+            return Ok(None);
+        };
+        let Some(stem) = hf.strip_suffix(".weight") else {
+            return Ok(None);
+        };
+        let Some((path, qweight)) = self.find(&format!("{stem}.qweight"))? else {
+            return Ok(None);
+        };
+        let in_file = |e: FormatError| e.in_file(path);
+        let stored = crate::families::stored_shape(transform, &self.hp, expected);
+        let keep = match crate::families::row_sources(transform, &self.hp, &stored) {
+            Some(rows) if stored.len() == 2 => rows,
+            _ => {
+                return Err(in_file(FormatError::UnsupportedQuantization {
+                    what: format!(
+                        "{stem}: GPTQ codes of a tensor stored {transform:?} (e.g. GPT-2's Conv1D) \
+                         are not read"
+                    ),
+                }))
+            }
+        };
+        let (bits, group_size) = match cfg.module(stem) {
+            ModuleQuant::Quantized { bits, group_size } => (bits, group_size),
+            ModuleQuant::Float => {
+                return Err(in_file(FormatError::BadValue {
+                    key: format!("{stem}.qweight"),
+                    why: "quantization_config's dynamic rules leave this module in float, \
+                          but it holds GPTQ codes"
+                        .into(),
+                }))
+            }
+        };
+        use safetensors::Dtype as S;
+        let tensor = |suffix: &str,
+                      kinds: &[S],
+                      required: bool|
+         -> Result<Option<TensorView<'_>>> {
+            let tname = format!("{stem}.{suffix}");
+            match self.find(&tname)? {
+                Some((_, v)) if kinds.contains(&v.dtype()) => Ok(Some(v)),
+                Some((p, v)) => Err(FormatError::UnsupportedTensorType {
+                    name: tname,
+                    what: format!("{:?} (GPTQ stores {kinds:?})", v.dtype()),
+                }
+                .in_file(p)),
+                None if required => Err(FormatError::MissingTensor { name: tname }.in_file(path)),
+                None => Ok(None),
+            }
+        };
+        let words = [S::I32, S::U32];
+        tensor("qweight", &words, true)?;
+        let qzeros = tensor("qzeros", &words, true)?.expect("required");
+        let scales = tensor("scales", &[S::F16, S::BF16, S::F32], true)?.expect("required");
+        let g_idx = tensor("g_idx", &[S::I32, S::I64], false)?;
+        let shape =
+            |v: &TensorView<'_>| -> Vec<u64> { v.shape().iter().map(|&d| d as u64).collect() };
+        let (scale_values, scale_type) =
+            crate::gptq_checkpoint::float_values(scales.dtype(), scales.data()).expect("float");
+        let g_idx = g_idx.map(|v| {
+            let values = if v.dtype() == S::I32 {
+                v.data()
+                    .chunks_exact(4)
+                    .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                    .collect()
+            } else {
+                v.data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect()
+            };
+            (values, shape(&v))
+        });
+        let t = GptqTensors {
+            name: stem,
+            qweight: (qweight.data(), shape(&qweight)),
+            qzeros: (qzeros.data(), shape(&qzeros)),
+            scales: (scale_values, scale_type, shape(&scales)),
+            g_idx,
+        };
+        let lin = GptqLinear::unpack(
+            &t,
+            stored[0] as usize,
+            stored[1] as usize,
+            bits,
+            group_size,
+            cfg.zeros_minus_one,
+        )
+        .map_err(in_file)?;
+        let lin = if transform == Transform::Plain {
+            lin
+        } else {
+            lin.select_rows(&keep)
+        };
+        Ok(Some((stem.to_string(), lin)))
     }
 
     fn hash(&self) -> Result<String> {
@@ -573,7 +758,49 @@ impl Source for HfSource {
         &self.hp
     }
 
+    fn tensor_packed(&self, name: &str, expected: &[u64]) -> Result<Option<GroupedWeight>> {
+        let Some((stem, lin)) = self.gptq_linear(name, expected)? else {
+            return Ok(None);
+        };
+        lin.to_groups(&stem).map(Some)
+    }
+
+    fn stored_float(&self, name: &str) -> Option<DType> {
+        self.gptq.as_ref()?;
+        let (hf, _) = crate::families::locate(self.family, name)?;
+        match self.find(&hf).ok()??.1.dtype() {
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
+    fn quant_metadata(&self, meta: &mut MetadataBuilder) {
+        let Some(q) = &self.gptq else {
+            return;
+        };
+        meta.set(
+            keys::QUANT_METHOD,
+            OwnedValue::Str("gptq-checkpoint".into()),
+        );
+        meta.set(keys::QUANT_BITS, OwnedValue::U64(q.bits.into()));
+        meta.set(
+            keys::QUANT_GROUP_SIZE,
+            OwnedValue::U64(q.group_size.unwrap_or(0) as u64),
+        );
+        meta.set(keys::QUANT_SYM, OwnedValue::Bool(q.sym));
+        meta.set(keys::QUANT_ACT_ORDER, OwnedValue::Bool(q.desc_act));
+        meta.set(
+            keys::QUANT_CHECKPOINT_FORMAT,
+            OwnedValue::Str(q.checkpoint_format.clone()),
+        );
+    }
+
     fn tensor_f32(&self, name: &str, expected: &[u64]) -> Result<Vec<f32>> {
+        if let Some((_, lin)) = self.gptq_linear(name, expected)? {
+            return Ok(lin.dequantize());
+        }
         let (hf, transform) =
             crate::families::locate(self.family, name).ok_or_else(|| FormatError::BadConfig {
                 why: format!(
@@ -765,7 +992,7 @@ impl Source for GgufSource<'_> {
         }
     }
 
-    fn tensor_packed(&self, name: &str, expected: &[u64]) -> Result<Option<(DType, u32, Vec<u8>)>> {
+    fn tensor_packed(&self, name: &str, expected: &[u64]) -> Result<Option<GroupedWeight>> {
         let (t, transform) = self.checked_tensor(name, expected)?;
         if transform != Transform::Plain {
             // Fused tensors are split from their decoded values.
@@ -780,7 +1007,12 @@ impl Source for GgufSource<'_> {
             if let Some(n_heads) = self.rotary_heads(name) {
                 bytes = unpermute_rotary_rows(&bytes, n_heads, self.hp.head_dim, row_bytes);
             }
-            return Ok(Some((dtype, block as u32, bytes)));
+            return Ok(Some(GroupedWeight {
+                dtype,
+                group_size: block as u32,
+                bytes,
+                perm: None,
+            }));
         }
         // Every group header starts with an f16 scale (and Q4GM an f16 min).
         for (g, h) in bytes.chunks_exact(row_bytes / (cols / 32)).enumerate() {
@@ -797,7 +1029,12 @@ impl Source for GgufSource<'_> {
         if let Some(n_heads) = self.rotary_heads(name) {
             bytes = unpermute_rotary_rows(&bytes, n_heads, self.hp.head_dim, row_bytes);
         }
-        Ok(Some((dtype, 32, bytes)))
+        Ok(Some(GroupedWeight {
+            dtype,
+            group_size: 32,
+            bytes,
+            perm: None,
+        }))
     }
 }
 

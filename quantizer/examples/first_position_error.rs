@@ -44,11 +44,12 @@ fn rotated(hp: &HParams, xn: &[f32], w: &[f32], rope: &nibble_runtime::block::Ro
     out
 }
 
-fn import(dtype: DType, keep_gguf_blocks: bool) -> ImportOptions {
+fn import(dtype: DType, keep_blocks: bool) -> ImportOptions {
     ImportOptions {
         dtype,
         hash_source: false,
-        keep_gguf_blocks,
+        keep_blocks,
+        lora: Vec::new(),
     }
 }
 

@@ -308,7 +308,7 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
         let o = self.opts;
         let gs = effective_group_size(o.group_size, cols);
         let t0 = Instant::now();
-        let (q, report) = match h {
+        let (mut q, report) = match h {
             None => {
                 let q = rtn(w, rows, cols, self.grid, Some(gs))?;
                 let deq = q.dequantize();
@@ -338,6 +338,13 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
         self.timings.gptq += t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let permuted = o.act_order && !o.static_groups && h.is_some();
+        if permuted {
+            // Each group's columns in input order: the order within a group
+            // changes no code, and a GPTQ checkpoint's g_idx does not record
+            // it, so export → import gives this file back bit for bit.
+            let g_idx = &q.g_idx;
+            q.perm.sort_unstable_by_key(|&c| (g_idx[c], c));
+        }
         let packed = pack_layer(&q, self.grid.bits, gs, permuted.then_some(&q.perm[..]));
         let dtype = DType::from_quant_bits(self.grid.bits).expect("validated");
         if fold == Fold::Producer {

@@ -247,7 +247,8 @@ impl Model {
         let opts = ImportOptions {
             dtype: DType::F32,
             hash_source: false,
-            keep_gguf_blocks: false,
+            keep_blocks: false,
+            lora: Vec::new(),
         };
         Self::load_with(path, &opts, &mut |_, _, _| {})
     }

@@ -265,7 +265,8 @@ pub fn import_f32(path: &std::path::Path) -> nibble::format::NibFile {
         &nibble::format::import::ImportOptions {
             dtype: nibble::format::DType::F32,
             hash_source: false,
-            keep_gguf_blocks: false,
+            keep_blocks: false,
+            lora: Vec::new(),
         },
         &mut |_, _, _| {},
     )

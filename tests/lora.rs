@@ -1,0 +1,320 @@
+//! PEFT LoRA adapters trained on stories260k (`../shared/fixtures/lora`):
+//! merged at import, they give PEFT's logits and greedy texts (one adapter,
+//! a scaled one, another, two at once), PEFT's `merge_and_unload` weights,
+//! and a merged-then-GPTQ model that tells the adapted story; adapters
+//! that do not fit are refused before any work.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::{
+    forward_logits_batched, forward_logits_sequential, read_ref, rel_err, session, shared,
+};
+use nibble::format::import::{import_to_file, import_to_memory, ImportOptions};
+use nibble::format::lora::LoraSpec;
+use nibble::format::{DType, NibFile};
+use nibble::Model;
+
+/// Merged float model against PEFT's unmerged float32 forward pass
+/// (normwise): PEFT's own merged and unmerged paths differ by 2.2e-5
+/// absolute (README of the fixture), logits reach ~16.
+const TOL_LOGITS: f64 = 1e-5;
+
+fn fixture(name: &str) -> PathBuf {
+    shared().join("fixtures/lora").join(name)
+}
+
+fn base() -> PathBuf {
+    shared().join("models/stories260k")
+}
+
+fn spec(name: &str, scale: f32) -> LoraSpec {
+    LoraSpec {
+        path: fixture(name),
+        scale,
+    }
+}
+
+fn merged(src: &Path, lora: Vec<LoraSpec>) -> NibFile {
+    import_to_memory(
+        src,
+        &ImportOptions {
+            dtype: DType::F32,
+            hash_source: false,
+            keep_blocks: false,
+            lora,
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn ids(name: &str) -> Vec<u32> {
+    read_ref(&fixture("reference.safetensors"), name)
+        .i64
+        .iter()
+        .map(|&v| v as u32)
+        .collect()
+}
+
+fn greedy(model: &Arc<Model>, n: usize) -> Vec<u32> {
+    let mut s = session(model, n + 2, 1);
+    s.eval(&[1]).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let next = nibble::runtime::argmax(s.logits());
+        out.push(next);
+        s.eval(&[next]).unwrap();
+    }
+    out
+}
+
+#[test]
+fn merged_adapters_give_pefts_logits_and_greedy_texts() {
+    let input = ids("input_ids");
+    let cases = [
+        ("base", vec![], "logits_base", "greedy_base"),
+        ("max", vec![spec("max-r8", 1.0)], "logits_max", "greedy_max"),
+        (
+            "max ×0.5",
+            vec![spec("max-r8", 0.5)],
+            "logits_max_half",
+            "greedy_max_half",
+        ),
+        (
+            "tom",
+            vec![spec("max-r4-qv", 1.0)],
+            "logits_tom",
+            "greedy_tom",
+        ),
+        (
+            "max + tom",
+            vec![spec("max-r8", 1.0), spec("max-r4-qv", 1.0)],
+            "logits_both",
+            "greedy_both",
+        ),
+    ];
+    for (what, lora, logits, greedy_ids) in cases {
+        let model = Arc::new(Model::from_nib(merged(&base(), lora), what.into()).unwrap());
+        let want = read_ref(&fixture("reference.safetensors"), logits).f32;
+        for (path, got) in [
+            ("batched", forward_logits_batched(&model, &input, 1, 5)),
+            ("sequential", forward_logits_sequential(&model, &input, 1)),
+        ] {
+            let e = rel_err(&got, &want);
+            assert!(e <= TOL_LOGITS, "{what} {path}: logits rel err {e:.3e}");
+        }
+        let want_ids = ids(greedy_ids);
+        assert_eq!(
+            greedy(&model, want_ids.len()),
+            want_ids,
+            "{what}: greedy text"
+        );
+    }
+}
+
+#[test]
+fn merged_weights_equal_pefts_merge_and_unload() {
+    let ours = merged(&base(), vec![spec("max-r8", 1.0)]);
+    let peft = merged(&fixture("max-r8-merged"), vec![]);
+    let (a, b) = (ours.view().unwrap(), peft.view().unwrap());
+    let mut adapted = 0;
+    for t in &a.tensors {
+        let u = b.tensor(t.name).unwrap();
+        let x = nibble::format::dtype::decode_f32(t.dtype, t.data).unwrap();
+        let y = nibble::format::dtype::decode_f32(u.dtype, u.data).unwrap();
+        let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let max_diff = x
+            .iter()
+            .zip(&y)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        // PEFT computes scaling · (B @ A) then adds; the sums round differently.
+        assert!(max_diff <= 1e-6 * scale, "{}: max |Δ| {max_diff:e}", t.name);
+        let base_t = merged(&base(), vec![]);
+        let base_v = base_t.view().unwrap();
+        let orig = nibble::format::dtype::decode_f32(t.dtype, base_v.tensor(t.name).unwrap().data)
+            .unwrap();
+        adapted += usize::from(orig != x);
+    }
+    assert_eq!(adapted, 35, "5 layers × 7 adapted linear weights");
+    // Provenance names the adapter, its hash and its scale.
+    let prov = a.metadata.get("provenance.lora");
+    match prov {
+        Some(nibble::format::Value::Str(s)) => {
+            assert!(
+                s.contains("max-r8") && s.split(' ').next().unwrap().len() == 64,
+                "{s}"
+            )
+        }
+        other => panic!("provenance.lora: {other:?}"),
+    }
+}
+
+#[test]
+fn merge_then_gptq_tells_the_adapted_story_and_beats_rtn() {
+    let src = merged(&base(), vec![spec("max-r8", 1.0)]);
+    let float = Model::from_nib(merged(&base(), vec![spec("max-r8", 1.0)]), "f".into()).unwrap();
+    let text = std::fs::read_to_string(shared().join("data/tinyshakespeare.txt")).unwrap();
+    let tok = float.tokenizer().unwrap();
+    let ids_text = tok.encode(&text[..100_000], false).unwrap();
+    let windows = nibble::quantizer::calib::calibration_windows(&ids_text, 16, 128, 0).unwrap();
+    let opts = nibble::quantizer::QuantizeOptions {
+        method: nibble::quantizer::Method::Gptq,
+        act_order: true,
+        true_sequential: true,
+        threads: 2,
+        ..nibble::quantizer::QuantizeOptions::rtn(4, Some(32), false)
+    };
+    let (buf, reports, _) = nibble::quantizer::quantize_model(
+        &src.view().unwrap(),
+        &opts,
+        Some(&windows),
+        nibble::format::AlignedBytes::new(),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert_eq!(reports.len(), 35);
+    for r in &reports {
+        let rtn = r.rel_error_rtn.unwrap();
+        assert!(
+            r.rel_error < rtn,
+            "{}: GPTQ {:.3e} ≥ RTN {rtn:.3e}",
+            r.name,
+            r.rel_error
+        );
+    }
+    let q = Arc::new(Model::from_nib(NibFile::from_memory(buf).unwrap(), "q".into()).unwrap());
+    let story = tok.decode(&greedy(&q, 24), true).unwrap();
+    eprintln!("merged then GPTQ 4-bit: {story}");
+    assert!(story.contains("little dog named Max"), "{story}");
+}
+
+// ------------------------------------------------------------------ bad input
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A copy of max-r8 with its config and tensors edited.
+fn edited_adapter(
+    name: &str,
+    edit_config: impl FnOnce(&mut serde_json::Value),
+    rename: impl Fn(&str) -> String,
+) -> PathBuf {
+    let src = fixture("max-r8");
+    let d = tmpdir(name);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    edit_config(&mut cfg);
+    std::fs::write(d.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (rename(&n), v))
+        .collect();
+    safetensors::serialize_to_file(views, None, &d.join("adapter_model.safetensors")).unwrap();
+    d
+}
+
+/// The error of merging `adapter` into `model`; nothing is written.
+fn merge_error(model: &Path, adapter: &Path, case: &str) -> String {
+    let out = tmpdir(&format!("lora-out-{case}")).join("out.nib");
+    let opts = ImportOptions {
+        dtype: DType::F32,
+        hash_source: false,
+        keep_blocks: false,
+        lora: vec![LoraSpec {
+            path: adapter.to_path_buf(),
+            scale: 1.0,
+        }],
+    };
+    let e = import_to_file(model, &out, &opts, &mut |_, _, _| {})
+        .err()
+        .unwrap_or_else(|| panic!("{case}: merged"))
+        .to_string();
+    assert!(!out.exists(), "{case}: an output was written");
+    let dir = out.parent().unwrap();
+    assert_eq!(
+        std::fs::read_dir(dir).unwrap().count(),
+        0,
+        "{case}: leftovers"
+    );
+    e
+}
+
+#[test]
+fn adapters_that_do_not_fit_are_refused_before_any_work() {
+    let keep = |n: &str| n.to_string();
+    let cases: Vec<(&str, PathBuf, &str)> = vec![
+        (
+            "other-base",
+            fixture("max-r8"),
+            "do not fit the base's 576×1536 weight",
+        ),
+        (
+            "missing-module",
+            edited_adapter(
+                "lora-missing-module",
+                |_| {},
+                |n| n.replace("q_proj", "x_proj"),
+            ),
+            "target module 'model.layers.0.self_attn.x_proj' is not a linear layer",
+        ),
+        (
+            "ia3",
+            edited_adapter("lora-ia3", |c| c["peft_type"] = "IA3".into(), keep),
+            "peft_type Some(\"IA3\")",
+        ),
+        (
+            "dora",
+            edited_adapter("lora-dora", |c| c["use_dora"] = true.into(), keep),
+            "DoRA",
+        ),
+        (
+            "modules-to-save",
+            edited_adapter(
+                "lora-save",
+                |c| c["modules_to_save"] = serde_json::json!(["lm_head"]),
+                keep,
+            ),
+            "modules_to_save",
+        ),
+        (
+            "embedding",
+            edited_adapter(
+                "lora-embedding",
+                |_| {},
+                |n| {
+                    n.replace(
+                        "layers.0.mlp.down_proj.lora_A.weight",
+                        "embed_tokens.lora_embedding_A",
+                    )
+                },
+            ),
+            "LoRA on an embedding",
+        ),
+        ("not-an-adapter", base(), "no adapter_config.json"),
+    ];
+    let smollm = shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    for (case, adapter, want) in cases {
+        let model = if case == "other-base" {
+            smollm.clone()
+        } else {
+            base()
+        };
+        let e = merge_error(&model, &adapter, case);
+        assert!(e.contains(want), "{case}: {e}");
+        assert!(
+            e.contains(&adapter.display().to_string()),
+            "{case}: no file named: {e}"
+        );
+    }
+}
