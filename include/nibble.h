@@ -298,6 +298,30 @@ enum nibble_status nibble_session_state(const struct nibble_session *session, si
 // `session` is NULL or a live session.
 enum nibble_status nibble_session_reset(struct nibble_session *session);
 
+// Attach the PEFT LoRA adapter in folder `path` (`adapter_config.json` +
+// `adapter_model.safetensors`) to the session as `name`, at `scale` (1 =
+// as trained). Later tokens compute W·x + scale · alpha/r · B·(A·x) for
+// the layers it adapts; the model's weights are untouched and shared.
+// Checked against the model first: on error nothing changes. Tokens
+// already in the KV cache keep what they were computed with
+// (`nibble_session_reset` to recompute).
+//
+// # Safety
+// `session` is NULL or a live session; `name` and `path` are NUL-terminated.
+enum nibble_status nibble_session_lora_add(struct nibble_session *session, const char *name, const char *path, float scale);
+
+// Set attached adapter `name`'s scale (0 switches it off, kept attached).
+//
+// # Safety
+// `session` is NULL or a live session; `name` is NUL-terminated.
+enum nibble_status nibble_session_lora_scale(struct nibble_session *session, const char *name, float scale);
+
+// Detach adapter `name` (its memory is freed).
+//
+// # Safety
+// `session` is NULL or a live session; `name` is NUL-terminated.
+enum nibble_status nibble_session_lora_remove(struct nibble_session *session, const char *name);
+
 // Keep only the first `n_keep` tokens of the KV cache (e.g. to regenerate
 // from a point). `n_keep` larger than the cache is an error.
 //

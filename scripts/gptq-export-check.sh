@@ -56,13 +56,15 @@ echo "nibble .nib ppl $P_NIB"
 echo "nibble export --dtype f32 ppl $P_F32"
 
 echo "== Python loaders: $LOADERS"
-"$VENV/bin/python" scripts/gptq_export_ppl.py "$OUT" "$TEXT" 2048 10 $LOADERS | tee "$WORK/python.txt"
+# GPTQModel logs to standard output too: keep only the result lines.
+"$VENV/bin/python" scripts/gptq_export_ppl.py "$OUT" "$TEXT" 2048 10 $LOADERS | tee "$WORK/python.log"
+grep -aE '^(gptqmodel|transformers) ppl ' "$WORK/python.log" > "$WORK/python.txt"
 
 status=0
 while read -r loader _ ppl _; do
     for ref in "nibble:$P_NIB" "nibble-f32:$P_F32"; do
         name=${ref%%:*}; p=${ref#*:}
-        rel=$(python3 -c "print(f'{abs($ppl / $p - 1) * 100:.3f}')")
+        rel=$(python3 -c "print('%.3f' % (abs($ppl / $p - 1) * 100))")
         ok=$(python3 -c "print('ok' if abs($ppl / $p - 1) <= 0.005 else 'FAIL')")
         echo "$loader $ppl vs $name $p: $rel % ($ok, limit 0.5 %)"
         [ "$ok" = ok ] || status=1

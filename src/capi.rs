@@ -254,6 +254,7 @@ impl From<RuntimeError> for Failure {
             }
             RuntimeError::NoTokenizer { .. } | RuntimeError::Tokenizer(_) => NIBBLE_ERR_TOKENIZER,
             RuntimeError::NoChatTemplate { .. } | RuntimeError::Template(_) => NIBBLE_ERR_FORMAT,
+            RuntimeError::Lora(_) => NIBBLE_ERR_INVALID_ARGUMENT,
             RuntimeError::ThreadPool(_) | RuntimeError::Threads(_) => NIBBLE_ERR_INTERNAL,
             // The enum may grow: anything new is reported, not hidden.
             #[allow(unreachable_patterns)]
@@ -852,6 +853,80 @@ pub unsafe extern "C" fn nibble_session_reset(session: *mut nibble_session) -> n
     boundary(|| {
         // SAFETY: per this function's contract.
         unsafe { borrow_mut(session, "session") }?.session.reset();
+        Ok(())
+    })
+}
+
+/// Attach the PEFT LoRA adapter in folder `path` (`adapter_config.json` +
+/// `adapter_model.safetensors`) to the session as `name`, at `scale` (1 =
+/// as trained). Later tokens compute W·x + scale · alpha/r · B·(A·x) for
+/// the layers it adapts; the model's weights are untouched and shared.
+/// Checked against the model first: on error nothing changes. Tokens
+/// already in the KV cache keep what they were computed with
+/// (`nibble_session_reset` to recompute).
+///
+/// # Safety
+/// `session` is NULL or a live session; `name` and `path` are NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn nibble_session_lora_add(
+    session: *mut nibble_session,
+    name: *const c_char,
+    path: *const c_char,
+    scale: f32,
+) -> nibble_status {
+    boundary(|| {
+        // SAFETY (all helpers): per this function's contract.
+        let s = unsafe { borrow_mut(session, "session") }?;
+        let name = unsafe { borrow_str(name, "name") }?;
+        let path = unsafe { borrow_str(path, "path") }?;
+        let spec = nibble_format::lora::LoraSpec {
+            path: path.into(),
+            scale,
+        };
+        if !scale.is_finite() {
+            return Err(fail(
+                NIBBLE_ERR_INVALID_ARGUMENT,
+                format!("LoRA scale {scale} is not finite"),
+            ));
+        }
+        s.session.add_lora(name, &spec)?;
+        Ok(())
+    })
+}
+
+/// Set attached adapter `name`'s scale (0 switches it off, kept attached).
+///
+/// # Safety
+/// `session` is NULL or a live session; `name` is NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn nibble_session_lora_scale(
+    session: *mut nibble_session,
+    name: *const c_char,
+    scale: f32,
+) -> nibble_status {
+    boundary(|| {
+        // SAFETY (all helpers): per this function's contract.
+        let s = unsafe { borrow_mut(session, "session") }?;
+        let name = unsafe { borrow_str(name, "name") }?;
+        s.session.set_lora_scale(name, scale)?;
+        Ok(())
+    })
+}
+
+/// Detach adapter `name` (its memory is freed).
+///
+/// # Safety
+/// `session` is NULL or a live session; `name` is NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn nibble_session_lora_remove(
+    session: *mut nibble_session,
+    name: *const c_char,
+) -> nibble_status {
+    boundary(|| {
+        // SAFETY (all helpers): per this function's contract.
+        let s = unsafe { borrow_mut(session, "session") }?;
+        let name = unsafe { borrow_str(name, "name") }?;
+        s.session.remove_lora(name)?;
         Ok(())
     })
 }

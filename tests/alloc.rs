@@ -45,7 +45,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Allocations made while decoding `n` tokens after a warm-up of 4.
 fn allocs_per_decode(model: &Arc<Model>, threads: usize, params: SamplerParams, n: usize) -> usize {
-    allocs_per_decode_with(model, threads, params, n, nibble::PoolKind::Spin)
+    allocs_per_decode_with(model, threads, params, n, nibble::PoolKind::Spin, &[])
 }
 
 fn allocs_per_decode_with(
@@ -54,6 +54,7 @@ fn allocs_per_decode_with(
     params: SamplerParams,
     n: usize,
     pool: nibble::PoolKind,
+    lora: &[nibble::format::lora::LoraSpec],
 ) -> usize {
     let mut s = nibble::Session::new(
         Arc::clone(model),
@@ -65,6 +66,9 @@ fn allocs_per_decode_with(
         },
     )
     .unwrap();
+    for (i, spec) in lora.iter().enumerate() {
+        s.add_lora(&i.to_string(), spec).unwrap();
+    }
     let mut sampler = Sampler::new(params, model.hparams.n_vocab).unwrap();
     let mut next = model.bos_id.unwrap_or(1);
     // Warm-up: a batched prompt first, so that every worker thread of both
@@ -118,6 +122,7 @@ fn decoding_allocates_nothing_after_warm_up() {
         SamplerParams::greedy(),
         256,
         nibble::PoolKind::Rayon,
+        &[],
     );
     eprintln!("2 threads on rayon: {two} allocations in 256 tokens");
     assert!(two < 256, "2 threads: {two} allocations in 256 tokens");
@@ -159,6 +164,35 @@ fn decoding_packed_weights_on_two_threads_allocates_nothing() {
             n = allocs_per_decode(&model, threads, SamplerParams::greedy(), 24);
         }
         assert_eq!(n, 0, "{threads} threads: {n} allocations in 24 tokens");
+    }
+}
+
+/// Run-time LoRA adapters (two at once, all seven linear layers) add
+/// nothing per token: their terms and scratch are sized when attached.
+#[test]
+fn decoding_with_lora_adapters_allocates_nothing() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let model = Arc::new(Model::load(common::shared().join("models/stories260k")).unwrap());
+    let lora: Vec<_> = ["max-r8", "max-r4-qv"]
+        .iter()
+        .map(|a| nibble::format::lora::LoraSpec {
+            path: common::shared().join("fixtures/lora").join(a),
+            scale: 1.0,
+        })
+        .collect();
+    for threads in [1, 2] {
+        let n = allocs_per_decode_with(
+            &model,
+            threads,
+            SamplerParams::greedy(),
+            64,
+            nibble::PoolKind::Spin,
+            &lora,
+        );
+        assert_eq!(
+            n, 0,
+            "{threads} threads with adapters: {n} allocations in 64 tokens"
+        );
     }
 }
 

@@ -192,3 +192,25 @@ fn c_error_paths_return_codes_and_messages() {
     let vg = run_valgrind(&exe, &args);
     assert!(stdout(&vg).contains("checks passed"));
 }
+
+#[test]
+fn lora_adapters_hot_swap_through_the_c_api() {
+    let dir = scratch("lora");
+    let model = stories_nib(&dir);
+    let exe = compile("tests/c/lora.c", &dir);
+    let lora = shared().join("fixtures/lora");
+    let (max, tom) = (lora.join("max-r8"), lora.join("max-r4-qv"));
+    let bad = shared().join("models/stories260k");
+    let args: [&Path; 4] = [&model, &max, &tom, &bad];
+    let out = run(&exe, &args);
+    assert!(
+        out.status.success(),
+        "lora.c failed:\n{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout(&out).contains("checks passed"), "{}", stdout(&out));
+    // No errors, no leaks: adapters freed with their session.
+    let vg = run_valgrind(&exe, &args);
+    assert!(stdout(&vg).contains("checks passed"));
+}

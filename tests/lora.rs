@@ -318,3 +318,201 @@ fn adapters_that_do_not_fit_are_refused_before_any_work() {
         );
     }
 }
+
+// ------------------------------------------------------------------ at run time
+
+fn session_with(model: &Arc<Model>, n_ctx: usize) -> nibble::Session {
+    session(model, n_ctx, 1)
+}
+
+fn logits_both_paths(s_model: &Arc<Model>, adapters: &[(&str, f32)]) -> [Vec<f32>; 2] {
+    let input = ids("input_ids");
+    let mut out = [Vec::new(), Vec::new()];
+    for (k, batched) in [false, true].into_iter().enumerate() {
+        let mut s = session_with(s_model, 32);
+        for (name, scale) in adapters {
+            s.add_lora(name, &spec(name, *scale)).unwrap();
+        }
+        let mut all = Vec::new();
+        if batched {
+            s.eval_each(&input, |_, l| all.extend_from_slice(l))
+                .unwrap();
+        } else {
+            s.eval_each_sequential(&input, |_, l| all.extend_from_slice(l))
+                .unwrap();
+        }
+        out[k] = all;
+    }
+    out
+}
+
+#[test]
+fn runtime_adapters_on_the_float_base_give_pefts_logits_and_texts() {
+    let model = Arc::new(Model::from_nib(merged(&base(), vec![]), "base".into()).unwrap());
+    type Adapters<'a> = &'a [(&'a str, f32)];
+    let cases: [(Adapters, &str, &str); 4] = [
+        (&[("max-r8", 1.0)], "logits_max", "greedy_max"),
+        (&[("max-r8", 0.5)], "logits_max_half", "greedy_max_half"),
+        (&[("max-r4-qv", 1.0)], "logits_tom", "greedy_tom"),
+        (
+            &[("max-r8", 1.0), ("max-r4-qv", 1.0)],
+            "logits_both",
+            "greedy_both",
+        ),
+    ];
+    for (adapters, logits, greedy_ids) in cases {
+        let want = read_ref(&fixture("reference.safetensors"), logits).f32;
+        for (path, got) in ["sequential", "batched"]
+            .iter()
+            .zip(logits_both_paths(&model, adapters))
+        {
+            let e = rel_err(&got, &want);
+            assert!(
+                e <= TOL_LOGITS,
+                "{adapters:?} {path}: logits rel err {e:.3e}"
+            );
+        }
+        let mut s = session_with(&model, 64);
+        for (name, scale) in adapters {
+            s.add_lora(name, &spec(name, *scale)).unwrap();
+        }
+        let want_ids = ids(greedy_ids);
+        s.eval(&[1]).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..want_ids.len() {
+            let next = nibble::runtime::argmax(s.logits());
+            got.push(next);
+            s.eval(&[next]).unwrap();
+        }
+        assert_eq!(got, want_ids, "{adapters:?}: greedy text");
+    }
+}
+
+#[test]
+fn adapters_swap_rescale_and_detach_on_a_live_session() {
+    let model = Arc::new(Model::from_nib(merged(&base(), vec![]), "base".into()).unwrap());
+    let input = ids("input_ids");
+    let reference = |name: &str| read_ref(&fixture("reference.safetensors"), name).f32;
+    let mut s = session_with(&model, 32);
+    let run = |s: &mut nibble::Session| {
+        s.reset();
+        let mut all = Vec::new();
+        s.eval_each(&input, |_, l| all.extend_from_slice(l))
+            .unwrap();
+        all
+    };
+    let check = |got: &[f32], want: &str| {
+        let e = rel_err(got, &reference(want));
+        assert!(e <= TOL_LOGITS, "{want}: rel err {e:.3e}");
+    };
+    check(&run(&mut s), "logits_base");
+    s.add_lora("max", &spec("max-r8", 1.0)).unwrap();
+    check(&run(&mut s), "logits_max");
+    s.set_lora_scale("max", 0.5).unwrap();
+    check(&run(&mut s), "logits_max_half");
+    s.add_lora("tom", &spec("max-r4-qv", 1.0)).unwrap();
+    s.set_lora_scale("max", 0.0).unwrap();
+    check(&run(&mut s), "logits_tom");
+    s.set_lora_scale("max", 1.0).unwrap();
+    check(&run(&mut s), "logits_both");
+    s.remove_lora("tom").unwrap();
+    check(&run(&mut s), "logits_max");
+    s.remove_lora("max").unwrap();
+    check(&run(&mut s), "logits_base");
+    assert_eq!(s.loras().count(), 0);
+    // Errors leave the session as it was.
+    let e = s.remove_lora("max").unwrap_err().to_string();
+    assert!(e.contains("no adapter named 'max'"), "{e}");
+    s.add_lora("max", &spec("max-r8", 1.0)).unwrap();
+    let e = s
+        .add_lora("max", &spec("max-r4-qv", 1.0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already attached"), "{e}");
+    let bad = edited_adapter(
+        "lora-live-dora",
+        |c| c["use_dora"] = true.into(),
+        |n| n.to_string(),
+    );
+    let e = s
+        .add_lora(
+            "dora",
+            &LoraSpec {
+                path: bad,
+                scale: 1.0,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("DoRA"), "{e}");
+    check(&run(&mut s), "logits_max");
+}
+
+#[test]
+fn runtime_adapter_on_a_4bit_act_order_base_follows_its_folded_hidden_order() {
+    // A 4-bit GPTQ base with act-order: nibble stores its feed-forward
+    // hidden units in ffn_down's processing order (`.fold`).
+    let src = merged(&base(), vec![]);
+    let float = Model::from_nib(merged(&base(), vec![]), "f".into()).unwrap();
+    let text = std::fs::read_to_string(shared().join("data/tinyshakespeare.txt")).unwrap();
+    let tok = float.tokenizer().unwrap();
+    let ids_text = tok.encode(&text[..100_000], false).unwrap();
+    let windows = nibble::quantizer::calib::calibration_windows(&ids_text, 16, 128, 0).unwrap();
+    let opts = nibble::quantizer::QuantizeOptions {
+        method: nibble::quantizer::Method::Gptq,
+        act_order: true,
+        true_sequential: true,
+        threads: 2,
+        ..nibble::quantizer::QuantizeOptions::rtn(4, Some(32), false)
+    };
+    let (buf, _, _) = nibble::quantizer::quantize_model(
+        &src.view().unwrap(),
+        &opts,
+        Some(&windows),
+        nibble::format::AlignedBytes::new(),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let q4 = NibFile::from_memory(buf).unwrap();
+    assert!(q4.view().unwrap().tensor("blk.0.ffn_down.fold").is_some());
+    // The same weights in float and in the original order (exported as a
+    // GPTQ checkpoint, imported dequantized), the adapter merged into them.
+    let out = tmpdir("lora-q4-export").join("q4");
+    nibble::format::export_gptq::export_gptq(&q4, &out, &Default::default(), &mut |_, _, _| {})
+        .unwrap();
+    let merged_float = Arc::new(
+        Model::from_nib(merged(&out, vec![spec("max-r8", 1.0)]), "deq+lora".into()).unwrap(),
+    );
+    let plain_float = Arc::new(Model::from_nib(merged(&out, vec![]), "deq".into()).unwrap());
+    let packed = Arc::new(Model::from_nib(q4, "q4".into()).unwrap());
+    let input = ids("input_ids");
+    // Without the adapter: the int8 rounding of the activations alone.
+    let e0 = rel_err(
+        &forward_logits_sequential(&packed, &input, 1),
+        &forward_logits_sequential(&plain_float, &input, 1),
+    );
+    // With it at run time on the packed base: the same rounding, no more
+    // (a hidden-unit order mixed up would move the logits by O(1)).
+    let with = logits_both_paths(&packed, &[("max-r8", 1.0)]);
+    let want = forward_logits_sequential(&merged_float, &input, 1);
+    for (path, got) in ["sequential", "batched"].iter().zip(&with) {
+        let e = rel_err(got, &want);
+        eprintln!("4-bit base + run-time adapter vs float: {path} {e:.3e} (no adapter: {e0:.3e})");
+        assert!(
+            e <= 3e-2 && e <= 3.0 * e0 + 1e-3,
+            "{path}: rel err {e:.3e}, base alone {e0:.3e}"
+        );
+    }
+    let mut s = session_with(&packed, 64);
+    s.add_lora("max", &spec("max-r8", 1.0)).unwrap();
+    s.eval(&[1]).unwrap();
+    let mut story = Vec::new();
+    for _ in 0..24 {
+        let next = nibble::runtime::argmax(s.logits());
+        story.push(next);
+        s.eval(&[next]).unwrap();
+    }
+    let story = tok.decode(&story, true).unwrap();
+    eprintln!("4-bit base + run-time max-r8: {story}");
+    assert!(story.contains("little dog named Max"), "{story}");
+}

@@ -23,6 +23,10 @@ pub struct BenchArgs {
     /// they are, a Hugging Face folder in f32), f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// Apply a PEFT LoRA adapter at run time in every measured session
+    /// (repeatable): its cost is the difference to a run without.
+    #[arg(long = "lora", value_name = "ADAPTER[:SCALE]", value_parser = crate::commands::parse_lora)]
+    lora: Vec<nibble_format::lora::LoraSpec>,
     /// Prompt lengths to measure (comma-separated; 0 skips).
     #[arg(
         short = 'p',
@@ -140,6 +144,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         threads: 1,
         ctx_size: 0,
         kv_cache: a.kv_cache.clone(),
+        lora: Vec::new(),
     })?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let kernels: Vec<&'static Kernels> = if a.isa.is_empty() {
@@ -215,8 +220,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let tokens: Vec<u32> = (0..max_len as u32)
             .map(|i| (i * 7919 + 13) % n_vocab)
             .collect();
-        let session = |prefill: PrefillKind| {
-            Session::new(
+        let session = |prefill: PrefillKind| -> Result<Session> {
+            let mut s = Session::new(
                 Arc::clone(&model),
                 &SessionParams {
                     n_ctx: max_len.max(16),
@@ -226,7 +231,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     kv: crate::kv_type(&a.kv_cache),
                     ..Default::default()
                 },
-            )
+            )?;
+            crate::commands::attach_loras(&mut s, &a.lora)?;
+            Ok(s)
         };
         // One untimed session first: the first one measured otherwise reads
         // ~12 % slower than the same kind measured again after it (

@@ -67,7 +67,7 @@ pub fn load_model(a: &ModelArgs) -> Result<Arc<Model>> {
 }
 
 pub fn new_session(model: &Arc<Model>, a: &ModelArgs) -> Result<Session> {
-    Ok(Session::new(
+    let mut s = Session::new(
         Arc::clone(model),
         &SessionParams {
             n_ctx: a.ctx_size,
@@ -75,7 +75,19 @@ pub fn new_session(model: &Arc<Model>, a: &ModelArgs) -> Result<Session> {
             kv: a.kv_type(),
             ..Default::default()
         },
-    )?)
+    )?;
+    attach_loras(&mut s, &a.lora)?;
+    Ok(s)
+}
+
+/// Attach `--lora` adapters to a session, named after their folders.
+pub fn attach_loras(s: &mut Session, lora: &[LoraSpec]) -> Result<()> {
+    for (i, spec) in lora.iter().enumerate() {
+        let name = format!("{i}:{}", spec.path.display());
+        s.add_lora(&name, spec)
+            .with_context(|| format!("cannot apply the LoRA adapter {}", spec.path.display()))?;
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -485,6 +497,7 @@ pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
             ..Default::default()
         },
     )?;
+    attach_loras(&mut session, &a.model.lora)?;
     let pb = bar((n_windows * n_ctx) as u64, "perplexity");
     let t0 = Instant::now();
     let mut nll = 0f64;

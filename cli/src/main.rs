@@ -136,6 +136,11 @@ pub struct ModelArgs {
     /// logits differ by ~5e-4 relative on SmolLM2).
     #[arg(long = "kv-cache", default_value = "f16", value_parser = ["f16", "f32"])]
     pub kv_cache: String,
+    /// Apply a PEFT LoRA adapter folder at run time (W·x + SCALE · alpha/r ·
+    /// B·(A·x) beside the base, which stays as stored, packed or not;
+    /// SCALE defaults to 1). Repeatable: the adapters add up.
+    #[arg(long = "lora", value_name = "ADAPTER[:SCALE]", value_parser = commands::parse_lora)]
+    pub lora: Vec<nibble_format::lora::LoraSpec>,
 }
 
 impl ModelArgs {

@@ -213,6 +213,53 @@ fn st_dtype(d: DType) -> safetensors::Dtype {
     }
 }
 
+/// A U32 tensor's values.
+fn u32_tensor(view: &crate::nib::NibView<'_>, name: &str) -> Option<Vec<u32>> {
+    view.tensor(name).map(|p| {
+        p.data
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
+}
+
+/// For `ffn_gate`/`ffn_up` tensors (weights, biases) of a layer whose
+/// hidden units nibble stores in `ffn_down`'s act-order (`blk.N.ffn_down.fold`,
+/// stored unit j = original unit `fold[j]`): the stored row of each
+/// original unit, so the checkpoint lists them in the original order and
+/// adapters or tools made for the original model fit it.
+fn unfolded_rows(view: &crate::nib::NibView<'_>, name: &str) -> Result<Option<Vec<usize>>> {
+    let Some((layer, role)) = name.strip_prefix("blk.").and_then(|r| r.split_once('.')) else {
+        return Ok(None);
+    };
+    if !(role.starts_with("ffn_gate.") || role.starts_with("ffn_up.")) {
+        return Ok(None);
+    }
+    let fold_name = format!("blk.{layer}.ffn_down.fold");
+    let Some(fold) = u32_tensor(view, &fold_name) else {
+        return Ok(None);
+    };
+    Ok(Some(inverse_permutation(&fold).ok_or_else(|| {
+        FormatError::BadValue {
+            key: fold_name,
+            why: "is not a permutation".into(),
+        }
+    })?))
+}
+
+/// `inv[p[j]] = j`, or `None` when `p` is not a permutation of `0..len`.
+pub fn inverse_permutation(p: &[u32]) -> Option<Vec<usize>> {
+    let mut inv = vec![usize::MAX; p.len()];
+    for (j, &u) in p.iter().enumerate() {
+        let slot = inv.get_mut(u as usize)?;
+        if *slot != usize::MAX {
+            return None;
+        }
+        *slot = j;
+    }
+    Some(inv)
+}
+
 /// A float tensor's bytes for the checkpoint: F32 values (nibble keeps
 /// norms in F32) as F16 where every value is exactly an f16 (the
 /// checkpoint's `torch_dtype`), else as they are.
@@ -305,16 +352,14 @@ pub fn export_gptq(
         let is_linear = shape.len() == 2 && name != "token_embd.weight";
         match t.dtype {
             DType::Q2G | DType::Q3G | DType::Q4G | DType::Q8G if is_linear => {
-                let perm_name = format!("{}.perm", name.trim_end_matches(".weight"));
-                let perm: Option<Vec<u32>> = view.tensor(&perm_name).map(|p| {
-                    p.data
-                        .chunks_exact(4)
-                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect()
-                });
+                let stem_name = name.trim_end_matches(".weight");
+                // A folded ffn_down reads its hidden units in `.fold` order:
+                // that order is its input permutation in the checkpoint.
+                let perm = u32_tensor(&view, &format!("{stem_name}.perm"))
+                    .or_else(|| u32_tensor(&view, &format!("{stem_name}.fold")));
                 let (rows, cols) = (shape[0] as usize, shape[1] as usize);
                 let gs = t.quant_param as usize;
-                let lin = GptqLinear::from_groups(
+                let mut lin = GptqLinear::from_groups(
                     name,
                     t.dtype,
                     gs,
@@ -322,6 +367,9 @@ pub fn export_gptq(
                     t.data,
                     perm.as_deref(),
                 )?;
+                if let Some(inverse) = unfolded_rows(&view, name)? {
+                    lin = lin.select_rows(&inverse);
+                }
                 if lin.bits == 3 && (rows % 32 != 0 || cols % 32 != 0) {
                     return Err(cannot(format!(
                         "'{name}' ({rows}×{cols}) is 3-bit: GPTQ packs 3-bit codes 32 to 3 words, so both \
@@ -356,7 +404,14 @@ pub fn export_gptq(
                 if is_linear {
                     float_linears.push(stem.clone());
                 }
-                let (dtype, bytes) = narrowest_exact(t.dtype, t.data);
+                let (dtype, mut bytes) = narrowest_exact(t.dtype, t.data);
+                if let Some(inverse) = unfolded_rows(&view, name)? {
+                    let row = bytes.len() / shape[0] as usize;
+                    bytes = inverse
+                        .iter()
+                        .flat_map(|&j| bytes[j * row..(j + 1) * row].to_vec())
+                        .collect();
+                }
                 tensors.push(Out {
                     name: hf,
                     dtype,

@@ -370,6 +370,21 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
                 &packed,
             )?;
         }
+        if fold == Fold::Consumer && permuted {
+            // The folded order itself, for what is given in the original
+            // order of the hidden units (LoRA adapters at run time).
+            let order: Vec<u8> = q
+                .perm
+                .iter()
+                .flat_map(|&p| (p as u32).to_le_bytes())
+                .collect();
+            self.writer.add_tensor(
+                &name.replace(".weight", ".fold"),
+                DType::U32,
+                &[cols as u64],
+                &order,
+            )?;
+        }
         if fold == Fold::Consumer {
             // Producer row j is original row perm[j] (identity if this layer
             // kept its column order).

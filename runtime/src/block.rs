@@ -166,6 +166,9 @@ pub trait BlockExec {
     fn input(&mut self, layer: usize, first: Lin, x: &[f32], rows: usize);
     /// `out[rows, w.rows] = x[rows, w.cols] · Wᵀ` (no bias).
     fn linear(&mut self, layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]);
+    /// After [`BlockExec::linear`]: add what run-time adapters add to its
+    /// output (`crate::lora`); nothing by default.
+    fn adapt(&mut self, _layer: usize, _w: Lin, _x: &[f32], _rows: usize, _out: &mut [f32]) {}
     /// Position of row `row` (for RoPE).
     fn position(&self, row: usize) -> usize;
     /// Keep the rows' keys (after RoPE) and values where later tokens find
@@ -402,6 +405,7 @@ fn add_bias(out: &mut [f32], bias: Option<&[f32]>) {
 /// `out` ← `x · Wᵀ + b` for linear `w` of layer `l`.
 fn linear_bias<E: BlockExec>(e: &mut E, l: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]) {
     e.linear(l, w, x, rows, out);
+    e.adapt(l, w, x, rows, out);
     add_bias(out, e.vector(l, Vector::bias_of(w)));
 }
 

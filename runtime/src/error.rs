@@ -42,6 +42,8 @@ pub enum RuntimeError {
          its weights are probably damaged (check the file with `nibble inspect --verify`)"
     )]
     NonFiniteLogits { model: String, pos: usize },
+    #[error("LoRA adapter: {0}")]
+    Lora(String),
     #[error("invalid parameter: {0}")]
     InvalidParam(String),
     #[error("could not start the thread pool: {0}")]

@@ -21,6 +21,7 @@ use crate::block::{
 };
 use crate::kernels::pool::SpinPool;
 use crate::kernels::{Attend, Kernels, Q8Buf, Q8Ref};
+use crate::lora::LoraRun;
 use crate::model::{Model, Weight, WeightData};
 use crate::session::PrefillKind;
 
@@ -159,6 +160,8 @@ pub struct RunState {
     pub kv: KvCache,
     /// RoPE tables of positions `0..n_ctx`.
     rope: Rope,
+    /// Run-time LoRA adapters' terms (empty: none), set by the session.
+    pub lora: LoraRun,
 }
 
 /// Element type of the KV cache.
@@ -250,6 +253,7 @@ impl RunState {
             inp: LayerInput::new(hp.n_embd.max(hp.n_ff).max(q_dim)),
             kv: KvCache::new(kv, hp.n_layer * n_ctx * kv_dim),
             rope: Rope::new(hp, n_ctx),
+            lora: LoraRun::default(),
         }
     }
 
@@ -440,6 +444,7 @@ struct TokenExec<'a> {
     n_ctx: usize,
     pos: usize,
     par: Par<'a>,
+    lora: &'a mut LoraRun,
 }
 
 impl BlockExec for TokenExec<'_> {
@@ -452,6 +457,11 @@ impl BlockExec for TokenExec<'_> {
     fn linear(&mut self, layer: usize, w: Lin, x: &[f32], _rows: usize, out: &mut [f32]) {
         let w = self.model.layers[layer].linear(w);
         matvec(self.model, w, x, out, self.inp, self.par);
+    }
+    fn adapt(&mut self, layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]) {
+        let cols = self.model.layers[layer].linear(w).cols;
+        self.lora
+            .apply(self.model.kernels(), layer, w, x, rows, cols, out);
     }
     fn position(&self, _row: usize) -> usize {
         self.pos
@@ -509,6 +519,7 @@ pub fn forward(
         inp,
         kv,
         rope,
+        lora,
     } = s;
     embed(model, token, pos, &mut bufs.x, &mut bufs.xn);
     let mut e = TokenExec {
@@ -519,6 +530,7 @@ pub fn forward(
         n_ctx: *n_ctx,
         pos,
         par,
+        lora,
     };
     for l in 0..hp.n_layer {
         block(hp, l, &mut e, bufs, rope, 1);
@@ -823,6 +835,7 @@ struct BatchExec<'a> {
     rows: BatchRows<'a>,
     n_ctx: usize,
     threads: usize,
+    lora: &'a mut LoraRun,
 }
 
 impl BlockExec for BatchExec<'_> {
@@ -831,6 +844,11 @@ impl BlockExec for BatchExec<'_> {
     }
     fn input(&mut self, _layer: usize, _first: Lin, _x: &[f32], _rows: usize) {
         self.scratch.new_input();
+    }
+    fn adapt(&mut self, layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]) {
+        let cols = self.model.layers[layer].linear(w).cols;
+        self.lora
+            .apply(self.model.kernels(), layer, w, x, rows, cols, out);
     }
     fn linear(&mut self, layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]) {
         let w = self.model.layers[layer].linear(w);
@@ -985,6 +1003,7 @@ pub fn forward_batch(
         },
         n_ctx: s.n_ctx,
         threads,
+        lora: &mut s.lora,
     };
     for l in 0..hp.n_layer {
         block(hp, l, &mut ex, &mut bs.bufs, &s.rope, b);
@@ -1062,6 +1081,7 @@ pub fn forward_slots(
         rows: BatchRows::Slots { pos, slot_len },
         n_ctx: s.n_ctx,
         threads,
+        lora: &mut s.lora,
     };
     for l in 0..hp.n_layer {
         block(hp, l, &mut ex, &mut bs.bufs, &s.rope, b);

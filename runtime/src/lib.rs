@@ -22,6 +22,7 @@ pub mod cpu;
 pub mod error;
 pub mod forward;
 pub mod kernels;
+pub mod lora;
 pub mod math;
 pub mod model;
 pub mod sampler;

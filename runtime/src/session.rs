@@ -6,9 +6,11 @@ use std::sync::Arc;
 use crate::error::{Result, RuntimeError};
 use crate::forward::{forward, forward_batch, BatchState, KvType, Par, RunState};
 use crate::kernels::pool::SpinPool;
+use crate::lora::{Attached, LoraRun};
 use crate::model::Model;
 use crate::sampler::Sampler;
 use crate::tokenizer::TextStream;
+use nibble_format::lora::LoraSpec;
 
 /// Session settings.
 #[derive(Clone, Debug)]
@@ -131,6 +133,8 @@ pub struct Session {
     prefill: PrefillKind,
     /// Buffers of the batched prompt path, created on first use.
     batch: Option<BatchState>,
+    /// Run-time LoRA adapters, in the order they were added.
+    adapters: Vec<Attached>,
 }
 
 impl Session {
@@ -209,7 +213,65 @@ impl Session {
             n_batch: params.n_batch.min(n_ctx),
             prefill: params.prefill,
             batch: None,
+            adapters: Vec::new(),
         })
+    }
+
+    /// Attach the PEFT LoRA adapter `spec` (folder and scale) as `name`:
+    /// every later token computes `W·x + Σ scale · alpha/r · B·(A·x)` for the
+    /// layers it adapts, the base weights untouched. Checked against the
+    /// model before anything changes. Tokens already in the KV cache keep
+    /// what they were computed with (call [`Session::reset`] to recompute).
+    pub fn add_lora(&mut self, name: &str, spec: &LoraSpec) -> Result<()> {
+        if self.adapters.iter().any(|a| a.name == name) {
+            return Err(RuntimeError::Lora(format!(
+                "an adapter named '{name}' is already attached"
+            )));
+        }
+        let attached = Attached::load(&self.model, name, spec)?;
+        self.adapters.push(attached);
+        self.rebuild_lora();
+        Ok(())
+    }
+
+    /// Set adapter `name`'s scale (0 switches it off without removing it).
+    pub fn set_lora_scale(&mut self, name: &str, scale: f32) -> Result<()> {
+        if !scale.is_finite() {
+            return Err(RuntimeError::InvalidParam(format!(
+                "LoRA scale {scale} is not finite"
+            )));
+        }
+        let a = self.adapter_mut(name)?;
+        a.scale = scale;
+        self.rebuild_lora();
+        Ok(())
+    }
+
+    /// Detach adapter `name`.
+    pub fn remove_lora(&mut self, name: &str) -> Result<()> {
+        self.adapter_mut(name)?;
+        self.adapters.retain(|a| a.name != name);
+        self.rebuild_lora();
+        Ok(())
+    }
+
+    /// The attached adapters: (name, scale, source folder and hash).
+    pub fn loras(&self) -> impl Iterator<Item = (&str, f32, &str)> {
+        self.adapters
+            .iter()
+            .map(|a| (a.name.as_str(), a.scale, a.source.as_str()))
+    }
+
+    fn adapter_mut(&mut self, name: &str) -> Result<&mut Attached> {
+        self.adapters
+            .iter_mut()
+            .find(|a| a.name == name)
+            .ok_or_else(|| RuntimeError::Lora(format!("no adapter named '{name}' is attached")))
+    }
+
+    /// The per-layer terms and their scratch, sized once per change.
+    fn rebuild_lora(&mut self) {
+        self.state.lora = LoraRun::build(&self.adapters, self.model.hparams.n_layer);
     }
 
     pub fn model(&self) -> &Arc<Model> {
