@@ -10,9 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{
-    forward_logits_batched, forward_logits_sequential, read_ref, rel_err, session, shared,
-};
+use common::*;
 use nibble::format::gptq_checkpoint::{GptqLinear, GptqTensors};
 use nibble::format::import::{import_to_memory, ImportOptions};
 use nibble::format::{DType, NibFile};
@@ -150,75 +148,42 @@ fn v1_and_v2_checkpoints_import_to_identical_files() {
     assert_eq!(n, b.tensors.len());
 }
 
-fn reference_ids(reference: &Path, name: &str) -> Vec<u32> {
-    read_ref(reference, name)
-        .i64
-        .iter()
-        .map(|&v| v as u32)
-        .collect()
-}
-
-fn greedy(model: &Arc<Model>, n: usize) -> Vec<u32> {
-    let mut s = session(model, n + 2, 1);
-    s.eval(&[1]).unwrap();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let next = nibble::runtime::argmax(s.logits());
-        out.push(next);
-        s.eval(&[next]).unwrap();
+/// Every fixture folder imported with its codes kept or dequantized: the
+/// logits of both paths within `tol` of GPTQModel's, and its greedy tokens
+/// (the reference's smallest top-1/top-2 gap over them is ≥ 0.19: the int8
+/// rounding of the activations flips none).
+fn check_against_gptqmodel(keep_blocks: bool, threads: usize, tol: f64) {
+    for f in FOLDERS {
+        let dir = folder(f);
+        let reference = dir.join("reference.safetensors");
+        let ids = ref_ids(&reference, "input_ids");
+        let want = read_ref(&reference, "logits").f32;
+        let model = Arc::new(Model::from_nib(import(&dir, keep_blocks), f.into()).unwrap());
+        for (path, got) in [
+            ("batched", forward_logits_batched(&model, &ids, threads, 7)),
+            (
+                "sequential",
+                forward_logits_sequential(&model, &ids, threads),
+            ),
+        ] {
+            let e = rel_err(&got, &want);
+            eprintln!("{f} {path} (codes kept: {keep_blocks}): logits rel err {e:.3e}");
+            assert!(e <= tol, "{f} {path}: logits rel err {e:.3e} > {tol:e}");
+        }
+        let want_greedy = ref_ids(&reference, "greedy_ids");
+        let got = greedy_from_bos(&model, want_greedy.len());
+        assert_eq!(got, want_greedy, "{f}: greedy ids");
     }
-    out
 }
 
 #[test]
 fn float_logits_and_greedy_text_equal_gptqmodels() {
-    for f in FOLDERS {
-        let dir = folder(f);
-        let reference = dir.join("reference.safetensors");
-        let ids = reference_ids(&reference, "input_ids");
-        let want = read_ref(&reference, "logits").f32;
-        let model = Arc::new(Model::from_nib(import(&dir, false), f.into()).unwrap());
-        for (path, got) in [
-            ("batched", forward_logits_batched(&model, &ids, 1, 5)),
-            ("sequential", forward_logits_sequential(&model, &ids, 1)),
-        ] {
-            let e = rel_err(&got, &want);
-            assert!(e <= TOL_F32_LOGITS, "{f} {path}: logits rel err {e:.3e}");
-        }
-        let want_greedy = reference_ids(&reference, "greedy_ids");
-        assert_eq!(
-            greedy(&model, want_greedy.len()),
-            want_greedy,
-            "{f}: greedy ids"
-        );
-    }
+    check_against_gptqmodel(false, 1, TOL_F32_LOGITS);
 }
 
 #[test]
 fn packed_checkpoint_runs_with_int8_activations_and_tells_the_same_story() {
-    for f in FOLDERS {
-        let dir = folder(f);
-        let reference = dir.join("reference.safetensors");
-        let ids = reference_ids(&reference, "input_ids");
-        let want = read_ref(&reference, "logits").f32;
-        let model = Arc::new(Model::from_nib(import(&dir, true), f.into()).unwrap());
-        for (path, got) in [
-            ("batched", forward_logits_batched(&model, &ids, 2, 7)),
-            ("sequential", forward_logits_sequential(&model, &ids, 2)),
-        ] {
-            let e = rel_err(&got, &want);
-            eprintln!("{f} {path}: int8-activation logits rel err {e:.3e}");
-            assert!(e <= TOL_INT8_LOGITS, "{f} {path}: logits rel err {e:.3e}");
-        }
-        // The smallest top-1/top-2 gap of the reference's greedy steps is
-        // ≥ 0.19: the int8 rounding does not flip any of them.
-        let want_greedy = reference_ids(&reference, "greedy_ids");
-        assert_eq!(
-            greedy(&model, want_greedy.len()),
-            want_greedy,
-            "{f}: greedy ids"
-        );
-    }
+    check_against_gptqmodel(true, 2, TOL_INT8_LOGITS);
 }
 
 // ------------------------------------------------------------------ edited copies
@@ -403,7 +368,7 @@ fn dynamic_overrides_give_modules_other_bits_or_leave_them_in_float() {
             "{name}"
         );
     }
-    let ids = reference_ids(
+    let ids = ref_ids(
         &folder(FOLDERS[0]).join("reference.safetensors"),
         "input_ids",
     );
@@ -635,28 +600,11 @@ fn re_exporting_gptqmodels_checkpoints_reproduces_their_tensors_byte_for_byte() 
 }
 
 fn quantize_stories(opts: &nibble::quantizer::QuantizeOptions) -> NibFile {
-    let src = common::import_f32(&shared().join("models/stories260k"));
-    let float = Model::from_nib(
-        common::import_f32(&shared().join("models/stories260k")),
-        "f".into(),
-    )
-    .unwrap();
-    let text = std::fs::read_to_string(shared().join("data/tinyshakespeare.txt")).unwrap();
-    let ids = float
-        .tokenizer()
-        .unwrap()
-        .encode(&text[..100_000], false)
-        .unwrap();
-    let windows = nibble::quantizer::calib::calibration_windows(&ids, 8, 128, 0).unwrap();
-    let (buf, _, _) = nibble::quantizer::quantize_model(
-        &src.view().unwrap(),
+    quantize_in_memory(
+        &common::import_f32(&shared().join("models/stories260k")),
         opts,
-        Some(&windows),
-        nibble::format::AlignedBytes::new(),
-        &mut |_, _, _| {},
     )
-    .unwrap();
-    NibFile::from_memory(buf).unwrap()
+    .0
 }
 
 fn gptq(
@@ -666,11 +614,8 @@ fn gptq(
     sym: bool,
 ) -> nibble::quantizer::QuantizeOptions {
     nibble::quantizer::QuantizeOptions {
-        method: nibble::quantizer::Method::Gptq,
-        act_order,
-        true_sequential: true,
-        threads: 2,
-        ..nibble::quantizer::QuantizeOptions::rtn(bits, group_size, sym)
+        sym,
+        ..gptq_opts(bits, group_size, act_order, true)
     }
 }
 
@@ -777,7 +722,7 @@ fn quantize_export_import_round_trips_codes_scales_zeros_and_logits() {
         // (groups of 32 are the activation blocks); with larger act-order
         // groups the import stores a group's columns in input order, so the
         // activation blocks differ: within the int8 tolerance.
-        let ids = reference_ids(
+        let ids = ref_ids(
             &folder(FOLDERS[0]).join("reference.safetensors"),
             "input_ids",
         );

@@ -9,9 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{
-    forward_logits_batched, forward_logits_sequential, read_ref, rel_err, session, shared,
-};
+use common::*;
 use nibble::format::import::{import_to_file, import_to_memory, ImportOptions};
 use nibble::format::lora::LoraSpec;
 use nibble::format::{DType, NibFile};
@@ -52,23 +50,7 @@ fn merged(src: &Path, lora: Vec<LoraSpec>) -> NibFile {
 }
 
 fn ids(name: &str) -> Vec<u32> {
-    read_ref(&fixture("reference.safetensors"), name)
-        .i64
-        .iter()
-        .map(|&v| v as u32)
-        .collect()
-}
-
-fn greedy(model: &Arc<Model>, n: usize) -> Vec<u32> {
-    let mut s = session(model, n + 2, 1);
-    s.eval(&[1]).unwrap();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let next = nibble::runtime::argmax(s.logits());
-        out.push(next);
-        s.eval(&[next]).unwrap();
-    }
-    out
+    ref_ids(&fixture("reference.safetensors"), name)
 }
 
 #[test]
@@ -108,7 +90,7 @@ fn merged_adapters_give_pefts_logits_and_greedy_texts() {
         }
         let want_ids = ids(greedy_ids);
         assert_eq!(
-            greedy(&model, want_ids.len()),
+            greedy_from_bos(&model, want_ids.len()),
             want_ids,
             "{what}: greedy text"
         );
@@ -155,26 +137,7 @@ fn merged_weights_equal_pefts_merge_and_unload() {
 #[test]
 fn merge_then_gptq_tells_the_adapted_story_and_beats_rtn() {
     let src = merged(&base(), vec![spec("max-r8", 1.0)]);
-    let float = Model::from_nib(merged(&base(), vec![spec("max-r8", 1.0)]), "f".into()).unwrap();
-    let text = std::fs::read_to_string(shared().join("data/tinyshakespeare.txt")).unwrap();
-    let tok = float.tokenizer().unwrap();
-    let ids_text = tok.encode(&text[..100_000], false).unwrap();
-    let windows = nibble::quantizer::calib::calibration_windows(&ids_text, 16, 128, 0).unwrap();
-    let opts = nibble::quantizer::QuantizeOptions {
-        method: nibble::quantizer::Method::Gptq,
-        act_order: true,
-        true_sequential: true,
-        threads: 2,
-        ..nibble::quantizer::QuantizeOptions::rtn(4, Some(32), false)
-    };
-    let (buf, reports, _) = nibble::quantizer::quantize_model(
-        &src.view().unwrap(),
-        &opts,
-        Some(&windows),
-        nibble::format::AlignedBytes::new(),
-        &mut |_, _, _| {},
-    )
-    .unwrap();
+    let (q, reports) = quantize_in_memory(&src, &gptq_opts(4, Some(32), true, true));
     assert_eq!(reports.len(), 35);
     for r in &reports {
         let rtn = r.rel_error_rtn.unwrap();
@@ -185,8 +148,12 @@ fn merge_then_gptq_tells_the_adapted_story_and_beats_rtn() {
             r.rel_error
         );
     }
-    let q = Arc::new(Model::from_nib(NibFile::from_memory(buf).unwrap(), "q".into()).unwrap());
-    let story = tok.decode(&greedy(&q, 24), true).unwrap();
+    let q = Arc::new(Model::from_nib(q, "q".into()).unwrap());
+    let story = q
+        .tokenizer()
+        .unwrap()
+        .decode(&greedy_from_bos(&q, 24), true)
+        .unwrap();
     eprintln!("merged then GPTQ 4-bit: {story}");
     assert!(story.contains("little dog named Max"), "{story}");
 }
@@ -452,28 +419,13 @@ fn adapters_swap_rescale_and_detach_on_a_live_session() {
 fn runtime_adapter_on_a_4bit_act_order_base_follows_its_folded_hidden_order() {
     // A 4-bit GPTQ base with act-order: nibble stores its feed-forward
     // hidden units in ffn_down's processing order (`.fold`).
-    let src = merged(&base(), vec![]);
-    let float = Model::from_nib(merged(&base(), vec![]), "f".into()).unwrap();
-    let text = std::fs::read_to_string(shared().join("data/tinyshakespeare.txt")).unwrap();
-    let tok = float.tokenizer().unwrap();
-    let ids_text = tok.encode(&text[..100_000], false).unwrap();
-    let windows = nibble::quantizer::calib::calibration_windows(&ids_text, 16, 128, 0).unwrap();
-    let opts = nibble::quantizer::QuantizeOptions {
-        method: nibble::quantizer::Method::Gptq,
-        act_order: true,
-        true_sequential: true,
-        threads: 2,
-        ..nibble::quantizer::QuantizeOptions::rtn(4, Some(32), false)
-    };
-    let (buf, _, _) = nibble::quantizer::quantize_model(
-        &src.view().unwrap(),
-        &opts,
-        Some(&windows),
-        nibble::format::AlignedBytes::new(),
-        &mut |_, _, _| {},
-    )
-    .unwrap();
-    let q4 = NibFile::from_memory(buf).unwrap();
+    let (q4, _) = quantize_in_memory(
+        &merged(&base(), vec![]),
+        &gptq_opts(4, Some(32), true, true),
+    );
+    let tok = Model::from_nib(merged(&base(), vec![]), "f".into()).unwrap();
+    let tok = tok.tokenizer().unwrap();
+
     assert!(q4.view().unwrap().tensor("blk.0.ffn_down.fold").is_some());
     // The same weights in float and in the original order (exported as a
     // GPTQ checkpoint, imported dequantized), the adapter merged into them.
@@ -484,7 +436,22 @@ fn runtime_adapter_on_a_4bit_act_order_base_follows_its_folded_hidden_order() {
         Model::from_nib(merged(&out, vec![spec("max-r8", 1.0)]), "deq+lora".into()).unwrap(),
     );
     let plain_float = Arc::new(Model::from_nib(merged(&out, vec![]), "deq".into()).unwrap());
+    // The adapter stored in the folded file applies exactly as its folder.
+    let stored_path = tmpdir("lora-q4-stored").join("q4-max.nib");
+    nibble::format::lora::store_in_nib(
+        &q4,
+        Path::new("q4 in memory"),
+        &stored_path,
+        &[("max".into(), spec("max-r8", 1.0))],
+    )
+    .unwrap();
+    let stored = Arc::new(Model::load(&stored_path).unwrap());
     let packed = Arc::new(Model::from_nib(q4, "q4".into()).unwrap());
+    assert!(
+        logits_with(&stored, &[("m", named("max", 1.0))])
+            == logits_with(&packed, &[("m", spec("max-r8", 1.0))]),
+        "stored and folder adapters differ on the folded 4-bit base"
+    );
     let input = ids("input_ids");
     // Without the adapter: the int8 rounding of the activations alone.
     let e0 = rel_err(
@@ -515,4 +482,120 @@ fn runtime_adapter_on_a_4bit_act_order_base_follows_its_folded_hidden_order() {
     let story = tok.decode(&story, true).unwrap();
     eprintln!("4-bit base + run-time max-r8: {story}");
     assert!(story.contains("little dog named Max"), "{story}");
+}
+
+// ------------------------------------------------------------------ stored in a .nib
+
+/// The logits of `input` (one-token path) with adapters attached.
+fn logits_with(model: &Arc<Model>, adapters: &[(&str, LoraSpec)]) -> Vec<f32> {
+    let mut s = session_with(model, 32);
+    for (name, spec) in adapters {
+        s.add_lora(name, spec).unwrap();
+    }
+    let mut all = Vec::new();
+    s.eval_each_sequential(&ids("input_ids"), |_, l| all.extend_from_slice(l))
+        .unwrap();
+    all
+}
+
+fn named(name: &str, scale: f32) -> LoraSpec {
+    LoraSpec {
+        path: PathBuf::from(name),
+        scale,
+    }
+}
+
+#[test]
+fn adapters_stored_in_a_nib_apply_like_their_folders() {
+    let dir = tmpdir("lora-stored");
+    let base_nib = dir.join("base.nib");
+    let opts = ImportOptions {
+        dtype: DType::F32,
+        hash_source: false,
+        keep_blocks: false,
+        lora: vec![],
+    };
+    import_to_file(&base(), &base_nib, &opts, &mut |_, _, _| {}).unwrap();
+    let stored = dir.join("stored.nib");
+    let src = NibFile::open(&base_nib).unwrap();
+    let adapters = vec![
+        ("max".to_string(), spec("max-r8", 1.0)),
+        ("tom".to_string(), spec("max-r4-qv", 0.5)),
+    ];
+    nibble::format::lora::store_in_nib(&src, &base_nib, &stored, &adapters).unwrap();
+    let model = Arc::new(Model::load(&stored).unwrap());
+    let folder_model = Arc::new(Model::load(&base_nib).unwrap());
+    // The same terms, so the same arithmetic: identical logits.
+    for (stored_spec, folder_spec) in [
+        (named("max", 1.0), spec("max-r8", 1.0)),
+        (named("max", 0.5), spec("max-r8", 0.5)),
+        // Stored at 0.5: the run-time scale multiplies it.
+        (named("tom", 2.0), spec("max-r4-qv", 1.0)),
+    ] {
+        let a = logits_with(&model, &[("x", stored_spec.clone())]);
+        let b = logits_with(&folder_model, &[("x", folder_spec)]);
+        assert!(a == b, "{stored_spec:?}: stored and folder adapters differ");
+    }
+    let e = rel_err(
+        &logits_with(&model, &[("x", named("max", 1.0))]),
+        &read_ref(&fixture("reference.safetensors"), "logits_max").f32,
+    );
+    assert!(e <= TOL_LOGITS, "stored max vs PEFT: {e:.3e}");
+    // Without --lora nothing is applied; an unknown name lists the stored ones.
+    let plain = logits_with(&model, &[]);
+    assert!(plain == logits_with(&folder_model, &[]));
+    let mut s = session_with(&model, 8);
+    let err = s
+        .add_lora("x", &named("nope", 1.0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("it stores: max, tom"), "{err}");
+
+    // Storing again under a taken name, an invalid name, or another base's
+    // adapter: refused, nothing written.
+    let again = NibFile::open(&stored).unwrap();
+    for (name, adapter, want) in [
+        ("max", spec("max-r8", 1.0), "already stored"),
+        ("a.b", spec("max-r8", 1.0), "cannot name a stored adapter"),
+        ("x", spec("max-r8", 1.0), ""),
+    ] {
+        let out = dir.join(format!("again-{}.nib", name.replace('.', "_")));
+        let r = nibble::format::lora::store_in_nib(
+            &again,
+            &stored,
+            &out,
+            &[(name.to_string(), adapter)],
+        );
+        if want.is_empty() {
+            r.unwrap();
+            assert!(out.exists());
+        } else {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains(want), "{name}: {e}");
+            assert!(!out.exists(), "{name}: output written");
+        }
+    }
+    let smollm = shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let smol = import_to_memory(
+        &smollm,
+        &ImportOptions {
+            dtype: DType::F32,
+            hash_source: false,
+            keep_blocks: true,
+            lora: vec![],
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let out = dir.join("smol-with-max.nib");
+    let e = nibble::format::lora::store_in_nib(
+        &smol,
+        &smollm,
+        &out,
+        &[("max".into(), spec("max-r8", 1.0))],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("do not fit"), "{e}");
+    assert!(!out.exists());
 }

@@ -216,31 +216,6 @@ fn act_order_permutation_is_applied_once_per_input() {
     assert!(rel_err(&forward_logits_batched(&permuted, &ids, 1, 8), &base) < 1e-5);
 }
 
-fn calib_windows(model: &Model) -> Vec<Vec<u32>> {
-    let text = std::fs::read_to_string(shared().join("data/tinyshakespeare.txt")).unwrap();
-    let ids = model
-        .tokenizer()
-        .unwrap()
-        .encode(&text[..200_000], false)
-        .unwrap();
-    nibble::quantizer::calib::calibration_windows(&ids, 16, 128, 0).unwrap()
-}
-
-fn gptq_opts(
-    bits: u32,
-    group_size: Option<usize>,
-    act_order: bool,
-    true_sequential: bool,
-) -> QuantizeOptions {
-    QuantizeOptions {
-        method: nibble::quantizer::Method::Gptq,
-        act_order,
-        true_sequential,
-        threads: 2,
-        ..QuantizeOptions::rtn(bits, group_size, false)
-    }
-}
-
 /// Perplexity of GPTQ files of stories260k over the float model's on 40
 /// tokens, at most: [4 bits, 3 bits].
 const MAX_PPL_RATIO: [f64; 2] = [1.5, 2.5];

@@ -110,6 +110,25 @@ pub struct ConvertArgs {
     /// merged weights are stored as --dtype (f16 for auto).
     #[arg(long = "lora", value_name = "ADAPTER[:SCALE]", value_parser = parse_lora)]
     lora: Vec<LoraSpec>,
+    /// Store a PEFT LoRA adapter folder in the output beside the weights,
+    /// unmerged, as NAME: `run --lora NAME` then applies it at run time
+    /// (SCALE, default 1, multiplies the run-time scale). Repeatable; the
+    /// source may also be a .nib (e.g. one `nibble quantize` wrote).
+    #[arg(long = "lora-store", value_name = "NAME=ADAPTER[:SCALE]", value_parser = parse_lora_store)]
+    lora_store: Vec<(String, LoraSpec)>,
+}
+
+/// `--lora-store NAME=ADAPTER[:SCALE]`.
+fn parse_lora_store(s: &str) -> std::result::Result<(String, LoraSpec), String> {
+    let (name, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': use NAME=ADAPTER[:SCALE]"))?;
+    if !nibble_format::lora::valid_stored_name(name) {
+        return Err(format!(
+            "'{name}': an adapter name is letters, digits, '_' and '-'"
+        ));
+    }
+    Ok((name.to_string(), LoraSpec::parse(rest)?))
 }
 
 /// `--lora ADAPTER[:SCALE]`.
@@ -120,6 +139,9 @@ pub fn parse_lora(s: &str) -> std::result::Result<LoraSpec, String> {
 pub fn convert(a: ConvertArgs) -> Result<()> {
     let mut opts = import_options(&a.dtype, true, DType::F16)?;
     opts.lora = a.lora.clone();
+    if !a.lora_store.is_empty() {
+        return convert_storing_loras(&a, &opts);
+    }
     let t0 = Instant::now();
     let pb = bar(0, "converting");
     import_to_file(&a.model, &a.output, &opts, &mut |done, total, name| {
@@ -194,6 +216,32 @@ impl SamplingArgs {
             seed: self.seed,
         }
     }
+}
+
+/// `convert --lora-store`: the model (imported, or a `.nib` as it is) copied
+/// with the adapters beside its weights.
+fn convert_storing_loras(a: &ConvertArgs, opts: &ImportOptions) -> Result<()> {
+    let t0 = Instant::now();
+    let pb = bar(0, "loading");
+    let file = nibble_format::import::open_any(&a.model, opts, &mut |done, total, name| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+        pb.set_prefix(name.to_string());
+    })
+    .with_context(|| format!("cannot load {}", a.model.display()))?;
+    pb.finish_and_clear();
+    nibble_format::lora::store_in_nib(&file, &a.model, &a.output, &a.lora_store)
+        .with_context(|| format!("cannot store the adapters in {}", a.output.display()))?;
+    let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
+    let names: Vec<&str> = a.lora_store.iter().map(|(n, _)| n.as_str()).collect();
+    note!(
+        "wrote {} ({:.1} MB) with the adapters {} stored (apply with `--lora NAME`) in {:.1}s",
+        a.output.display(),
+        size as f64 / 1e6,
+        names.join(", "),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 #[derive(Args)]

@@ -342,6 +342,215 @@ impl LoraAdapter {
     }
 }
 
+// ------------------------------------------------------------ stored in a .nib
+
+/// Adapters stored in a `.nib` beside the base (FORMAT.md, "LoRA adapters"):
+/// metadata `lora.names` lists them (one per line); adapter `N` has
+/// `lora.N.scale` (f64, its default scale), `lora.N.source` (string: the
+/// folder's SHA-256 and path), and per adapted weight `lora.N.<stem>.lora_a`
+/// (F32 `[r, cols]`) and `lora.N.<stem>.lora_b` (F32 `[rows, r]`, its
+/// `alpha / r` folded in), in the original order of rows and columns.
+pub const STORED_NAMES: &str = "lora.names";
+
+/// Whether `name` can name a stored adapter (`[A-Za-z0-9_-]+`).
+pub fn valid_stored_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The adapters a `.nib` stores.
+pub fn stored_names(view: &crate::nib::NibView<'_>) -> Vec<String> {
+    match view.metadata.get(STORED_NAMES) {
+        Some(crate::nib::Value::Str(s)) => s
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl LoraAdapter {
+    /// Adapter `name` stored in `view` (a model of `hp`), checked like a
+    /// folder's: every weight it adapts exists with matching shapes. Its
+    /// scale is the one it was stored with times `scale`.
+    pub fn from_nib(
+        view: &crate::nib::NibView<'_>,
+        name: &str,
+        hp: &HParams,
+        scale: Option<f32>,
+    ) -> Result<LoraAdapter> {
+        let bad = |why: String| FormatError::BadLora { why };
+        if !stored_names(view).iter().any(|n| n == name) {
+            return Err(bad(format!("this model stores no adapter named '{name}'")));
+        }
+        let prefix = format!("lora.{name}.");
+        let default_scale = view
+            .metadata
+            .opt_f64(&format!("{prefix}scale"))?
+            .unwrap_or(1.0) as f32;
+        let source = view
+            .metadata
+            .opt_str(&format!("{prefix}source"))?
+            .unwrap_or("")
+            .to_string();
+        let shapes: BTreeMap<String, Vec<u64>> = hp.tensor_specs().into_iter().collect();
+        let mut modules = BTreeMap::new();
+        for t in &view.tensors {
+            let Some(stem) = t
+                .name
+                .strip_prefix(&prefix)
+                .and_then(|r| r.strip_suffix(".lora_a"))
+            else {
+                continue;
+            };
+            let canonical = format!("{stem}.weight");
+            let b_name = format!("{prefix}{stem}.lora_b");
+            let b = view
+                .tensor(&b_name)
+                .ok_or_else(|| bad(format!("'{}' has no '{b_name}'", t.name)))?;
+            let shape = shapes
+                .get(&canonical)
+                .filter(|s| s.len() == 2)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "'{}' adapts '{canonical}', not a weight of this model",
+                        t.name
+                    ))
+                })?;
+            let (rows, cols) = (shape[0], shape[1]);
+            let r = t.shape.first().copied().unwrap_or(0);
+            if t.dtype != crate::dtype::DType::F32
+                || b.dtype != crate::dtype::DType::F32
+                || t.shape != [r, cols]
+                || b.shape != [rows, r]
+                || r == 0
+            {
+                return Err(bad(format!(
+                    "'{}' {:?} / '{b_name}' {:?} do not fit '{canonical}' {shape:?} (F32 [r, {cols}] and [{rows}, r])",
+                    t.name, t.shape, b.shape
+                )));
+            }
+            let f = |d: &[u8]| crate::dtype::decode_f32(crate::dtype::DType::F32, d).expect("F32");
+            modules.insert(
+                canonical,
+                LoraModule {
+                    r: r as usize,
+                    a: f(t.data),
+                    b: f(b.data),
+                    scaling: 1.0,
+                },
+            );
+        }
+        if modules.is_empty() {
+            return Err(bad(format!("the stored adapter '{name}' has no tensors")));
+        }
+        let scale = default_scale * scale.unwrap_or(1.0);
+        for m in modules.values_mut() {
+            m.scaling = scale;
+        }
+        Ok(LoraAdapter {
+            path: PathBuf::from(source),
+            sha256: String::new(),
+            scale,
+            modules,
+        })
+    }
+}
+
+/// Copy the `.nib` `src` to `dest` with `adapters` (name, folder and default
+/// scale) stored beside its weights, each read and checked against the
+/// model first; `dest` appears only when complete.
+pub fn store_in_nib(
+    src: &crate::storage::NibFile,
+    src_path: &Path,
+    dest: &Path,
+    adapters: &[(String, LoraSpec)],
+) -> Result<()> {
+    use crate::nib::{MetadataBuilder, NibWriter, OwnedValue};
+    let view = src.view()?;
+    let hp = HParams::read(&view.metadata)?;
+    let family = crate::families::family(&hp.arch).ok_or_else(|| FormatError::BadLora {
+        why: format!(
+            "no Hugging Face module names for architecture '{}'",
+            hp.arch
+        ),
+    })?;
+    let mut names = stored_names(&view);
+    let mut loaded = Vec::new();
+    for (name, spec) in adapters {
+        if !valid_stored_name(name) {
+            return Err(FormatError::BadLora {
+                why: format!(
+                    "'{name}' cannot name a stored adapter (letters, digits, '_' and '-')"
+                ),
+            });
+        }
+        if names.contains(name) {
+            return Err(FormatError::BadLora {
+                why: format!("an adapter named '{name}' is already stored"),
+            });
+        }
+        names.push(name.clone());
+        let unit = LoraSpec {
+            path: spec.path.clone(),
+            scale: 1.0,
+        };
+        loaded.push((name, spec.scale, LoraAdapter::load(&unit, &hp, family)?));
+    }
+    let mut meta = MetadataBuilder::new();
+    for (k, v) in &view.metadata.entries {
+        meta.set(k, OwnedValue::from(*v));
+    }
+    meta.set(STORED_NAMES, OwnedValue::Str(names.join("\n")));
+    for (name, scale, a) in &loaded {
+        meta.set(
+            &format!("lora.{name}.scale"),
+            OwnedValue::F64(f64::from(*scale)),
+        );
+        meta.set(
+            &format!("lora.{name}.source"),
+            OwnedValue::Str(format!("{} {}", a.sha256, a.path.display())),
+        );
+    }
+    let io = |e: std::io::Error| FormatError::BadOutput {
+        path: dest.to_path_buf(),
+        why: e.to_string(),
+    };
+    let file = crate::storage::AtomicFile::create_checked(dest, &[src_path])?;
+    let mut w = NibWriter::new(file, &meta).map_err(io)?;
+    for t in &view.tensors {
+        w.add_tensor_q(t.name, t.dtype, t.quant_param, &t.shape, t.data)
+            .map_err(io)?;
+    }
+    for (name, _, a) in &loaded {
+        for (canonical, m) in &a.modules {
+            let stem = canonical.trim_end_matches(".weight");
+            let cols = m.a.len() / m.r;
+            let rows = m.b.len() / m.r;
+            let b: Vec<f32> = m.b.iter().map(|v| v * m.scaling).collect();
+            w.add_tensor(
+                &format!("lora.{name}.{stem}.lora_a"),
+                crate::dtype::DType::F32,
+                &[m.r as u64, cols as u64],
+                bytemuck::cast_slice(&m.a),
+            )
+            .map_err(io)?;
+            w.add_tensor(
+                &format!("lora.{name}.{stem}.lora_b"),
+                crate::dtype::DType::F32,
+                &[rows as u64, m.r as u64],
+                bytemuck::cast_slice(&b),
+            )
+            .map_err(io)?;
+        }
+    }
+    w.finish().map_err(io)?.commit()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,23 +47,46 @@ pub struct Attached {
 }
 
 impl Attached {
-    /// Read a PEFT adapter for `model`, checked against it, with its terms
-    /// in the model's stored orders (a nibble GPTQ file stores the
-    /// feed-forward hidden units in `ffn_down`'s act-order: `.fold`).
+    /// Read adapter `spec` for `model`, checked against it: a PEFT folder,
+    /// or (when `spec.path` is no folder) the name of an adapter the model's
+    /// file stores. Its terms are put in the model's stored orders (a nibble
+    /// GPTQ file stores the feed-forward hidden units in `ffn_down`'s
+    /// act-order: `.fold`).
     pub fn load(model: &Model, name: &str, spec: &LoraSpec) -> Result<Attached> {
         let hp = &model.hparams;
-        let family = nibble_format::families::family(&hp.arch).ok_or_else(|| {
-            RuntimeError::Lora(format!(
-                "no Hugging Face module names for architecture '{}'",
-                hp.arch
-            ))
-        })?;
-        let unit = LoraSpec {
-            path: spec.path.clone(),
-            scale: 1.0,
-        };
-        let adapter = LoraAdapter::load(&unit, hp, family)?;
         let view = model.file().view()?;
+        let stored = nibble_format::lora::stored_names(&view);
+        let stored_name = spec.path.to_str().filter(|p| stored.iter().any(|n| n == p));
+        let (adapter, source) = match stored_name {
+            Some(n) if !spec.path.is_dir() => {
+                let a = LoraAdapter::from_nib(&view, n, hp, Some(1.0))?;
+                let source = format!("stored in {} as '{n}' ({})", model.name(), a.path.display());
+                (a, source)
+            }
+            _ => {
+                if !spec.path.is_dir() && !stored.is_empty() {
+                    return Err(RuntimeError::Lora(format!(
+                        "'{}' is neither a PEFT adapter folder nor an adapter stored in {} (it stores: {})",
+                        spec.path.display(),
+                        model.name(),
+                        stored.join(", ")
+                    )));
+                }
+                let family = nibble_format::families::family(&hp.arch).ok_or_else(|| {
+                    RuntimeError::Lora(format!(
+                        "no Hugging Face module names for architecture '{}'",
+                        hp.arch
+                    ))
+                })?;
+                let unit = LoraSpec {
+                    path: spec.path.clone(),
+                    scale: 1.0,
+                };
+                let a = LoraAdapter::load(&unit, hp, family)?;
+                let source = format!("{} (sha256 {})", spec.path.display(), a.sha256);
+                (a, source)
+            }
+        };
         let fold = |layer: usize| -> Result<Option<Vec<usize>>> {
             let name = format!("blk.{layer}.ffn_down.fold");
             let Some(t) = view.tensor(&name) else {
@@ -139,7 +162,7 @@ impl Attached {
         Ok(Attached {
             name: name.to_string(),
             scale: spec.scale,
-            source: format!("{} (sha256 {})", spec.path.display(), adapter.sha256),
+            source,
             deltas,
         })
     }

@@ -310,3 +310,72 @@ pub fn real_model(file: &str) -> PathBuf {
     );
     p
 }
+
+/// 16 calibration windows of 128 tokens of tinyshakespeare, for `model`'s tokenizer.
+pub fn calib_windows(model: &Model) -> Vec<Vec<u32>> {
+    let text = std::fs::read_to_string(shared().join("data/tinyshakespeare.txt")).unwrap();
+    let ids = model
+        .tokenizer()
+        .unwrap()
+        .encode(&text[..200_000], false)
+        .unwrap();
+    nibble::quantizer::calib::calibration_windows(&ids, 16, 128, 0).unwrap()
+}
+
+/// GPTQ options (asymmetric grid, 2 threads).
+pub fn gptq_opts(
+    bits: u32,
+    group_size: Option<usize>,
+    act_order: bool,
+    true_sequential: bool,
+) -> nibble::quantizer::QuantizeOptions {
+    nibble::quantizer::QuantizeOptions {
+        method: nibble::quantizer::Method::Gptq,
+        act_order,
+        true_sequential,
+        threads: 2,
+        ..nibble::quantizer::QuantizeOptions::rtn(bits, group_size, false)
+    }
+}
+
+/// `src` quantized in memory with `opts`, calibrated on [`calib_windows`]
+/// of its own tokenizer: the file and the per-layer reports.
+pub fn quantize_in_memory(
+    src: &nibble::format::NibFile,
+    opts: &nibble::quantizer::QuantizeOptions,
+) -> (nibble::format::NibFile, Vec<nibble::quantizer::LayerReport>) {
+    let model = Model::from_nib(
+        nibble::format::NibFile::from_memory(nibble::format::AlignedBytes::from_slice(src.bytes()))
+            .unwrap(),
+        "calibration".into(),
+    )
+    .unwrap();
+    let windows = calib_windows(&model);
+    let (buf, reports, _) = nibble::quantizer::quantize_model(
+        &src.view().unwrap(),
+        opts,
+        Some(&windows),
+        nibble::format::AlignedBytes::new(),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    (nibble::format::NibFile::from_memory(buf).unwrap(), reports)
+}
+
+/// `n` greedy tokens after BOS (id 1) through the one-token path.
+pub fn greedy_from_bos(model: &Arc<Model>, n: usize) -> Vec<u32> {
+    let mut s = session(model, n + 2, 1);
+    s.eval(&[1]).unwrap();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let next = nibble::runtime::argmax(s.logits());
+        out.push(next);
+        s.eval(&[next]).unwrap();
+    }
+    out
+}
+
+/// An I64 tensor of a reference file as token ids.
+pub fn ref_ids(path: &std::path::Path, name: &str) -> Vec<u32> {
+    read_ref(path, name).i64.iter().map(|&v| v as u32).collect()
+}
