@@ -461,7 +461,7 @@ impl BlockExec for TokenExec<'_> {
     fn adapt(&mut self, layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]) {
         let cols = self.model.layers[layer].linear(w).cols;
         self.lora
-            .apply(self.model.kernels(), layer, w, x, rows, cols, out);
+            .apply(self.model.kernels(), layer, w, x, rows, cols, out, 1);
     }
     fn position(&self, _row: usize) -> usize {
         self.pos
@@ -847,8 +847,9 @@ impl BlockExec for BatchExec<'_> {
     }
     fn adapt(&mut self, layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]) {
         let cols = self.model.layers[layer].linear(w).cols;
+        let threads = self.threads;
         self.lora
-            .apply(self.model.kernels(), layer, w, x, rows, cols, out);
+            .apply(self.model.kernels(), layer, w, x, rows, cols, out, threads);
     }
     fn linear(&mut self, layer: usize, w: Lin, x: &[f32], rows: usize, out: &mut [f32]) {
         let w = self.model.layers[layer].linear(w);

@@ -190,12 +190,14 @@ pub struct LoraRun {
     table: Vec<[Vec<Term>; 7]>,
     /// `A·x` of one row (the largest rank).
     ax: Vec<f32>,
+    /// `X·Aᵀ` of a batch, `[max_rows, largest rank]`.
+    xa: Vec<f32>,
 }
 
 impl LoraRun {
     /// The terms of `adapters` (those with a non-zero scale) for a model of
-    /// `n_layer` layers.
-    pub fn build(adapters: &[Attached], n_layer: usize) -> LoraRun {
+    /// `n_layer` layers, for batches of up to `max_rows` rows.
+    pub fn build(adapters: &[Attached], n_layer: usize, max_rows: usize) -> LoraRun {
         let mut run = LoraRun::default();
         let live: Vec<&Attached> = adapters.iter().filter(|a| a.scale != 0.0).collect();
         if live.is_empty() {
@@ -222,6 +224,7 @@ impl LoraRun {
             }
         }
         run.ax = vec![0.0; max_r];
+        run.xa = vec![0.0; max_rows * max_r];
         run
     }
 
@@ -230,7 +233,8 @@ impl LoraRun {
     }
 
     /// `out[rows, w_rows] += Σ coef · B·(A·x)` for linear `lin` of `layer`
-    /// (`x` is `[rows, cols]`).
+    /// (`x` is `[rows, cols]`): one row through the matrix-vector kernel and
+    /// axpy's, a batch as two products on `threads`.
     #[allow(clippy::too_many_arguments)]
     pub fn apply(
         &mut self,
@@ -241,8 +245,12 @@ impl LoraRun {
         rows: usize,
         cols: usize,
         out: &mut [f32],
+        threads: usize,
     ) {
-        let LoraRun { table, ax } = self;
+        if rows > 1 && rows * self.ax.len() <= self.xa.len() {
+            return self.apply_batch(layer, lin, x, rows, cols, out, threads);
+        }
+        let LoraRun { table, ax, .. } = self;
         let Some(terms) = table.get(layer).map(|t| &t[lin as usize]) else {
             return;
         };
@@ -265,6 +273,87 @@ impl LoraRun {
                     }
                 }
             }
+        }
+    }
+
+    /// The batched form of [`LoraRun::apply`]: `XA = X·Aᵀ`, then
+    /// `out += coef · XA·Bᵀ`, each one `gemm` product.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_batch(
+        &mut self,
+        layer: usize,
+        lin: Lin,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        out: &mut [f32],
+        threads: usize,
+    ) {
+        use crate::kernels::{matmul, MatMut, MatRef};
+        let LoraRun { table, xa, .. } = self;
+        let Some(terms) = table.get(layer).map(|t| &t[lin as usize]) else {
+            return;
+        };
+        let out_w = out.len() / rows;
+        for t in terms {
+            let xa = &mut xa[..rows * t.r];
+            let x = MatRef {
+                data: &x[..rows * cols],
+                rows,
+                cols,
+                rs: cols,
+                cs: 1,
+            };
+            // Aᵀ: A is [r, cols] row-major.
+            let a_t = MatRef {
+                data: &t.a,
+                rows: cols,
+                cols: t.r,
+                rs: 1,
+                cs: cols,
+            };
+            matmul(
+                MatMut {
+                    data: xa,
+                    rows,
+                    cols: t.r,
+                    rs: t.r,
+                    cs: 1,
+                },
+                x,
+                a_t,
+                1.0,
+                false,
+                threads,
+            );
+            let bt = MatRef {
+                data: &t.bt,
+                rows: t.r,
+                cols: out_w,
+                rs: out_w,
+                cs: 1,
+            };
+            let xa = MatRef {
+                data: xa,
+                rows,
+                cols: t.r,
+                rs: t.r,
+                cs: 1,
+            };
+            matmul(
+                MatMut {
+                    data: &mut out[..rows * out_w],
+                    rows,
+                    cols: out_w,
+                    rs: out_w,
+                    cs: 1,
+                },
+                xa,
+                bt,
+                t.coef,
+                true,
+                threads,
+            );
         }
     }
 }

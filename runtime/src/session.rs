@@ -271,7 +271,7 @@ impl Session {
 
     /// The per-layer terms and their scratch, sized once per change.
     fn rebuild_lora(&mut self) {
-        self.state.lora = LoraRun::build(&self.adapters, self.model.hparams.n_layer);
+        self.state.lora = LoraRun::build(&self.adapters, self.model.hparams.n_layer, self.n_batch);
     }
 
     pub fn model(&self) -> &Arc<Model> {
