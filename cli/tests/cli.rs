@@ -715,6 +715,10 @@ fn signals_leave_no_debris() {
         let mut args = vec![cmd, "-m", s(&smol), "-o", s(&out)];
         if cmd == "quantize" {
             args.extend(["--method", "gptq", "--nsamples", "64", "--seqlen", "256"]);
+        } else {
+            // Decoding every weight to f32 takes a few times longer than
+            // keeping the blocks (~0.6 s here): the signal lands mid-work.
+            args.extend(["--dtype", "f32"]);
         }
         let mut child = command()
             .args(&args)
@@ -733,7 +737,13 @@ fn signals_leave_no_debris() {
             .status()
             .unwrap();
         assert!(status.success());
-        child.wait().unwrap();
+        if child.wait().unwrap().success() {
+            // The signal came after the work was done (the output was already
+            // complete and in place): nothing to test this time.
+            let _ = std::fs::remove_file(&out);
+            let _ = std::fs::remove_file(d.join(format!("{cmd}-{sig}.nib.report.json")));
+            continue;
+        }
         let left: Vec<_> = std::fs::read_dir(&d)
             .unwrap()
             .map(|e| e.unwrap().file_name())
