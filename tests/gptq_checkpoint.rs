@@ -435,8 +435,8 @@ fn shapes_that_disagree_with_bits_or_group_size_name_the_tensor() {
         msg.contains("model.layers.0.self_attn.q_proj.qweight") && msg.contains("[16, 64]"),
         "{msg}"
     );
-    // group_size 64: scales hold 2 groups, the files have 2 as well for in=64
-    // but qzeros/scales of gate (in 64) too; down (in 172) has 6 rows, not 3.
+    // group_size 64: a 64-input layer then has one group, but its files
+    // hold two (groups of 32).
     let d = edited_checkpoint("gptq-gs64", |q| q["group_size"] = 64.into(), |_| {});
     let msg = import_error(&d);
     assert!(
