@@ -23,6 +23,20 @@ enum MethodArg {
     Rtn,
 }
 
+/// GGUF block types `quantize --gguf` writes.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GgufOutArg {
+    /// 4-bit symmetric groups of 32 with an f16 scale (4.5 bits per weight).
+    #[value(name = "q4_0", alias = "Q4_0")]
+    Q4_0,
+    /// 4-bit asymmetric groups of 32, f16 scale and minimum (5 bits per weight).
+    #[value(name = "q4_1", alias = "Q4_1")]
+    Q4_1,
+    /// 8-bit symmetric groups of 32 with an f16 scale (8.5 bits per weight).
+    #[value(name = "q8_0", alias = "Q8_0")]
+    Q8_0,
+}
+
 #[derive(Args)]
 #[command(after_help = "Examples:\n  \
     nibble quantize -m model.gguf -o model-q4.nib --method gptq --bits 4 --group-size 128 --calib my-text.txt\n  \
@@ -35,6 +49,15 @@ pub struct QuantizeArgs {
     /// written beside it as `<output>.report.json`.
     #[arg(short = 'o', long)]
     output: PathBuf,
+    /// Write a GGUF file that llama.cpp runs instead of a .nib: GPTQ with the
+    /// block type's own grid (groups of 32; Q4_0 and Q8_0 symmetric with
+    /// the extra negative level, Q4_1 asymmetric), act-order within whole
+    /// groups (GGUF has no permutations), the embedding / head as Q8_0 (as
+    /// llama-quantize does for heads whose width is not a multiple of 256),
+    /// norms F32, and the source GGUF's metadata, tokenizer and chat template.
+    /// The source must be a GGUF file (-m model.gguf).
+    #[arg(long, value_enum, value_name = "TYPE", conflicts_with_all = ["bits", "group_size", "sym", "head_bits"])]
+    gguf: Option<GgufOutArg>,
     #[arg(long, value_enum, default_value = "gptq")]
     method: MethodArg,
     /// Bits per weight: 2, 3, 4 or 8.
@@ -66,6 +89,11 @@ pub struct QuantizeArgs {
     /// at 4 bits (docs/quantization.md).
     #[arg(long)]
     no_act_order: bool,
+    /// GPTQ with act-order: keep each group's columns together (groups by
+    /// their largest Hessian diagonal, columns within a group by theirs), so
+    /// groups stay contiguous and the file needs no permutation.
+    #[arg(long, conflicts_with_all = ["no_act_order", "static_groups"])]
+    act_order_groups: bool,
     /// GPTQ with act-order: fix each group's grid up front on contiguous columns.
     #[arg(long)]
     static_groups: bool,
@@ -78,6 +106,17 @@ pub struct QuantizeArgs {
     /// GPTQ reference code's default); costs a second forward pass per block.
     #[arg(long)]
     no_true_sequential: bool,
+    /// GPTQ: choose each group's scale (and zero) when the group begins by
+    /// trying candidate grids on its current weights, each weight's error
+    /// weighted by what GPTQ's step says it costs, and refitting the scale
+    /// by weighted least squares; symmetric grids become Q4_0's signed ones
+    /// (the largest weight may take the extra negative level).
+    #[arg(long, conflicts_with = "no_scale_search")]
+    scale_search: bool,
+    /// GPTQ: each group's grid from the min and max of its weights (the
+    /// GPTQ reference's rule).
+    #[arg(long)]
+    no_scale_search: bool,
     /// GPTQ calibration text (plain UTF-8): text like what the model will see (a
     /// few hundred KB is plenty), never your evaluation text. It matters
     /// most with --no-act-order (docs/quantization.md, "Calibration text matters"). Default, or
@@ -111,6 +150,11 @@ pub struct QuantizeArgs {
     /// adapters and their SHA-256 are recorded in the file's provenance.
     #[arg(long = "lora", value_name = "ADAPTER[:SCALE]", value_parser = crate::commands::parse_lora)]
     lora: Vec<nibble_format::lora::LoraSpec>,
+    /// GPTQ: also write the calibration's importance matrix (each linear
+    /// input's mean square, half the Hessian diagonal) as a llama.cpp GGUF
+    /// imatrix file, for `llama-quantize --imatrix FILE`.
+    #[arg(long, value_name = "FILE")]
+    imatrix_out: Option<PathBuf>,
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
@@ -138,12 +182,33 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         && (a.act_order
             || a.no_act_order
             || a.static_groups
+            || a.act_order_groups
             || a.true_sequential
             || a.no_true_sequential
             || a.calib.is_some())
     {
         bail!("--[no-]act-order, --static-groups, --[no-]true-sequential and --calib only apply to --method gptq");
     }
+    // A GGUF output fixes the grid and keeps each group's columns together.
+    let (bits, group_size, sym, head_bits) = match a.gguf {
+        None => (a.bits, a.group_size, a.sym, a.head_bits),
+        Some(GgufOutArg::Q4_0) => (4, 32, true, None),
+        Some(GgufOutArg::Q4_1) => (4, 32, false, None),
+        Some(GgufOutArg::Q8_0) => (8, 32, true, None),
+    };
+    let gguf_source = match a.gguf {
+        None => None,
+        Some(_) => {
+            let p = nibble_format::import::resolve_model_path(&a.model)?;
+            if nibble_format::import::detect(&p)? != nibble_format::import::InputKind::Gguf {
+                bail!(
+                    "--gguf needs a GGUF source for the output's metadata and tokenizer; {} is not one",
+                    a.model.display()
+                );
+            }
+            Some(p)
+        }
+    };
     let true_sequential = method == Method::Gptq && !a.no_true_sequential;
     let act_order = method == Method::Gptq && !a.no_act_order;
     if a.static_groups && !act_order {
@@ -171,6 +236,18 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     report_path.push(".report.json");
     let report_path = PathBuf::from(report_path);
     nibble_format::storage::check_output(&report_path, &inputs)?;
+    if let Some(p) = &a.imatrix_out {
+        if method != Method::Gptq {
+            bail!("--imatrix-out needs --method gptq (RTN collects no statistics)");
+        }
+        if p == &a.output || p == &report_path {
+            bail!(
+                "--imatrix-out {} is also the model or report output",
+                p.display()
+            );
+        }
+        nibble_format::storage::check_output(p, &inputs)?;
+    }
 
     let t0 = Instant::now();
     let pb = bar(0, "loading");
@@ -298,33 +375,83 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
 
     let opts = QuantizeOptions {
         method,
-        bits: a.bits,
-        group_size: (a.group_size != 0).then_some(a.group_size),
-        sym: a.sym,
+        bits,
+        group_size: (group_size != 0).then_some(group_size),
+        sym,
         act_order,
         static_groups: a.static_groups,
+        act_order_groups: a.act_order_groups || (a.gguf.is_some() && !a.static_groups),
         true_sequential,
+        scale_search: method == Method::Gptq && a.scale_search,
         damp: a.damp,
         threads,
         calib: calib_info,
-        head_bits: a.head_bits,
+        head_bits,
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let out = AtomicFile::create_checked(&a.output, &inputs)?;
     let pb = bar(0, "quantizing");
-    let (out, reports, timings) = pool
-        .install(|| {
-            quantize_model(&view, &opts, windows.as_deref(), out, &mut |d, t, n| {
+    fn quantize_into<W: std::io::Write + std::io::Seek + Send>(
+        pool: &rayon::ThreadPool,
+        view: &nibble_format::NibView<'_>,
+        opts: &QuantizeOptions,
+        windows: Option<&[Vec<u32>]>,
+        out: W,
+        pb: &indicatif::ProgressBar,
+    ) -> Result<(
+        W,
+        Vec<nibble_quantizer::LayerReport>,
+        nibble_quantizer::Timings,
+    )> {
+        Ok(pool.install(|| {
+            quantize_model(view, opts, windows, out, &mut |d, t, n| {
                 pb.set_length(t as u64);
                 pb.set_position(d as u64);
                 pb.set_prefix(n.to_string());
             })
-        })
-        .with_context(|| format!("cannot quantize {}", a.model.display()))?;
-    pb.finish_and_clear();
-    out.commit()?;
+        })?)
+    }
+    let (reports, timings) = match (&gguf_source, a.gguf) {
+        (Some(src), Some(ty)) => {
+            // The .nib in memory, then written as GGUF blocks.
+            let (nib, reports, timings) = quantize_into(
+                &pool,
+                &view,
+                &opts,
+                windows.as_deref(),
+                nibble_format::AlignedBytes::new(),
+                &pb,
+            )
+            .with_context(|| format!("cannot quantize {}", a.model.display()))?;
+            let out = AtomicFile::create_checked(&a.output, &inputs)?;
+            pb.finish_and_clear();
+            let nib = nibble_format::NibFile::from_memory(nib)?;
+            let map = nibble_format::storage::mmap_file(src)?;
+            let g = nibble_format::gguf::GgufFile::parse(&map)
+                .with_context(|| format!("cannot read {}", src.display()))?;
+            use nibble_format::export_gguf::{export_gguf, file_type, FloatMatrices};
+            let ftype = match ty {
+                GgufOutArg::Q4_0 => file_type::MOSTLY_Q4_0,
+                GgufOutArg::Q4_1 => file_type::MOSTLY_Q4_1,
+                GgufOutArg::Q8_0 => file_type::MOSTLY_Q8_0,
+            };
+            let mut out = out;
+            export_gguf(&nib.view()?, &g, ftype, FloatMatrices::Q8_0, &mut out)
+                .with_context(|| format!("cannot write {}", a.output.display()))?;
+            out.commit()?;
+            (reports, timings)
+        }
+        _ => {
+            let out = AtomicFile::create_checked(&a.output, &inputs)?;
+            let (out, reports, timings) =
+                quantize_into(&pool, &view, &opts, windows.as_deref(), out, &pb)
+                    .with_context(|| format!("cannot quantize {}", a.model.display()))?;
+            pb.finish_and_clear();
+            out.commit()?;
+            (reports, timings)
+        }
+    };
 
     let secs = t0.elapsed().as_secs_f64();
     let size = std::fs::metadata(&a.output)?.len();
@@ -365,12 +492,15 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         "source": a.model.display().to_string(),
         "output": a.output.display().to_string(),
         "method": method.name(),
-        "bits": a.bits,
-        "group_size": a.group_size,
-        "sym": a.sym,
+        "bits": bits,
+        "group_size": group_size,
+        "sym": sym,
+        "gguf": a.gguf.map(|t| t.to_possible_value().map(|v| v.get_name().to_string())),
         "act_order": act_order,
         "static_groups": a.static_groups,
+        "act_order_groups": a.act_order_groups,
         "true_sequential": true_sequential,
+        "scale_search": opts.scale_search,
         "damp": a.damp,
         "calib": opts.calib.as_ref().map(|c| c.file.clone()),
         "calib_sha256": opts.calib.as_ref().map(|c| c.sha256.clone()),
@@ -384,6 +514,27 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             "rel_error": r.rel_error, "rel_error_rtn": r.rel_error_rtn,
         })).collect::<Vec<_>>(),
     });
+    if let (Some(p), Some(info)) = (&a.imatrix_out, &opts.calib) {
+        let entries = nibble_quantizer::imatrix::imatrix_entries(
+            &reports,
+            (info.nsamples * info.seqlen) as u64,
+        );
+        let (kv, tensors) = nibble_quantizer::imatrix::imatrix_gguf(
+            &entries,
+            &info.file,
+            info.nsamples as u32,
+            info.seqlen as u32,
+        );
+        let mut f = AtomicFile::create_checked(p, &inputs)?;
+        nibble_format::gguf_write::write_gguf(&mut f, &kv, &tensors)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+        f.commit()?;
+        note!(
+            "wrote {} ({} weights' importance statistics, llama.cpp's GGUF imatrix format)",
+            p.display(),
+            entries.len()
+        );
+    }
     let mut f = AtomicFile::create_checked(&report_path, &inputs)?;
     f.write_all(serde_json::to_string_pretty(&report)?.as_bytes())
         .with_context(|| format!("cannot write {}", report_path.display()))?;

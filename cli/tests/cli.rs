@@ -220,6 +220,54 @@ fn errors_name_the_file_and_the_problem() {
 
     let err = fails(&["inspect", s(&junk)]);
     assert!(err.contains("junk.bin") && err.contains("magic"), "{err}");
+
+    // GGUF output needs a GGUF source (its metadata and tokenizer) and fixes the grid.
+    let stories = shared().join("models/stories260k");
+    let out = d.join("o.gguf");
+    let err = fails(&[
+        "quantize",
+        "-m",
+        s(&stories),
+        "-o",
+        s(&out),
+        "--gguf",
+        "q4_0",
+        "--method",
+        "rtn",
+    ]);
+    assert!(
+        err.contains("needs a GGUF source") && err.contains("stories260k"),
+        "{err}"
+    );
+    let o = nibble(&[
+        "quantize",
+        "-m",
+        s(&stories),
+        "-o",
+        s(&out),
+        "--gguf",
+        "q4_0",
+        "--bits",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(2) && err.contains("--bits"),
+        "{err}"
+    );
+    let err = fails(&[
+        "quantize",
+        "-m",
+        s(&stories),
+        "-o",
+        s(&out),
+        "--method",
+        "rtn",
+        "--imatrix-out",
+        s(&d.join("i.gguf")),
+    ]);
+    assert!(err.contains("--imatrix-out needs --method gptq"), "{err}");
+    assert!(!out.exists() && !d.join("i.gguf").exists());
 }
 
 #[test]
@@ -421,7 +469,7 @@ fn gptq_without_calibration_text_calibrates_on_the_models_own_text() {
 }
 
 #[test]
-fn gptq_quantize_reports_gptq_beside_rtn() {
+fn gptq_quantize_reports_gptq_beside_rtn_and_writes_an_imatrix() {
     let d = tmp("gptq");
     let out = d.join("st4.nib");
     let src = shared().join("models/stories260k");
@@ -448,12 +496,42 @@ fn gptq_quantize_reports_gptq_beside_rtn() {
         "64",
         "-t",
         "2",
+        "--imatrix-out",
+        s(&d.join("st4.imatrix.gguf")),
     ]);
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("st4.nib.report.json")).unwrap())
             .unwrap();
     let layers = r["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 35);
+    // The importance matrix: llama.cpp's GGUF layout, every calibrated
+    // weight, each input's sum of squares over the 8 × 64 tokens.
+    let im = std::fs::read(d.join("st4.imatrix.gguf")).unwrap();
+    let g = nibble_format::gguf::GgufFile::parse(&im).unwrap();
+    assert_eq!(
+        g.get("general.type").and_then(|v| v.as_str()),
+        Some("imatrix")
+    );
+    assert_eq!(
+        g.get("imatrix.chunk_count").and_then(|v| v.as_u64()),
+        Some(8)
+    );
+    assert_eq!(g.tensors.len(), 2 * 35);
+    let f32s = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let counts = g.tensor("blk.0.attn_q.weight.counts").unwrap();
+    assert_eq!(f32s(counts.data), [512.0]);
+    let sums = f32s(g.tensor("blk.0.attn_q.weight.in_sum2").unwrap().data);
+    assert!(
+        sums.len() == 64 && sums.iter().all(|v| v.is_finite() && *v > 0.0),
+        "{sums:?}"
+    );
+    // q, k and v read the same input.
+    let k = f32s(g.tensor("blk.0.attn_k.weight.in_sum2").unwrap().data);
+    assert_eq!(sums, k);
     for l in layers {
         assert!(
             l["rel_error"].as_f64().unwrap() < l["rel_error_rtn"].as_f64().unwrap(),

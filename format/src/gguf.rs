@@ -62,6 +62,13 @@ impl GgmlType {
         })
     }
 
+    /// The type's id in a GGUF file (the inverse of [`GgmlType::from_code`]).
+    pub fn code(self) -> u32 {
+        (0..=30)
+            .find(|&c| GgmlType::from_code(c) == Some(self))
+            .expect("every type has a code")
+    }
+
     /// (elements per block, bytes per block)
     pub fn block(self) -> (u64, u64) {
         match self {

@@ -51,6 +51,95 @@ impl Grid {
         (scale, zero)
     }
 
+    /// (scale, zero) for `x` minimising the weighted squared error
+    /// Σ wt·(x − ŵ)², where `wt` says how much each value's error costs
+    /// (GPTQ passes 1 / [H⁻¹]ⱼⱼ², the loss its step adds per unit of squared
+    /// error; all ones gives the plain error).
+    ///
+    /// Min/max is rarely the best grid: the extreme weight is one value of
+    /// the group, and a slightly smaller scale rounds all the others more
+    /// finely. So candidate grids are tried and each one's scale is refitted
+    /// by weighted least squares on the codes it gives, as llama.cpp's
+    /// `make_qx_quants` does for its importance-weighted blocks:
+    /// - symmetric: the zero stays at (maxq + 1)/2, so the codes are the
+    ///   signed −(maxq+1)/2 … (maxq−1)/2 of Q4_0 and the scale may be
+    ///   negative: the largest-magnitude weight goes to the longer side of
+    ///   the grid (−8 at 4 bits, where min/max leaves that level unused);
+    ///   21 inverse scales around each side's mapping are tried;
+    /// - asymmetric: the min/max range shrunk by 1 %, …, 60 % (the GPTQ
+    ///   reference's `mse` search), the integer zero rounded for each.
+    ///
+    /// The result is never worse than [`Grid::find_params`] on the weighted
+    /// error: the min/max grid is the first candidate.
+    pub fn search_params(&self, x: &[f64], wt: &[f64]) -> (f64, f64) {
+        debug_assert_eq!(x.len(), wt.len());
+        let base = self.find_params(x.iter().copied());
+        let err_of = |s: f64, z: f64| -> f64 {
+            x.iter()
+                .zip(wt)
+                .map(|(&v, &w)| {
+                    let q = s * (self.code(v, s, z) - z);
+                    w * (v - q) * (v - q)
+                })
+                .sum()
+        };
+        // Weighted least-squares scale for the codes that (s, z) gives.
+        let refit = |s: f64, z: f64| -> Option<f64> {
+            let (mut num, mut den) = (0f64, 0f64);
+            for (&v, &w) in x.iter().zip(wt) {
+                let l = self.code(v, s, z) - z;
+                num += w * v * l;
+                den += w * l * l;
+            }
+            (den > 0.0 && num != 0.0).then(|| num / den)
+        };
+        let mut best = (err_of(base.0, base.1), base.0, base.1);
+        let consider = |s: f64, z: f64, best: &mut (f64, f64, f64)| {
+            if !(s.is_finite() && s != 0.0) {
+                return;
+            }
+            for s in [Some(s), refit(s, z)].into_iter().flatten() {
+                let e = err_of(s, z);
+                if e < best.0 {
+                    *best = (e, s, z);
+                }
+            }
+        };
+        if self.sym {
+            let Some(&amax) = x.iter().max_by(|a, b| a.abs().total_cmp(&b.abs())) else {
+                return base;
+            };
+            if amax == 0.0 {
+                return base;
+            }
+            let z = (self.maxq() + 1.0) / 2.0;
+            // The extreme weight on the negative end (−z) or the positive end (z − 1).
+            for end in [-z, z - 1.0] {
+                for step in -10..=10 {
+                    let levels = end + f64::from(step) * 0.1 * end.signum();
+                    if levels.abs() < 0.5 {
+                        continue;
+                    }
+                    consider(amax / levels, z, &mut best);
+                }
+            }
+        } else {
+            let xmin = x.iter().fold(0f64, |m, &v| m.min(v));
+            let xmax = x.iter().fold(0f64, |m, &v| m.max(v));
+            if xmin == 0.0 && xmax == 0.0 {
+                return base;
+            }
+            for i in 1..=60 {
+                let p = 1.0 - f64::from(i) * 0.01;
+                let (lo, hi) = (p * xmin, p * xmax);
+                let s = (hi - lo) / self.maxq();
+                let z = (-lo / s).round_ties_even().clamp(0.0, self.maxq());
+                consider(s, z, &mut best);
+            }
+        }
+        (best.1, best.2)
+    }
+
     /// The integer code of `w` on (scale, zero).
     pub fn code(&self, w: f64, scale: f64, zero: f64) -> f64 {
         ((w / scale).round_ties_even() + zero).clamp(0.0, self.maxq())
@@ -92,5 +181,72 @@ mod tests {
         let (s, z) = g4.find_params([0.5, 1.5].into_iter());
         assert!((s - 0.1).abs() < 1e-12 && z == 0.0, "xmin clamps to 0");
         assert!(Grid::new(5, false).is_err());
+    }
+
+    /// The search never loses to min/max on the weighted error, and on
+    /// Gaussian groups it wins clearly at every width, both grids (measured:
+    /// −57/−44/−36/−33 % symmetric, −37/−22/−17/−4 % asymmetric at 2/3/4/8 bits).
+    #[test]
+    fn search_beats_min_max() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut uniform = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for bits in [2, 3, 4, 8] {
+            for sym in [true, false] {
+                let g = Grid::new(bits, sym).unwrap();
+                let (mut e_mm, mut e_s) = (0f64, 0f64);
+                for _ in 0..200 {
+                    // Box–Muller normals, weights spread over two decades.
+                    let x: Vec<f64> = (0..32)
+                        .map(|_| {
+                            let (a, b) = (uniform().max(1e-12), uniform());
+                            (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
+                        })
+                        .collect();
+                    let wt: Vec<f64> = (0..32).map(|_| 10f64.powf(2.0 * uniform())).collect();
+                    let err = |(s, z): (f64, f64)| -> f64 {
+                        x.iter()
+                            .zip(&wt)
+                            .map(|(&v, &w)| w * (v - s * (g.code(v, s, z) - z)).powi(2))
+                            .sum()
+                    };
+                    let (mm, found) = (
+                        err(g.find_params(x.iter().copied())),
+                        err(g.search_params(&x, &wt)),
+                    );
+                    assert!(
+                        found <= mm * (1.0 + 1e-12),
+                        "{bits} bits sym {sym}: {found} > {mm}"
+                    );
+                    e_mm += mm;
+                    e_s += found;
+                }
+                let gain = 1.0 - e_s / e_mm;
+                eprintln!(
+                    "{bits}-bit sym {sym}: weighted error −{:.1} %",
+                    gain * 100.0
+                );
+                // (8-bit asymmetric: 1 % shrink steps are coarse next to 1/255 levels.)
+                let floor = if bits == 8 && !sym { 0.02 } else { 0.10 };
+                assert!(
+                    gain > floor,
+                    "{bits}-bit sym {sym}: only −{:.1} %",
+                    gain * 100.0
+                );
+            }
+        }
+        // Zero and constant groups keep a usable grid.
+        let g = Grid::new(4, true).unwrap();
+        let (s, z) = g.search_params(&[0.0; 4], &[1.0; 4]);
+        assert!(s > 0.0 && z == 8.0);
+        let (s, z) = g.search_params(&[0.5; 4], &[1.0; 4]);
+        assert!(
+            (s * (g.code(0.5, s, z) - z) - 0.5).abs() < 1e-12,
+            "constant group exact"
+        );
     }
 }

@@ -14,6 +14,7 @@ pub mod calib;
 pub mod error;
 pub mod gptq;
 pub mod grid;
+pub mod imatrix;
 pub mod linalg;
 /// The vectorisable exp, softmax sum and SiLU, shared with the runtime.
 pub use nibble_runtime::math;

@@ -31,7 +31,8 @@ use nibble_runtime::block::{boundary_width, finish_embedding, BlockBufs, Lin, Ro
 use crate::calib::{linear, CalibExec};
 use crate::error::{QuantError, Result};
 use crate::gptq::{
-    gptq_prepared, prepare_hessian, rtn, GptqConfig, PreparedHessian, QuantizedLayer,
+    gptq_prepared, prepare_hessian_in, rtn, ColumnOrder, GptqConfig, PreparedHessian,
+    QuantizedLayer,
 };
 use crate::grid::Grid;
 
@@ -74,7 +75,12 @@ pub struct QuantizeOptions {
     /// gate/up rows, so it has no `.perm`).
     pub act_order: bool,
     pub static_groups: bool,
+    /// With `act_order`: keep each stored group's columns together
+    /// ([`crate::gptq::ColumnOrder::ActByGroup`]), so no permutation is stored.
+    pub act_order_groups: bool,
     pub true_sequential: bool,
+    /// GPTQ: each group's grid by a weighted search ([`crate::Grid::search_params`]).
+    pub scale_search: bool,
     /// GPTQ damping as a fraction of mean(diag H).
     pub damp: f64,
     /// Threads for the matrix products (the caller's rayon pool).
@@ -98,7 +104,9 @@ impl QuantizeOptions {
             sym,
             act_order: false,
             static_groups: false,
+            act_order_groups: false,
             true_sequential: false,
+            scale_search: false,
             damp: 0.01,
             threads: 1,
             calib: None,
@@ -117,6 +125,9 @@ pub struct LayerReport {
     pub rel_error: f64,
     /// GPTQ only: RTN's relative output error on the same inputs.
     pub rel_error_rtn: Option<f64>,
+    /// GPTQ only: the mean square of each input over the calibration
+    /// tokens (diag H / 2), the statistics of an importance matrix.
+    pub input_mean_sq: Option<Vec<f32>>,
 }
 
 /// Where the time went (seconds).
@@ -278,7 +289,13 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
     /// Damp, invert and factor a Hessian once for the layers that share it.
     fn prepare(&mut self, h: &[f32], cols: usize) -> Result<PreparedHessian> {
         let t = Instant::now();
-        let p = prepare_hessian(h, cols, self.opts.act_order, self.opts.damp)?;
+        let o = self.opts;
+        let order = match (o.act_order, o.act_order_groups) {
+            (false, _) => ColumnOrder::Stored,
+            (true, false) => ColumnOrder::Act,
+            (true, true) => ColumnOrder::ActByGroup(effective_group_size(o.group_size, cols)),
+        };
+        let p = prepare_hessian_in(h, cols, order, o.damp)?;
         self.timings.gptq += t.elapsed().as_secs_f64();
         Ok(p)
     }
@@ -327,6 +344,7 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
                     damp: o.damp,
                     block_size: 128,
                     threads: o.threads,
+                    scale_search: o.scale_search,
                 };
                 let q = gptq_prepared(w, prep, rows, cols, &cfg)?;
                 let rtn_q = rtn(w, rows, cols, self.grid, Some(gs))?.dequantize();
@@ -337,7 +355,7 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
         };
         self.timings.gptq += t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let permuted = o.act_order && !o.static_groups && h.is_some();
+        let permuted = o.act_order && !o.static_groups && !o.act_order_groups && h.is_some();
         if permuted {
             // Each group's columns in input order: the order within a group
             // changes no code, and a GPTQ checkpoint's g_idx does not record
@@ -440,6 +458,7 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
             cols,
             rel_error: report.0,
             rel_error_rtn: report.1,
+            input_mean_sq: h.map(|(h, _)| (0..cols).map(|i| h[i * cols + i] / 2.0).collect()),
         });
         self.done += 1;
         Ok(q.dequantize())

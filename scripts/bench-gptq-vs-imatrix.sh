@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# nibble's GPTQ against llama.cpp's importance-matrix quantization at equal size (docs/BENCHMARKS.md,
+# docs/quantization.md): SmolLM2-135M-Instruct, the same float weights for both (the shared GGUF
+# dequantized to F32 by llama-quantize), the same calibration text (128 windows of 512 tokens of
+# tinyshakespeare: llama-imatrix -c 512 --chunks 128, nibble --nsamples 128 --seqlen 512), the same
+# output files (GGUF Q4_0 / Q4_1 / Q8_0), and two metrics: `nibble perplexity` (first 10 windows of
+# 2048 of wikitext-2, every token scored) and llama.cpp's own `llama-perplexity` on the GGUF files
+# (-c 512, first 20 chunks, second half of each window scored).
+#
+#   scripts/bench-gptq-vs-imatrix.sh [TYPES]     (default TYPES: "q4_0 q4_1 q8_0")
+#
+# Also: nibble's Hessian diagonal written as an imatrix (--imatrix-out) and used by llama-quantize,
+# and a llama.cpp generation from nibble's Q4_0 file (llama-completion or llama-cli if built).
+# Environment: LLAMA_BIN (llama.cpp's bin folder; default: scripts/build-llama-cpp.sh's), OUT
+# (default target/bench-imatrix), THREADS (default 2), NIBBLE_BIN (default target/release/nibble,
+# rebuilt first).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${NIBBLE_SHARED:-../shared}
+G=$SHARED/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+CALIB=$SHARED/data/tinyshakespeare.txt
+WIKI=$SHARED/data/wikitext-2-test.txt
+OUT=${OUT:-target/bench-imatrix}
+THREADS=${THREADS:-2}
+TYPES=${1:-q4_0 q4_1 q8_0}
+N=${NIBBLE_BIN:-target/release/nibble}
+[ -n "${NIBBLE_BIN:-}" ] || cargo build --release -p nibble-cli >/dev/null
+B=${LLAMA_BIN:-$(scripts/build-llama-cpp.sh)}
+# llama-imatrix is not among build-llama-cpp.sh's targets: build it beside them.
+if [ ! -x "$B/llama-imatrix" ]; then
+    (cd "$B/../.." && PATH="$(cd "$B/../../../../../venv/bin" 2>/dev/null && pwd):$PATH" \
+        cmake --build build --target llama-imatrix >/dev/null)
+fi
+export LD_LIBRARY_PATH=$B${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+mkdir -p "$OUT"
+
+upper() { echo "$1" | tr a-z A-Z; }
+ppl_nibble() { "$N" perplexity -m "$1" -f "$WIKI" -c 2048 --chunks 10 -t "$THREADS" 2>/dev/null | awk '{print $2}'; }
+ppl_llama() {
+    "$B/llama-perplexity" -m "$1" -f "$WIKI" -c 512 --chunks 20 -t "$THREADS" 2>&1 |
+        sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p'
+}
+mb() { awk -v b="$(stat -c %s "$1")" 'BEGIN {printf "%.1f", b / 1e6}'; }
+row() { echo "| $1 | $(mb "$2") | $(ppl_nibble "$2") | $(ppl_llama "$2") |"; }
+
+[ -f "$OUT/f32.gguf" ] || "$B/llama-quantize" --allow-requantize "$G" "$OUT/f32.gguf" F32 >/dev/null 2>&1
+[ -f "$OUT/imatrix-llama.gguf" ] ||
+    "$B/llama-imatrix" -m "$OUT/f32.gguf" -f "$CALIB" -c 512 --chunks 128 -o "$OUT/imatrix-llama.gguf" \
+        -t "$THREADS" >/dev/null 2>&1
+
+echo "| model | file MB | nibble perplexity (10 × 2048, every token) | llama-perplexity (20 × 512, second halves) |"
+echo "|---|--:|--:|--:|"
+row "float (F32 GGUF)" "$OUT/f32.gguf"
+for t in $TYPES; do
+    T=$(upper "$t")
+    "$B/llama-quantize" "$OUT/f32.gguf" "$OUT/llama-$t.gguf" "$T" "$THREADS" >/dev/null 2>&1
+    row "llama.cpp $T" "$OUT/llama-$t.gguf"
+    "$B/llama-quantize" --imatrix "$OUT/imatrix-llama.gguf" "$OUT/f32.gguf" "$OUT/llama-$t-imat.gguf" "$T" \
+        "$THREADS" >/dev/null 2>&1
+    row "llama.cpp $T + imatrix" "$OUT/llama-$t-imat.gguf"
+    "$N" quantize -m "$G" -o "$OUT/nibble-gptq-$t.gguf" --gguf "$t" --calib "$CALIB" --nsamples 128 \
+        --seqlen 512 -t "$THREADS" --imatrix-out "$OUT/imatrix-nibble-$t.gguf" 2>/dev/null
+    row "nibble GPTQ --gguf $t" "$OUT/nibble-gptq-$t.gguf"
+    "$B/llama-quantize" --imatrix "$OUT/imatrix-nibble-$t.gguf" "$OUT/f32.gguf" \
+        "$OUT/llama-$t-nibble-imat.gguf" "$T" "$THREADS" >/dev/null 2>&1
+    row "llama.cpp $T + nibble's imatrix" "$OUT/llama-$t-nibble-imat.gguf"
+done
+
+# llama.cpp generates from nibble's file.
+for tool in llama-completion llama-cli; do
+    if [ -x "$B/$tool" ]; then
+        echo
+        echo "\`$tool -m nibble-gptq-q4_0.gguf -p 'The capital of France is' -n 16 --temp 0\`:"
+        "$B/$tool" -m "$OUT/nibble-gptq-q4_0.gguf" -p "The capital of France is" -n 16 --temp 0 \
+            -no-cnv 2>/dev/null </dev/null | head -3
+        break
+    fi
+done

@@ -1,0 +1,220 @@
+//! Quantized models written as GGUF files (`nibble quantize --gguf TYPE`):
+//! SmolLM2-135M (llama family: its q/k rows go back to llama.cpp's rotary
+//! order) quantized by nibble, written as Q4_0 / Q4_1 / Q8_0 blocks with the
+//! source GGUF's metadata, then imported again: every block reads back as
+//! the weights nibble quantized. That llama.cpp loads and runs these files
+//! is checked by `scripts/gguf-output-check.sh` (it needs a llama.cpp build).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use nibble::format::export_gguf::{export_gguf, file_type, FloatMatrices};
+use nibble::format::gguf::{GgmlType, GgufFile};
+use nibble::format::import::{import_to_memory, ImportOptions};
+use nibble::format::{AlignedBytes, DType, NibFile};
+use nibble::quantizer::{quantize_model, QuantizeOptions};
+
+fn smollm2() -> PathBuf {
+    shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nibble-gguf-output-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+/// `q` written as a GGUF at `out` with `source`'s metadata.
+fn write(q: &NibFile, source: &Path, ftype: u32, out: &Path) {
+    let bytes = std::fs::read(source).unwrap();
+    let g = GgufFile::parse(&bytes).unwrap();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(out).unwrap());
+    export_gguf(&q.view().unwrap(), &g, ftype, FloatMatrices::Q8_0, &mut f).unwrap();
+}
+
+fn import_blocks(path: &Path) -> NibFile {
+    import_to_memory(
+        path,
+        &ImportOptions {
+            dtype: DType::F32,
+            hash_source: false,
+            keep_blocks: true,
+            lora: Vec::new(),
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap()
+}
+
+/// Every packed tensor of `a` decodes to the same weights in `b`, within
+/// `tol` × the row's largest magnitude.
+fn same_weights(a: &NibFile, b: &NibFile, tol: f32, what: &str) -> usize {
+    let (va, vb) = (a.view().unwrap(), b.view().unwrap());
+    let mut n = 0;
+    for t in va.tensors.iter().filter(|t| t.dtype.quant_bits().is_some()) {
+        let u = vb
+            .tensor(t.name)
+            .unwrap_or_else(|| panic!("{what}: {} missing", t.name));
+        assert_eq!(u.shape, t.shape, "{what}: {}", t.name);
+        let (rows, cols) = (t.shape[0] as usize, t.shape[1] as usize);
+        let (ra, rb) = (t.data.len() / rows, u.data.len() / rows);
+        let (mut x, mut y) = (vec![0f32; cols], vec![0f32; cols]);
+        for r in 0..rows {
+            nibble::format::quant::dequantize(
+                t.dtype,
+                t.quant_param as usize,
+                &t.data[r * ra..(r + 1) * ra],
+                &mut x,
+            );
+            nibble::format::quant::dequantize(
+                u.dtype,
+                u.quant_param as usize,
+                &u.data[r * rb..(r + 1) * rb],
+                &mut y,
+            );
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = x
+                .iter()
+                .zip(&y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= tol * amax,
+                "{what}: {} row {r}: {worst} > {tol}·{amax}",
+                t.name
+            );
+        }
+        n += 1;
+    }
+    n
+}
+
+/// RTN at each GGUF grid, written and read back: the linear layers are
+/// exactly nibble's (Q4_1 within its f16 minimum), the head is llama.cpp's
+/// Q8_0, norms stay F32, and the metadata (tokenizer included) is the
+/// source's with the new file type.
+#[test]
+#[cfg_attr(
+    target_arch = "aarch64",
+    ignore = "slow under qemu; target-independent"
+)]
+fn gguf_blocks_read_back_as_quantized() {
+    let src_path = smollm2();
+    let src = import_f32(&src_path);
+    let src_bytes = std::fs::read(&src_path).unwrap();
+    let source = GgufFile::parse(&src_bytes).unwrap();
+    for (bits, sym, ftype, ty, tol) in [
+        (4, true, file_type::MOSTLY_Q4_0, GgmlType::Q4_0, 0.0),
+        (4, false, file_type::MOSTLY_Q4_1, GgmlType::Q4_1, 1e-3),
+        (8, true, file_type::MOSTLY_Q8_0, GgmlType::Q8_0, 0.0),
+    ] {
+        let what = ty.name().to_string();
+        let (buf, _, _) = quantize_model(
+            &src.view().unwrap(),
+            &QuantizeOptions {
+                threads: 2,
+                ..QuantizeOptions::rtn(bits, Some(32), sym)
+            },
+            None,
+            AlignedBytes::new(),
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        let q = NibFile::from_memory(buf).unwrap();
+        let out = tmp(&format!("smollm2-{what}.gguf"));
+        write(&q, &src_path, ftype, &out);
+
+        let bytes = std::fs::read(&out).unwrap();
+        let g = GgufFile::parse(&bytes).unwrap();
+        assert_eq!(
+            g.get("general.file_type").and_then(|v| v.as_u64()),
+            Some(ftype.into())
+        );
+        assert_eq!(g.tensors.len(), source.tensors.len(), "{what}");
+        for key in ["tokenizer.ggml.tokens", "tokenizer.ggml.merges"] {
+            assert_eq!(
+                g.string_array(key),
+                source.string_array(key),
+                "{what}: {key}"
+            );
+        }
+        assert_eq!(
+            g.get("tokenizer.chat_template").and_then(|v| v.as_str()),
+            source
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.as_str())
+        );
+        for t in &g.tensors {
+            let expected = if t.name == "token_embd.weight" {
+                GgmlType::Q8_0
+            } else if t.ne.len() == 1 {
+                GgmlType::F32
+            } else {
+                ty
+            };
+            assert_eq!(t.ggml_type, expected, "{what}: {}", t.name);
+        }
+        // The same size as llama-quantize's file of this type.
+        if ty == GgmlType::Q4_0 {
+            assert_eq!(
+                bytes.len(),
+                91_726_912,
+                "llama-quantize's Q4_0 of this model is 91,726,912 bytes"
+            );
+        }
+
+        let back = import_blocks(&out);
+        let n = same_weights(&q, &back, tol, &what);
+        assert_eq!(n, 210, "{what}: every linear layer");
+        drop(bytes);
+        std::fs::remove_file(&out).unwrap();
+    }
+}
+
+/// GPTQ for a GGUF grid: act-order within whole groups (no permutation)
+/// with the weighted scale search on the signed Q4_0 grid; it beats RTN on
+/// every layer, writes as Q4_0, reads back bit for bit and runs.
+#[test]
+#[cfg_attr(
+    target_arch = "aarch64",
+    ignore = "slow under qemu; target-independent"
+)]
+fn gptq_q4_0_is_a_plain_gguf() {
+    let src_path = smollm2();
+    let src = import_f32(&src_path);
+    let opts = QuantizeOptions {
+        sym: true,
+        act_order_groups: true,
+        scale_search: true,
+        ..gptq_opts(4, Some(32), true, true)
+    };
+    let (q, reports) = quantize_in_memory(&src, &opts);
+    let v = q.view().unwrap();
+    assert!(v
+        .tensors
+        .iter()
+        .all(|t| !t.name.ends_with(".perm") && !t.name.ends_with(".fold")));
+    let worse: Vec<&str> = reports
+        .iter()
+        .filter(|r| r.rel_error_rtn.is_some_and(|e| r.rel_error >= e))
+        .map(|r| r.name.as_str())
+        .collect();
+    assert!(worse.is_empty(), "GPTQ lost to RTN on {worse:?}");
+    let out = tmp("smollm2-gptq-q4_0.gguf");
+    write(&q, &src_path, file_type::MOSTLY_Q4_0, &out);
+    let back = import_blocks(&out);
+    assert_eq!(same_weights(&q, &back, 0.0, "GPTQ Q4_0"), 210);
+    let model = std::sync::Arc::new(
+        nibble::runtime::Model::from_nib(back, "gptq-q4_0.gguf".into()).unwrap(),
+    );
+    let ids = model
+        .tokenizer()
+        .unwrap()
+        .encode("The capital of France is", true)
+        .unwrap();
+    let logits = forward_logits(&model, &ids, 2);
+    assert!(logits.iter().all(|v| v.is_finite()));
+    std::fs::remove_file(&out).unwrap();
+}
