@@ -53,8 +53,8 @@ impl Grid {
 
     /// (scale, zero) for `x` minimising the weighted squared error
     /// Σ wt·(x − ŵ)², where `wt` says how much each value's error costs
-    /// (GPTQ passes 1 / [H⁻¹]ⱼⱼ², the loss its step adds per unit of squared
-    /// error; all ones gives the plain error).
+    /// (GPTQ passes the Hessian diagonal, each input's mean square; all ones
+    /// gives the plain error).
     ///
     /// Min/max is rarely the best grid: the extreme weight is one value of
     /// the group, and a slightly smaller scale rounds all the others more
