@@ -89,24 +89,6 @@ fn carry(v: &crate::gguf::GgufValue<'_>) -> GgufValue {
     GgufValue::Raw { ty, payload }
 }
 
-/// llama.cpp's rotary row order for the llama family: canonical row
-/// `h·d + j·d/2 + i` is GGUF row `h·d + 2i + j` (the inverse of the import's
-/// `unpermute_rotary_rows`).
-fn permute_rotary_rows(w: &[u8], n_heads: usize, head_dim: usize, row_bytes: usize) -> Vec<u8> {
-    let mut out = vec![0u8; w.len()];
-    let half = head_dim / 2;
-    for h in 0..n_heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let dst = (h * head_dim + 2 * i + j) * row_bytes;
-                let src = (h * head_dim + j * half + i) * row_bytes;
-                out[dst..dst + row_bytes].copy_from_slice(&w[src..src + row_bytes]);
-            }
-        }
-    }
-    out
-}
-
 /// llama.cpp's `quantize_row_q8_0_ref` on one row (a multiple of 32 wide).
 pub fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>) {
     for block in x.chunks_exact(32) {
@@ -271,7 +253,7 @@ pub fn export_gguf(
         };
         if let Some(n_heads) = heads {
             let row_bytes = data.len() / shape[0] as usize;
-            data = permute_rotary_rows(&data, n_heads, hp.head_dim, row_bytes);
+            data = crate::import::permute_rotary_rows(&data, n_heads, hp.head_dim, row_bytes);
         }
         tensors.push(GgufTensor {
             name: s.name.to_string(),
@@ -309,7 +291,7 @@ mod tests {
     fn rotary_rows_round_trip_through_the_import() {
         let (heads, hd, cols) = (3, 8, 2);
         let w: Vec<u8> = (0..(heads * hd * cols) as u8).collect();
-        let there = permute_rotary_rows(&w, heads, hd, cols);
+        let there = crate::import::permute_rotary_rows(&w, heads, hd, cols);
         let back = crate::import::unpermute_rotary_rows(&there, heads, hd, cols);
         assert_eq!(back, w);
         assert_ne!(there, w);

@@ -1046,13 +1046,35 @@ pub fn unpermute_rotary_rows<T: Copy + Default>(
     head_dim: usize,
     n_cols: usize,
 ) -> Vec<T> {
+    move_rotary_rows(w, n_heads, head_dim, n_cols, false)
+}
+
+/// The inverse of [`unpermute_rotary_rows`]: canonical rows back to
+/// llama.cpp's order (for writing GGUF files).
+pub fn permute_rotary_rows<T: Copy + Default>(
+    w: &[T],
+    n_heads: usize,
+    head_dim: usize,
+    n_cols: usize,
+) -> Vec<T> {
+    move_rotary_rows(w, n_heads, head_dim, n_cols, true)
+}
+
+fn move_rotary_rows<T: Copy + Default>(
+    w: &[T],
+    n_heads: usize,
+    head_dim: usize,
+    n_cols: usize,
+    to_gguf: bool,
+) -> Vec<T> {
     let mut out = vec![T::default(); w.len()];
     let half = head_dim / 2;
     for h in 0..n_heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = (h * head_dim + 2 * i + j) * n_cols;
-                let dst = (h * head_dim + j * half + i) * n_cols;
+                let gguf = (h * head_dim + 2 * i + j) * n_cols;
+                let hf = (h * head_dim + j * half + i) * n_cols;
+                let (src, dst) = if to_gguf { (hf, gguf) } else { (gguf, hf) };
                 out[dst..dst + n_cols].copy_from_slice(&w[src..src + n_cols]);
             }
         }
