@@ -16,17 +16,6 @@ use common::*;
 use nibble::format::{HParams, NibView};
 use nibble::quantizer::model::tensor_f32;
 
-/// GGUF value types used here.
-const U32: u32 = 4;
-const F32: u32 = 6;
-const BOOL: u32 = 7;
-const STR: u32 = 8;
-
-fn gstr(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
 enum Kv {
     U(u32),
     F(f32),
@@ -34,51 +23,28 @@ enum Kv {
     S(String),
 }
 
-/// A GGUF v3 file of F32 tensors (`shape` row-major, outermost first).
+/// A GGUF v3 file of F32 tensors (`shape` row-major, outermost first),
+/// through the format crate's writer.
 fn write_gguf(path: &Path, kv: &[(String, Kv)], tensors: &[(String, Vec<u64>, Vec<f32>)]) {
-    let mut out = b"GGUF".to_vec();
-    out.extend_from_slice(&3u32.to_le_bytes());
-    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
-    out.extend_from_slice(&(kv.len() as u64).to_le_bytes());
-    for (k, v) in kv {
-        gstr(&mut out, k);
-        match v {
-            Kv::U(x) => {
-                out.extend_from_slice(&U32.to_le_bytes());
-                out.extend_from_slice(&x.to_le_bytes());
-            }
-            Kv::F(x) => {
-                out.extend_from_slice(&F32.to_le_bytes());
-                out.extend_from_slice(&x.to_le_bytes());
-            }
-            Kv::B(x) => {
-                out.extend_from_slice(&BOOL.to_le_bytes());
-                out.push(u8::from(*x));
-            }
-            Kv::S(x) => {
-                out.extend_from_slice(&STR.to_le_bytes());
-                gstr(&mut out, x);
-            }
-        }
-    }
-    let mut offset = 0u64;
-    for (name, shape, data) in tensors {
-        gstr(&mut out, name);
-        out.extend_from_slice(&(shape.len() as u32).to_le_bytes());
-        for d in shape.iter().rev() {
-            out.extend_from_slice(&d.to_le_bytes());
-        }
-        out.extend_from_slice(&0u32.to_le_bytes()); // F32
-        out.extend_from_slice(&offset.to_le_bytes());
-        offset += (data.len() as u64 * 4).div_ceil(32) * 32;
-    }
-    out.resize(out.len().div_ceil(32) * 32, 0);
-    for (_, _, data) in tensors {
-        for v in data {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        out.resize(out.len().div_ceil(32) * 32, 0);
-    }
+    use nibble::format::gguf_write::{write_gguf, GgufTensor, GgufValue};
+    let kv: Vec<(String, GgufValue)> = kv
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Kv::U(x) => GgufValue::U32(*x),
+                Kv::F(x) => GgufValue::F32(*x),
+                Kv::B(x) => GgufValue::Bool(*x),
+                Kv::S(x) => GgufValue::Str(x.clone()),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    let tensors: Vec<GgufTensor> = tensors
+        .iter()
+        .map(|(name, shape, data)| GgufTensor::f32(name, shape, data))
+        .collect();
+    let mut out = Vec::new();
+    write_gguf(&mut out, &kv, &tensors).unwrap();
     std::fs::write(path, out).unwrap();
 }
 
