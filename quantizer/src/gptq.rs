@@ -592,21 +592,10 @@ mod tests {
     #[test]
     fn row_parallel_sweep_equals_one_sweep() {
         let (rows, cols, k) = (37, 96, 120);
-        let mut state = 0x1234_5678_9abc_def1u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        let mut next = crate::test_util::centered_f32(0x1234_5678_9abc_def1);
         let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
         let x: Vec<f32> = (0..k * cols).map(|_| next()).collect();
-        let mut h = vec![0f32; cols * cols];
-        for i in 0..cols {
-            for j in 0..cols {
-                h[i * cols + j] = (0..k).map(|t| x[t * cols + i] * x[t * cols + j]).sum();
-            }
-        }
+        let h = crate::test_util::gram(&x, k, cols);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
@@ -642,13 +631,7 @@ mod tests {
     /// search lowers the output error tr(δ·H·δᵀ) on every grid tried.
     #[test]
     fn group_order_and_scale_search() {
-        let mut state = 0x0bad_cafe_1234_5678u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        let mut next = crate::test_util::centered_f32(0x0bad_cafe_1234_5678);
         for (rows, cols) in [(24, 96), (24, 80)] {
             let k = 150;
             let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
@@ -656,12 +639,7 @@ mod tests {
             let x: Vec<f32> = (0..k * cols)
                 .map(|i| next() * (1.0 + (i % cols) as f32 / 8.0))
                 .collect();
-            let mut h = vec![0f32; cols * cols];
-            for i in 0..cols {
-                for j in 0..cols {
-                    h[i * cols + j] = (0..k).map(|t| x[t * cols + i] * x[t * cols + j]).sum();
-                }
-            }
+            let h = crate::test_util::gram(&x, k, cols);
             let out_err = |q: &QuantizedLayer| -> f64 {
                 let d: Vec<f64> = w
                     .iter()

@@ -188,13 +188,7 @@ mod tests {
     /// −57/−44/−36/−33 % symmetric, −37/−22/−17/−4 % asymmetric at 2/3/4/8 bits).
     #[test]
     fn search_beats_min_max() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut uniform = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut uniform = crate::test_util::unit_f64(0x9e37_79b9_7f4a_7c15);
         for bits in [2, 3, 4, 8] {
             for sym in [true, false] {
                 let g = Grid::new(bits, sym).unwrap();

@@ -19,6 +19,8 @@ pub mod linalg;
 /// The vectorisable exp, softmax sum and SiLU, shared with the runtime.
 pub use nibble_runtime::math;
 pub mod model;
+#[cfg(test)]
+mod test_util;
 
 pub use error::{QuantError, Result};
 pub use gptq::{gptq, rtn, GptqConfig, QuantizedLayer};
