@@ -92,9 +92,10 @@ fn same_weights(a: &NibFile, b: &NibFile, tol: f32, what: &str) -> usize {
 }
 
 /// RTN at each GGUF grid, written and read back: the linear layers are
-/// exactly nibble's (Q4_1 within its f16 minimum), the head is llama.cpp's
-/// Q8_0, norms stay F32, and the metadata (tokenizer included) is the
-/// source's with the new file type.
+/// exactly nibble's (an integer zero point as Q4_1 within its f16 minimum),
+/// the head is llama.cpp's Q8_0, norms stay F32, and the metadata (tokenizer
+/// included) is the source's with the new file type. The free-minimum grid
+/// on this Q4_1 source gives the source's own blocks back.
 #[test]
 #[cfg_attr(
     target_arch = "aarch64",
@@ -105,16 +106,26 @@ fn gguf_blocks_read_back_as_quantized() {
     let src = import_f32(&src_path);
     let src_bytes = std::fs::read(&src_path).unwrap();
     let source = GgufFile::parse(&src_bytes).unwrap();
-    for (bits, sym, ftype, ty, tol) in [
-        (4, true, file_type::MOSTLY_Q4_0, GgmlType::Q4_0, 0.0),
-        (4, false, file_type::MOSTLY_Q4_1, GgmlType::Q4_1, 1e-3),
-        (8, true, file_type::MOSTLY_Q8_0, GgmlType::Q8_0, 0.0),
+    let source_blocks = import_blocks(&src_path);
+    for (bits, sym, free_min, ftype, ty, tol) in [
+        (4, true, false, file_type::MOSTLY_Q4_0, GgmlType::Q4_0, 0.0),
+        (
+            4,
+            false,
+            false,
+            file_type::MOSTLY_Q4_1,
+            GgmlType::Q4_1,
+            1e-3,
+        ),
+        (4, false, true, file_type::MOSTLY_Q4_1, GgmlType::Q4_1, 0.0),
+        (8, true, false, file_type::MOSTLY_Q8_0, GgmlType::Q8_0, 0.0),
     ] {
-        let what = ty.name().to_string();
+        let what = format!("{}{}", ty.name(), if free_min { " free min" } else { "" });
         let (buf, _, _) = quantize_model(
             &src.view().unwrap(),
             &QuantizeOptions {
                 threads: 2,
+                free_min,
                 ..QuantizeOptions::rtn(bits, Some(32), sym)
             },
             None,
@@ -123,7 +134,13 @@ fn gguf_blocks_read_back_as_quantized() {
         )
         .unwrap();
         let q = NibFile::from_memory(buf).unwrap();
-        let out = tmp(&format!("smollm2-{what}.gguf"));
+        if free_min {
+            assert_eq!(
+                same_weights(&q, &source_blocks, 0.0, "free min vs the Q4_1 source"),
+                210
+            );
+        }
+        let out = tmp(&format!("smollm2-{}.gguf", what.replace(' ', "-")));
         write(&q, &src_path, ftype, &out);
 
         let bytes = std::fs::read(&out).unwrap();

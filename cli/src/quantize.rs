@@ -51,12 +51,12 @@ pub struct QuantizeArgs {
     output: PathBuf,
     /// Write a GGUF file that llama.cpp runs instead of a .nib: GPTQ with the
     /// block type's own grid (groups of 32; Q4_0 and Q8_0 symmetric with
-    /// the extra negative level, Q4_1 asymmetric), act-order within whole
+    /// the extra negative level, Q4_1 with a free f16 minimum), act-order within whole
     /// groups (GGUF has no permutations), the embedding / head as Q8_0 (as
     /// llama-quantize does for heads whose width is not a multiple of 256),
     /// norms F32, and the source GGUF's metadata, tokenizer and chat template.
     /// The source must be a GGUF file (-m model.gguf).
-    #[arg(long, value_enum, value_name = "TYPE", conflicts_with_all = ["bits", "group_size", "sym", "head_bits"])]
+    #[arg(long, value_enum, value_name = "TYPE", conflicts_with_all = ["bits", "group_size", "sym", "free_min", "head_bits"])]
     gguf: Option<GgufOutArg>,
     #[arg(long, value_enum, default_value = "gptq")]
     method: MethodArg,
@@ -69,6 +69,12 @@ pub struct QuantizeArgs {
     /// Symmetric grid (zero point fixed at the middle code).
     #[arg(long)]
     sym: bool,
+    /// 4-bit asymmetric groups whose minimum is any f16 value instead of an
+    /// integer zero point (`Q4GM`, GGUF's Q4_1 grid): a group whose weights
+    /// all sit away from 0 keeps all 16 levels on them. Same size as the
+    /// integer zero point (4 bytes per group).
+    #[arg(long, conflicts_with = "sym")]
+    free_min: bool,
     /// Also store the token embedding / output head as integer groups of 32
     /// (RTN) at 4 or 8 bits, instead of F16. On small models the head is a
     /// large share of the bytes read per token (SmolLM2: 28 M of 135 M weights).
@@ -178,6 +184,13 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             a.group_size
         );
     }
+    if a.free_min && (a.bits != 4 || a.group_size == 0) {
+        bail!(
+            "--free-min is a 4-bit grouped grid (Q4GM); got --bits {} --group-size {}",
+            a.bits,
+            a.group_size
+        );
+    }
     if !(a.damp.is_finite() && a.damp > 0.0) {
         bail!("--damp {} must be a positive number", a.damp);
     }
@@ -197,11 +210,11 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         bail!("--[no-]act-order, --static-groups, --[no-]true-sequential and --calib only apply to --method gptq");
     }
     // A GGUF output fixes the grid and keeps each group's columns together.
-    let (bits, group_size, sym, head_bits) = match a.gguf {
-        None => (a.bits, a.group_size, a.sym, a.head_bits),
-        Some(GgufOutArg::Q4_0) => (4, 32, true, None),
-        Some(GgufOutArg::Q4_1) => (4, 32, false, None),
-        Some(GgufOutArg::Q8_0) => (8, 32, true, None),
+    let (bits, group_size, sym, free_min, head_bits) = match a.gguf {
+        None => (a.bits, a.group_size, a.sym, a.free_min, a.head_bits),
+        Some(GgufOutArg::Q4_0) => (4, 32, true, false, None),
+        Some(GgufOutArg::Q4_1) => (4, 32, false, true, None),
+        Some(GgufOutArg::Q8_0) => (8, 32, true, false, None),
     };
     let gguf_source = match a.gguf {
         None => None,
@@ -390,6 +403,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         act_order_groups: a.act_order_groups || (a.gguf.is_some() && !a.static_groups),
         true_sequential,
         scale_search: method == Method::Gptq && (a.scale_search || !a.no_scale_search),
+        free_min,
         damp: a.damp,
         threads,
         calib: calib_info,

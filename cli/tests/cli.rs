@@ -358,11 +358,34 @@ fn quantize_writes_a_runnable_model_and_a_report() {
         story.starts_with("Once upon a time, there was a little girl named Lily."),
         "{story}"
     );
+    // The free-minimum 4-bit grid is stored as Q4GM and runs.
+    let fm = d.join("st4m.nib");
+    ok(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&fm),
+        "--method",
+        "rtn",
+        "--free-min",
+        "--group-size",
+        "32",
+    ]);
+    let info = ok(&["inspect", s(&fm), "--verify"]);
+    assert!(info.contains("Q4GM"), "{info}");
+    let story = ok(&["run", "-m", s(&fm), "-n", "8", "--temp", "0"]);
+    assert!(story.starts_with("Once upon a time"), "{story}");
 
     // Bad settings fail before any work and leave nothing behind.
     let bad = d.join("bad.nib");
-    let cases: [(&[&str], &[&str]); 7] = [
+    let cases: [(&[&str], &[&str]); 9] = [
         (&["--bits", "5"], &["--bits 5"]),
+        (&["--free-min", "--bits", "8"], &["--free-min", "--bits 8"]),
+        (
+            &["--free-min", "--group-size", "0"],
+            &["--free-min", "--group-size 0"],
+        ),
         (&["--group-size", "33"], &["multiple of 32"]),
         (&["--method", "rtn", "--calib", "self"], &["--calib"]),
         (

@@ -20,6 +20,12 @@ pub enum QuantError {
     Format(#[from] nibble_format::FormatError),
     #[error("generating calibration text with the model: {0}")]
     Runtime(#[from] nibble_runtime::RuntimeError),
+    #[error("a free minimum (Q4GM) needs 4-bit asymmetric groups; got {bits} bits, {}, {}", if *.sym { "symmetric" } else { "asymmetric" }, match .group_size { Some(g) => format!("groups of {g}"), None => "one group per row".into() })]
+    FreeMin {
+        bits: u32,
+        sym: bool,
+        group_size: Option<usize>,
+    },
     #[error("invalid damping {0} (must be > 0 and finite)")]
     BadDamp(f64),
 }

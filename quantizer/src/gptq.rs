@@ -64,8 +64,12 @@ pub struct QuantizedLayer {
     pub codes: Vec<u8>,
     /// `[rows, n_groups]` scales; group k is the k-th in processing order.
     pub scales: Vec<f32>,
-    /// `[rows, n_groups]` zero points (integers, as f32).
+    /// `[rows, n_groups]` zero points (integers, as f32); with
+    /// [`QuantizedLayer::free_min`], each group's minimum.
     pub zeros: Vec<f32>,
+    /// Quantized on the free-minimum grid ([`Grid::free_min`]):
+    /// ŵ = scale · code + min.
+    pub free_min: bool,
     pub n_groups: usize,
     /// For each original column, its group (column of `scales`).
     pub g_idx: Vec<u32>,
@@ -88,7 +92,12 @@ impl QuantizedLayer {
                     self.scales[r * self.n_groups + g],
                     self.zeros[r * self.n_groups + g],
                 );
-                out[r * self.cols + c] = s * (f32::from(self.codes[r * self.cols + c]) - z);
+                let code = f32::from(self.codes[r * self.cols + c]);
+                out[r * self.cols + c] = if self.free_min {
+                    s * code + z
+                } else {
+                    s * (code - z)
+                };
             }
         }
         out
@@ -128,7 +137,15 @@ fn row_params(
     cols_of: impl Iterator<Item = usize> + Clone,
 ) -> Vec<(f64, f64)> {
     (0..rows)
-        .map(|r| grid.find_params(cols_of.clone().map(|c| w[r * n + c])))
+        .map(|r| {
+            let (s, z) = grid.find_params(cols_of.clone().map(|c| w[r * n + c]));
+            // The reference's grids stay unrounded; a free minimum is f16 by nature.
+            if grid.free_min {
+                grid.stored(s, z)
+            } else {
+                (s, z)
+            }
+        })
         .collect()
 }
 
@@ -150,6 +167,7 @@ pub fn rtn(
         codes: vec![0; rows * cols],
         scales: vec![0.0; rows * n_groups],
         zeros: vec![0.0; rows * n_groups],
+        free_min: grid.free_min,
         n_groups,
         g_idx: (0..cols).map(|c| (c / gs) as u32).collect(),
         perm: (0..cols).collect(),
@@ -381,6 +399,7 @@ pub fn gptq_prepared(
         codes: Vec::with_capacity(rows * cols),
         scales: Vec::with_capacity(rows * layers[0].n_groups),
         zeros: Vec::with_capacity(rows * layers[0].n_groups),
+        free_min: cfg.grid.free_min,
         n_groups: layers[0].n_groups,
         g_idx: layers[0].g_idx.clone(),
         perm: prep.perm.clone(),
@@ -420,10 +439,15 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
         if cfg.scale_search {
             (0..rows)
                 .map(|r| {
-                    grid.search_params(
+                    let (s, z) = grid.search_params(
                         &w[r * n + span.start..r * n + span.end],
                         &col_weight[span.clone()],
-                    )
+                    );
+                    if grid.free_min {
+                        grid.stored(s, z)
+                    } else {
+                        (s, z)
+                    }
                 })
                 .collect()
         } else {
@@ -493,8 +517,8 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
                             .map(|r| {
                                 let at = r * count + (j - i1);
                                 let (s, z) = grid.search_params(&w1[at..at + (end - j)], wt);
-                                // Code on the scale the file will hold (f16).
-                                (f64::from(half::f16::from_f64(s)), z)
+                                // Code on the scale (and minimum) the file will hold (f16).
+                                grid.stored(s, z)
                             })
                             .collect();
                     } else if j % gs == 0 {
@@ -520,7 +544,7 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
                 // Round in f32 like the reference (updates accumulate in f64).
                 let code = grid.code_f32(wv as f32, s as f32, z as f32);
                 codes_p[r * n + j] = code as u8;
-                let q = f64::from(Grid::dequant(code, s, z));
+                let q = f64::from(grid.dequant(code, s, z));
                 error += (wv - q) * (wv - q) / (d * d) / 2.0;
                 let e = (wv - q) / d;
                 err1[r * count + i] = e;
@@ -575,6 +599,7 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
         codes,
         scales,
         zeros,
+        free_min: grid.free_min,
         n_groups,
         g_idx,
         perm: perm.clone(),
@@ -628,7 +653,8 @@ mod tests {
 
     /// Group-aware act-order keeps each stored group together (a ragged
     /// last group last) and gives a plain grouped layer; the weighted scale
-    /// search lowers the output error tr(δ·H·δᵀ) on every grid tried.
+    /// search lowers the output error tr(δ·H·δᵀ) on every grid tried, the
+    /// free-minimum one included.
     #[test]
     fn group_order_and_scale_search() {
         let mut next = crate::test_util::centered_f32(0x0bad_cafe_1234_5678);
@@ -668,8 +694,14 @@ mod tests {
             if cols % gs != 0 {
                 assert_eq!(prep.perm[cols - 1] / gs, cols / gs, "ragged group last");
             }
-            for (bits, sym) in [(4, true), (4, false), (3, false), (2, true)] {
+            let grids = [(4, true), (4, false), (3, false), (2, true)]
+                .map(|(bits, sym)| Grid::new(bits, sym).unwrap())
+                .into_iter()
+                .chain([Grid::free_min_4bit()]);
+            for grid in grids {
+                let (bits, sym) = (grid.bits, grid.sym);
                 let mut cfg = GptqConfig::new(bits, Some(gs), sym).unwrap();
+                cfg.grid = grid;
                 cfg.act_order = true;
                 let plain = gptq_prepared(&w, &prep, rows, cols, &cfg).unwrap();
                 cfg.scale_search = true;
@@ -682,8 +714,12 @@ mod tests {
                         .all(|(c, &g)| g as usize == c / gs));
                 }
                 let (e0, e1) = (out_err(&plain), out_err(&searched));
-                eprintln!("{cols} cols {bits}-bit sym {sym}: output error {e0:.4e} → {e1:.4e}");
-                assert!(e1 < e0, "{cols} cols {bits}-bit sym {sym}: {e1} ≥ {e0}");
+                let what = format!(
+                    "{cols} cols {bits}-bit sym {sym} free min {}",
+                    grid.free_min
+                );
+                eprintln!("{what}: output error {e0:.4e} → {e1:.4e}");
+                assert!(e1 < e0, "{what}: {e1} ≥ {e0}");
             }
         }
     }

@@ -21,7 +21,7 @@ use std::io::{Seek, Write};
 use std::time::Instant;
 
 use nibble_format::import::encode;
-use nibble_format::quant::pack_row;
+use nibble_format::quant::{pack_row, pack_row_q4gm};
 use nibble_format::{
     keys, DType, HParams, MetadataBuilder, NibView, NibWriter, OwnedValue, TensorInfo,
 };
@@ -81,6 +81,9 @@ pub struct QuantizeOptions {
     pub true_sequential: bool,
     /// GPTQ: each group's grid by a weighted search ([`crate::Grid::search_params`]).
     pub scale_search: bool,
+    /// Each group's minimum stored as an f16 value instead of an integer
+    /// zero point (`Q4GM`, GGUF's Q4_1 grid; 4-bit asymmetric groups only).
+    pub free_min: bool,
     /// GPTQ damping as a fraction of mean(diag H).
     pub damp: f64,
     /// Threads for the matrix products (the caller's rayon pool).
@@ -107,6 +110,7 @@ impl QuantizeOptions {
             act_order_groups: false,
             true_sequential: false,
             scale_search: false,
+            free_min: false,
             damp: 0.01,
             threads: 1,
             calib: None,
@@ -181,7 +185,17 @@ pub fn tensor_f32(t: &TensorInfo<'_>) -> Result<Vec<f32>> {
     })
 }
 
-/// Pack a quantized layer's rows; `order` lists original columns in storage order.
+/// The stored type of layers quantized on `grid` (validated bits).
+fn layer_dtype(grid: &Grid) -> DType {
+    if grid.free_min {
+        DType::Q4GM
+    } else {
+        DType::from_quant_bits(grid.bits).expect("validated")
+    }
+}
+
+/// Pack a quantized layer's rows (`Q4GM` when it has free minima); `order`
+/// lists original columns in storage order.
 pub fn pack_layer(
     q: &QuantizedLayer,
     bits: u32,
@@ -194,8 +208,10 @@ pub fn pack_layer(
     let mut codes = vec![0u8; q.cols];
     for r in 0..q.rows {
         let g = r * q.n_groups..(r + 1) * q.n_groups;
-        for (z, &v) in zeros.iter_mut().zip(&q.zeros[g.clone()]) {
-            *z = v as u8;
+        if !q.free_min {
+            for (z, &v) in zeros.iter_mut().zip(&q.zeros[g.clone()]) {
+                *z = v as u8;
+            }
         }
         let row = &q.codes[r * q.cols..(r + 1) * q.cols];
         match order {
@@ -206,7 +222,17 @@ pub fn pack_layer(
             }
             None => codes.copy_from_slice(row),
         }
-        pack_row(bits, group_size, &codes, &q.scales[g], &zeros, &mut out);
+        if q.free_min {
+            pack_row_q4gm(
+                group_size,
+                &codes,
+                &q.scales[g.clone()],
+                &q.zeros[g],
+                &mut out,
+            );
+        } else {
+            pack_row(bits, group_size, &codes, &q.scales[g], &zeros, &mut out);
+        }
     }
     out
 }
@@ -364,7 +390,7 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
             q.perm.sort_unstable_by_key(|&c| (g_idx[c], c));
         }
         let packed = pack_layer(&q, self.grid.bits, gs, permuted.then_some(&q.perm[..]));
-        let dtype = DType::from_quant_bits(self.grid.bits).expect("validated");
+        let dtype = layer_dtype(&self.grid);
         if fold == Fold::Producer {
             let bias = match self.src.tensor(&name.replace(".weight", ".bias")) {
                 Some(t) => Some(tensor_f32(t)?),
@@ -474,7 +500,18 @@ pub fn quantize_model<W: Write + Seek>(
     out: W,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<(W, Vec<LayerReport>, Timings)> {
-    let grid = Grid::new(opts.bits, opts.sym)?;
+    let grid = if opts.free_min {
+        if opts.bits != 4 || opts.sym || opts.group_size.is_none() {
+            return Err(QuantError::FreeMin {
+                bits: opts.bits,
+                sym: opts.sym,
+                group_size: opts.group_size,
+            });
+        }
+        Grid::free_min_4bit()
+    } else {
+        Grid::new(opts.bits, opts.sym)?
+    };
     let head_grid = match opts.head_bits {
         None => None,
         Some(b @ (4 | 8)) => Some(Grid::new(b, false)?),
@@ -541,12 +578,7 @@ pub fn quantize_model<W: Write + Seek>(
     );
     meta.set(
         keys::QUANT_DTYPE,
-        OwnedValue::Str(
-            DType::from_quant_bits(opts.bits)
-                .expect("validated")
-                .name()
-                .into(),
-        ),
+        OwnedValue::Str(layer_dtype(&grid).name().into()),
     );
     meta.set(keys::QUANT_BITS, OwnedValue::U64(opts.bits.into()));
     meta.set(
