@@ -9,7 +9,8 @@
 #
 #   scripts/bench-gptq-vs-imatrix.sh [TYPES]     (default TYPES: "q4_0 q4_1 q8_0")
 #
-# Also: nibble's Hessian diagonal written as an imatrix (--imatrix-out) and used by llama-quantize,
+# The rows also go to $OUT/size-ppl.csv, plotted by scripts/plot-size-ppl.py (docs/size-ppl.csv and
+# docs/size-ppl.svg hold the last measurement). Also: nibble's Hessian diagonal written as an imatrix (--imatrix-out) and used by llama-quantize,
 # and a llama.cpp generation from nibble's Q4_0 file (llama-completion or llama-cli if built).
 # Environment: LLAMA_BIN (llama.cpp's bin folder; default: scripts/build-llama-cpp.sh's), OUT
 # (default target/bench-imatrix), THREADS (default 2), NIBBLE_BIN (default target/release/nibble,
@@ -41,30 +42,42 @@ ppl_llama() {
         sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p'
 }
 mb() { awk -v b="$(stat -c %s "$1")" 'BEGIN {printf "%.1f", b / 1e6}'; }
-row() { echo "| $1 | $(mb "$2") | $(ppl_nibble "$2") | $(ppl_llama "$2") |"; }
+CSV=$OUT/size-ppl.csv
+# row PROGRAM VARIANT FILE: a markdown row on stdout and a CSV row for the plot.
+row() {
+    local m p l
+    m=$(mb "$3")
+    p=$(ppl_nibble "$3")
+    l=$(ppl_llama "$3")
+    echo "| $1 $2 | $m | $p | $l |"
+    echo "$1,$2,$m,$p,$l" >> "$CSV"
+}
 
 [ -f "$OUT/f32.gguf" ] || "$B/llama-quantize" --allow-requantize "$G" "$OUT/f32.gguf" F32 >/dev/null 2>&1
 [ -f "$OUT/imatrix-llama.gguf" ] ||
     "$B/llama-imatrix" -m "$OUT/f32.gguf" -f "$CALIB" -c 512 --chunks 128 -o "$OUT/imatrix-llama.gguf" \
         -t "$THREADS" >/dev/null 2>&1
 
+echo "program,variant,mb,ppl,ppl_llama" > "$CSV"
 echo "| model | file MB | nibble perplexity (10 × 2048, every token) | llama-perplexity (20 × 512, second halves) |"
 echo "|---|--:|--:|--:|"
-row "float (F32 GGUF)" "$OUT/f32.gguf"
+row float F32 "$OUT/f32.gguf"
 for t in $TYPES; do
     T=$(upper "$t")
     "$B/llama-quantize" "$OUT/f32.gguf" "$OUT/llama-$t.gguf" "$T" "$THREADS" >/dev/null 2>&1
-    row "llama.cpp $T" "$OUT/llama-$t.gguf"
+    row llama.cpp "$T" "$OUT/llama-$t.gguf"
     "$B/llama-quantize" --imatrix "$OUT/imatrix-llama.gguf" "$OUT/f32.gguf" "$OUT/llama-$t-imat.gguf" "$T" \
         "$THREADS" >/dev/null 2>&1
-    row "llama.cpp $T + imatrix" "$OUT/llama-$t-imat.gguf"
+    row llama.cpp "$T + imatrix" "$OUT/llama-$t-imat.gguf"
     "$N" quantize -m "$G" -o "$OUT/nibble-gptq-$t.gguf" --gguf "$t" --calib "$CALIB" --nsamples 128 \
         --seqlen 512 -t "$THREADS" --imatrix-out "$OUT/imatrix-nibble-$t.gguf" 2>/dev/null
-    row "nibble GPTQ --gguf $t" "$OUT/nibble-gptq-$t.gguf"
+    row nibble "--gguf $t" "$OUT/nibble-gptq-$t.gguf"
     "$B/llama-quantize" --imatrix "$OUT/imatrix-nibble-$t.gguf" "$OUT/f32.gguf" \
         "$OUT/llama-$t-nibble-imat.gguf" "$T" "$THREADS" >/dev/null 2>&1
-    row "llama.cpp $T + nibble's imatrix" "$OUT/llama-$t-nibble-imat.gguf"
+    row llama.cpp "$T + nibble's imatrix" "$OUT/llama-$t-nibble-imat.gguf"
 done
+
+python3 scripts/plot-size-ppl.py "$CSV" "$OUT/size-ppl.svg"
 
 # llama.cpp generates from nibble's file.
 for tool in llama-completion llama-cli; do
