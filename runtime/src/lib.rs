@@ -19,6 +19,8 @@
 
 pub mod block;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod forward;
 pub mod kernels;

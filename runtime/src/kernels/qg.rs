@@ -92,6 +92,10 @@ impl<'a> PackedRows<'a> {
     pub fn row_bytes(&self) -> usize {
         self.row_bytes
     }
+    /// All rows' bytes.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
     /// The bytes of row `r`.
     pub fn row(&self, r: usize) -> &'a [u8] {
         &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
