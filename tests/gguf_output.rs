@@ -1,6 +1,6 @@
 //! Quantized models written as GGUF files (`nibble quantize --gguf TYPE`):
 //! SmolLM2-135M (llama family: its q/k rows go back to llama.cpp's rotary
-//! order) quantized by nibble, written as Q4_0 / Q4_1 / Q8_0 blocks with the
+//! order) quantized by nibble, written as Q4_0 / Q4_1 / Q5_0 / Q8_0 blocks with the
 //! source GGUF's metadata, then imported again: every block reads back as
 //! the weights nibble quantized. That llama.cpp loads and runs these files
 //! is checked by `scripts/gguf-output-check.sh` (it needs a llama.cpp build).
@@ -53,7 +53,7 @@ fn import_blocks(path: &Path) -> NibFile {
 fn same_weights(a: &NibFile, b: &NibFile, tol: f32, what: &str) -> usize {
     let (va, vb) = (a.view().unwrap(), b.view().unwrap());
     let mut n = 0;
-    for t in va.tensors.iter().filter(|t| t.dtype.quant_bits().is_some()) {
+    for t in va.tensors.iter().filter(|t| t.dtype.is_quantized()) {
         let u = vb
             .tensor(t.name)
             .unwrap_or_else(|| panic!("{what}: {} missing", t.name));
@@ -118,6 +118,7 @@ fn gguf_blocks_read_back_as_quantized() {
             1e-3,
         ),
         (4, false, true, file_type::MOSTLY_Q4_1, GgmlType::Q4_1, 0.0),
+        (5, true, false, file_type::MOSTLY_Q5_0, GgmlType::Q5_0, 0.0),
         (8, true, false, file_type::MOSTLY_Q8_0, GgmlType::Q8_0, 0.0),
     ] {
         let what = format!("{}{}", ty.name(), if free_min { " free min" } else { "" });

@@ -29,9 +29,12 @@ enum GgufOutArg {
     /// 4-bit symmetric groups of 32 with an f16 scale (4.5 bits per weight).
     #[value(name = "q4_0", alias = "Q4_0")]
     Q4_0,
-    /// 4-bit asymmetric groups of 32, f16 scale and minimum (5 bits per weight).
+    /// 4-bit groups of 32 with an f16 scale and a free f16 minimum (5 bits per weight).
     #[value(name = "q4_1", alias = "Q4_1")]
     Q4_1,
+    /// 5-bit symmetric groups of 32 with an f16 scale (5.5 bits per weight).
+    #[value(name = "q5_0", alias = "Q5_0")]
+    Q5_0,
     /// 8-bit symmetric groups of 32 with an f16 scale (8.5 bits per weight).
     #[value(name = "q8_0", alias = "Q8_0")]
     Q8_0,
@@ -50,7 +53,7 @@ pub struct QuantizeArgs {
     #[arg(short = 'o', long)]
     output: PathBuf,
     /// Write a GGUF file that llama.cpp runs instead of a .nib: GPTQ with the
-    /// block type's own grid (groups of 32; Q4_0 and Q8_0 symmetric with
+    /// block type's own grid (groups of 32; Q4_0, Q5_0 and Q8_0 symmetric with
     /// the extra negative level, Q4_1 with a free f16 minimum), act-order within whole
     /// groups (GGUF has no permutations), the embedding / head as Q8_0 (as
     /// llama-quantize does for heads whose width is not a multiple of 256),
@@ -214,6 +217,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         None => (a.bits, a.group_size, a.sym, a.free_min, a.head_bits),
         Some(GgufOutArg::Q4_0) => (4, 32, true, false, None),
         Some(GgufOutArg::Q4_1) => (4, 32, false, true, None),
+        Some(GgufOutArg::Q5_0) => (5, 32, true, false, None),
         Some(GgufOutArg::Q8_0) => (8, 32, true, false, None),
     };
     let gguf_source = match a.gguf {
@@ -455,6 +459,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             let ftype = match ty {
                 GgufOutArg::Q4_0 => file_type::MOSTLY_Q4_0,
                 GgufOutArg::Q4_1 => file_type::MOSTLY_Q4_1,
+                GgufOutArg::Q5_0 => file_type::MOSTLY_Q5_0,
                 GgufOutArg::Q8_0 => file_type::MOSTLY_Q8_0,
             };
             let mut out = out;

@@ -49,6 +49,7 @@ pub mod file_type {
     pub const MOSTLY_Q4_0: u32 = 2;
     pub const MOSTLY_Q4_1: u32 = 3;
     pub const MOSTLY_Q8_0: u32 = 7;
+    pub const MOSTLY_Q5_0: u32 = 8;
 }
 
 fn cannot(why: String) -> FormatError {

@@ -108,6 +108,23 @@ pub fn pack_row_q4gm(
     }
 }
 
+/// Pack one row as GGUF `Q5_0` blocks: `codes[cols]` (0..=31, `cols` a
+/// multiple of 32) and one scale per block of 32, weight = scale · (code − 16).
+/// A block: f16 scale, a little-endian u32 whose bit `j` is bit 4 of code
+/// `j`, then byte `j` (0..16) = low nibbles of codes `j` and `j + 16`.
+pub fn pack_row_q5_0(codes: &[u8], scales: &[f32], out: &mut Vec<u8>) {
+    assert!(
+        codes.len().is_multiple_of(32),
+        "Q5_0 rows are whole blocks of 32"
+    );
+    for (c, &s) in codes.chunks_exact(32).zip(scales) {
+        out.extend_from_slice(&f16::from_f32(s).to_le_bytes());
+        let high = (0..32).fold(0u32, |acc, j| acc | (u32::from(c[j] >> 4) & 1) << j);
+        out.extend_from_slice(&high.to_le_bytes());
+        out.extend((0..16).map(|j| (c[j] & 15) | (c[j + 16] & 15) << 4));
+    }
+}
+
 /// Decode one packed row of any packed type into `out[cols]`.
 pub fn dequantize(dtype: DType, group_size: usize, row: &[u8], out: &mut [f32]) {
     if let Some(ty) = crate::gguf::GgmlType::of_block_dtype(dtype) {
@@ -215,6 +232,23 @@ mod tests {
         for (i, v) in out.iter().enumerate() {
             let g = i / 128;
             assert_eq!(*v, scales[g] * f32::from(codes[i]) + mins[g]);
+        }
+    }
+
+    /// Packed Q5_0 blocks decode, through the GGUF reference decoder (itself
+    /// checked against the gguf package), to scale · (code − 16).
+    #[test]
+    fn q5_0_blocks_decode_to_their_codes() {
+        let cols = 96;
+        let codes: Vec<u8> = (0..cols).map(|i| (i * 7 % 32) as u8).collect();
+        let scales = [0.5f32, -0.25, 0.0];
+        let mut packed = Vec::new();
+        pack_row_q5_0(&codes, &scales, &mut packed);
+        assert_eq!(packed.len(), 3 * 22);
+        let mut out = vec![0f32; cols];
+        dequantize(DType::Q5_0, 32, &packed, &mut out);
+        for (i, v) in out.iter().enumerate() {
+            assert_eq!(*v, scales[i / 32] * (f32::from(codes[i]) - 16.0), "{i}");
         }
     }
 

@@ -2,8 +2,13 @@
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
-    #[error("unsupported bit width {0} (supported: 2, 3, 4, 8)")]
+    #[error("unsupported bit width {0} (supported: 2, 3, 4, 5, 8)")]
     UnsupportedBits(u32),
+    #[error("5-bit layers are GGUF Q5_0 blocks: symmetric groups of 32 (got {})", if *.sym { format!("groups of {:?}", .group_size) } else { "an asymmetric grid".into() })]
+    FiveBit {
+        sym: bool,
+        group_size: Option<usize>,
+    },
     #[error("invalid group size {group_size} for a row of {cols} columns (use 32, 64, 128, or none for one group per row)")]
     BadGroupSize { group_size: usize, cols: usize },
     #[error("shape mismatch: {0}")]

@@ -694,7 +694,7 @@ mod tests {
             if cols % gs != 0 {
                 assert_eq!(prep.perm[cols - 1] / gs, cols / gs, "ragged group last");
             }
-            let grids = [(4, true), (4, false), (3, false), (2, true)]
+            let grids = [(4, true), (4, false), (5, true), (3, false), (2, true)]
                 .map(|(bits, sym)| Grid::new(bits, sym).unwrap())
                 .into_iter()
                 .chain([Grid::free_min_4bit()]);

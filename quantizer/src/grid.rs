@@ -23,7 +23,7 @@ pub struct Grid {
 impl Grid {
     pub fn new(bits: u32, sym: bool) -> Result<Grid> {
         match bits {
-            2 | 3 | 4 | 8 => Ok(Grid {
+            2 | 3 | 4 | 5 | 8 => Ok(Grid {
                 bits,
                 sym,
                 free_min: false,
@@ -290,7 +290,7 @@ mod tests {
         assert!((s - 2.0 / 15.0).abs() < 1e-12 && z == 8.0 && g4.code(0.0, s, z) == 8.0);
         let (s, z) = g4.find_params([0.5, 1.5].into_iter());
         assert!((s - 0.1).abs() < 1e-12 && z == 0.0, "xmin clamps to 0");
-        assert!(Grid::new(5, false).is_err());
+        assert!(Grid::new(6, false).is_err() && Grid::new(5, true).is_ok());
     }
 
     /// The search never loses to min/max on the weighted error, and on

@@ -21,7 +21,7 @@ use std::io::{Seek, Write};
 use std::time::Instant;
 
 use nibble_format::import::encode;
-use nibble_format::quant::{pack_row, pack_row_q4gm};
+use nibble_format::quant::{pack_row, pack_row_q4gm, pack_row_q5_0};
 use nibble_format::{
     keys, DType, HParams, MetadataBuilder, NibView, NibWriter, OwnedValue, TensorInfo,
 };
@@ -189,21 +189,28 @@ pub fn tensor_f32(t: &TensorInfo<'_>) -> Result<Vec<f32>> {
 fn layer_dtype(grid: &Grid) -> DType {
     if grid.free_min {
         DType::Q4GM
+    } else if grid.bits == 5 {
+        DType::Q5_0
     } else {
         DType::from_quant_bits(grid.bits).expect("validated")
     }
 }
 
-/// Pack a quantized layer's rows (`Q4GM` when it has free minima); `order`
-/// lists original columns in storage order.
+/// Pack a quantized layer's rows (`Q4GM` when it has free minima, GGUF
+/// `Q5_0` blocks at 5 bits); `order` lists original columns in storage order.
 pub fn pack_layer(
     q: &QuantizedLayer,
     bits: u32,
     group_size: usize,
     order: Option<&[usize]>,
 ) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(q.rows * nibble_format::dtype::row_bytes(bits, q.cols, group_size));
+    let mut out = Vec::with_capacity(
+        q.rows
+            * match bits {
+                5 => q.cols / 32 * 22,
+                _ => nibble_format::dtype::row_bytes(bits, q.cols, group_size),
+            },
+    );
     let mut zeros = vec![0u8; q.n_groups];
     let mut codes = vec![0u8; q.cols];
     for r in 0..q.rows {
@@ -230,6 +237,8 @@ pub fn pack_layer(
                 &q.zeros[g],
                 &mut out,
             );
+        } else if bits == 5 {
+            pack_row_q5_0(&codes, &q.scales[g], &mut out);
         } else {
             pack_row(bits, group_size, &codes, &q.scales[g], &zeros, &mut out);
         }
@@ -509,6 +518,11 @@ pub fn quantize_model<W: Write + Seek>(
             });
         }
         Grid::free_min_4bit()
+    } else if opts.bits == 5 && !(opts.sym && opts.group_size == Some(32)) {
+        return Err(QuantError::FiveBit {
+            sym: opts.sym,
+            group_size: opts.group_size,
+        });
     } else {
         Grid::new(opts.bits, opts.sym)?
     };
@@ -539,6 +553,12 @@ pub fn quantize_model<W: Write + Seek>(
         .iter()
         .filter(|t| is_linear(t.name) || t.name == "token_embd.weight")
     {
+        if opts.bits == 5 && is_linear(t.name) && t.shape.get(1).is_some_and(|c| c % 32 != 0) {
+            return Err(QuantError::Shape(format!(
+                "tensor '{}' has {} inputs; Q5_0 blocks need a multiple of 32",
+                t.name, t.shape[1]
+            )));
+        }
         let v = tensor_f32(t)?;
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
             return Err(QuantError::NonFinite {
