@@ -16,13 +16,12 @@
 //! keep per-lane partial sums (float order differs, hence the tolerance of
 //! the tests).
 //!
-//! AVX2 and NEON (with and without `sdot`) versions exist for the types of
-//! today's Q4_K_M / Q5_K_M files and the IQ4 pair (`Q4_K`, `Q5_K`, `Q6_K`,
-//! `Q5_0`, `IQ4_NL`, `IQ4_XS`): codes unpack with AND/shift (nibbles), a byte
-//! compare or bit test (fifth bits) or a table lookup (`pshufb` / `tbl`, the
-//! non-linear IQ4 grid); on x86 `vpmaddubsw` then `vpmaddwd`. The AVX-512
-//! table uses the AVX2 versions. `Q2_K` and `Q3_K` use the reference on every
-//! instruction set.
+//! AVX2 and NEON (with and without `sdot`) versions exist for every type:
+//! codes unpack with AND/shift (nibbles, 2-bit codes), a byte compare or bit
+//! test (fifth bits, Q3_K's high bits) or a table lookup (`pshufb` / `tbl`,
+//! the non-linear IQ4 grid); on x86 `vpmaddubsw` then `vpmaddwd`, whose i16
+//! pairs take the 16-weight scales of Q2_K, Q3_K and Q6_K per 128-bit half.
+//! The AVX-512 table uses the AVX2 versions.
 
 use nibble_format::gguf::GgmlType;
 use nibble_format::gguf_blocks::{unpack_int, IntSub};
@@ -142,7 +141,7 @@ pub mod x86 {
     use super::*;
     use crate::kernels::float::avx2::hsum;
     use crate::kernels::qg::x86::half;
-    use nibble_format::gguf_blocks::{iq4xs_scale, scale_min_k4, KVALUES_IQ4NL};
+    use nibble_format::gguf_blocks::{iq4xs_scale, q3k_scales, scale_min_k4, KVALUES_IQ4NL};
     use std::arch::x86_64::*;
 
     /// Σ v·q over 32 lanes, both signed (`v` > −128).
@@ -310,6 +309,113 @@ pub mod x86 {
         hsum(_mm256_add_ps(acc0, acc1))
     }
 
+    /// The 2-bit codes of one sub-block of 32: bits `2·j`, `2·j + 1` of
+    /// each byte of `q` (`j` = 0..4, the shift of llama.cpp's layout).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn crumbs(q: __m256i, j: usize) -> __m256i {
+        let v = match j {
+            0 => q,
+            1 => _mm256_srli_epi16(q, 2),
+            2 => _mm256_srli_epi16(q, 4),
+            _ => _mm256_srli_epi16(q, 6),
+        };
+        _mm256_and_si256(v, _mm256_set1_epi8(3))
+    }
+
+    /// Two 16-weight factors as the i16 lanes of one sub-block's pair sums
+    /// (lanes 0..8 hold weights 0..16, lanes 8..16 weights 16..32).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn halves(f0: i16, f1: i16) -> __m256i {
+        _mm256_set_m128i(_mm_set1_epi16(f1), _mm_set1_epi16(f0))
+    }
+
+    /// Q2_K: per 128 weights one 32-byte load of 2-bit codes makes four
+    /// sub-blocks (shifts 0, 2, 4, 6); the codes' i16 pair sums take the two
+    /// 16-weight scales by `vpmaddwd`, and the activations' own pair sums
+    /// the two 16-weight minimums (they differ per 16, so `ds` cannot serve).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_q2k(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+        let ones = _mm256_set1_epi8(1);
+        let (mut acc, mut minacc) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut k = 0;
+        for b in row.chunks_exact(84) {
+            let p = b.as_ptr();
+            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
+            unsafe {
+                let (d, dmin) = (f16_at(p.add(80)), f16_at(p.add(82)));
+                for n in 0..2 {
+                    let q = _mm256_loadu_si256(p.add(16 + 32 * n) as *const __m256i);
+                    for j in 0..4 {
+                        let a = act(x, k);
+                        let (s0, s1) = (b[8 * n + 2 * j], b[8 * n + 2 * j + 1]);
+                        let prod = _mm256_maddubs_epi16(crumbs(q, j), a);
+                        let i =
+                            _mm256_madd_epi16(prod, halves(i16::from(s0 & 15), i16::from(s1 & 15)));
+                        let qsum = _mm256_maddubs_epi16(ones, a);
+                        let m =
+                            _mm256_madd_epi16(qsum, halves(i16::from(s0 >> 4), i16::from(s1 >> 4)));
+                        let dk = x.d[k];
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dk), _mm256_cvtepi32_ps(i), acc);
+                        minacc = _mm256_fmadd_ps(
+                            _mm256_set1_ps(dmin * dk),
+                            _mm256_cvtepi32_ps(m),
+                            minacc,
+                        );
+                        k += 1;
+                    }
+                }
+            }
+        }
+        hsum(acc) - hsum(minacc)
+    }
+
+    /// Q3_K: the 16 signed scales decoded once per block; per 128 weights
+    /// one load of 2-bit codes makes four sub-blocks, each with its bit of
+    /// `hmask` (set: code + 4); `Σ (u − 4)·q` as `maddubs(u, q) − maddubs(4,
+    /// q)` in i16, then the two 16-weight scales by `vpmaddwd`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_q3k(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+        let c4 = _mm256_set1_epi8(4);
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut k = 0;
+        for b in row.chunks_exact(110) {
+            let p = b.as_ptr();
+            let scales = q3k_scales(&b[96..108]);
+            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
+            unsafe {
+                let d = f16_at(p.add(108));
+                let hm = _mm256_loadu_si256(p as *const __m256i);
+                for n in 0..2 {
+                    let q = _mm256_loadu_si256(p.add(32 + 32 * n) as *const __m256i);
+                    for j in 0..4 {
+                        let bit = _mm256_set1_epi8((1u8 << (4 * n + j)) as i8);
+                        let clear =
+                            _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), _mm256_setzero_si256());
+                        let u = _mm256_or_si256(crumbs(q, j), _mm256_andnot_si256(clear, c4));
+                        let a = act(x, k);
+                        let prod = _mm256_sub_epi16(
+                            _mm256_maddubs_epi16(u, a),
+                            _mm256_maddubs_epi16(c4, a),
+                        );
+                        let s = 8 * n + 2 * j;
+                        let sc = halves(i16::from(scales[s]) - 32, i16::from(scales[s + 1]) - 32);
+                        let i = _mm256_madd_epi16(prod, sc);
+                        let f = _mm256_set1_ps(d * x.d[k]);
+                        if j % 2 == 0 {
+                            acc0 = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(i), acc0);
+                        } else {
+                            acc1 = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(i), acc1);
+                        }
+                        k += 1;
+                    }
+                }
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
     /// Q5_0: the signed codes `c − 16` straight from the nibbles: where the
     /// fifth bit is clear the byte is `nibble | 0xF0` (that is `nibble − 16`
     /// in two's complement), where it is set the nibble itself; then a
@@ -392,6 +498,12 @@ pub mod x86 {
         hsum(acc)
     }
 
+    pub fn vec_dot_q2k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        each_row(DType::Q2K, w, x, out, row_q2k)
+    }
+    pub fn vec_dot_q3k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        each_row(DType::Q3K, w, x, out, row_q3k)
+    }
     pub fn vec_dot_q4k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
         each_row(DType::Q4K, w, x, out, row_q45k::<false>)
     }
@@ -414,8 +526,8 @@ pub mod x86 {
     /// The AVX2 table, in [`DType::GGUF_BLOCKS`] order.
     pub const AVX2: [crate::kernels::QgMatvecFn; 8] = [
         vec_dot_q5_0_q8_avx2,
-        vec_dot_q2k_q8_scalar,
-        vec_dot_q3k_q8_scalar,
+        vec_dot_q2k_q8_avx2,
+        vec_dot_q3k_q8_avx2,
         vec_dot_q4k_q8_avx2,
         vec_dot_q5k_q8_avx2,
         vec_dot_q6k_q8_avx2,
@@ -433,7 +545,7 @@ pub mod neon {
     use super::*;
     use crate::kernels::qg::neon::{dot16, dot16_sdot};
     use half::f16;
-    use nibble_format::gguf_blocks::{iq4xs_scale, scale_min_k4, KVALUES_IQ4NL};
+    use nibble_format::gguf_blocks::{iq4xs_scale, q3k_scales, scale_min_k4, KVALUES_IQ4NL};
     use std::arch::aarch64::*;
 
     fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -462,8 +574,91 @@ pub mod neon {
         vandq_u8(vtstq_u8(b, mask), vdupq_n_u8(0x10))
     }
 
+    /// The 2-bit codes of 16 bytes at shift `2·j`.
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn crumbs(q: uint8x16_t, j: usize) -> uint8x16_t {
+        let v = match j {
+            0 => q,
+            1 => vshrq_n_u8(q, 2),
+            2 => vshrq_n_u8(q, 4),
+            _ => vshrq_n_u8(q, 6),
+        };
+        vandq_u8(v, vdupq_n_u8(3))
+    }
+
     macro_rules! neon_rows {
-        ($q45k:ident, $q6k:ident, $q50:ident, $iq4:ident, $features:literal, $dot:ident) => {
+        (
+            $q2k:ident, $q3k:ident, $q45k:ident, $q6k:ident, $q50:ident, $iq4:ident,
+            $features:literal, $dot:ident
+        ) => {
+            /// Q2_K: one dot per 16-weight half (its own scale), and the
+            /// activations' sum over it for its own minimum. SAFETY
+            /// (caller): `row` is whole blocks, `x` has their activation
+            /// blocks.
+            #[target_feature(enable = $features)]
+            unsafe fn $q2k(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+                let ones = vdupq_n_s8(1);
+                let (mut sum, mut mins, mut k) = (0f32, 0f32, 0usize);
+                for b in row.chunks_exact(84) {
+                    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+                    for n in 0..2 {
+                        for j in 0..4 {
+                            for half in 0..2 {
+                                let sc = b[8 * n + 2 * j + half];
+                                // SAFETY: the loads lie inside the block `b`;
+                                // block k of `x` exists (caller).
+                                let (i, qsum) = unsafe {
+                                    let q = vld1q_u8(b.as_ptr().add(16 + 32 * n + 16 * half));
+                                    let c = vreinterpretq_s8_u8(crumbs(q, j));
+                                    let xq = vld1q_s8(x.qs.as_ptr().add(k * SUB_BLOCK + 16 * half));
+                                    (vaddvq_s32($dot(c, xq)), vaddvq_s32($dot(ones, xq)))
+                                };
+                                sum += d * x.d[k] * (i * i32::from(sc & 15)) as f32;
+                                mins += dmin * x.d[k] * (qsum * i32::from(sc >> 4)) as f32;
+                            }
+                            k += 1;
+                        }
+                    }
+                }
+                sum - mins
+            }
+
+            /// Q3_K: the 2-bit code plus 4 where its `hmask` bit is set,
+            /// minus 4, as signed bytes; one dot per 16-weight half.
+            /// SAFETY (caller): as above.
+            #[target_feature(enable = $features)]
+            unsafe fn $q3k(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+                let c4 = vdupq_n_u8(4);
+                let (mut sum, mut k) = (0f32, 0usize);
+                for b in row.chunks_exact(110) {
+                    let d = f16_at(b, 108);
+                    let scales = q3k_scales(&b[96..108]);
+                    for n in 0..2 {
+                        for j in 0..4 {
+                            let bit = vdupq_n_u8(1 << (4 * n + j));
+                            for half in 0..2 {
+                                // SAFETY: the loads lie inside the block `b`;
+                                // block k of `x` exists (caller).
+                                let i = unsafe {
+                                    let q = vld1q_u8(b.as_ptr().add(32 + 32 * n + 16 * half));
+                                    let hm = vld1q_u8(b.as_ptr().add(16 * half));
+                                    let u = vorrq_u8(crumbs(q, j), vandq_u8(vtstq_u8(hm, bit), c4));
+                                    let c =
+                                        vsubq_s8(vreinterpretq_s8_u8(u), vreinterpretq_s8_u8(c4));
+                                    let xq = vld1q_s8(x.qs.as_ptr().add(k * SUB_BLOCK + 16 * half));
+                                    vaddvq_s32($dot(c, xq))
+                                };
+                                let sc = i32::from(scales[8 * n + 2 * j + half]) - 32;
+                                sum += d * x.d[k] * (i * sc) as f32;
+                            }
+                            k += 1;
+                        }
+                    }
+                }
+                sum
+            }
+
             /// Q4_K / Q5_K (`FIVE`). SAFETY (caller): `row` is whole blocks,
             /// `x` has their activation blocks.
             #[target_feature(enable = $features)]
@@ -631,8 +826,10 @@ pub mod neon {
         };
     }
 
-    neon_rows!(q45k_neon, q6k_neon, q5_0_neon, iq4_neon, "neon", dot16);
+    neon_rows!(q2k_neon, q3k_neon, q45k_neon, q6k_neon, q5_0_neon, iq4_neon, "neon", dot16);
     neon_rows!(
+        q2k_sdot,
+        q3k_sdot,
         q45k_sdot,
         q6k_sdot,
         q5_0_sdot,
@@ -642,13 +839,12 @@ pub mod neon {
     );
 
     macro_rules! neon_table {
-        ($name:ident, $q45k:ident, $q6k:ident, $q50:ident, $iq4:ident) => {
-            /// The table, in [`DType::GGUF_BLOCKS`] order (Q2_K and Q3_K:
-            /// the scalar reference).
+        ($name:ident, $q2k:ident, $q3k:ident, $q45k:ident, $q6k:ident, $q50:ident, $iq4:ident) => {
+            /// The table, in [`DType::GGUF_BLOCKS`] order.
             pub const $name: [crate::kernels::QgMatvecFn; 8] = [
                 |w, x, o| each_row(DType::Q5_0, w, x, o, $q50),
-                vec_dot_q2k_q8_scalar,
-                vec_dot_q3k_q8_scalar,
+                |w, x, o| each_row(DType::Q2K, w, x, o, $q2k),
+                |w, x, o| each_row(DType::Q3K, w, x, o, $q3k),
                 |w, x, o| each_row(DType::Q4K, w, x, o, $q45k::<false>),
                 |w, x, o| each_row(DType::Q5K, w, x, o, $q45k::<true>),
                 |w, x, o| each_row(DType::Q6K, w, x, o, $q6k),
@@ -658,8 +854,8 @@ pub mod neon {
         };
     }
 
-    neon_table!(NEON, q45k_neon, q6k_neon, q5_0_neon, iq4_neon);
-    neon_table!(NEONDOT, q45k_sdot, q6k_sdot, q5_0_sdot, iq4_sdot);
+    neon_table!(NEON, q2k_neon, q3k_neon, q45k_neon, q6k_neon, q5_0_neon, iq4_neon);
+    neon_table!(NEONDOT, q2k_sdot, q3k_sdot, q45k_sdot, q6k_sdot, q5_0_sdot, iq4_sdot);
 }
 
 #[cfg(test)]
