@@ -171,6 +171,13 @@ pub struct QuantizeArgs {
     /// imatrix file, for `llama-quantize --imatrix FILE`.
     #[arg(long, value_name = "FILE")]
     imatrix_out: Option<PathBuf>,
+    /// GPTQ without calibration text or forward passes: read each linear
+    /// input's mean square from an importance-matrix file (`llama-imatrix
+    /// -o FILE`, or nibble's --imatrix-out) and quantize with the grid search
+    /// weighted by it (each layer's Hessian taken as that diagonal, so there
+    /// is no error compensation; groups keep their columns together).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["calib", "imatrix_out", "static_groups", "no_true_sequential"])]
+    imatrix: Option<PathBuf>,
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
@@ -238,8 +245,12 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     if a.static_groups && !act_order {
         bail!("--static-groups only makes sense with act-order (drop --no-act-order)");
     }
-    let self_calib =
-        method == Method::Gptq && a.calib.as_ref().is_none_or(|p| p.as_os_str() == "self");
+    if a.imatrix.is_some() && method != Method::Gptq {
+        bail!("--imatrix needs --method gptq (it replaces GPTQ's calibration text)");
+    }
+    let self_calib = method == Method::Gptq
+        && a.imatrix.is_none()
+        && a.calib.as_ref().is_none_or(|p| p.as_os_str() == "self");
     let calib_text = match (&a.calib, method) {
         (Some(p), Method::Gptq) if !self_calib => Some(
             std::fs::read_to_string(p)
@@ -255,6 +266,18 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     // The output must not be an input (or a device, a folder) before any work.
     let mut inputs = vec![a.model.as_path()];
     inputs.extend(a.calib.as_deref().filter(|_| !self_calib));
+    inputs.extend(a.imatrix.as_deref());
+    let imatrix = match &a.imatrix {
+        Some(p) => {
+            let bytes = std::fs::read(p)
+                .with_context(|| format!("cannot read importance matrix {}", p.display()))?;
+            Some(
+                nibble_quantizer::imatrix::read_imatrix(&bytes)
+                    .with_context(|| format!("importance matrix {}", p.display()))?,
+            )
+        }
+        None => None,
+    };
     nibble_format::storage::check_output(&a.output, &inputs)?;
     let mut report_path = a.output.clone().into_os_string();
     report_path.push(".report.json");
@@ -404,13 +427,16 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         sym,
         act_order,
         static_groups: a.static_groups,
-        act_order_groups: a.act_order_groups || (a.gguf.is_some() && !a.static_groups),
+        act_order_groups: a.act_order_groups
+            || (a.gguf.is_some() && !a.static_groups)
+            || imatrix.is_some(),
         true_sequential,
         scale_search: method == Method::Gptq && (a.scale_search || !a.no_scale_search),
         free_min,
         damp: a.damp,
         threads,
         calib: calib_info,
+        imatrix,
         head_bits,
     };
     let pool = rayon::ThreadPoolBuilder::new()
@@ -448,7 +474,10 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
                 nibble_format::AlignedBytes::new(),
                 &pb,
             )
-            .with_context(|| format!("cannot quantize {}", a.model.display()))?;
+            .with_context(|| match &a.imatrix {
+                Some(m) => format!("cannot quantize {} with {}", a.model.display(), m.display()),
+                None => format!("cannot quantize {}", a.model.display()),
+            })?;
             let out = AtomicFile::create_checked(&a.output, &inputs)?;
             pb.finish_and_clear();
             let nib = nibble_format::NibFile::from_memory(nib)?;
@@ -471,8 +500,14 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         _ => {
             let out = AtomicFile::create_checked(&a.output, &inputs)?;
             let (out, reports, timings) =
-                quantize_into(&pool, &view, &opts, windows.as_deref(), out, &pb)
-                    .with_context(|| format!("cannot quantize {}", a.model.display()))?;
+                quantize_into(&pool, &view, &opts, windows.as_deref(), out, &pb).with_context(
+                    || match &a.imatrix {
+                        Some(m) => {
+                            format!("cannot quantize {} with {}", a.model.display(), m.display())
+                        }
+                        None => format!("cannot quantize {}", a.model.display()),
+                    },
+                )?;
             pb.finish_and_clear();
             out.commit()?;
             (reports, timings)

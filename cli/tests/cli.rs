@@ -570,6 +570,60 @@ fn gptq_quantize_reports_gptq_beside_rtn_and_writes_an_imatrix() {
     );
     let story = ok(&["run", "-m", s(&out), "-n", "12", "--temp", "0"]);
     assert!(story.starts_with("Once upon a time"), "{story}");
+
+    // That file as calibration (no text, no forward pass): GPTQ on the
+    // diagonal Hessians, weighted search only; groups kept together.
+    let from_im = d.join("st4-im.nib");
+    let src = shared().join("models/stories260k");
+    ok(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&from_im),
+        "--group-size",
+        "32",
+        "--imatrix",
+        s(&d.join("st4.imatrix.gguf")),
+    ]);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("st4-im.nib.report.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["layers"].as_array().unwrap().len(), 35);
+    let info = ok(&["inspect", s(&from_im), "--tensors"]);
+    assert!(!info.contains(".perm"), "{info}");
+    let story = ok(&["run", "-m", s(&from_im), "-n", "12", "--temp", "0"]);
+    assert!(story.starts_with("Once upon a time"), "{story}");
+    // An importance matrix of another model, or not one at all: errors naming it.
+    let err = fails(&[
+        "quantize",
+        "-m",
+        s(&shared().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")),
+        "-o",
+        s(&d.join("bad.gguf")),
+        "--gguf",
+        "q4_0",
+        "--imatrix",
+        s(&d.join("st4.imatrix.gguf")),
+    ]);
+    assert!(
+        err.contains("st4.imatrix.gguf") && err.contains("inputs for"),
+        "{err}"
+    );
+    let err = fails(&[
+        "quantize",
+        "-m",
+        s(&src),
+        "-o",
+        s(&d.join("bad.nib")),
+        "--imatrix",
+        s(&out),
+    ]);
+    assert!(
+        err.contains("importance matrix") && err.contains("st4.nib"),
+        "{err}"
+    );
+    assert!(!d.join("bad.gguf").exists() && !d.join("bad.nib").exists());
 }
 
 #[test]

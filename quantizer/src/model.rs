@@ -89,6 +89,11 @@ pub struct QuantizeOptions {
     /// Threads for the matrix products (the caller's rayon pool).
     pub threads: usize,
     pub calib: Option<CalibInfo>,
+    /// GPTQ without calibration text: each layer's Hessian is the diagonal
+    /// of these input statistics (a `llama-imatrix` file,
+    /// [`crate::imatrix::read_imatrix`]), so only the weighted grid search
+    /// acts ([`crate::imatrix::diagonal_hessian`]).
+    pub imatrix: Option<Vec<crate::imatrix::ImatrixEntry>>,
     /// Store the token embedding and output head as RTN groups of 32 at
     /// these bits (4 or 8) instead of F16. On small models they are a large
     /// share of each token's bytes (SmolLM2: 49152 × 576 of ~135 M weights).
@@ -114,6 +119,7 @@ impl QuantizeOptions {
             damp: 0.01,
             threads: 1,
             calib: None,
+            imatrix: None,
             head_bits: None,
         }
     }
@@ -568,8 +574,37 @@ pub fn quantize_model<W: Write + Seek>(
             .map_err(|e| QuantError::Shape(format!("tensor '{}': {e}", t.name)));
         }
     }
+    if let Some(entries) = &opts.imatrix {
+        if opts.method != Method::Gptq || calib.is_some() {
+            return Err(QuantError::Calibration(
+                "an importance matrix replaces the calibration text of GPTQ: give one or the other"
+                    .into(),
+            ));
+        }
+        // Every linear layer needs its statistics, of its own width.
+        for t in src.tensors.iter().filter(|t| is_linear(t.name)) {
+            let cols = t.shape.get(1).copied().unwrap_or(0) as usize;
+            match entries.iter().find(|e| e.name == t.name) {
+                Some(e) if e.sum_sq.len() == cols => {}
+                Some(e) => {
+                    return Err(QuantError::Calibration(format!(
+                        "the importance matrix has {} inputs for '{}', the model {cols}",
+                        e.sum_sq.len(),
+                        t.name
+                    )))
+                }
+                None => {
+                    return Err(QuantError::Calibration(format!(
+                        "the importance matrix has no entry for '{}' (made for another model?)",
+                        t.name
+                    )))
+                }
+            }
+        }
+    }
     let windows = match (opts.method, calib) {
         (Method::Rtn, _) => None,
+        (Method::Gptq, None) if opts.imatrix.is_some() => None,
         (Method::Gptq, None) => {
             return Err(QuantError::Calibration(
                 "GPTQ needs calibration text".into(),
@@ -693,8 +728,22 @@ pub fn quantize_model<W: Write + Seek>(
                 let [rows, cols] = t.shape[..] else {
                     return Err(QuantError::Shape(format!("'{}' is not 2-D", t.name)));
                 };
+                let (rows, cols) = (rows as usize, cols as usize);
                 let w = tensor_f32(t)?;
-                ctx.quantize_one(t.name, &w, rows as usize, cols as usize, None, Fold::No)?;
+                let entry = opts
+                    .imatrix
+                    .as_ref()
+                    .and_then(|m| m.iter().find(|e| e.name == t.name));
+                match entry {
+                    Some(e) => {
+                        let h = crate::imatrix::diagonal_hessian(e);
+                        let prep = ctx.prepare(&h, cols)?;
+                        ctx.quantize_one(t.name, &w, rows, cols, Some((&h, &prep)), Fold::No)?;
+                    }
+                    None => {
+                        ctx.quantize_one(t.name, &w, rows, cols, None, Fold::No)?;
+                    }
+                }
             }
         }
         Some(windows) => gptq_blocks(&mut ctx, &hp, windows)?,
