@@ -209,7 +209,7 @@ fn gptq_with_identity_hessian_equals_rtn() {
 fn bad_inputs_are_rejected_before_work() {
     let w = vec![0.5f32; 8 * 16];
     let h = vec![0f32; 16 * 16];
-    assert!(GptqConfig::new(5, None, false).is_err());
+    assert!(GptqConfig::new(6, None, false).is_err());
     let cfg = GptqConfig::new(4, Some(32), false).unwrap();
     assert!(matches!(
         gptq(&w, &h, 8, 16, &cfg),
