@@ -474,10 +474,7 @@ impl Gpu {
         let null = 0u64;
         let mut b = self.stream.launch_builder(self.function("layernorm_f32"));
         b.arg(x).arg(weight);
-        match bias {
-            Some(bias) => b.arg(bias),
-            None => b.arg(&null),
-        };
+        optional_arg(&mut b, bias, &null);
         b.arg(out).arg(&n_i).arg(&eps);
         // SAFETY: as rmsnorm; a null bias pointer is checked in the kernel.
         unsafe { b.launch(per_row(rows)?) }?;
@@ -561,10 +558,7 @@ impl Gpu {
         let null = 0u64;
         let mut b = self.stream.launch_builder(self.function("add_f32"));
         b.arg(x).arg(y);
-        match bias {
-            Some(bias) => b.arg(bias),
-            None => b.arg(&null),
-        };
+        optional_arg(&mut b, bias, &null);
         b.arg(&n_i);
         // SAFETY: one thread per element below n (checked); null bias checked in the kernel.
         unsafe { b.launch(elems(n)?) }?;
@@ -635,6 +629,19 @@ impl Gpu {
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
+}
+
+/// Push `v`, or the null device pointer `null` (0) where it is absent (the
+/// kernels test their optional inputs, biases, against null).
+fn optional_arg<'a>(
+    b: &mut cudarc::driver::LaunchArgs<'a>,
+    v: Option<&'a CudaSlice<f32>>,
+    null: &'a u64,
+) {
+    match v {
+        Some(v) => b.arg(v),
+        None => b.arg(null),
+    };
 }
 
 /// One block per row; no rows is an error (a grid cannot be empty).
