@@ -29,35 +29,36 @@ __device__ __forceinline__ float neg_infinity() {
     return __int_as_float(0xff800000);
 }
 
-// Sum over the 32 lanes of a warp; every lane gets it.
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// The two reductions the kernels need: a sum and a maximum, with their identities.
+struct Sum {
+    __device__ __forceinline__ static float apply(float a, float b) { return a + b; }
+    __device__ __forceinline__ static float identity() { return 0.0f; }
+};
+struct Max {
+    __device__ __forceinline__ static float apply(float a, float b) { return fmaxf(a, b); }
+    __device__ __forceinline__ static float identity() { return neg_infinity(); }
+};
+
+// Reduce over the 32 lanes of a warp; every lane gets the result.
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = Op::apply(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Sum over a block whose size is a multiple of 32 (≤ 1024), through `scratch[32]` in shared
-// memory; every thread gets it.
-__device__ float block_sum(float v, float* scratch) {
+// Reduce over a block whose size is a multiple of 32 (≤ 1024), through `scratch[32]` in shared
+// memory; every thread gets the result.
+template <typename Op>
+__device__ float block_reduce(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = warp_reduce<Op>(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < n_warps ? scratch[lane] : 0.0f;
-    return warp_sum(v);
+    v = lane < n_warps ? scratch[lane] : Op::identity();
+    return warp_reduce<Op>(v);
 }
 
-__device__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < n_warps ? scratch[lane] : neg_infinity();
-    return warp_max(v);
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce<Sum>(v); }
+__device__ __forceinline__ float block_sum(float v, float* s) { return block_reduce<Sum>(v, s); }
+__device__ __forceinline__ float block_max(float v, float* s) { return block_reduce<Max>(v, s); }
