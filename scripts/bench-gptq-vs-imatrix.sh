@@ -3,15 +3,15 @@
 # docs/quantization.md): SmolLM2-135M-Instruct, the same float weights for both (the shared GGUF
 # dequantized to F32 by llama-quantize), the same calibration text (128 windows of 512 tokens of
 # tinyshakespeare: llama-imatrix -c 512 --chunks 128, nibble --nsamples 128 --seqlen 512), the same
-# output files (GGUF Q4_0 / Q4_1 / Q8_0), and two metrics: `nibble perplexity` (first 10 windows of
+# output files (GGUF Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q6_K and the Q4_K_M mix), and two metrics: `nibble perplexity` (first 10 windows of
 # 2048 of wikitext-2, every token scored) and llama.cpp's own `llama-perplexity` on the GGUF files
 # (-c 512, first 20 chunks, second half of each window scored).
 #
-#   scripts/bench-gptq-vs-imatrix.sh [TYPES]     (default TYPES: "q4_0 q4_1 q8_0")
+#   scripts/bench-gptq-vs-imatrix.sh [TYPES]     (default TYPES: "q4_0 q4_1 q5_0 q8_0 q4_k_m q6_k")
 #
 # The rows also go to $OUT/size-ppl.csv, plotted by scripts/plot-size-ppl.py (docs/size-ppl.csv and
 # docs/size-ppl.svg hold the last measurement). Also: nibble's Hessian diagonal written as an imatrix (--imatrix-out) and used by llama-quantize,
-# and a llama.cpp generation from nibble's Q4_0 file (llama-completion or llama-cli if built).
+# and a llama.cpp generation from each of nibble's files (llama-completion or llama-cli if built).
 # Environment: LLAMA_BIN (llama.cpp's bin folder; default: scripts/build-llama-cpp.sh's), OUT
 # (default target/bench-imatrix), THREADS (default 2), NIBBLE_BIN (default target/release/nibble,
 # rebuilt first).
@@ -23,7 +23,7 @@ CALIB=$SHARED/data/tinyshakespeare.txt
 WIKI=$SHARED/data/wikitext-2-test.txt
 OUT=${OUT:-target/bench-imatrix}
 THREADS=${THREADS:-2}
-TYPES=${1:-q4_0 q4_1 q8_0}
+TYPES=${1:-q4_0 q4_1 q5_0 q8_0 q4_k_m q6_k}
 N=${NIBBLE_BIN:-target/release/nibble}
 [ -n "${NIBBLE_BIN:-}" ] || cargo build --release -p nibble-cli >/dev/null
 B=${LLAMA_BIN:-$(scripts/build-llama-cpp.sh)}
@@ -79,13 +79,15 @@ done
 
 python3 scripts/plot-size-ppl.py "$CSV" "$OUT/size-ppl.svg"
 
-# llama.cpp generates from nibble's file.
+# llama.cpp generates from nibble's files.
 for tool in llama-completion llama-cli; do
     if [ -x "$B/$tool" ]; then
-        echo
-        echo "\`$tool -m nibble-gptq-q4_0.gguf -p 'The capital of France is' -n 16 --temp 0\`:"
-        "$B/$tool" -m "$OUT/nibble-gptq-q4_0.gguf" -p "The capital of France is" -n 16 --temp 0 \
-            -no-cnv 2>/dev/null </dev/null | head -3
+        for t in $TYPES; do
+            echo
+            echo "\`$tool -m nibble-gptq-$t.gguf -p 'The capital of France is' -n 16 --temp 0\`:"
+            "$B/$tool" -m "$OUT/nibble-gptq-$t.gguf" -p "The capital of France is" -n 16 --temp 0 \
+                -no-cnv 2>/dev/null </dev/null | head -3
+        done
         break
     fi
 done

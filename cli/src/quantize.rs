@@ -38,6 +38,26 @@ enum GgufOutArg {
     /// 8-bit symmetric groups of 32 with an f16 scale (8.5 bits per weight).
     #[value(name = "q8_0", alias = "Q8_0")]
     Q8_0,
+    /// llama.cpp's Q4_K_M mix: Q4_K super-blocks (4.5 bits), Q6_K for attn_v
+    /// and ffn_down in the first and last eighth of the layers and every third
+    /// between and for the head; widths that are not multiples of 256 fall
+    /// back to Q5_0 / Q8_0 as in llama-quantize.
+    #[value(name = "q4_k_m", alias = "Q4_K_M")]
+    Q4KM,
+    /// Q6_K super-blocks everywhere (6.56 bits; Q8_0 where the width is not a multiple of 256).
+    #[value(name = "q6_k", alias = "Q6_K")]
+    Q6K,
+}
+
+impl GgufOutArg {
+    fn mix(self) -> Option<nibble_quantizer::mix::GgufMix> {
+        use nibble_quantizer::mix::GgufMix;
+        match self {
+            GgufOutArg::Q4KM => Some(GgufMix::Q4KM),
+            GgufOutArg::Q6K => Some(GgufMix::Q6K),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -54,9 +74,11 @@ pub struct QuantizeArgs {
     output: PathBuf,
     /// Write a GGUF file that llama.cpp runs instead of a .nib: GPTQ with the
     /// block type's own grid (groups of 32; Q4_0, Q5_0 and Q8_0 symmetric with
-    /// the extra negative level, Q4_1 with a free f16 minimum), act-order within whole
-    /// groups (GGUF has no permutations), the embedding / head as Q8_0 (as
-    /// llama-quantize does for heads whose width is not a multiple of 256),
+    /// the extra negative level, Q4_1 with a free f16 minimum; K-quant
+    /// super-blocks with all their sub-block scales chosen together), act-order
+    /// within whole groups (GGUF has no permutations), the embedding / head as
+    /// Q8_0 (as llama-quantize does for heads whose width is not a multiple
+    /// of 256; Q6_K in the K mixes where it is),
     /// norms F32, and the source GGUF's metadata, tokenizer and chat template.
     /// Damping defaults to 1000 here (the importance-weighted grid search
     /// without GPTQ's error compensation: it measured better at these
@@ -244,6 +266,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         Some(GgufOutArg::Q4_1) => (4, 32, false, true, None),
         Some(GgufOutArg::Q5_0) => (5, 32, true, false, None),
         Some(GgufOutArg::Q8_0) => (8, 32, true, false, None),
+        // The mix sets each tensor's type (the grid given here is unused).
+        Some(GgufOutArg::Q4KM) => (4, 32, true, false, None),
+        Some(GgufOutArg::Q6K) => (4, 32, true, false, None),
     };
     let gguf_source = match a.gguf {
         None => None,
@@ -456,6 +481,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         calib: calib_info,
         imatrix,
         head_bits,
+        gguf_mix: a.gguf.and_then(GgufOutArg::mix),
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -508,6 +534,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
                 GgufOutArg::Q4_1 => file_type::MOSTLY_Q4_1,
                 GgufOutArg::Q5_0 => file_type::MOSTLY_Q5_0,
                 GgufOutArg::Q8_0 => file_type::MOSTLY_Q8_0,
+                GgufOutArg::Q4KM | GgufOutArg::Q6K => ty.mix().expect("a mix").file_type(),
             };
             let mut out = out;
             export_gguf(&nib.view()?, &g, ftype, FloatMatrices::Q8_0, &mut out)

@@ -28,6 +28,7 @@ pub mod gguf_write;
 pub mod gptq_checkpoint;
 pub mod hparams;
 pub mod import;
+pub mod kquant_pack;
 pub mod lora;
 pub mod nib;
 pub mod quant;

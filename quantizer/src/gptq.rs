@@ -9,6 +9,7 @@
 
 use crate::error::{QuantError, Result};
 use crate::grid::Grid;
+use crate::kquant::{KQuant, SUPER_BLOCK};
 use crate::linalg::upper_factor_of_inverse;
 use rayon::prelude::*;
 
@@ -38,6 +39,13 @@ pub struct GptqConfig {
     /// weighting by diag H gave 22.76, by GPTQ's own per-column cost
     /// 1 / [H⁻¹]ⱼⱼ² 23.44, by llama.cpp's diag H · √(σ² + w²) 23.34.
     pub scale_search: bool,
+    /// Sub-block grids of a GGUF K-quant ([`KQuant`]): `grid` and
+    /// `group_size` must be its own, the columns a multiple of 256, and the
+    /// order [`ColumnOrder::Stored`] or [`ColumnOrder::ActBySuperBlock`].
+    /// Each super-block's grids are chosen together ([`KQuant::choose`])
+    /// when its first column is reached, on the current weights, weighted by
+    /// diag H.
+    pub kquant: Option<KQuant>,
 }
 
 impl GptqConfig {
@@ -51,7 +59,23 @@ impl GptqConfig {
             block_size: 128,
             threads: 1,
             scale_search: false,
+            kquant: None,
         })
+    }
+
+    /// GPTQ onto a K-quant's own grids (scale search on, its sub-blocks as groups).
+    pub fn kquant(kq: KQuant) -> GptqConfig {
+        GptqConfig {
+            grid: kq.grid(),
+            group_size: Some(kq.group_size()),
+            act_order: false,
+            static_groups: false,
+            damp: 0.01,
+            block_size: 128,
+            threads: 1,
+            scale_search: true,
+            kquant: Some(kq),
+        }
     }
 }
 
@@ -79,6 +103,10 @@ pub struct QuantizedLayer {
     pub damp_added: f64,
     /// The reference's printed error: ½ Σ (w − q)² / `Hinv[i,i]`².
     pub error: f64,
+    /// K-quants: `[rows, cols / 256]` super-block `[d, dmin]`, stored order
+    /// (empty otherwise); `scales` and `zeros` hold each sub-block's
+    /// effective `d·sc` and `−dmin·m`.
+    pub super_scales: Vec<[f32; 2]>,
 }
 
 impl QuantizedLayer {
@@ -173,6 +201,7 @@ pub fn rtn(
         perm: (0..cols).collect(),
         damp_added: 0.0,
         error: 0.0,
+        super_scales: Vec::new(),
     };
     for g in 0..n_groups {
         let span = g * gs..((g + 1) * gs).min(cols);
@@ -187,6 +216,58 @@ pub fn rtn(
         }
     }
     Ok(layer)
+}
+
+/// Round-to-nearest onto a K-quant's grids: each super-block's grids
+/// chosen by [`KQuant::choose`] with every weight's error counting alike.
+pub fn rtn_kquant(w: &[f32], rows: usize, cols: usize, kq: KQuant) -> Result<QuantizedLayer> {
+    let gs = kq.group_size();
+    check_inputs(w, rows, cols, Some(gs))?;
+    check_kquant_cols(kq, cols)?;
+    let grid = kq.grid();
+    let (n_groups, n_super) = (cols / gs, cols / SUPER_BLOCK);
+    let mut layer = QuantizedLayer {
+        rows,
+        cols,
+        codes: vec![0; rows * cols],
+        scales: vec![0.0; rows * n_groups],
+        zeros: vec![0.0; rows * n_groups],
+        free_min: grid.free_min,
+        n_groups,
+        g_idx: (0..cols).map(|c| (c / gs) as u32).collect(),
+        perm: (0..cols).collect(),
+        damp_added: 0.0,
+        error: 0.0,
+        super_scales: vec![[0.0; 2]; rows * n_super],
+    };
+    let ones = [1f64; SUPER_BLOCK];
+    let mut params = vec![(0f64, 0f64); SUPER_BLOCK / gs];
+    for r in 0..rows {
+        for b in 0..n_super {
+            let span = r * cols + b * SUPER_BLOCK..r * cols + (b + 1) * SUPER_BLOCK;
+            let x: Vec<f64> = w[span.clone()].iter().map(|&v| f64::from(v)).collect();
+            layer.super_scales[r * n_super + b] = kq.choose(&x, &ones, &mut params);
+            for (k, &(s, z)) in params.iter().enumerate() {
+                let g = r * n_groups + b * params.len() + k;
+                layer.scales[g] = s as f32;
+                layer.zeros[g] = z as f32;
+            }
+            for (i, c) in span.enumerate() {
+                let (s, z) = params[i % SUPER_BLOCK / gs];
+                layer.codes[c] = grid.code_f32(w[c], s as f32, z as f32) as u8;
+            }
+        }
+    }
+    Ok(layer)
+}
+
+fn check_kquant_cols(kq: KQuant, cols: usize) -> Result<()> {
+    if !cols.is_multiple_of(SUPER_BLOCK) {
+        return Err(QuantError::Shape(format!(
+            "{kq:?} needs inputs in whole super-blocks of {SUPER_BLOCK}; this layer has {cols}"
+        )));
+    }
+    Ok(())
 }
 
 /// A Hessian made ready for GPTQ: dead inputs handled, act-order
@@ -209,6 +290,9 @@ pub struct PreparedHessian {
     /// `Some(gs)`: the order keeps each group of `gs` original columns
     /// together ([`ColumnOrder::ActByGroup`]).
     pub whole_groups: Option<usize>,
+    /// The order also keeps each K-quant super-block together
+    /// ([`ColumnOrder::ActBySuperBlock`]).
+    pub whole_super_blocks: bool,
 }
 
 /// The order GPTQ processes a layer's columns in.
@@ -227,6 +311,11 @@ pub enum ColumnOrder {
     /// result needs no permutation at run time and fits block formats such
     /// as GGUF's Q4_0.
     ActByGroup(usize),
+    /// [`ColumnOrder::ActByGroup`] one level up, for K-quants: super-blocks
+    /// of 256 by decreasing largest diagonal, their groups of `gs` likewise,
+    /// columns within a group by decreasing diagonal. Every super-block is
+    /// then processed whole, so its grids can be chosen together.
+    ActBySuperBlock(usize),
 }
 
 /// Prepare `h` (`[cols, cols]`, any positive scale) for GPTQ.
@@ -306,6 +395,32 @@ pub fn prepare_hessian_in(
                 })
                 .collect()
         }
+        ColumnOrder::ActBySuperBlock(gs) => {
+            if !n.is_multiple_of(SUPER_BLOCK) || gs == 0 || !SUPER_BLOCK.is_multiple_of(gs) {
+                return Err(QuantError::Shape(format!(
+                    "super-block order needs {n} inputs in super-blocks of {SUPER_BLOCK} and groups of {gs} dividing them"
+                )));
+            }
+            let top = |cols: &[usize]| cols.iter().map(|&c| diag(c)).fold(f64::MIN, f64::max);
+            let by_top = |mut parts: Vec<Vec<usize>>| {
+                parts.sort_by(|a, b| top(b).total_cmp(&top(a)));
+                parts
+            };
+            let supers: Vec<Vec<usize>> = (0..n)
+                .step_by(SUPER_BLOCK)
+                .map(|s0| (s0..s0 + SUPER_BLOCK).collect())
+                .collect();
+            by_top(supers)
+                .into_iter()
+                .flat_map(|sb| {
+                    let groups = sb.chunks(gs).map(<[usize]>::to_vec).collect();
+                    by_top(groups).into_iter().flat_map(|mut g| {
+                        g.sort_by(|&a, &b| diag(b).total_cmp(&diag(a)));
+                        g
+                    })
+                })
+                .collect()
+        }
     };
     let hp: Vec<f64> = (0..n * n)
         .map(|i| hk[perm[i / n] * n + perm[i % n]])
@@ -339,8 +454,10 @@ pub fn prepare_hessian_in(
         damp_added: lambda,
         whole_groups: match order {
             ColumnOrder::ActByGroup(gs) => Some(gs.clamp(1, n)),
+            ColumnOrder::ActBySuperBlock(gs) => Some(gs),
             _ => None,
         },
+        whole_super_blocks: matches!(order, ColumnOrder::ActBySuperBlock(_)),
     })
 }
 
@@ -380,6 +497,17 @@ pub fn gptq_prepared(
             prep.cols
         )));
     }
+    if let Some(kq) = cfg.kquant {
+        check_kquant_cols(kq, cols)?;
+        let in_order = prep.perm.iter().enumerate().all(|(j, &c)| j == c)
+            || (prep.whole_super_blocks && prep.whole_groups == Some(kq.group_size()));
+        if !in_order || cfg.grid != kq.grid() || cfg.group_size != Some(kq.group_size()) {
+            return Err(QuantError::Shape(format!(
+                "{kq:?} needs its own grid, groups of {} and an order that keeps super-blocks whole",
+                kq.group_size()
+            )));
+        }
+    }
     let parts = cfg.threads.clamp(1, rows);
     if parts == 1 {
         return Ok(sweep_rows(w, prep, rows, cfg));
@@ -405,11 +533,13 @@ pub fn gptq_prepared(
         perm: prep.perm.clone(),
         damp_added: prep.damp_added,
         error: 0.0,
+        super_scales: Vec::new(),
     };
     for part in layers {
         out.codes.extend_from_slice(&part.codes);
         out.scales.extend_from_slice(&part.scales);
         out.zeros.extend_from_slice(&part.zeros);
+        out.super_scales.extend_from_slice(&part.super_scales);
         out.error += part.error;
     }
     Ok(out)
@@ -464,7 +594,7 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
     let gs = cfg.group_size.unwrap_or(n);
     // Static groups: contiguous original columns of the zeroed W, fixed up front.
     let static_params: Option<Vec<Vec<(f64, f64)>>> =
-        (cfg.group_size.is_some() && cfg.static_groups).then(|| {
+        (cfg.group_size.is_some() && cfg.static_groups && cfg.kquant.is_none()).then(|| {
             (0..n)
                 .step_by(gs)
                 .map(|c0| params_of(&wk, c0..(c0 + gs).min(n)))
@@ -484,9 +614,31 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
     let mut codes_p = vec![0u8; rows * n];
     let mut error = 0.0;
     let mut cur: Vec<(f64, f64)> = per_channel.clone().unwrap_or_default();
+    // K-quants: the current super-block's sub-block grids, [rows, n_sub],
+    // and every super-block's [d, dmin] in stored order.
+    let n_sub = SUPER_BLOCK / gs;
+    let mut super_cur = vec![
+        (0f64, 0f64);
+        if cfg.kquant.is_some() {
+            rows * n_sub
+        } else {
+            0
+        }
+    ];
+    let n_super = n / SUPER_BLOCK;
+    let mut super_scales = vec![
+        [0f32; 2];
+        if cfg.kquant.is_some() {
+            rows * n_super
+        } else {
+            0
+        }
+    ];
     // The search reads a group's current values from the block's working
     // copy, so blocks hold whole groups (the block size changes no result).
-    let bs = if cfg.scale_search && cfg.group_size.is_some() {
+    let bs = if cfg.kquant.is_some() {
+        SUPER_BLOCK * (cfg.block_size / SUPER_BLOCK).max(1)
+    } else if cfg.scale_search && cfg.group_size.is_some() {
         gs * (cfg.block_size / gs).max(1)
     } else {
         cfg.block_size.max(1)
@@ -509,7 +661,24 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
                     g
                 }
                 (None, Some(_)) => {
-                    if j % gs == 0 && cfg.scale_search {
+                    if let (Some(kq), true) = (cfg.kquant, j % gs == 0) {
+                        if j % SUPER_BLOCK == 0 {
+                            // The whole super-block is in this lazy block (bs is a
+                            // multiple of 256): its grids from its current values.
+                            let wt = &prep.diag[j..j + SUPER_BLOCK];
+                            let b = perm[j] / SUPER_BLOCK;
+                            for r in 0..rows {
+                                let at = r * count + (j - i1);
+                                super_scales[r * n_super + b] = kq.choose(
+                                    &w1[at..at + SUPER_BLOCK],
+                                    wt,
+                                    &mut super_cur[r * n_sub..(r + 1) * n_sub],
+                                );
+                            }
+                        }
+                        let k = j % SUPER_BLOCK / gs;
+                        cur = (0..rows).map(|r| super_cur[r * n_sub + k]).collect();
+                    } else if j % gs == 0 && cfg.scale_search {
                         // The group's current values, weighted in processing order.
                         let end = (j + gs).min(n);
                         let wt = &prep.diag[j..end];
@@ -605,6 +774,7 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
         perm: perm.clone(),
         damp_added: prep.damp_added,
         error,
+        super_scales,
     }
 }
 
@@ -666,26 +836,7 @@ mod tests {
                 .map(|i| next() * (1.0 + (i % cols) as f32 / 8.0))
                 .collect();
             let h = crate::test_util::gram(&x, k, cols);
-            let out_err = |q: &QuantizedLayer| -> f64 {
-                let d: Vec<f64> = w
-                    .iter()
-                    .zip(q.dequantize())
-                    .map(|(&a, b)| f64::from(a - b))
-                    .collect();
-                (0..rows)
-                    .map(|r| {
-                        let dr = &d[r * cols..(r + 1) * cols];
-                        (0..cols)
-                            .map(|i| {
-                                dr[i]
-                                    * (0..cols)
-                                        .map(|j| f64::from(h[i * cols + j]) * dr[j])
-                                        .sum::<f64>()
-                            })
-                            .sum::<f64>()
-                    })
-                    .sum()
-            };
+            let out_err = |q: &QuantizedLayer| output_error(&w, q, &h);
             let gs = 32;
             let prep = prepare_hessian_in(&h, cols, ColumnOrder::ActByGroup(gs), 0.01).unwrap();
             for chunk in prep.perm.chunks(gs) {
@@ -721,6 +872,101 @@ mod tests {
                 eprintln!("{what}: output error {e0:.4e} → {e1:.4e}");
                 assert!(e1 < e0, "{what}: {e1} ≥ {e0}");
             }
+        }
+    }
+
+    /// Σ_r δ_r·H·δ_rᵀ with δ = W − Ŵ: the output error on H's inputs.
+    fn output_error(w: &[f32], q: &QuantizedLayer, h: &[f32]) -> f64 {
+        let (rows, cols) = (q.rows, q.cols);
+        let d: Vec<f64> = w
+            .iter()
+            .zip(q.dequantize())
+            .map(|(&a, b)| f64::from(a - b))
+            .collect();
+        (0..rows)
+            .map(|r| {
+                let dr = &d[r * cols..(r + 1) * cols];
+                (0..cols)
+                    .map(|i| {
+                        dr[i]
+                            * (0..cols)
+                                .map(|j| f64::from(h[i * cols + j]) * dr[j])
+                                .sum::<f64>()
+                    })
+                    .sum::<f64>()
+            })
+            .sum()
+    }
+
+    /// GPTQ onto K-quant super-blocks: in stored order and in the
+    /// super-block act-order, with any number of threads, the layer packs
+    /// into GGUF blocks that decode to its own dequantized weights, and its
+    /// output error is below RTN's on the same grids. An order that scatters
+    /// a super-block, or a width that is not whole super-blocks, is refused.
+    #[test]
+    fn kquant_super_blocks() {
+        let mut next = crate::test_util::centered_f32(0x4b51_7561_6e74_0001);
+        let (rows, cols, k) = (12, 512, 600);
+        let w: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+        let x: Vec<f32> = (0..k * cols)
+            .map(|i| next() * (1.0 + (i % cols % 37) as f32 / 6.0))
+            .collect();
+        let h = crate::test_util::gram(&x, k, cols);
+        for kq in [KQuant::Q4K, KQuant::Q6K] {
+            let gs = kq.group_size();
+            let rtn_err = output_error(&w, &rtn_kquant(&w, rows, cols, kq).unwrap(), &h);
+            for order in [ColumnOrder::Stored, ColumnOrder::ActBySuperBlock(gs)] {
+                let prep = prepare_hessian_in(&h, cols, order, 0.01).unwrap();
+                for chunk in prep.perm.chunks(SUPER_BLOCK) {
+                    assert!(chunk
+                        .iter()
+                        .all(|&c| c / SUPER_BLOCK == chunk[0] / SUPER_BLOCK));
+                }
+                let mut cfg = GptqConfig::kquant(kq);
+                cfg.act_order = order != ColumnOrder::Stored;
+                let q = gptq_prepared(&w, &prep, rows, cols, &cfg).unwrap();
+                cfg.threads = 3;
+                let q3 = gptq_prepared(&w, &prep, rows, cols, &cfg).unwrap();
+                assert_eq!(q.codes, q3.codes);
+                assert_eq!(q.super_scales, q3.super_scales);
+                let deq = q.dequantize();
+                let mut packed = Vec::new();
+                for r in 0..rows {
+                    let (g, n) = (q.n_groups, cols / SUPER_BLOCK);
+                    kq.pack_row(
+                        &q.codes[r * cols..(r + 1) * cols],
+                        &q.scales[r * g..(r + 1) * g],
+                        &q.zeros[r * g..(r + 1) * g],
+                        &q.super_scales[r * n..(r + 1) * n],
+                        &mut packed,
+                    );
+                }
+                let mut decoded = vec![0f32; rows * cols];
+                let ty = nibble_format::gguf::GgmlType::of_block_dtype(kq.dtype()).unwrap();
+                assert!(nibble_format::gguf_blocks::dequantize_blocks(
+                    ty,
+                    &packed,
+                    &mut decoded
+                ));
+                for (i, (a, b)) in deq.iter().zip(&decoded).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * a.abs().max(1e-3),
+                        "{kq:?} {i}: {a} vs {b}"
+                    );
+                }
+                let e = output_error(&w, &q, &h);
+                eprintln!("{kq:?} {order:?}: output error RTN {rtn_err:.4e} → GPTQ {e:.4e}");
+                assert!(e < 0.9 * rtn_err, "{kq:?} {order:?}: {e} vs RTN {rtn_err}");
+            }
+            let scattered = prepare_hessian_in(&h, cols, ColumnOrder::Act, 0.01).unwrap();
+            let mut cfg = GptqConfig::kquant(kq);
+            cfg.act_order = true;
+            assert!(gptq_prepared(&w, &scattered, rows, cols, &cfg).is_err());
+            let narrow = &w[..rows * 480];
+            let h480 = crate::test_util::gram(&x[..k * 480], k, 480);
+            let prep = prepare_hessian_in(&h480, 480, ColumnOrder::Stored, 0.01).unwrap();
+            assert!(gptq_prepared(narrow, &prep, rows, 480, &GptqConfig::kquant(kq)).is_err());
+            assert!(rtn_kquant(narrow, rows, 480, kq).is_err());
         }
     }
 }

@@ -15,7 +15,9 @@ pub mod error;
 pub mod gptq;
 pub mod grid;
 pub mod imatrix;
+pub mod kquant;
 pub mod linalg;
+pub mod mix;
 /// The vectorisable exp, softmax sum and SiLU, shared with the runtime.
 pub use nibble_runtime::math;
 pub mod model;

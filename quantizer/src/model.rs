@@ -31,10 +31,12 @@ use nibble_runtime::block::{boundary_width, finish_embedding, BlockBufs, Lin, Ro
 use crate::calib::{linear, CalibExec};
 use crate::error::{QuantError, Result};
 use crate::gptq::{
-    gptq_prepared, prepare_hessian_in, rtn, ColumnOrder, GptqConfig, PreparedHessian,
+    gptq_prepared, prepare_hessian_in, rtn, rtn_kquant, ColumnOrder, GptqConfig, PreparedHessian,
     QuantizedLayer,
 };
 use crate::grid::Grid;
+use crate::kquant::KQuant;
+use crate::mix::{BlockType, GgufMix};
 
 /// Quantization method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +100,11 @@ pub struct QuantizeOptions {
     /// these bits (4 or 8) instead of F16. On small models they are a large
     /// share of each token's bytes (SmolLM2: 49152 × 576 of ~135 M weights).
     pub head_bits: Option<u32>,
+    /// A GGUF K-quant mix: each tensor's block type by llama.cpp's rules
+    /// ([`GgufMix`]) instead of `bits` / `group_size` / `sym`, K-quant
+    /// layers on their super-block grids ([`crate::kquant`]). Needs
+    /// `act_order_groups` when `act_order` is set.
+    pub gguf_mix: Option<GgufMix>,
 }
 
 /// Group size of a quantized embedding / output head.
@@ -121,6 +128,7 @@ impl QuantizeOptions {
             calib: None,
             imatrix: None,
             head_bits: None,
+            gguf_mix: None,
         }
     }
 }
@@ -199,6 +207,76 @@ fn layer_dtype(grid: &Grid) -> DType {
         DType::Q5_0
     } else {
         DType::from_quant_bits(grid.bits).expect("validated")
+    }
+}
+
+/// How one layer is quantized and stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct LayerFormat {
+    grid: Grid,
+    group_size: usize,
+    kquant: Option<KQuant>,
+    dtype: DType,
+}
+
+impl LayerFormat {
+    fn of_block(t: BlockType) -> LayerFormat {
+        let group = |bits| {
+            let grid = Grid::new(bits, true).expect("5 and 8 bits are grids");
+            LayerFormat {
+                grid,
+                group_size: 32,
+                kquant: None,
+                dtype: layer_dtype(&grid),
+            }
+        };
+        match t {
+            BlockType::K(kq) => LayerFormat {
+                grid: kq.grid(),
+                group_size: kq.group_size(),
+                kquant: Some(kq),
+                dtype: kq.dtype(),
+            },
+            BlockType::Q5_0 => group(5),
+            BlockType::Q8_0 => group(8),
+        }
+    }
+
+    /// The stored tensor's quant parameter: the group size, or a GGUF
+    /// block type's block (256 for the K-quants).
+    fn quant_param(&self) -> usize {
+        if self.kquant.is_some() {
+            crate::kquant::SUPER_BLOCK
+        } else {
+            self.group_size
+        }
+    }
+
+    /// RTN of a `[rows, cols]` weight in this format.
+    fn rtn(&self, w: &[f32], rows: usize, cols: usize) -> Result<QuantizedLayer> {
+        match self.kquant {
+            Some(kq) => rtn_kquant(w, rows, cols, kq),
+            None => rtn(w, rows, cols, self.grid, Some(self.group_size)),
+        }
+    }
+
+    /// Pack `q` (quantized in this format); `order` as for [`pack_layer`].
+    fn pack(&self, q: &QuantizedLayer, order: Option<&[usize]>) -> Vec<u8> {
+        let Some(kq) = self.kquant else {
+            return pack_layer(q, self.grid.bits, self.group_size, order);
+        };
+        let (n_groups, n_super) = (q.n_groups, q.super_scales.len() / q.rows);
+        let mut out = Vec::new();
+        for r in 0..q.rows {
+            kq.pack_row(
+                &q.codes[r * q.cols..(r + 1) * q.cols],
+                &q.scales[r * n_groups..(r + 1) * n_groups],
+                &q.zeros[r * n_groups..(r + 1) * n_groups],
+                &q.super_scales[r * n_super..(r + 1) * n_super],
+                &mut out,
+            );
+        }
+        out
     }
 }
 
@@ -317,6 +395,7 @@ struct Ctx<'a, 'p, W: Write + Seek> {
     progress: &'p mut dyn FnMut(usize, usize, &str),
     opts: &'a QuantizeOptions,
     grid: Grid,
+    n_layer: usize,
     writer: NibWriter<W>,
     reports: Vec<LayerReport>,
     timings: Timings,
@@ -324,21 +403,43 @@ struct Ctx<'a, 'p, W: Write + Seek> {
     total: usize,
     /// Producers of the next [`Fold::Consumer`]'s input, not yet written.
     held: Vec<HeldRows>,
+    /// The current Hessian prepared in each column order its layers need
+    /// (cleared when the next Hessian comes).
+    prepared: Vec<(ColumnOrder, PreparedHessian)>,
 }
 
 impl<W: Write + Seek> Ctx<'_, '_, W> {
-    /// Damp, invert and factor a Hessian once for the layers that share it.
-    fn prepare(&mut self, h: &[f32], cols: usize) -> Result<PreparedHessian> {
-        let t = Instant::now();
+    /// The format of linear weight `name` with `cols` inputs.
+    fn format_of(&self, name: &str, cols: usize) -> LayerFormat {
+        match self.opts.gguf_mix {
+            Some(mix) => LayerFormat::of_block(mix.layer_type(name, self.n_layer, cols)),
+            None => LayerFormat {
+                grid: self.grid,
+                group_size: effective_group_size(self.opts.group_size, cols),
+                kquant: None,
+                dtype: layer_dtype(&self.grid),
+            },
+        }
+    }
+
+    /// The current Hessian `h` damped, inverted and factored in the order
+    /// format `f` needs, once for all the layers that share it.
+    fn prepare(&mut self, h: &[f32], cols: usize, f: &LayerFormat) -> Result<usize> {
         let o = self.opts;
-        let order = match (o.act_order, o.act_order_groups) {
-            (false, _) => ColumnOrder::Stored,
-            (true, false) => ColumnOrder::Act,
-            (true, true) => ColumnOrder::ActByGroup(effective_group_size(o.group_size, cols)),
+        let order = match (o.act_order, o.act_order_groups, f.kquant) {
+            (false, _, _) => ColumnOrder::Stored,
+            (true, _, Some(kq)) => ColumnOrder::ActBySuperBlock(kq.group_size()),
+            (true, false, None) => ColumnOrder::Act,
+            (true, true, None) => ColumnOrder::ActByGroup(f.group_size),
         };
+        if let Some(i) = self.prepared.iter().position(|(o, _)| *o == order) {
+            return Ok(i);
+        }
+        let t = Instant::now();
         let p = prepare_hessian_in(h, cols, order, o.damp)?;
         self.timings.gptq += t.elapsed().as_secs_f64();
-        Ok(p)
+        self.prepared.push((order, p));
+        Ok(self.prepared.len() - 1)
     }
 
     fn report(&mut self, what: &str) {
@@ -359,16 +460,17 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
         w: &[f32],
         rows: usize,
         cols: usize,
-        h: Option<(&[f32], &PreparedHessian)>,
+        h: Option<&[f32]>,
         fold: Fold,
     ) -> Result<Vec<f32>> {
         self.report(name);
         let o = self.opts;
-        let gs = effective_group_size(o.group_size, cols);
+        let f = self.format_of(name, cols);
+        let gs = f.group_size;
         let t0 = Instant::now();
         let (mut q, report) = match h {
             None => {
-                let q = rtn(w, rows, cols, self.grid, Some(gs))?;
+                let q = f.rtn(w, rows, cols)?;
                 let deq = q.dequantize();
                 let (num, den) = w.iter().zip(&deq).fold((0f64, 0f64), |(n, d), (a, b)| {
                     (n + f64::from(a - b).powi(2), d + f64::from(*a).powi(2))
@@ -376,19 +478,21 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
                 let rel = if den > 0.0 { num / den } else { 0.0 };
                 (q, (rel, None))
             }
-            Some((h, prep)) => {
+            Some(h) => {
                 let cfg = GptqConfig {
-                    grid: self.grid,
+                    grid: f.grid,
                     group_size: Some(gs),
                     act_order: o.act_order,
                     static_groups: o.static_groups,
                     damp: o.damp,
                     block_size: 128,
                     threads: o.threads,
-                    scale_search: o.scale_search,
+                    scale_search: o.scale_search || f.kquant.is_some(),
+                    kquant: f.kquant,
                 };
-                let q = gptq_prepared(w, prep, rows, cols, &cfg)?;
-                let rtn_q = rtn(w, rows, cols, self.grid, Some(gs))?.dequantize();
+                let i = self.prepare(h, cols, &f)?;
+                let q = gptq_prepared(w, &self.prepared[i].1, rows, cols, &cfg)?;
+                let rtn_q = f.rtn(w, rows, cols)?.dequantize();
                 let [e, e_rtn] =
                     rel_output_errors(w, [&q.dequantize(), &rtn_q], h, rows, cols, o.threads);
                 (q, (e, Some(e_rtn)))
@@ -404,8 +508,8 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
             let g_idx = &q.g_idx;
             q.perm.sort_unstable_by_key(|&c| (g_idx[c], c));
         }
-        let packed = pack_layer(&q, self.grid.bits, gs, permuted.then_some(&q.perm[..]));
-        let dtype = layer_dtype(&self.grid);
+        let packed = f.pack(&q, permuted.then_some(&q.perm[..]));
+        let dtype = f.dtype;
         if fold == Fold::Producer {
             let bias = match self.src.tensor(&name.replace(".weight", ".bias")) {
                 Some(t) => Some(tensor_f32(t)?),
@@ -415,7 +519,7 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
                 name: name.to_string(),
                 bias,
                 dtype,
-                group_size: gs,
+                group_size: f.quant_param(),
                 rows,
                 cols,
                 packed,
@@ -424,7 +528,7 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
             self.writer.add_tensor_q(
                 name,
                 dtype,
-                gs as u32,
+                f.quant_param() as u32,
                 &[rows as u64, cols as u64],
                 &packed,
             )?;
@@ -499,7 +603,7 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
             cols,
             rel_error: report.0,
             rel_error_rtn: report.1,
-            input_mean_sq: h.map(|(h, _)| (0..cols).map(|i| h[i * cols + i] / 2.0).collect()),
+            input_mean_sq: h.map(|h| (0..cols).map(|i| h[i * cols + i] / 2.0).collect()),
         });
         self.done += 1;
         Ok(q.dequantize())
@@ -552,6 +656,17 @@ pub fn quantize_model<W: Write + Seek>(
     if !(opts.damp.is_finite() && opts.damp > 0.0) {
         return Err(QuantError::BadDamp(opts.damp));
     }
+    if opts.gguf_mix.is_some() {
+        let permuted = opts.method == Method::Gptq
+            && opts.act_order
+            && !opts.static_groups
+            && !opts.act_order_groups;
+        if permuted || opts.head_bits.is_some() || opts.free_min {
+            return Err(QuantError::Shape(
+                "a GGUF mix fixes every tensor's type and keeps groups whole: no scattered act-order, head bits or free minimum".into(),
+            ));
+        }
+    }
     let hp = HParams::read(&src.metadata)?;
     // Everything is checked before any heavy work.
     for t in src
@@ -559,9 +674,10 @@ pub fn quantize_model<W: Write + Seek>(
         .iter()
         .filter(|t| is_linear(t.name) || t.name == "token_embd.weight")
     {
-        if opts.bits == 5 && is_linear(t.name) && t.shape.get(1).is_some_and(|c| c % 32 != 0) {
+        let blocks_of_32 = opts.bits == 5 || opts.gguf_mix.is_some();
+        if blocks_of_32 && is_linear(t.name) && t.shape.get(1).is_some_and(|c| c % 32 != 0) {
             return Err(QuantError::Shape(format!(
-                "tensor '{}' has {} inputs; Q5_0 blocks need a multiple of 32",
+                "tensor '{}' has {} inputs; GGUF blocks need a multiple of 32",
                 t.name, t.shape[1]
             )));
         }
@@ -631,11 +747,12 @@ pub fn quantize_model<W: Write + Seek>(
         keys::QUANT_METHOD,
         OwnedValue::Str(opts.method.name().into()),
     );
-    meta.set(
-        keys::QUANT_DTYPE,
-        OwnedValue::Str(layer_dtype(&grid).name().into()),
-    );
-    meta.set(keys::QUANT_BITS, OwnedValue::U64(opts.bits.into()));
+    let (dtype_name, bits) = match opts.gguf_mix {
+        Some(mix) => (mix.name(), mix.bits()),
+        None => (layer_dtype(&grid).name(), opts.bits),
+    };
+    meta.set(keys::QUANT_DTYPE, OwnedValue::Str(dtype_name.into()));
+    meta.set(keys::QUANT_BITS, OwnedValue::U64(bits.into()));
     meta.set(
         keys::QUANT_GROUP_SIZE,
         OwnedValue::U64(opts.group_size.unwrap_or(0) as u64),
@@ -676,12 +793,14 @@ pub fn quantize_model<W: Write + Seek>(
         progress,
         opts,
         grid,
+        n_layer: hp.n_layer,
         writer: NibWriter::new(out, &meta)?,
         reports: Vec::new(),
         timings: Timings::default(),
         done: 0,
         total: src.tensors.iter().filter(|t| is_linear(t.name)).count(),
         held: Vec::new(),
+        prepared: Vec::new(),
     };
 
     // Tensors that are not quantized: norms as they are, 2-D floats as F16
@@ -693,6 +812,30 @@ pub fn quantize_model<W: Write + Seek>(
             continue;
         }
         let is_head = matches!(t.name, "token_embd.weight" | "output.weight");
+        if let (true, Some(mix), [rows, cols]) = (is_head, opts.gguf_mix, &t.shape[..]) {
+            // llama.cpp's types: the head's (a tied embedding is the head),
+            // else the mix's base type; a head left float is written as
+            // llama.cpp's Q8_0 by the GGUF export.
+            let (rows, cols) = (*rows as usize, *cols as usize);
+            let tied = src.tensor("output.weight").is_none();
+            let ty = if t.name == "output.weight" || tied {
+                mix.head_type(cols)
+            } else {
+                Some(mix.embedding_type(cols))
+            };
+            if let Some(ty) = ty {
+                let f = LayerFormat::of_block(ty);
+                let q = f.rtn(&tensor_f32(t)?, rows, cols)?;
+                ctx.writer.add_tensor_q(
+                    t.name,
+                    f.dtype,
+                    f.quant_param() as u32,
+                    &t.shape,
+                    &f.pack(&q, None),
+                )?;
+                continue;
+            }
+        }
         if let (true, Some(hg), [rows, cols]) = (is_head, head_grid, &t.shape[..]) {
             let (rows, cols) = (*rows as usize, *cols as usize);
             let v = tensor_f32(t)?;
@@ -737,8 +880,8 @@ pub fn quantize_model<W: Write + Seek>(
                 match entry {
                     Some(e) => {
                         let h = crate::imatrix::diagonal_hessian(e);
-                        let prep = ctx.prepare(&h, cols)?;
-                        ctx.quantize_one(t.name, &w, rows, cols, Some((&h, &prep)), Fold::No)?;
+                        ctx.prepared.clear();
+                        ctx.quantize_one(t.name, &w, rows, cols, Some(&h), Fold::No)?;
                     }
                     None => {
                         ctx.quantize_one(t.name, &w, rows, cols, None, Fold::No)?;
@@ -787,7 +930,7 @@ fn quantize_group<W: Write + Seek>(
     gated: bool,
 ) -> Result<()> {
     let cols = (h.len() as f64).sqrt() as usize;
-    let prep = ctx.prepare(h, cols)?;
+    ctx.prepared.clear();
     for &w in s.consumers(gated) {
         let name = format!("blk.{l}.{}.weight", w.role());
         let weights = exec.weight(w).to_vec();
@@ -797,7 +940,7 @@ fn quantize_group<W: Write + Seek>(
             Lin::Down => Fold::Consumer,
             _ => Fold::No,
         };
-        let deq = ctx.quantize_one(&name, &weights, rows, cols, Some((h, &prep)), fold)?;
+        let deq = ctx.quantize_one(&name, &weights, rows, cols, Some(h), fold)?;
         exec.set_weight(w, deq);
     }
     Ok(())
