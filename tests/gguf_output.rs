@@ -1,7 +1,7 @@
 //! Quantized models written as GGUF files (`nibble quantize --gguf TYPE`):
 //! SmolLM2-135M (llama family: its q/k rows go back to llama.cpp's rotary
 //! order) quantized by nibble, written as Q4_0 / Q4_1 / Q5_0 / Q8_0 blocks
-//! and as the Q4_K_M mix with the source GGUF's metadata, then imported
+//! and as K-quant mixes with the source GGUF's metadata, then imported
 //! again: every block reads back as the weights nibble quantized. That
 //! llama.cpp loads and runs these files is checked by
 //! `scripts/bench-gptq-vs-imatrix.sh` (it needs a llama.cpp build).
@@ -238,80 +238,86 @@ fn gptq_q4_0_is_a_plain_gguf() {
     std::fs::remove_file(&out).unwrap();
 }
 
-/// llama.cpp's Q4_K_M mix by RTN: every tensor gets the type
-/// `llama-quantize` gives it (this model's 576-wide inputs are not whole
-/// super-blocks, so most fall back to Q5_0 / Q8_0 as there; the 1536-wide
-/// `ffn_down` is Q4_K or Q6_K), the file is exactly the size of
-/// `llama-quantize`'s Q4_K_M, the K-quant super-blocks read back bit for
-/// bit, and the model runs.
+/// llama.cpp's K-quant mixes by RTN (Q4_K_M and Q3_K_S): every tensor gets
+/// the type `llama-quantize` gives it (this model's 576-wide inputs are not
+/// whole super-blocks, so most fall back to Q5_0 / Q4_0 / Q8_0 as there; the
+/// 1536-wide `ffn_down` is Q4_K / Q6_K, or Q3_K), the file is exactly the size
+/// of `llama-quantize`'s, the K-quant super-blocks read back bit for bit, and
+/// the model runs.
 #[test]
 #[cfg_attr(
     target_arch = "aarch64",
     ignore = "slow under qemu; target-independent"
 )]
-fn q4_k_m_mix_has_llama_cpp_types_and_reads_back() {
+fn k_quant_mixes_have_llama_cpp_types_and_read_back() {
     use nibble::quantizer::mix::GgufMix;
     let src_path = smollm2();
     let src = import_f32(&src_path);
-    let (buf, _, _) = quantize_model(
-        &src.view().unwrap(),
-        &QuantizeOptions {
-            threads: 2,
-            gguf_mix: Some(GgufMix::Q4KM),
-            ..QuantizeOptions::rtn(4, Some(32), true)
-        },
-        None,
-        AlignedBytes::new(),
-        &mut |_, _, _| {},
-    )
-    .unwrap();
-    let q = NibFile::from_memory(buf).unwrap();
-    let out = tmp("smollm2-q4_k_m.gguf");
-    write(&q, &src_path, GgufMix::Q4KM.file_type(), &out);
-    let bytes = std::fs::read(&out).unwrap();
-    assert_eq!(
-        bytes.len(),
-        105_454_144,
-        "llama-quantize's Q4_K_M of this model is 105,454,144 bytes"
-    );
-    let g = GgufFile::parse(&bytes).unwrap();
-    let type_of = |name: &str| {
-        g.tensors
-            .iter()
-            .find(|t| t.name == name)
-            .map(|t| t.ggml_type)
-    };
-    for (name, ty) in [
-        ("token_embd.weight", GgmlType::Q8_0),
-        ("blk.0.attn_v.weight", GgmlType::Q8_0),
-        ("blk.3.attn_v.weight", GgmlType::Q5_0),
-        ("blk.3.attn_q.weight", GgmlType::Q5_0),
-        ("blk.0.ffn_down.weight", GgmlType::Q6K),
-        ("blk.5.ffn_down.weight", GgmlType::Q6K),
-        ("blk.6.ffn_down.weight", GgmlType::Q4K),
-        ("blk.29.ffn_down.weight", GgmlType::Q6K),
-        ("blk.0.attn_norm.weight", GgmlType::F32),
-    ] {
-        assert_eq!(type_of(name), Some(ty), "{name}");
-    }
-    let count = |ty| g.tensors.iter().filter(|t| t.ggml_type == ty).count();
-    assert_eq!(
-        [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q5_0, GgmlType::Q8_0].map(count),
-        [16, 14, 166, 15]
-    );
-    drop(bytes);
-    let back = import_blocks(&out);
-    assert_eq!(same_weights(&q, &back, 0.0, "Q4_K_M"), 210);
-    let model =
-        std::sync::Arc::new(nibble::runtime::Model::from_nib(back, "q4_k_m.gguf".into()).unwrap());
-    let ids = model
-        .tokenizer()
-        .unwrap()
-        .encode("The capital of France is", true)
+    for (mix, size) in [(GgufMix::Q4KM, 105_454_144), (GgufMix::Q3KS, 88_201_792)] {
+        let what = mix.name();
+        let (buf, _, _) = quantize_model(
+            &src.view().unwrap(),
+            &QuantizeOptions {
+                threads: 2,
+                gguf_mix: Some(mix),
+                ..QuantizeOptions::rtn(4, Some(32), true)
+            },
+            None,
+            AlignedBytes::new(),
+            &mut |_, _, _| {},
+        )
         .unwrap();
-    let logits = forward_logits(&model, &ids, 2);
-    assert!(logits.iter().all(|v| v.is_finite()));
-    std::fs::remove_file(&out).unwrap();
+        let q = NibFile::from_memory(buf).unwrap();
+        let out = tmp(&format!("smollm2-{what}.gguf"));
+        write(&q, &src_path, mix.file_type(), &out);
+        let bytes = std::fs::read(&out).unwrap();
+        assert_eq!(bytes.len(), size, "llama-quantize's {what} of this model");
+        let g = GgufFile::parse(&bytes).unwrap();
+        let type_of = |name: &str| {
+            g.tensors
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| t.ggml_type)
+        };
+        let count = |ty| g.tensors.iter().filter(|t| t.ggml_type == ty).count();
+        assert_eq!(type_of("token_embd.weight"), Some(GgmlType::Q8_0));
+        assert_eq!(type_of("blk.0.attn_norm.weight"), Some(GgmlType::F32));
+        if mix == GgufMix::Q4KM {
+            for (name, ty) in [
+                ("blk.0.attn_v.weight", GgmlType::Q8_0),
+                ("blk.3.attn_v.weight", GgmlType::Q5_0),
+                ("blk.3.attn_q.weight", GgmlType::Q5_0),
+                ("blk.0.ffn_down.weight", GgmlType::Q6K),
+                ("blk.5.ffn_down.weight", GgmlType::Q6K),
+                ("blk.6.ffn_down.weight", GgmlType::Q4K),
+                ("blk.29.ffn_down.weight", GgmlType::Q6K),
+            ] {
+                assert_eq!(type_of(name), Some(ty), "{name}");
+            }
+            assert_eq!(
+                [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q5_0, GgmlType::Q8_0].map(count),
+                [16, 14, 166, 15]
+            );
+        } else {
+            assert_eq!(
+                [GgmlType::Q3K, GgmlType::Q4_0, GgmlType::Q8_0].map(count),
+                [30, 180, 1]
+            );
+        }
+        drop(bytes);
+        let back = import_blocks(&out);
+        assert_eq!(same_weights(&q, &back, 0.0, what), 210);
+        let model =
+            std::sync::Arc::new(nibble::runtime::Model::from_nib(back, what.into()).unwrap());
+        let ids = model
+            .tokenizer()
+            .unwrap()
+            .encode("The capital of France is", true)
+            .unwrap();
+        let logits = forward_logits(&model, &ids, 2);
+        assert!(logits.iter().all(|v| v.is_finite()), "{what}");
+        std::fs::remove_file(&out).unwrap();
+    }
 
     // A model whose MLP is 172 wide has no GGUF block for its down projection.
     let stories = import_f32(&shared().join("models/stories260k"));

@@ -38,13 +38,29 @@ enum GgufOutArg {
     /// 8-bit symmetric groups of 32 with an f16 scale (8.5 bits per weight).
     #[value(name = "q8_0", alias = "Q8_0")]
     Q8_0,
-    /// llama.cpp's Q4_K_M mix: Q4_K super-blocks (4.5 bits), Q6_K for attn_v
-    /// and ffn_down in the first and last eighth of the layers and every third
-    /// between and for the head; widths that are not multiples of 256 fall
-    /// back to Q5_0 / Q8_0 as in llama-quantize.
+    /// llama.cpp's Q3_K_S mix: Q3_K super-blocks (3.44 bits) everywhere, the head Q6_K.
+    #[value(name = "q3_k_s", alias = "Q3_K_S")]
+    Q3KS,
+    /// llama.cpp's Q3_K_M mix: Q3_K, with attn_v in the first two layers and
+    /// ffn_down in the first sixteenth Q5_K, the rest of attn_v, ffn_down and
+    /// attn_output Q4_K.
+    #[value(name = "q3_k_m", alias = "Q3_K_M")]
+    Q3KM,
+    /// llama.cpp's Q4_K_S mix: Q4_K super-blocks (4.5 bits), attn_v in the
+    /// first four layers and ffn_down in the first eighth Q5_K.
+    #[value(name = "q4_k_s", alias = "Q4_K_S")]
+    Q4KS,
+    /// llama.cpp's Q4_K_M mix: Q4_K, with attn_v and ffn_down Q6_K in the
+    /// first and last eighth of the layers and every third between.
     #[value(name = "q4_k_m", alias = "Q4_K_M")]
     Q4KM,
-    /// Q6_K super-blocks everywhere (6.56 bits; Q8_0 where the width is not a multiple of 256).
+    /// llama.cpp's Q5_K_S mix: Q5_K super-blocks (5.5 bits) everywhere.
+    #[value(name = "q5_k_s", alias = "Q5_K_S")]
+    Q5KS,
+    /// llama.cpp's Q5_K_M mix: Q5_K, attn_v and ffn_down as in Q4_K_M (Q6_K).
+    #[value(name = "q5_k_m", alias = "Q5_K_M")]
+    Q5KM,
+    /// Q6_K super-blocks everywhere (6.56 bits).
     #[value(name = "q6_k", alias = "Q6_K")]
     Q6K,
 }
@@ -53,9 +69,14 @@ impl GgufOutArg {
     fn mix(self) -> Option<nibble_quantizer::mix::GgufMix> {
         use nibble_quantizer::mix::GgufMix;
         match self {
+            GgufOutArg::Q3KS => Some(GgufMix::Q3KS),
+            GgufOutArg::Q3KM => Some(GgufMix::Q3KM),
+            GgufOutArg::Q4KS => Some(GgufMix::Q4KS),
             GgufOutArg::Q4KM => Some(GgufMix::Q4KM),
+            GgufOutArg::Q5KS => Some(GgufMix::Q5KS),
+            GgufOutArg::Q5KM => Some(GgufMix::Q5KM),
             GgufOutArg::Q6K => Some(GgufMix::Q6K),
-            _ => None,
+            GgufOutArg::Q4_0 | GgufOutArg::Q4_1 | GgufOutArg::Q5_0 | GgufOutArg::Q8_0 => None,
         }
     }
 }
@@ -78,7 +99,10 @@ pub struct QuantizeArgs {
     /// super-blocks with all their sub-block scales chosen together), act-order
     /// within whole groups (GGUF has no permutations), the embedding / head as
     /// Q8_0 (as llama-quantize does for heads whose width is not a multiple
-    /// of 256; Q6_K in the K mixes where it is),
+    /// of 256; Q6_K in the K mixes where it is). In the K mixes every tensor
+    /// gets llama-quantize's type, and where a width is not a multiple of 256
+    /// its fallback (Q3_K → Q4_0, Q4_K → Q5_0, Q6_K → Q8_0; Q5_K → Q5_0, where
+    /// llama.cpp writes Q5_1, which nibble does not run),
     /// norms F32, and the source GGUF's metadata, tokenizer and chat template.
     /// Damping defaults to 1000 here (the importance-weighted grid search
     /// without GPTQ's error compensation: it measured better at these
@@ -267,8 +291,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         Some(GgufOutArg::Q5_0) => (5, 32, true, false, None),
         Some(GgufOutArg::Q8_0) => (8, 32, true, false, None),
         // The mix sets each tensor's type (the grid given here is unused).
-        Some(GgufOutArg::Q4KM) => (4, 32, true, false, None),
-        Some(GgufOutArg::Q6K) => (4, 32, true, false, None),
+        Some(_) => (4, 32, true, false, None),
     };
     let gguf_source = match a.gguf {
         None => None,
@@ -534,7 +557,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
                 GgufOutArg::Q4_1 => file_type::MOSTLY_Q4_1,
                 GgufOutArg::Q5_0 => file_type::MOSTLY_Q5_0,
                 GgufOutArg::Q8_0 => file_type::MOSTLY_Q8_0,
-                GgufOutArg::Q4KM | GgufOutArg::Q6K => ty.mix().expect("a mix").file_type(),
+                _ => ty.mix().expect("the block types are above").file_type(),
             };
             let mut out = out;
             export_gguf(&nib.view()?, &g, ftype, FloatMatrices::Q8_0, &mut out)

@@ -912,7 +912,7 @@ mod tests {
             .map(|i| next() * (1.0 + (i % cols % 37) as f32 / 6.0))
             .collect();
         let h = crate::test_util::gram(&x, k, cols);
-        for kq in [KQuant::Q4K, KQuant::Q6K] {
+        for kq in [KQuant::Q3K, KQuant::Q4K, KQuant::Q5K, KQuant::Q6K] {
             let gs = kq.group_size();
             let rtn_err = output_error(&w, &rtn_kquant(&w, rows, cols, kq).unwrap(), &h);
             for order in [ColumnOrder::Stored, ColumnOrder::ActBySuperBlock(gs)] {

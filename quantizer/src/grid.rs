@@ -34,8 +34,14 @@ impl Grid {
 
     /// The 4-bit free-minimum grid (`Q4GM`, GGUF's Q4_1).
     pub fn free_min_4bit() -> Grid {
+        Grid::free_min_of(4)
+    }
+
+    /// The free-minimum grid of `bits` (the K-quants' sub-blocks: 4 for
+    /// `Q4_K`, 5 for `Q5_K`).
+    pub fn free_min_of(bits: u32) -> Grid {
         Grid {
-            bits: 4,
+            bits,
             sym: false,
             free_min: true,
         }

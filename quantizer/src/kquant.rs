@@ -1,7 +1,7 @@
-//! GGUF's K-quant grids (`Q4_K`, `Q6_K`) for GPTQ and RTN.
+//! GGUF's K-quant grids (`Q3_K`, `Q4_K`, `Q5_K`, `Q6_K`) for GPTQ and RTN.
 //!
 //! A K-quant super-block covers 256 consecutive inputs of a row: its
-//! sub-blocks (8 of 32 for `Q4_K`, 16 of 16 for `Q6_K`) each have their own
+//! sub-blocks (8 of 32 for `Q4_K`/`Q5_K`, 16 of 16 for `Q3_K`/`Q6_K`) each have their own
 //! grid, but a sub-block's scale (and minimum) is stored as a small integer
 //! times the super-block's f16 scale (`d`, and `dmin` for the minimums).
 //! So the grids of all sub-blocks must be fixed together: GPTQ chooses them
@@ -12,8 +12,8 @@
 //!
 //! Choosing one super-block:
 //! 1. each sub-block's best free grid by the weighted search
-//!    ([`Grid::search_params`]: `Q4_K` a free minimum kept ≤ 0, `Q6_K` a
-//!    signed 6-bit grid);
+//!    ([`Grid::search_params`]: `Q4_K`/`Q5_K` a free minimum kept ≤ 0,
+//!    `Q3_K`/`Q6_K` a signed grid);
 //! 2. `d` (and `dmin`) by a search over candidate super-scales minimising
 //!    the importance-weighted error of the integer sub-block scales
 //!    (llama.cpp's `make_qp_quants` idea), rounded to f16;
@@ -22,7 +22,9 @@
 //!    the grid it gives, which llama.cpp does not do: the rounding of the
 //!    scales is chosen for the weights, not for the scales.
 
-use nibble_format::kquant_pack::{pack_row_q4_k, pack_row_q6_k, Q4kScales, QK_K};
+use nibble_format::kquant_pack::{
+    pack_row_q3_k, pack_row_q4_k, pack_row_q5_k, pack_row_q6_k, Q4kScales, QK_K,
+};
 use nibble_format::DType;
 
 use crate::grid::Grid;
@@ -30,8 +32,12 @@ use crate::grid::Grid;
 /// A K-quant block type GPTQ can write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KQuant {
+    /// 3-bit signed codes, 6-bit signed sub-block scales.
+    Q3K,
     /// 4-bit codes, free minimum ≤ 0, 6-bit sub-block scales and minimums.
     Q4K,
+    /// 5-bit codes, otherwise as `Q4_K`.
+    Q5K,
     /// 6-bit signed codes, int8 sub-block scales.
     Q6K,
 }
@@ -43,27 +49,40 @@ impl KQuant {
     /// Inputs per sub-block (each with its own grid).
     pub fn group_size(self) -> usize {
         match self {
-            KQuant::Q4K => 32,
-            KQuant::Q6K => 16,
+            KQuant::Q4K | KQuant::Q5K => 32,
+            KQuant::Q3K | KQuant::Q6K => 16,
         }
     }
 
     /// The grid each sub-block's codes are on.
     pub fn grid(self) -> Grid {
+        let signed = |bits| Grid {
+            bits,
+            sym: true,
+            free_min: false,
+        };
         match self {
-            KQuant::Q4K => Grid::free_min_4bit(),
-            KQuant::Q6K => Grid {
-                bits: 6,
-                sym: true,
-                free_min: false,
-            },
+            KQuant::Q3K => signed(3),
+            KQuant::Q4K => Grid::free_min_of(4),
+            KQuant::Q5K => Grid::free_min_of(5),
+            KQuant::Q6K => signed(6),
         }
     }
 
     pub fn dtype(self) -> DType {
         match self {
+            KQuant::Q3K => DType::Q3K,
             KQuant::Q4K => DType::Q4K,
+            KQuant::Q5K => DType::Q5K,
             KQuant::Q6K => DType::Q6K,
+        }
+    }
+
+    /// The range of a signed grid's integer sub-block scales.
+    fn signed_scales(self) -> (i32, i32) {
+        match self {
+            KQuant::Q3K => (-32, 31),
+            _ => (-128, 127),
         }
     }
 
@@ -71,7 +90,7 @@ impl KQuant {
     /// values, sub-block by sub-block (in any order within a sub-block), `wt`
     /// what each value's squared error costs. Writes each sub-block's
     /// `(scale, zero)` on [`KQuant::grid`] into `out` and returns the
-    /// super-block's `[d, dmin]` (f16 values; `dmin` is 0 for `Q6_K`).
+    /// super-block's `[d, dmin]` (f16 values; `dmin` is 0 for the signed grids).
     pub fn choose(self, x: &[f64], wt: &[f64], out: &mut [(f64, f64)]) -> [f32; 2] {
         debug_assert!(x.len() == SUPER_BLOCK && wt.len() == SUPER_BLOCK);
         let gs = self.group_size();
@@ -84,9 +103,9 @@ impl KQuant {
             .map(|w| w.iter().sum::<f64>() + 1e-30)
             .collect();
         match self {
-            KQuant::Q4K => {
+            KQuant::Q4K | KQuant::Q5K => {
                 let asym = Grid {
-                    bits: 4,
+                    bits: grid.bits,
                     sym: false,
                     free_min: false,
                 };
@@ -123,14 +142,15 @@ impl KQuant {
                 }
                 [d, dmin]
             }
-            KQuant::Q6K => {
+            KQuant::Q3K | KQuant::Q6K => {
                 let zero = (grid.maxq() + 1.0) / 2.0;
+                let (lo, hi) = self.signed_scales();
                 let scales: Vec<f64> = subs().map(|(x, w)| grid.search_params(x, w).0).collect();
-                let d = f16_round(super_scale(&scales, &sw, -128, 127));
+                let d = f16_round(super_scale(&scales, &sw, lo, hi));
                 for (k, (x, w)) in subs().enumerate() {
-                    let sc0 = int_near(scales[k], d, -128, 127);
+                    let sc0 = int_near(scales[k], d, lo, hi);
                     let mut best = (f64::INFINITY, (0.0, zero));
-                    for sc in (sc0 - 2).max(-128)..=(sc0 + 2).min(127) {
+                    for sc in (sc0 - 2).max(lo)..=(sc0 + 2).min(hi) {
                         let p = (f64::from(d * sc as f32), zero);
                         let e = error_on(grid, x, w, p);
                         if e < best.0 {
@@ -148,6 +168,9 @@ impl KQuant {
     /// `(scale, zero)` as [`KQuant::choose`] gave them, each super-block's
     /// `[d, dmin]`. The integer sub-block scales are recovered exactly
     /// (`d·sc` of an f16 `d` and a 6- or 8-bit `sc` is exact in f32).
+    ///
+    /// # Panics
+    /// If `codes` is not whole super-blocks with their scales.
     pub fn pack_row(
         self,
         codes: &[u8],
@@ -158,7 +181,7 @@ impl KQuant {
     ) {
         let n_sub = SUPER_BLOCK / self.group_size();
         match self {
-            KQuant::Q4K => {
+            KQuant::Q4K | KQuant::Q5K => {
                 let blocks: Vec<Q4kScales> = supers
                     .iter()
                     .enumerate()
@@ -180,9 +203,14 @@ impl KQuant {
                         }
                     })
                     .collect();
-                pack_row_q4_k(codes, &blocks, out);
+                if self == KQuant::Q4K {
+                    pack_row_q4_k(codes, &blocks, out);
+                } else {
+                    pack_row_q5_k(codes, &blocks, out);
+                }
             }
-            KQuant::Q6K => {
+            KQuant::Q3K | KQuant::Q6K => {
+                let (lo, hi) = self.signed_scales();
                 let sc: Vec<[i8; 16]> = supers
                     .iter()
                     .enumerate()
@@ -191,13 +219,20 @@ impl KQuant {
                             if d == 0.0 {
                                 0
                             } else {
-                                (scales[b * n_sub + j] / d).round().clamp(-128.0, 127.0) as i8
+                                (scales[b * n_sub + j] / d)
+                                    .round()
+                                    .clamp(lo as f32, hi as f32)
+                                    as i8
                             }
                         })
                     })
                     .collect();
                 let d: Vec<f32> = supers.iter().map(|s| s[0]).collect();
-                pack_row_q6_k(codes, &sc, &d, out);
+                if self == KQuant::Q3K {
+                    pack_row_q3_k(codes, &sc, &d, out);
+                } else {
+                    pack_row_q6_k(codes, &sc, &d, out);
+                }
             }
         }
     }
@@ -315,7 +350,7 @@ mod tests {
     /// super-scales (d = max scale / 63 or / −128, integer scales rounded).
     #[test]
     fn chosen_grids_pack_exactly_and_beat_plain_rounding() {
-        for kq in [KQuant::Q4K, KQuant::Q6K] {
+        for kq in [KQuant::Q3K, KQuant::Q4K, KQuant::Q5K, KQuant::Q6K] {
             let grid = kq.grid();
             let gs = kq.group_size();
             let mut total = [0f64; 2];
@@ -341,10 +376,7 @@ mod tests {
                 let mut packed = Vec::new();
                 kq.pack_row(&codes, &scales, &zeros, &[sup], &mut packed);
                 let mut dec = vec![0f32; SUPER_BLOCK];
-                let ty = match kq {
-                    KQuant::Q4K => GgmlType::Q4K,
-                    KQuant::Q6K => GgmlType::Q6K,
-                };
+                let ty = GgmlType::of_block_dtype(kq.dtype()).unwrap();
                 assert!(dequantize_blocks(ty, &packed, &mut dec));
                 for i in 0..SUPER_BLOCK {
                     let (s, z) = (scales[i / gs], zeros[i / gs]);
@@ -372,7 +404,7 @@ mod tests {
     }
 
     /// Min/max sub-block grids (the minimum taken ≤ 0, the signed grid's
-    /// largest magnitude at ±31), super-scale from the largest sub-scale,
+    /// largest magnitude at the top code), super-scale from the largest sub-scale,
     /// integer scales rounded: the weighted error of that baseline.
     fn plain(kq: KQuant, x: &[f64], wt: &[f64]) -> f64 {
         let grid = kq.grid();
@@ -383,28 +415,33 @@ mod tests {
                 let lo = c.iter().fold(0f64, |a, &v| a.min(v));
                 let hi = c.iter().fold(lo, |a, &v| a.max(v));
                 let amax = c.iter().fold(0f64, |a, &v| a.max(v.abs()));
-                match kq {
-                    KQuant::Q4K => ((hi - lo) / 15.0, lo),
-                    KQuant::Q6K => (amax / 31.0, 32.0),
+                let zero = (grid.maxq() + 1.0) / 2.0;
+                if grid.free_min {
+                    ((hi - lo) / grid.maxq(), lo)
+                } else {
+                    (amax / (zero - 1.0), zero)
                 }
             })
             .collect();
         let smax = params.iter().map(|p| p.0).fold(0f64, f64::max);
         let mmax = params.iter().map(|p| -p.1).fold(0f64, f64::max);
-        let (d, dmin) = match kq {
-            KQuant::Q4K => (f16_round(smax / 63.0), f16_round(mmax / 63.0)),
-            KQuant::Q6K => (f16_round(smax / 127.0), 0.0),
+        let (lo, hi) = kq.signed_scales();
+        let (d, dmin) = if grid.free_min {
+            (f16_round(smax / 63.0), f16_round(mmax / 63.0))
+        } else {
+            (f16_round(smax / f64::from(hi)), 0.0)
         };
         x.chunks_exact(gs)
             .zip(wt.chunks_exact(gs))
             .zip(&params)
             .map(|((c, w), &(s, z))| {
-                let p = match kq {
-                    KQuant::Q4K => (
+                let p = if grid.free_min {
+                    (
                         f64::from(d * int_near(s, d, 0, 63) as f32),
                         -f64::from(dmin * int_near(-z, dmin, 0, 63) as f32),
-                    ),
-                    KQuant::Q6K => (f64::from(d * int_near(s, d, -128, 127) as f32), z),
+                    )
+                } else {
+                    (f64::from(d * int_near(s, d, lo, hi) as f32), z)
                 };
                 error_on(grid, c, w, p)
             })

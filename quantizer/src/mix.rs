@@ -1,21 +1,30 @@
 //! Which block type each tensor gets in a GGUF K-quant mix (`Q4_K_M`,
-//! `Q6_K`): llama.cpp's rules (`llama_tensor_get_type` in
+//! `Q3_K_M`, …): llama.cpp's rules (`llama_tensor_get_type` in
 //! `llama-quant.cpp`), so that a nibble file has the same types, hence the
 //! same size, as `llama-quantize`'s and the two differ only in how each
 //! block was rounded.
 //!
-//! `Q4_K_M`: `Q4_K` everywhere except `attn_v` and `ffn_down` in the layers
-//! [`use_more_bits`] picks (`Q6_K`) and the output head (`Q6_K`; a tied
-//! embedding is the head). A K-quant needs inputs in whole super-blocks of
-//! 256; a tensor whose width is not falls back as llama.cpp's does:
-//! `Q4_K` → `Q5_0`, `Q6_K` → `Q8_0` (the head: `Q8_0`).
+//! Each mix has a base type; `attn_v` and `ffn_down` get more bits in some
+//! layers (`_M`: those [`use_more_bits`] picks; `Q4_K_S`, `Q3_K_M`: the
+//! first few), `Q3_K_M`'s `attn_output` is `Q4_K`, and the output head is
+//! `Q6_K` (a tied embedding is the head). A K-quant needs inputs in whole
+//! super-blocks of 256; a tensor whose width is not falls back as
+//! llama.cpp's does: `Q3_K` → `Q4_0`, `Q4_K` → `Q5_0`, `Q6_K` → `Q8_0`,
+//! the head → `Q8_0`, and `Q5_K` → `Q5_1` there but **`Q5_0`** here
+//! (nibble has no `Q5_1` kernels): half a bit per weight less on those
+//! tensors than llama-quantize's file.
 
 use crate::kquant::{KQuant, SUPER_BLOCK};
 
 /// A GGUF K-quant mix `quantize --gguf` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgufMix {
+    Q3KS,
+    Q3KM,
+    Q4KS,
     Q4KM,
+    Q5KS,
+    Q5KM,
     Q6K,
 }
 
@@ -23,6 +32,7 @@ pub enum GgufMix {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockType {
     K(KQuant),
+    Q4_0,
     Q5_0,
     Q8_0,
 }
@@ -42,7 +52,12 @@ impl GgufMix {
     /// llama.cpp's `general.file_type` (`llama_ftype`).
     pub fn file_type(self) -> u32 {
         match self {
+            GgufMix::Q3KS => 11,
+            GgufMix::Q3KM => 12,
+            GgufMix::Q4KS => 14,
             GgufMix::Q4KM => 15,
+            GgufMix::Q5KS => 16,
+            GgufMix::Q5KM => 17,
             GgufMix::Q6K => 18,
         }
     }
@@ -50,34 +65,63 @@ impl GgufMix {
     /// llama.cpp's name of the mix.
     pub fn name(self) -> &'static str {
         match self {
+            GgufMix::Q3KS => "Q3_K_S",
+            GgufMix::Q3KM => "Q3_K_M",
+            GgufMix::Q4KS => "Q4_K_S",
             GgufMix::Q4KM => "Q4_K_M",
+            GgufMix::Q5KS => "Q5_K_S",
+            GgufMix::Q5KM => "Q5_K_M",
             GgufMix::Q6K => "Q6_K",
+        }
+    }
+
+    /// The type most tensors get.
+    pub fn base(self) -> KQuant {
+        match self {
+            GgufMix::Q3KS | GgufMix::Q3KM => KQuant::Q3K,
+            GgufMix::Q4KS | GgufMix::Q4KM => KQuant::Q4K,
+            GgufMix::Q5KS | GgufMix::Q5KM => KQuant::Q5K,
+            GgufMix::Q6K => KQuant::Q6K,
         }
     }
 
     /// The bits of its base type.
     pub fn bits(self) -> u32 {
-        match self {
-            GgufMix::Q4KM => 4,
-            GgufMix::Q6K => 6,
+        match self.base() {
+            KQuant::Q3K => 3,
+            KQuant::Q4K => 4,
+            KQuant::Q5K => 5,
+            KQuant::Q6K => 6,
         }
     }
 
     /// The type of linear weight `name` (`blk.{i}.{role}.weight`) with
     /// `cols` inputs in a model of `n_layer` blocks.
     pub fn layer_type(self, name: &str, n_layer: usize, cols: usize) -> BlockType {
+        use GgufMix::*;
+        let i = layer_of(name).unwrap_or(0);
+        let role = |r: &str| name.ends_with(&format!(".{r}.weight"));
+        let (attn_v, ffn_down) = (role("attn_v"), role("ffn_down"));
         let wanted = match self {
-            GgufMix::Q6K => KQuant::Q6K,
-            GgufMix::Q4KM => {
-                let more = layer_of(name).is_some_and(|i| use_more_bits(i, n_layer));
-                let role_gets_more =
-                    name.ends_with(".attn_v.weight") || name.ends_with(".ffn_down.weight");
-                if more && role_gets_more {
-                    KQuant::Q6K
+            Q3KM if attn_v => {
+                if i < 2 {
+                    KQuant::Q5K
                 } else {
                     KQuant::Q4K
                 }
             }
+            Q3KM if ffn_down => {
+                if i < n_layer / 16 {
+                    KQuant::Q5K
+                } else {
+                    KQuant::Q4K
+                }
+            }
+            Q3KM if role("attn_output") => KQuant::Q4K,
+            Q4KM | Q5KM if (attn_v || ffn_down) && use_more_bits(i, n_layer) => KQuant::Q6K,
+            Q4KS if attn_v && i < 4 => KQuant::Q5K,
+            Q4KS if ffn_down && i < n_layer / 8 => KQuant::Q5K,
+            _ => self.base(),
         };
         fallback(wanted, cols)
     }
@@ -91,10 +135,7 @@ impl GgufMix {
 
     /// The type of an untied token embedding (the mix's base type).
     pub fn embedding_type(self, cols: usize) -> BlockType {
-        match self {
-            GgufMix::Q4KM => fallback(KQuant::Q4K, cols),
-            GgufMix::Q6K => fallback(KQuant::Q6K, cols),
-        }
+        fallback(self.base(), cols)
     }
 }
 
@@ -103,7 +144,8 @@ fn fallback(kq: KQuant, cols: usize) -> BlockType {
         BlockType::K(kq)
     } else {
         match kq {
-            KQuant::Q4K => BlockType::Q5_0,
+            KQuant::Q3K => BlockType::Q4_0,
+            KQuant::Q4K | KQuant::Q5K => BlockType::Q5_0,
             KQuant::Q6K => BlockType::Q8_0,
         }
     }
@@ -151,5 +193,31 @@ mod tests {
             GgufMix::Q6K.layer_type("blk.3.attn_q.weight", 30, 576),
             BlockType::Q8_0
         );
+    }
+
+    #[test]
+    fn the_other_mixes() {
+        let k = BlockType::K;
+        let (q3, q4, q5, q6) = (KQuant::Q3K, KQuant::Q4K, KQuant::Q5K, KQuant::Q6K);
+        let t = |m: GgufMix, name: &str| m.layer_type(name, 32, 2048);
+        assert_eq!(t(GgufMix::Q3KM, "blk.1.attn_v.weight"), k(q5));
+        assert_eq!(t(GgufMix::Q3KM, "blk.2.attn_v.weight"), k(q4));
+        assert_eq!(t(GgufMix::Q3KM, "blk.1.ffn_down.weight"), k(q5));
+        assert_eq!(t(GgufMix::Q3KM, "blk.2.ffn_down.weight"), k(q4));
+        assert_eq!(t(GgufMix::Q3KM, "blk.9.attn_output.weight"), k(q4));
+        assert_eq!(t(GgufMix::Q3KM, "blk.9.ffn_up.weight"), k(q3));
+        assert_eq!(t(GgufMix::Q3KS, "blk.0.attn_v.weight"), k(q3));
+        assert_eq!(t(GgufMix::Q4KS, "blk.3.attn_v.weight"), k(q5));
+        assert_eq!(t(GgufMix::Q4KS, "blk.4.attn_v.weight"), k(q4));
+        assert_eq!(t(GgufMix::Q4KS, "blk.3.ffn_down.weight"), k(q5));
+        assert_eq!(t(GgufMix::Q4KS, "blk.4.ffn_down.weight"), k(q4));
+        assert_eq!(t(GgufMix::Q5KM, "blk.0.ffn_down.weight"), k(q6));
+        assert_eq!(t(GgufMix::Q5KM, "blk.7.ffn_down.weight"), k(q5));
+        assert_eq!(t(GgufMix::Q5KS, "blk.0.ffn_down.weight"), k(q5));
+        // Fallbacks for 576 inputs; Q5_K's is Q5_0 here (Q5_1 in llama.cpp).
+        let narrow = |m: GgufMix| m.layer_type("blk.5.attn_q.weight", 30, 576);
+        assert_eq!(narrow(GgufMix::Q3KS), BlockType::Q4_0);
+        assert_eq!(narrow(GgufMix::Q5KS), BlockType::Q5_0);
+        assert_eq!(GgufMix::Q5KS.embedding_type(576), BlockType::Q5_0);
     }
 }

@@ -222,7 +222,7 @@ struct LayerFormat {
 impl LayerFormat {
     fn of_block(t: BlockType) -> LayerFormat {
         let group = |bits| {
-            let grid = Grid::new(bits, true).expect("5 and 8 bits are grids");
+            let grid = Grid::new(bits, true).expect("4, 5 and 8 bits are grids");
             LayerFormat {
                 grid,
                 group_size: 32,
@@ -237,6 +237,7 @@ impl LayerFormat {
                 kquant: Some(kq),
                 dtype: kq.dtype(),
             },
+            BlockType::Q4_0 => group(4),
             BlockType::Q5_0 => group(5),
             BlockType::Q8_0 => group(8),
         }
