@@ -49,6 +49,19 @@ fn import_blocks(path: &Path) -> NibFile {
     .unwrap()
 }
 
+/// RTN of `src` with `opts` (two threads), in memory.
+fn quantize_rtn(src: &NibFile, opts: QuantizeOptions) -> NibFile {
+    let (buf, _, _) = quantize_model(
+        &src.view().unwrap(),
+        &QuantizeOptions { threads: 2, ..opts },
+        None,
+        AlignedBytes::new(),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    NibFile::from_memory(buf).unwrap()
+}
+
 /// Every packed tensor of `a` decodes to the same weights in `b`, within
 /// `tol` × the row's largest magnitude.
 fn same_weights(a: &NibFile, b: &NibFile, tol: f32, what: &str) -> usize {
@@ -123,19 +136,13 @@ fn gguf_blocks_read_back_as_quantized() {
         (8, true, false, file_type::MOSTLY_Q8_0, GgmlType::Q8_0, 0.0),
     ] {
         let what = format!("{}{}", ty.name(), if free_min { " free min" } else { "" });
-        let (buf, _, _) = quantize_model(
-            &src.view().unwrap(),
-            &QuantizeOptions {
-                threads: 2,
+        let q = quantize_rtn(
+            &src,
+            QuantizeOptions {
                 free_min,
                 ..QuantizeOptions::rtn(bits, Some(32), sym)
             },
-            None,
-            AlignedBytes::new(),
-            &mut |_, _, _| {},
-        )
-        .unwrap();
-        let q = NibFile::from_memory(buf).unwrap();
+        );
         if free_min {
             assert_eq!(
                 same_weights(&q, &source_blocks, 0.0, "free min vs the Q4_1 source"),
@@ -255,19 +262,13 @@ fn k_quant_mixes_have_llama_cpp_types_and_read_back() {
     let src = import_f32(&src_path);
     for (mix, size) in [(GgufMix::Q4KM, 105_454_144), (GgufMix::Q3KS, 88_201_792)] {
         let what = mix.name();
-        let (buf, _, _) = quantize_model(
-            &src.view().unwrap(),
-            &QuantizeOptions {
-                threads: 2,
+        let q = quantize_rtn(
+            &src,
+            QuantizeOptions {
                 gguf_mix: Some(mix),
                 ..QuantizeOptions::rtn(4, Some(32), true)
             },
-            None,
-            AlignedBytes::new(),
-            &mut |_, _, _| {},
-        )
-        .unwrap();
-        let q = NibFile::from_memory(buf).unwrap();
+        );
         let out = tmp(&format!("smollm2-{what}.gguf"));
         write(&q, &src_path, mix.file_type(), &out);
         let bytes = std::fs::read(&out).unwrap();

@@ -173,11 +173,10 @@ mod tests {
 
     /// Every 6-bit scale and minimum at every position, and every code,
     /// decode through the GGUF reference decoder (checked against the gguf
-    /// package) to d·sc·q − dmin·m.
+    /// package) to d·sc·q − dmin·m, for Q4_K and Q5_K.
     #[test]
-    fn q4_k_blocks_decode_to_their_codes_and_scales() {
+    fn q4_k_and_q5_k_blocks_decode_to_their_codes_and_scales() {
         let cols = 2 * QK_K;
-        let codes: Vec<u8> = (0..cols).map(|i| ((i * 7 + i / 64) % 16) as u8).collect();
         let scales: Vec<Q4kScales> = (0..2)
             .map(|b| Q4kScales {
                 d: 0.5 + b as f32,
@@ -186,39 +185,26 @@ mod tests {
                 m: std::array::from_fn(|j| (63 - j * 8 - b) as u8 % 64),
             })
             .collect();
-        let mut packed = Vec::new();
-        pack_row_q4_k(&codes, &scales, &mut packed);
-        assert_eq!(packed.len(), 2 * 144);
-        let mut out = vec![0f32; cols];
-        assert!(dequantize_blocks(GgmlType::Q4K, &packed, &mut out));
-        for (i, v) in out.iter().enumerate() {
-            let (s, j) = (&scales[i / QK_K], i % QK_K / 32);
-            let want = s.d * f32::from(s.sc[j]) * f32::from(codes[i]) - s.dmin * f32::from(s.m[j]);
-            assert_eq!(*v, want, "{i}");
-        }
-    }
-
-    #[test]
-    fn q5_k_blocks_decode_to_their_codes_and_scales() {
-        let cols = 2 * QK_K;
-        let codes: Vec<u8> = (0..cols).map(|i| ((i * 11 + i / 64) % 32) as u8).collect();
-        let scales: Vec<Q4kScales> = (0..2)
-            .map(|b| Q4kScales {
-                d: 0.25 + b as f32,
-                dmin: 0.5 * (b as f32 + 1.0),
-                sc: std::array::from_fn(|j| (j * 9 + 63 * b) as u8 % 64),
-                m: std::array::from_fn(|j| (63 - j * 8 - b) as u8 % 64),
-            })
-            .collect();
-        let mut packed = Vec::new();
-        pack_row_q5_k(&codes, &scales, &mut packed);
-        assert_eq!(packed.len(), 2 * 176);
-        let mut out = vec![0f32; cols];
-        assert!(dequantize_blocks(GgmlType::Q5K, &packed, &mut out));
-        for (i, v) in out.iter().enumerate() {
-            let (s, j) = (&scales[i / QK_K], i % QK_K / 32);
-            let want = s.d * f32::from(s.sc[j]) * f32::from(codes[i]) - s.dmin * f32::from(s.m[j]);
-            assert_eq!(*v, want, "{i}");
+        type Pack = fn(&[u8], &[Q4kScales], &mut Vec<u8>);
+        let kinds: [(Pack, GgmlType, usize, usize); 2] = [
+            (pack_row_q4_k, GgmlType::Q4K, 16, 144),
+            (pack_row_q5_k, GgmlType::Q5K, 32, 176),
+        ];
+        for (pack, ty, levels, bytes) in kinds {
+            let codes: Vec<u8> = (0..cols)
+                .map(|i| ((i * 11 + i / 64) % levels) as u8)
+                .collect();
+            let mut packed = Vec::new();
+            pack(&codes, &scales, &mut packed);
+            assert_eq!(packed.len(), 2 * bytes);
+            let mut out = vec![0f32; cols];
+            assert!(dequantize_blocks(ty, &packed, &mut out));
+            for (i, v) in out.iter().enumerate() {
+                let (s, j) = (&scales[i / QK_K], i % QK_K / 32);
+                let want =
+                    s.d * f32::from(s.sc[j]) * f32::from(codes[i]) - s.dmin * f32::from(s.m[j]);
+                assert_eq!(*v, want, "{} {i}", ty.name());
+            }
         }
     }
 

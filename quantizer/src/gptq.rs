@@ -110,6 +110,32 @@ pub struct QuantizedLayer {
 }
 
 impl QuantizedLayer {
+    /// A zeroed layer of contiguous groups of `gs` columns in stored order
+    /// (what RTN fills), with `n_super` K-quant super-blocks per row.
+    fn stored_groups(
+        rows: usize,
+        cols: usize,
+        gs: usize,
+        free_min: bool,
+        n_super: usize,
+    ) -> QuantizedLayer {
+        let n_groups = cols.div_ceil(gs);
+        QuantizedLayer {
+            rows,
+            cols,
+            codes: vec![0; rows * cols],
+            scales: vec![0.0; rows * n_groups],
+            zeros: vec![0.0; rows * n_groups],
+            free_min,
+            n_groups,
+            g_idx: (0..cols).map(|c| (c / gs) as u32).collect(),
+            perm: (0..cols).collect(),
+            damp_added: 0.0,
+            error: 0.0,
+            super_scales: vec![[0.0; 2]; rows * n_super],
+        }
+    }
+
     /// Dequantized `[rows, cols]` weights, original column order.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
@@ -187,22 +213,9 @@ pub fn rtn(
 ) -> Result<QuantizedLayer> {
     check_inputs(w, rows, cols, group_size)?;
     let gs = group_size.unwrap_or(cols);
-    let n_groups = cols.div_ceil(gs);
     let w64: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
-    let mut layer = QuantizedLayer {
-        rows,
-        cols,
-        codes: vec![0; rows * cols],
-        scales: vec![0.0; rows * n_groups],
-        zeros: vec![0.0; rows * n_groups],
-        free_min: grid.free_min,
-        n_groups,
-        g_idx: (0..cols).map(|c| (c / gs) as u32).collect(),
-        perm: (0..cols).collect(),
-        damp_added: 0.0,
-        error: 0.0,
-        super_scales: Vec::new(),
-    };
+    let mut layer = QuantizedLayer::stored_groups(rows, cols, gs, grid.free_min, 0);
+    let n_groups = layer.n_groups;
     for g in 0..n_groups {
         let span = g * gs..((g + 1) * gs).min(cols);
         let params = row_params(&grid, &w64, cols, rows, span.clone());
@@ -226,20 +239,7 @@ pub fn rtn_kquant(w: &[f32], rows: usize, cols: usize, kq: KQuant) -> Result<Qua
     check_kquant_cols(kq, cols)?;
     let grid = kq.grid();
     let (n_groups, n_super) = (cols / gs, cols / SUPER_BLOCK);
-    let mut layer = QuantizedLayer {
-        rows,
-        cols,
-        codes: vec![0; rows * cols],
-        scales: vec![0.0; rows * n_groups],
-        zeros: vec![0.0; rows * n_groups],
-        free_min: grid.free_min,
-        n_groups,
-        g_idx: (0..cols).map(|c| (c / gs) as u32).collect(),
-        perm: (0..cols).collect(),
-        damp_added: 0.0,
-        error: 0.0,
-        super_scales: vec![[0.0; 2]; rows * n_super],
-    };
+    let mut layer = QuantizedLayer::stored_groups(rows, cols, gs, grid.free_min, n_super);
     let ones = [1f64; SUPER_BLOCK];
     let mut params = vec![(0f64, 0f64); SUPER_BLOCK / gs];
     for r in 0..rows {
