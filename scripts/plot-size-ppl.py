@@ -27,7 +27,7 @@ for r in rows:
 floats = [r for r in rows if r["program"] == "float"]
 rows = [r for r in rows if r["program"] != "float"]
 
-W, H = 760, 470
+W, H = 760, 640
 left, right, top, bottom = 70, 230, 40, 60
 pw, ph = W - left - right, H - top - bottom
 
@@ -40,6 +40,8 @@ def span(values, pad):
 
 x0, x1 = span([r["mb"] for r in rows], 0.08)
 y0, y1 = span([r["ppl"] for r in rows + floats], 0.10)
+# Room below the lowest points for the labels pushed down there.
+y0 -= 0.25 * (y1 - y0)
 
 
 def px(v):
