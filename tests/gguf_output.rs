@@ -62,6 +62,18 @@ fn quantize_rtn(src: &NibFile, opts: QuantizeOptions) -> NibFile {
     NibFile::from_memory(buf).unwrap()
 }
 
+/// The model read back from a written GGUF runs: a prompt gives finite logits.
+fn assert_runs(back: NibFile, what: &str) {
+    let model = std::sync::Arc::new(nibble::runtime::Model::from_nib(back, what.into()).unwrap());
+    let ids = model
+        .tokenizer()
+        .unwrap()
+        .encode("The capital of France is", true)
+        .unwrap();
+    let logits = forward_logits(&model, &ids, 2);
+    assert!(logits.iter().all(|v| v.is_finite()), "{what}");
+}
+
 /// Every packed tensor of `a` decodes to the same weights in `b`, within
 /// `tol` × the row's largest magnitude.
 fn same_weights(a: &NibFile, b: &NibFile, tol: f32, what: &str) -> usize {
@@ -232,16 +244,7 @@ fn gptq_q4_0_is_a_plain_gguf() {
     write(&q, &src_path, file_type::MOSTLY_Q4_0, &out);
     let back = import_blocks(&out);
     assert_eq!(same_weights(&q, &back, 0.0, "GPTQ Q4_0"), 210);
-    let model = std::sync::Arc::new(
-        nibble::runtime::Model::from_nib(back, "gptq-q4_0.gguf".into()).unwrap(),
-    );
-    let ids = model
-        .tokenizer()
-        .unwrap()
-        .encode("The capital of France is", true)
-        .unwrap();
-    let logits = forward_logits(&model, &ids, 2);
-    assert!(logits.iter().all(|v| v.is_finite()));
+    assert_runs(back, "gptq-q4_0.gguf");
     std::fs::remove_file(&out).unwrap();
 }
 
@@ -308,15 +311,7 @@ fn k_quant_mixes_have_llama_cpp_types_and_read_back() {
         drop(bytes);
         let back = import_blocks(&out);
         assert_eq!(same_weights(&q, &back, 0.0, what), 210);
-        let model =
-            std::sync::Arc::new(nibble::runtime::Model::from_nib(back, what.into()).unwrap());
-        let ids = model
-            .tokenizer()
-            .unwrap()
-            .encode("The capital of France is", true)
-            .unwrap();
-        let logits = forward_logits(&model, &ids, 2);
-        assert!(logits.iter().all(|v| v.is_finite()), "{what}");
+        assert_runs(back, what);
         std::fs::remove_file(&out).unwrap();
     }
 
