@@ -208,43 +208,35 @@ mod tests {
         }
     }
 
+    /// Q3_K (scales −32..=31, codes 0..=7) and Q6_K (int8 scales, codes
+    /// 0..=63) decode to d·sc·(q − offset).
     #[test]
-    fn q3_k_blocks_decode_to_their_codes_and_scales() {
+    fn q3_k_and_q6_k_blocks_decode_to_their_codes_and_scales() {
         let cols = 2 * QK_K;
-        let codes: Vec<u8> = (0..cols).map(|i| ((i * 3 + i / 32) % 8) as u8).collect();
-        let scales: Vec<[i8; 16]> = (0..2)
-            .map(|b| std::array::from_fn(|j| (j as i32 * 4 - 32 + b * 3) as i8))
-            .collect();
-        let d = [0.5f32, -0.125];
-        let mut packed = Vec::new();
-        pack_row_q3_k(&codes, &scales, &d, &mut packed);
-        assert_eq!(packed.len(), 2 * 110);
-        let mut out = vec![0f32; cols];
-        assert!(dequantize_blocks(GgmlType::Q3K, &packed, &mut out));
-        for (i, v) in out.iter().enumerate() {
-            let (b, j) = (i / QK_K, i % QK_K / 16);
-            let want = d[b] * f32::from(scales[b][j]) * (f32::from(codes[i]) - 4.0);
-            assert_eq!(*v, want, "{i}");
-        }
-    }
-
-    #[test]
-    fn q6_k_blocks_decode_to_their_codes_and_scales() {
-        let cols = 2 * QK_K;
-        let codes: Vec<u8> = (0..cols).map(|i| ((i * 5 + i / 128) % 64) as u8).collect();
-        let scales: Vec<[i8; 16]> = (0..2)
-            .map(|b| std::array::from_fn(|j| (j as i32 * 17 - 128 + b) as i8))
-            .collect();
-        let d = [0.125f32, -2.0];
-        let mut packed = Vec::new();
-        pack_row_q6_k(&codes, &scales, &d, &mut packed);
-        assert_eq!(packed.len(), 2 * 210);
-        let mut out = vec![0f32; cols];
-        assert!(dequantize_blocks(GgmlType::Q6K, &packed, &mut out));
-        for (i, v) in out.iter().enumerate() {
-            let (b, j) = (i / QK_K, i % QK_K / 16);
-            let want = d[b] * f32::from(scales[b][j]) * (f32::from(codes[i]) - 32.0);
-            assert_eq!(*v, want, "{i}");
+        type Pack = fn(&[u8], &[[i8; 16]], &[f32], &mut Vec<u8>);
+        let kinds: [(Pack, GgmlType, usize, i32, i32, usize); 2] = [
+            (pack_row_q3_k, GgmlType::Q3K, 8, 4, -32, 110),
+            (pack_row_q6_k, GgmlType::Q6K, 64, 17, -128, 210),
+        ];
+        for (pack, ty, levels, step, lo, bytes) in kinds {
+            let codes: Vec<u8> = (0..cols)
+                .map(|i| ((i * 5 + i / 32) % levels) as u8)
+                .collect();
+            let scales: Vec<[i8; 16]> = (0..2)
+                .map(|b| std::array::from_fn(|j| (j as i32 * step + lo + b * 3) as i8))
+                .collect();
+            let d = [0.5f32, -0.125];
+            let mut packed = Vec::new();
+            pack(&codes, &scales, &d, &mut packed);
+            assert_eq!(packed.len(), 2 * bytes);
+            let mut out = vec![0f32; cols];
+            assert!(dequantize_blocks(ty, &packed, &mut out));
+            let offset = (levels / 2) as f32;
+            for (i, v) in out.iter().enumerate() {
+                let (b, j) = (i / QK_K, i % QK_K / 16);
+                let want = d[b] * f32::from(scales[b][j]) * (f32::from(codes[i]) - offset);
+                assert_eq!(*v, want, "{} {i}", ty.name());
+            }
         }
     }
 }
