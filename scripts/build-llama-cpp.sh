@@ -12,7 +12,7 @@ cd "$DIR"
 venv/bin/pip install -q scikit-build-core cmake ninja
 ls llama_cpp_python-*.tar.gz >/dev/null 2>&1 ||
     venv/bin/pip download -q --no-deps --no-binary :all: --no-build-isolation llama-cpp-python
-SRC=$(ls -d llama_cpp_python-*/ 2>/dev/null | head -1)
+SRC=$(ls -d llama_cpp_python-*/ 2>/dev/null | head -1 || true)
 [ -n "$SRC" ] || { tar xzf llama_cpp_python-*.tar.gz; SRC=$(ls -d llama_cpp_python-*/ | head -1); }
 cd "$SRC/vendor/llama.cpp"
 PATH="$DIR/venv/bin:$PATH" cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \

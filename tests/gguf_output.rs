@@ -211,21 +211,26 @@ fn gguf_blocks_read_back_as_quantized() {
     }
 }
 
-/// GPTQ for a GGUF grid: act-order within whole groups (no permutation)
-/// with the weighted scale search on the signed Q4_0 grid; it beats RTN on
-/// every layer, writes as Q4_0, reads back bit for bit and runs.
+/// GPTQ for a GGUF `Q4_0` file: act-order within whole groups (no
+/// permutation) with the weighted scale search on the signed Q4_0 grid; it
+/// beats RTN on every layer; the tensors get llama-quantize's types with an
+/// importance matrix (the first eighth of `ffn_down` `Q4_1`, so the file is
+/// exactly the size of llama.cpp's less its imatrix metadata); it reads back
+/// bit for bit and runs.
 #[test]
 #[cfg_attr(
     target_arch = "aarch64",
     ignore = "slow under qemu; target-independent"
 )]
 fn gptq_q4_0_is_a_plain_gguf() {
+    use nibble::quantizer::mix::GgufMix;
     let src_path = smollm2();
     let src = import_f32(&src_path);
     let opts = QuantizeOptions {
         sym: true,
         act_order_groups: true,
         scale_search: true,
+        gguf_mix: Some(GgufMix::Q4_0),
         ..gptq_opts(4, Some(32), true, true)
     };
     let (q, reports) = quantize_in_memory(&src, &opts);
@@ -234,14 +239,49 @@ fn gptq_q4_0_is_a_plain_gguf() {
         .tensors
         .iter()
         .all(|t| !t.name.ends_with(".perm") && !t.name.ends_with(".fold")));
+    // This source is Q4_1 already: on its own grid (the Q4_1 layers) both
+    // give its blocks back exactly.
+    let exact = |r: &&nibble::quantizer::LayerReport| r.rel_error == 0.0;
     let worse: Vec<&str> = reports
         .iter()
-        .filter(|r| r.rel_error_rtn.is_some_and(|e| r.rel_error >= e))
+        .filter(|r| r.rel_error_rtn.is_some_and(|e| r.rel_error >= e) && !exact(r))
         .map(|r| r.name.as_str())
         .collect();
     assert!(worse.is_empty(), "GPTQ lost to RTN on {worse:?}");
+    let exact: Vec<&str> = reports
+        .iter()
+        .filter(exact)
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(
+        exact,
+        [
+            "blk.0.ffn_down.weight",
+            "blk.1.ffn_down.weight",
+            "blk.2.ffn_down.weight"
+        ]
+    );
     let out = tmp("smollm2-gptq-q4_0.gguf");
-    write(&q, &src_path, file_type::MOSTLY_Q4_0, &out);
+    write(&q, &src_path, GgufMix::Q4_0.file_type(), &out);
+    let bytes = std::fs::read(&out).unwrap();
+    let g = GgufFile::parse(&bytes).unwrap();
+    for t in g.tensors.iter().filter(|t| t.ne.len() == 2) {
+        let first_ffn_down = ["blk.0.", "blk.1.", "blk.2."]
+            .iter()
+            .any(|b| t.name.starts_with(b) && t.name.ends_with(".ffn_down.weight"));
+        let expected = match t.name {
+            "token_embd.weight" => GgmlType::Q8_0,
+            _ if first_ffn_down => GgmlType::Q4_1,
+            _ => GgmlType::Q4_0,
+        };
+        assert_eq!(t.ggml_type, expected, "{}", t.name);
+    }
+    assert_eq!(
+        bytes.len(),
+        91_726_912 + 3 * 576 * 48 * 2,
+        "llama-quantize's Q4_0 plus 2 bytes per block of three ffn_down"
+    );
+    drop(bytes);
     let back = import_blocks(&out);
     assert_eq!(same_weights(&q, &back, 0.0, "GPTQ Q4_0"), 210);
     assert_runs(back, "gptq-q4_0.gguf");

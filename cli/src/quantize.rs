@@ -23,6 +23,13 @@ enum MethodArg {
     Rtn,
 }
 
+/// `--search-weight`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SearchWeightArg {
+    Importance,
+    LlamaCpp,
+}
+
 /// GGUF block types `quantize --gguf` writes.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum GgufOutArg {
@@ -66,17 +73,20 @@ enum GgufOutArg {
 }
 
 impl GgufOutArg {
-    fn mix(self) -> Option<nibble_quantizer::mix::GgufMix> {
+    fn mix(self) -> nibble_quantizer::mix::GgufMix {
         use nibble_quantizer::mix::GgufMix;
         match self {
-            GgufOutArg::Q3KS => Some(GgufMix::Q3KS),
-            GgufOutArg::Q3KM => Some(GgufMix::Q3KM),
-            GgufOutArg::Q4KS => Some(GgufMix::Q4KS),
-            GgufOutArg::Q4KM => Some(GgufMix::Q4KM),
-            GgufOutArg::Q5KS => Some(GgufMix::Q5KS),
-            GgufOutArg::Q5KM => Some(GgufMix::Q5KM),
-            GgufOutArg::Q6K => Some(GgufMix::Q6K),
-            GgufOutArg::Q4_0 | GgufOutArg::Q4_1 | GgufOutArg::Q5_0 | GgufOutArg::Q8_0 => None,
+            GgufOutArg::Q4_0 => GgufMix::Q4_0,
+            GgufOutArg::Q4_1 => GgufMix::Q4_1,
+            GgufOutArg::Q5_0 => GgufMix::Q5_0,
+            GgufOutArg::Q8_0 => GgufMix::Q8_0,
+            GgufOutArg::Q3KS => GgufMix::Q3KS,
+            GgufOutArg::Q3KM => GgufMix::Q3KM,
+            GgufOutArg::Q4KS => GgufMix::Q4KS,
+            GgufOutArg::Q4KM => GgufMix::Q4KM,
+            GgufOutArg::Q5KS => GgufMix::Q5KS,
+            GgufOutArg::Q5KM => GgufMix::Q5KM,
+            GgufOutArg::Q6K => GgufMix::Q6K,
         }
     }
 }
@@ -97,13 +107,17 @@ pub struct QuantizeArgs {
     /// block type's own grid (groups of 32; Q4_0, Q5_0 and Q8_0 symmetric with
     /// the extra negative level, Q4_1 with a free f16 minimum; K-quant
     /// super-blocks with all their sub-block scales chosen together), act-order
-    /// within whole groups (GGUF has no permutations), the embedding / head as
-    /// Q8_0 (as llama-quantize does for heads whose width is not a multiple
-    /// of 256; Q6_K in the K mixes where it is). In the K mixes every tensor
-    /// gets llama-quantize's type, and where a width is not a multiple of 256
-    /// its fallback (Q3_K → Q4_0, Q4_K → Q5_0, Q6_K → Q8_0; Q5_K → Q5_0, where
-    /// llama.cpp writes Q5_1, which nibble does not run),
-    /// norms F32, and the source GGUF's metadata, tokenizer and chat template.
+    /// within whole groups (GGUF has no permutations). Every tensor gets the
+    /// type llama-quantize gives it: the head Q6_K where its width is a
+    /// multiple of 256 (Q8_0 otherwise, and in a Q8_0 file), an untied token
+    /// embedding the file's base type, in Q4_0 files quantized by GPTQ the
+    /// first eighth of ffn_down Q4_1 (llama.cpp's guard when it has an
+    /// importance matrix), and in the K mixes more bits where listed below;
+    /// where a width is not a multiple of 256, a K-quant falls back as there
+    /// (Q3_K → Q4_0, Q4_K → Q5_0, Q6_K → Q8_0; Q5_K → Q5_0, where llama.cpp
+    /// writes Q5_1, which nibble does not run; for the same reason Q5_0 files
+    /// keep Q5_0 where llama.cpp's guard writes Q5_1). Norms stay F32; the
+    /// source GGUF's metadata, tokenizer and chat template are carried over.
     /// Damping defaults to 1000 here (the importance-weighted grid search
     /// without GPTQ's error compensation: it measured better at these
     /// groups of 32; see --damp). The source must be a GGUF file (-m model.gguf).
@@ -177,6 +191,14 @@ pub struct QuantizeArgs {
     /// GPTQ reference code does (its codes, exactly).
     #[arg(long)]
     no_scale_search: bool,
+    /// GPTQ: what the grid search weights each weight's squared error by:
+    /// `importance`, its input's mean square (the Hessian diagonal), or
+    /// `llama-cpp`, that times √(σ² + w²) as llama-quantize does with an
+    /// importance matrix (σ² the row's mean square, twice the super-block's
+    /// in Q3_K–Q5_K). Applies to groups chosen as GPTQ reaches them and to
+    /// K-quant super-blocks (docs/quantization.md).
+    #[arg(long, value_enum, default_value = "importance")]
+    search_weight: SearchWeightArg,
     /// GPTQ calibration text (plain UTF-8): text like what the model will see (a
     /// few hundred KB is plenty), never your evaluation text. It matters
     /// most with --no-act-order (docs/quantization.md, "Calibration text matters"). Default, or
@@ -283,14 +305,10 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     {
         bail!("--[no-]act-order, --static-groups, --[no-]true-sequential and --calib only apply to --method gptq");
     }
-    // A GGUF output fixes the grid and keeps each group's columns together.
+    // A GGUF output sets each tensor's type (llama.cpp's rules: the grid
+    // given here is unused) and keeps each group's columns together.
     let (bits, group_size, sym, free_min, head_bits) = match a.gguf {
         None => (a.bits, a.group_size, a.sym, a.free_min, a.head_bits),
-        Some(GgufOutArg::Q4_0) => (4, 32, true, false, None),
-        Some(GgufOutArg::Q4_1) => (4, 32, false, true, None),
-        Some(GgufOutArg::Q5_0) => (5, 32, true, false, None),
-        Some(GgufOutArg::Q8_0) => (8, 32, true, false, None),
-        // The mix sets each tensor's type (the grid given here is unused).
         Some(_) => (4, 32, true, false, None),
     };
     let gguf_source = match a.gguf {
@@ -498,13 +516,17 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             || imatrix.is_some(),
         true_sequential,
         scale_search: method == Method::Gptq && (a.scale_search || !a.no_scale_search),
+        search_weight: match a.search_weight {
+            SearchWeightArg::Importance => nibble_quantizer::SearchWeight::Importance,
+            SearchWeightArg::LlamaCpp => nibble_quantizer::SearchWeight::LlamaCpp,
+        },
         free_min,
         damp,
         threads,
         calib: calib_info,
         imatrix,
         head_bits,
-        gguf_mix: a.gguf.and_then(GgufOutArg::mix),
+        gguf_mix: a.gguf.map(GgufOutArg::mix),
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -551,15 +573,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             let map = nibble_format::storage::mmap_file(src)?;
             let g = nibble_format::gguf::GgufFile::parse(&map)
                 .with_context(|| format!("cannot read {}", src.display()))?;
-            use nibble_format::export_gguf::{export_gguf, file_type, FloatMatrices};
-            let ftype = match ty {
-                GgufOutArg::Q4_0 => file_type::MOSTLY_Q4_0,
-                GgufOutArg::Q4_1 => file_type::MOSTLY_Q4_1,
-                GgufOutArg::Q5_0 => file_type::MOSTLY_Q5_0,
-                GgufOutArg::Q8_0 => file_type::MOSTLY_Q8_0,
-                _ => ty.mix().expect("the block types are above").file_type(),
-            };
+            use nibble_format::export_gguf::{export_gguf, FloatMatrices};
             let mut out = out;
+            let ftype = ty.mix().file_type();
             export_gguf(&nib.view()?, &g, ftype, FloatMatrices::Q8_0, &mut out)
                 .with_context(|| format!("cannot write {}", a.output.display()))?;
             out.commit()?;
@@ -630,6 +646,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         "act_order_groups": a.act_order_groups,
         "true_sequential": true_sequential,
         "scale_search": opts.scale_search,
+        "search_weight": a.search_weight.to_possible_value().map(|v| v.get_name().to_string()),
         "damp": damp,
         "calib": opts.calib.as_ref().map(|c| c.file.clone()),
         "calib_sha256": opts.calib.as_ref().map(|c| c.sha256.clone()),

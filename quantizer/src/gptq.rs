@@ -39,6 +39,8 @@ pub struct GptqConfig {
     /// weighting by diag H gave 22.76, by GPTQ's own per-column cost
     /// 1 / [H⁻¹]ⱼⱼ² 23.44, by llama.cpp's diag H · √(σ² + w²) 23.34.
     pub scale_search: bool,
+    /// What the search weights each squared error by.
+    pub search_weight: SearchWeight,
     /// Sub-block grids of a GGUF K-quant ([`KQuant`]): `grid` and
     /// `group_size` must be its own, the columns a multiple of 256, and the
     /// order [`ColumnOrder::Stored`] or [`ColumnOrder::ActBySuperBlock`].
@@ -46,6 +48,38 @@ pub struct GptqConfig {
     /// when its first column is reached, on the current weights, weighted by
     /// diag H.
     pub kquant: Option<KQuant>,
+}
+
+/// The weight of each value's squared error in the grid search
+/// ([`GptqConfig::scale_search`], K-quant super-blocks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SearchWeight {
+    /// Its column's Hessian diagonal (the importance): nibble's default.
+    #[default]
+    Importance,
+    /// llama.cpp's with an importance matrix: importance · √(σ² + w²), σ²
+    /// the mean square of the row (Q4_0, Q4_1, Q5_0 groups) or twice that
+    /// of the super-block (Q3_K, Q4_K, Q5_K; Q6_K uses the importance
+    /// alone, as llama.cpp does). Static and per-channel groups keep the
+    /// importance.
+    LlamaCpp,
+}
+
+impl SearchWeight {
+    /// The search weights of values `x` whose columns have importance
+    /// `imp`, with `sigma2` as above; `buf` holds them when computed.
+    fn of<'a>(self, x: &[f64], imp: &'a [f64], sigma2: f64, buf: &'a mut [f64]) -> &'a [f64] {
+        match self {
+            SearchWeight::Importance => imp,
+            SearchWeight::LlamaCpp => {
+                let buf = &mut buf[..x.len()];
+                for ((o, &i), &v) in buf.iter_mut().zip(imp).zip(x) {
+                    *o = i * (sigma2 + v * v).sqrt();
+                }
+                buf
+            }
+        }
+    }
 }
 
 impl GptqConfig {
@@ -59,6 +93,7 @@ impl GptqConfig {
             block_size: 128,
             threads: 1,
             scale_search: false,
+            search_weight: SearchWeight::Importance,
             kquant: None,
         })
     }
@@ -74,6 +109,7 @@ impl GptqConfig {
             block_size: 128,
             threads: 1,
             scale_search: true,
+            search_weight: SearchWeight::Importance,
             kquant: Some(kq),
         }
     }
@@ -584,6 +620,11 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
             row_params(&grid, w, n, rows, span.clone())
         }
     };
+    // llama.cpp's weighting: each row's mean square, and room for weights.
+    let row_ms: Vec<f64> = (0..rows)
+        .map(|r| wk[r * n..(r + 1) * n].iter().map(|v| v * v).sum::<f64>() / n as f64)
+        .collect();
+    let mut wt_buf = vec![0f64; SUPER_BLOCK.max(cfg.group_size.unwrap_or(0))];
     // Per-channel params come from the whole original W (before dead-column zeroing).
     let per_channel = cfg.group_size.is_none().then(|| params_of(&wk, 0..n));
     for &d in &prep.dead {
@@ -665,13 +706,20 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
                         if j % SUPER_BLOCK == 0 {
                             // The whole super-block is in this lazy block (bs is a
                             // multiple of 256): its grids from its current values.
-                            let wt = &prep.diag[j..j + SUPER_BLOCK];
+                            let imp = &prep.diag[j..j + SUPER_BLOCK];
                             let b = perm[j] / SUPER_BLOCK;
+                            let sw = match kq {
+                                KQuant::Q6K => SearchWeight::Importance,
+                                _ => cfg.search_weight,
+                            };
                             for r in 0..rows {
                                 let at = r * count + (j - i1);
+                                let x = &w1[at..at + SUPER_BLOCK];
+                                let sigma2 =
+                                    2.0 * x.iter().map(|v| v * v).sum::<f64>() / SUPER_BLOCK as f64;
                                 super_scales[r * n_super + b] = kq.choose(
-                                    &w1[at..at + SUPER_BLOCK],
-                                    wt,
+                                    x,
+                                    sw.of(x, imp, sigma2, &mut wt_buf),
                                     &mut super_cur[r * n_sub..(r + 1) * n_sub],
                                 );
                             }
@@ -681,11 +729,13 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
                     } else if j % gs == 0 && cfg.scale_search {
                         // The group's current values, weighted in processing order.
                         let end = (j + gs).min(n);
-                        let wt = &prep.diag[j..end];
+                        let imp = &prep.diag[j..end];
                         cur = (0..rows)
                             .map(|r| {
                                 let at = r * count + (j - i1);
-                                let (s, z) = grid.search_params(&w1[at..at + (end - j)], wt);
+                                let x = &w1[at..at + (end - j)];
+                                let wt = cfg.search_weight.of(x, imp, row_ms[r], &mut wt_buf);
+                                let (s, z) = grid.search_params(x, wt);
                                 // Code on the scale (and minimum) the file will hold (f16).
                                 grid.stored(s, z)
                             })
@@ -864,15 +914,32 @@ mod tests {
                         .enumerate()
                         .all(|(c, &g)| g as usize == c / gs));
                 }
-                let (e0, e1) = (out_err(&plain), out_err(&searched));
+                cfg.search_weight = SearchWeight::LlamaCpp;
+                let llama = gptq_prepared(&w, &prep, rows, cols, &cfg).unwrap();
+                let (e0, e1, e2) = (out_err(&plain), out_err(&searched), out_err(&llama));
                 let what = format!(
                     "{cols} cols {bits}-bit sym {sym} free min {}",
                     grid.free_min
                 );
-                eprintln!("{what}: output error {e0:.4e} → {e1:.4e}");
+                eprintln!(
+                    "{what}: output error {e0:.4e} → {e1:.4e} (llama.cpp's weights {e2:.4e})"
+                );
                 assert!(e1 < e0, "{what}: {e1} ≥ {e0}");
+                assert!(e2 < e0, "{what}: llama.cpp's weights {e2} ≥ {e0}");
+                assert_ne!(llama.scales, searched.scales, "{what}: the weights act");
             }
         }
+    }
+
+    /// llama.cpp's weights: importance · √(σ² + w²); the importance alone by default.
+    #[test]
+    fn search_weights() {
+        let (x, imp, mut buf) = ([3.0, -4.0, 0.0], [2.0, 0.5, 1.0], [0f64; 4]);
+        assert_eq!(SearchWeight::Importance.of(&x, &imp, 16.0, &mut buf), &imp);
+        assert_eq!(
+            SearchWeight::LlamaCpp.of(&x, &imp, 16.0, &mut buf),
+            &[10.0, 0.5 * 32f64.sqrt(), 4.0]
+        );
     }
 
     /// Σ_r δ_r·H·δ_rᵀ with δ = W − Ŵ: the output error on H's inputs.
@@ -957,6 +1024,21 @@ mod tests {
                 let e = output_error(&w, &q, &h);
                 eprintln!("{kq:?} {order:?}: output error RTN {rtn_err:.4e} → GPTQ {e:.4e}");
                 assert!(e < 0.9 * rtn_err, "{kq:?} {order:?}: {e} vs RTN {rtn_err}");
+                // llama.cpp's weighting: another choice but for Q6_K, where
+                // llama.cpp weights by the importance alone too.
+                cfg.threads = 1;
+                cfg.search_weight = SearchWeight::LlamaCpp;
+                let ql = gptq_prepared(&w, &prep, rows, cols, &cfg).unwrap();
+                let el = output_error(&w, &ql, &h);
+                assert!(
+                    el < 0.9 * rtn_err,
+                    "{kq:?} {order:?}: {el} vs RTN {rtn_err}"
+                );
+                assert_eq!(
+                    ql.super_scales == q.super_scales,
+                    kq == KQuant::Q6K,
+                    "{kq:?}"
+                );
             }
             let scattered = prepare_hessian_in(&h, cols, ColumnOrder::Act, 0.01).unwrap();
             let mut cfg = GptqConfig::kquant(kq);

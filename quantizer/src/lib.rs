@@ -25,6 +25,6 @@ pub mod model;
 mod test_util;
 
 pub use error::{QuantError, Result};
-pub use gptq::{gptq, rtn, GptqConfig, QuantizedLayer};
+pub use gptq::{gptq, rtn, GptqConfig, QuantizedLayer, SearchWeight};
 pub use grid::Grid;
 pub use model::{quantize_model, CalibInfo, LayerReport, Method, QuantizeOptions, Timings};

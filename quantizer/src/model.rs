@@ -83,6 +83,8 @@ pub struct QuantizeOptions {
     pub true_sequential: bool,
     /// GPTQ: each group's grid by a weighted search ([`crate::Grid::search_params`]).
     pub scale_search: bool,
+    /// What that search weights each squared error by.
+    pub search_weight: crate::gptq::SearchWeight,
     /// Each group's minimum stored as an f16 value instead of an integer
     /// zero point (`Q4GM`, GGUF's Q4_1 grid; 4-bit asymmetric groups only).
     pub free_min: bool,
@@ -100,7 +102,7 @@ pub struct QuantizeOptions {
     /// these bits (4 or 8) instead of F16. On small models they are a large
     /// share of each token's bytes (SmolLM2: 49152 × 576 of ~135 M weights).
     pub head_bits: Option<u32>,
-    /// A GGUF K-quant mix: each tensor's block type by llama.cpp's rules
+    /// A GGUF file type: each tensor's block type by llama.cpp's rules
     /// ([`GgufMix`]) instead of `bits` / `group_size` / `sym`, K-quant
     /// layers on their super-block grids ([`crate::kquant`]). Needs
     /// `act_order_groups` when `act_order` is set.
@@ -122,6 +124,7 @@ impl QuantizeOptions {
             act_order_groups: false,
             true_sequential: false,
             scale_search: false,
+            search_weight: crate::gptq::SearchWeight::Importance,
             free_min: false,
             damp: 0.01,
             threads: 1,
@@ -238,6 +241,12 @@ impl LayerFormat {
                 dtype: kq.dtype(),
             },
             BlockType::Q4_0 => group(4),
+            BlockType::Q4_1 => LayerFormat {
+                grid: Grid::free_min_4bit(),
+                group_size: 32,
+                kquant: None,
+                dtype: DType::Q4GM,
+            },
             BlockType::Q5_0 => group(5),
             BlockType::Q8_0 => group(8),
         }
@@ -413,7 +422,12 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
     /// The format of linear weight `name` with `cols` inputs.
     fn format_of(&self, name: &str, cols: usize) -> LayerFormat {
         match self.opts.gguf_mix {
-            Some(mix) => LayerFormat::of_block(mix.layer_type(name, self.n_layer, cols)),
+            Some(mix) => LayerFormat::of_block(mix.layer_type(
+                name,
+                self.n_layer,
+                cols,
+                self.opts.method == Method::Gptq,
+            )),
             None => LayerFormat {
                 grid: self.grid,
                 group_size: effective_group_size(self.opts.group_size, cols),
@@ -489,6 +503,7 @@ impl<W: Write + Seek> Ctx<'_, '_, W> {
                     block_size: 128,
                     threads: o.threads,
                     scale_search: o.scale_search || f.kquant.is_some(),
+                    search_weight: o.search_weight,
                     kquant: f.kquant,
                 };
                 let i = self.prepare(h, cols, &f)?;
