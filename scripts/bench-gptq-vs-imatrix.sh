@@ -27,11 +27,6 @@ TYPES=${1:-q4_0 q4_1 q5_0 q8_0 q4_k_m q6_k}
 N=${NIBBLE_BIN:-target/release/nibble}
 [ -n "${NIBBLE_BIN:-}" ] || cargo build --release -p nibble-cli >/dev/null
 B=${LLAMA_BIN:-$(scripts/build-llama-cpp.sh)}
-# llama-imatrix is not among build-llama-cpp.sh's targets: build it beside them.
-if [ ! -x "$B/llama-imatrix" ]; then
-    (cd "$B/../.." && PATH="$(cd "$B/../../../../../venv/bin" 2>/dev/null && pwd):$PATH" \
-        cmake --build build --target llama-imatrix >/dev/null)
-fi
 export LD_LIBRARY_PATH=$B${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 mkdir -p "$OUT"
 

@@ -21,10 +21,6 @@ THREADS=${THREADS:-2}
 N=${NIBBLE_BIN:-target/release/nibble}
 [ -n "${NIBBLE_BIN:-}" ] || cargo build --release -p nibble-cli >/dev/null
 B=${LLAMA_BIN:-$(scripts/build-llama-cpp.sh)}
-if [ ! -x "$B/llama-imatrix" ]; then
-    (cd "$B/../.." && PATH="$(cd "$B/../../../../../venv/bin" 2>/dev/null && pwd):$PATH" \
-        cmake --build build --target llama-imatrix >/dev/null)
-fi
 export LD_LIBRARY_PATH=$B${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 WIKI=$SHARED/data/wikitext-2-test.txt
 mkdir -p "$OUT"

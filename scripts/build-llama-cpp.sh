@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's benchmark tools (llama-bench, llama-perplexity,
-# llama-quantize, llama-tokenize) from the llama-cpp-python source package,
+# llama-quantize, llama-tokenize, llama-imatrix, llama-completion) from the
+# llama-cpp-python source package,
 # for side-by-side measurements. Nothing of it is committed.
 #
 #   scripts/build-llama-cpp.sh [DIR]     (default DIR: ../llama; prints the bin folder)
@@ -18,5 +19,5 @@ cd "$SRC/vendor/llama.cpp"
 PATH="$DIR/venv/bin:$PATH" cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON -DLLAMA_CURL=OFF >/dev/null
 PATH="$DIR/venv/bin:$PATH" cmake --build build -j "$(nproc)" \
-    --target llama-bench llama-perplexity llama-quantize llama-tokenize >/dev/null
+    --target llama-bench llama-perplexity llama-quantize llama-tokenize llama-imatrix llama-completion >/dev/null
 echo "$PWD/build/bin"
