@@ -224,15 +224,13 @@ struct LayerFormat {
 
 impl LayerFormat {
     fn of_block(t: BlockType) -> LayerFormat {
-        let group = |bits| {
-            let grid = Grid::new(bits, true).expect("4, 5 and 8 bits are grids");
-            LayerFormat {
-                grid,
-                group_size: 32,
-                kquant: None,
-                dtype: layer_dtype(&grid),
-            }
+        let group = |grid: Grid| LayerFormat {
+            grid,
+            group_size: 32,
+            kquant: None,
+            dtype: layer_dtype(&grid),
         };
+        let signed = |bits| Grid::new(bits, true).expect("4, 5 and 8 bits are grids");
         match t {
             BlockType::K(kq) => LayerFormat {
                 grid: kq.grid(),
@@ -240,15 +238,10 @@ impl LayerFormat {
                 kquant: Some(kq),
                 dtype: kq.dtype(),
             },
-            BlockType::Q4_0 => group(4),
-            BlockType::Q4_1 => LayerFormat {
-                grid: Grid::free_min_4bit(),
-                group_size: 32,
-                kquant: None,
-                dtype: DType::Q4GM,
-            },
-            BlockType::Q5_0 => group(5),
-            BlockType::Q8_0 => group(8),
+            BlockType::Q4_0 => group(signed(4)),
+            BlockType::Q4_1 => group(Grid::free_min_4bit()),
+            BlockType::Q5_0 => group(signed(5)),
+            BlockType::Q8_0 => group(signed(8)),
         }
     }
 
