@@ -67,11 +67,19 @@ pub enum SearchWeight {
 
 impl SearchWeight {
     /// The search weights of values `x` whose columns have importance
-    /// `imp`, with `sigma2` as above; `buf` holds them when computed.
-    fn of<'a>(self, x: &[f64], imp: &'a [f64], sigma2: f64, buf: &'a mut [f64]) -> &'a [f64] {
+    /// `imp`, with `sigma2` as above (computed only when used); `buf` holds
+    /// them when computed.
+    fn of<'a>(
+        self,
+        x: &[f64],
+        imp: &'a [f64],
+        sigma2: impl FnOnce() -> f64,
+        buf: &'a mut [f64],
+    ) -> &'a [f64] {
         match self {
             SearchWeight::Importance => imp,
             SearchWeight::LlamaCpp => {
+                let sigma2 = sigma2();
                 let buf = &mut buf[..x.len()];
                 for ((o, &i), &v) in buf.iter_mut().zip(imp).zip(x) {
                     *o = i * (sigma2 + v * v).sqrt();
@@ -621,9 +629,12 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
         }
     };
     // llama.cpp's weighting: each row's mean square, and room for weights.
-    let row_ms: Vec<f64> = (0..rows)
-        .map(|r| wk[r * n..(r + 1) * n].iter().map(|v| v * v).sum::<f64>() / n as f64)
-        .collect();
+    let row_ms: Vec<f64> = match cfg.search_weight {
+        SearchWeight::Importance => Vec::new(),
+        SearchWeight::LlamaCpp => (0..rows)
+            .map(|r| wk[r * n..(r + 1) * n].iter().map(|v| v * v).sum::<f64>() / n as f64)
+            .collect(),
+    };
     let mut wt_buf = vec![0f64; SUPER_BLOCK.max(cfg.group_size.unwrap_or(0))];
     // Per-channel params come from the whole original W (before dead-column zeroing).
     let per_channel = cfg.group_size.is_none().then(|| params_of(&wk, 0..n));
@@ -715,8 +726,9 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
                             for r in 0..rows {
                                 let at = r * count + (j - i1);
                                 let x = &w1[at..at + SUPER_BLOCK];
-                                let sigma2 =
-                                    2.0 * x.iter().map(|v| v * v).sum::<f64>() / SUPER_BLOCK as f64;
+                                let sigma2 = || {
+                                    2.0 * x.iter().map(|v| v * v).sum::<f64>() / SUPER_BLOCK as f64
+                                };
                                 super_scales[r * n_super + b] = kq.choose(
                                     x,
                                     sw.of(x, imp, sigma2, &mut wt_buf),
@@ -734,7 +746,7 @@ fn sweep_rows(w: &[f32], prep: &PreparedHessian, rows: usize, cfg: &GptqConfig) 
                             .map(|r| {
                                 let at = r * count + (j - i1);
                                 let x = &w1[at..at + (end - j)];
-                                let wt = cfg.search_weight.of(x, imp, row_ms[r], &mut wt_buf);
+                                let wt = cfg.search_weight.of(x, imp, || row_ms[r], &mut wt_buf);
                                 let (s, z) = grid.search_params(x, wt);
                                 // Code on the scale (and minimum) the file will hold (f16).
                                 grid.stored(s, z)
@@ -935,9 +947,12 @@ mod tests {
     #[test]
     fn search_weights() {
         let (x, imp, mut buf) = ([3.0, -4.0, 0.0], [2.0, 0.5, 1.0], [0f64; 4]);
-        assert_eq!(SearchWeight::Importance.of(&x, &imp, 16.0, &mut buf), &imp);
         assert_eq!(
-            SearchWeight::LlamaCpp.of(&x, &imp, 16.0, &mut buf),
+            SearchWeight::Importance.of(&x, &imp, || unreachable!(), &mut buf),
+            &imp
+        );
+        assert_eq!(
+            SearchWeight::LlamaCpp.of(&x, &imp, || 16.0, &mut buf),
             &[10.0, 0.5 * 32f64.sqrt(), 4.0]
         );
     }

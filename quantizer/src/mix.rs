@@ -133,17 +133,12 @@ impl GgufMix {
         let i = layer_of(name).unwrap_or(0);
         let role = |r: &str| name.ends_with(&format!(".{r}.weight"));
         let (attn_v, ffn_down) = (role("attn_v"), role("ffn_down"));
-        let (k, kq) = (BlockType::K, |i: usize, below: usize| {
-            if i < below {
-                BlockType::K(KQuant::Q5K)
-            } else {
-                BlockType::K(KQuant::Q4K)
-            }
-        });
+        let k = BlockType::K;
+        let q5_below = |below: usize| k(if i < below { KQuant::Q5K } else { KQuant::Q4K });
         let wanted = match self {
             Q4_0 if ffn_down && calibrated && i < n_layer / 8 => BlockType::Q4_1,
-            Q3KM if attn_v => kq(i, 2),
-            Q3KM if ffn_down => kq(i, n_layer / 16),
+            Q3KM if attn_v => q5_below(2),
+            Q3KM if ffn_down => q5_below(n_layer / 16),
             Q3KM if role("attn_output") => k(KQuant::Q4K),
             Q4KM | Q5KM if (attn_v || ffn_down) && use_more_bits(i, n_layer) => k(KQuant::Q6K),
             Q4KS if attn_v && i < 4 => k(KQuant::Q5K),
