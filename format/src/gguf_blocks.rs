@@ -204,6 +204,30 @@ pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// All eight (scale, minimum) pairs of [`scale_min_k4`] at once, as two
+/// little-endian words of eight bytes each (`scales`, `minimums`): the
+/// 12 bytes read as three u32 words `w0, w1, w2`, the low four of each
+/// are `w0 & 0x3f…`, `w1 & 0x3f…`; the high four join `w2`'s nibbles with
+/// the top two bits of `w0` / `w1`. A handful of word operations where the
+/// per-pair form takes sixteen byte extractions (kernels decode it once
+/// per super-block).
+#[inline]
+pub fn scales_mins_k4(q: &[u8]) -> (u64, u64) {
+    let word = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const NIB: u32 = 0x0f0f_0f0f;
+    const TOP2: u32 = 0x0303_0303;
+    let sc_lo = w0 & LOW6;
+    let mn_lo = w1 & LOW6;
+    let sc_hi = (w2 & NIB) | (((w0 >> 6) & TOP2) << 4);
+    let mn_hi = ((w2 >> 4) & NIB) | (((w1 >> 6) & TOP2) << 4);
+    (
+        u64::from(sc_lo) | (u64::from(sc_hi) << 32),
+        u64::from(mn_lo) | (u64::from(mn_hi) << 32),
+    )
+}
+
 /// The (scale, minimum) of sub-blocks `2n` and `2n + 1` of a Q4_K / Q5_K
 /// block: the 6-bit values times the super-block's scale and minimum scale.
 fn pair_scales(n: usize, scales: &[u8], d: f32, min: f32) -> [(f32, f32); 2] {
@@ -461,6 +485,31 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    /// The word form of the K-quant scales equals the per-pair form on
+    /// every bit pattern of each byte position (a seeded walk over 12 bytes
+    /// plus all-ones and all-zeros).
+    #[test]
+    fn scales_mins_word_form_equals_the_pair_form() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut cases: Vec<[u8; 12]> = vec![[0; 12], [0xff; 12]];
+        for _ in 0..2000 {
+            cases.push(std::array::from_fn(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 56) as u8
+            }));
+        }
+        for q in cases {
+            let (sc, mn) = scales_mins_k4(&q);
+            for j in 0..8 {
+                let (s, m) = scale_min_k4(j, &q);
+                assert_eq!((sc >> (8 * j)) as u8, s, "scale {j} of {q:?}");
+                assert_eq!((mn >> (8 * j)) as u8, m, "minimum {j} of {q:?}");
+            }
+        }
     }
 
     /// Every decoder equals the gguf package's to float rounding: ggml and

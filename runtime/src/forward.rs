@@ -20,7 +20,7 @@ use crate::block::{
     Rope, Vector,
 };
 use crate::kernels::pool::SpinPool;
-use crate::kernels::{Attend, Kernels, Q8Buf, Q8Ref};
+use crate::kernels::{Attend, Kernels, Q8Buf, Q8Kind, Q8Ref};
 use crate::lora::LoraRun;
 use crate::model::{Model, Weight, WeightData};
 use crate::session::PrefillKind;
@@ -75,6 +75,9 @@ pub struct LayerInput {
     /// Int8 blocks of the input as given.
     q8: Q8Buf,
     q8_valid: bool,
+    /// The same with one scale per 256 ([`Q8Kind::Super256`], K-quants).
+    q8k: Q8Buf,
+    q8k_valid: bool,
     /// Int8 blocks of the permuted input, and which permutation.
     q8p: Q8Buf,
     q8p_key: Option<usize>,
@@ -87,6 +90,8 @@ impl LayerInput {
             xperm_key: None,
             q8: Q8Buf::new(max_in),
             q8_valid: false,
+            q8k: Q8Buf::new(max_in),
+            q8k_valid: false,
             q8p: Q8Buf::new(max_in),
             q8p_key: None,
         }
@@ -94,13 +99,14 @@ impl LayerInput {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        4 * self.xperm.len() + self.q8.bytes() + self.q8p.bytes()
+        4 * self.xperm.len() + self.q8.bytes() + self.q8k.bytes() + self.q8p.bytes()
     }
 
     /// The input vector changed: forget what was derived from it.
     pub fn reset(&mut self) {
         self.xperm_key = None;
         self.q8_valid = false;
+        self.q8k_valid = false;
         self.q8p_key = None;
     }
 
@@ -123,8 +129,24 @@ impl LayerInput {
         }
     }
 
-    fn quantized(&mut self, k: &Kernels, x: &[f32], perm: Option<(&[u32], usize)>) -> Q8Ref<'_> {
+    /// The int8 blocks of `x` (gathered through `perm`) in the flavour
+    /// `kind`; a permuted input takes blocks of 32 (no K-quant weight has
+    /// an act-order permutation).
+    fn quantized(
+        &mut self,
+        k: &Kernels,
+        kind: Q8Kind,
+        x: &[f32],
+        perm: Option<(&[u32], usize)>,
+    ) -> Q8Ref<'_> {
         match perm {
+            None if kind == Q8Kind::Super256 => {
+                if !self.q8k_valid {
+                    self.q8k.quantize_as(kind, k.quantize_q8, x);
+                    self.q8k_valid = true;
+                }
+                self.q8k.as_ref()
+            }
             None => {
                 if !self.q8_valid {
                     self.q8.quantize(k.quantize_q8, x);
@@ -305,7 +327,7 @@ pub fn matvec(
     let perm = model.perm(w).map(|p| (p, w.perm_key()));
     match model.data(w) {
         WeightData::Packed(p) => {
-            let xq = inp.quantized(k, x, perm);
+            let xq = inp.quantized(k, Q8Kind::for_dtype(p.dtype()), x, perm);
             match (k.matvec_x8, model.x8(w)) {
                 (Some(f), Some(x8)) => par.rows(out, &|r0, o| f(x8, r0, &xq, o)),
                 _ => {
@@ -715,15 +737,16 @@ fn linear_batch(
     let BatchScratch {
         wtile, xhat, q8, ..
     } = scratch;
-    let x: &[f32] = if let WeightData::Packed(_) = data {
+    let x: &[f32] = if let WeightData::Packed(p) = data {
         let quantize = model.kernels().quantize_q8;
+        let kind = Q8Kind::for_dtype(p.dtype());
         let (tmp, tmp2) = wtile.split_at_mut(cols);
         for i in 0..b {
             let row = &x[i * cols..(i + 1) * cols];
             let dst = &mut xhat[i * cols..(i + 1) * cols];
             match perm {
                 None => {
-                    q8.quantize(quantize, row);
+                    q8.quantize_as(kind, quantize, row);
                     q8.as_ref().dequantize_into(dst);
                 }
                 Some(perm) => {

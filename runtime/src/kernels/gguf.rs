@@ -141,7 +141,9 @@ pub mod x86 {
     use super::*;
     use crate::kernels::float::avx2::hsum;
     use crate::kernels::qg::x86::half;
-    use nibble_format::gguf_blocks::{iq4xs_scale, q3k_scales, scale_min_k4, KVALUES_IQ4NL};
+    use nibble_format::gguf_blocks::{
+        iq4xs_scale, q3k_scales, scale_min_k4, scales_mins_k4, KVALUES_IQ4NL,
+    };
     use std::arch::x86_64::*;
 
     /// Σ v·q over 32 lanes, both signed (`v` > −128).
@@ -249,6 +251,120 @@ pub mod x86 {
             }
         }
         hsum(_mm256_add_ps(acc0, acc1)) - hsum(minacc)
+    }
+
+    /// Q4_K / Q5_K against [`Q8Ref::super256`] activations: as
+    /// [`row_q45k`], but the eight sub-blocks share the activation scale,
+    /// so their scaled integer sums add up in i32 and one float multiply-add
+    /// ends the super-block; the scales come from the word form
+    /// ([`scales_mins_k4`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_q45k_super<const FIVE: bool>(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+        let bytes = if FIVE { 176 } else { 144 };
+        let m4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        let (mut acc, mut minacc) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut k = 0;
+        for b in row.chunks_exact(bytes) {
+            let p = b.as_ptr();
+            let (sc, mn) = scales_mins_k4(&b[4..16]);
+            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
+            unsafe {
+                let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+                let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64)));
+                let ds = _mm256_loadu_ps(x.ds.as_ptr().add(k));
+                minacc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), m), ds, minacc);
+                let qs = p.add(if FIVE { 48 } else { 16 });
+                let mut qh = if FIVE {
+                    _mm256_loadu_si256(p.add(16) as *const __m256i)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                let (mut sum0, mut sum1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                for n in 0..4 {
+                    let q = _mm256_loadu_si256(qs.add(32 * n) as *const __m256i);
+                    let mut lo = _mm256_and_si256(q, m4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                    if FIVE {
+                        let h0 = _mm256_and_si256(qh, one);
+                        let h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 1), one);
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+                        qh = _mm256_srli_epi16(qh, 2);
+                    }
+                    let s0 = _mm256_set1_epi16(((sc >> (16 * n)) & 0xff) as i16);
+                    let s1 = _mm256_set1_epi16(((sc >> (16 * n + 8)) & 0xff) as i16);
+                    let a0 = act(x, k + 2 * n);
+                    let a1 = act(x, k + 2 * n + 1);
+                    sum0 =
+                        _mm256_add_epi32(sum0, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), s0));
+                    sum1 =
+                        _mm256_add_epi32(sum1, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), s1));
+                }
+                let f = _mm256_set1_ps(d * x.d[k]);
+                acc = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+            }
+            k += 8;
+        }
+        hsum(acc) - hsum(minacc)
+    }
+
+    /// Q6_K against [`Q8Ref::super256`] activations: as [`row_q6k`], the
+    /// eight sub-blocks' scaled integer sums added in i32, one float
+    /// multiply-add per super-block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_q6k_super(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(3);
+        let c32 = _mm256_set1_epi8(32);
+        let mut acc = _mm256_setzero_ps();
+        let mut k = 0;
+        for b in row.chunks_exact(210) {
+            let p = b.as_ptr();
+            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
+            unsafe {
+                let d = f16_at(p.add(208));
+                let (mut sum0, mut sum1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                for n in 0..2 {
+                    let ql0 = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
+                    let ql1 = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
+                    let qh = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
+                    let high = |h: __m256i| _mm256_slli_epi16(_mm256_and_si256(h, m2), 4);
+                    let codes = [
+                        _mm256_or_si256(_mm256_and_si256(ql0, m4), high(qh)),
+                        _mm256_or_si256(_mm256_and_si256(ql1, m4), high(_mm256_srli_epi16(qh, 2))),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                            high(_mm256_srli_epi16(qh, 4)),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                            high(_mm256_srli_epi16(qh, 6)),
+                        ),
+                    ];
+                    for (part, c) in codes.into_iter().enumerate() {
+                        let q = act(x, k + 4 * n + part);
+                        let prod = _mm256_sub_epi16(
+                            _mm256_maddubs_epi16(c, q),
+                            _mm256_maddubs_epi16(c32, q),
+                        );
+                        let s = 192 + 8 * n + 2 * part;
+                        let (s0, s1) = (i16::from(b[s] as i8), i16::from(b[s + 1] as i8));
+                        let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                        let i = _mm256_madd_epi16(prod, scale);
+                        if part % 2 == 0 {
+                            sum0 = _mm256_add_epi32(sum0, i);
+                        } else {
+                            sum1 = _mm256_add_epi32(sum1, i);
+                        }
+                    }
+                }
+                let f = _mm256_set1_ps(d * x.d[k]);
+                acc = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
+            }
+            k += 8;
+        }
+        hsum(acc)
     }
 
     /// Q6_K: per 128 weights two 32-byte loads of low nibbles and one of
@@ -505,13 +621,24 @@ pub mod x86 {
         each_row(DType::Q3K, w, x, out, row_q3k)
     }
     pub fn vec_dot_q4k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
-        each_row(DType::Q4K, w, x, out, row_q45k::<false>)
+        let row = if x.super256 {
+            row_q45k_super::<false>
+        } else {
+            row_q45k::<false>
+        };
+        each_row(DType::Q4K, w, x, out, row)
     }
     pub fn vec_dot_q5k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
-        each_row(DType::Q5K, w, x, out, row_q45k::<true>)
+        let row = if x.super256 {
+            row_q45k_super::<true>
+        } else {
+            row_q45k::<true>
+        };
+        each_row(DType::Q5K, w, x, out, row)
     }
     pub fn vec_dot_q6k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
-        each_row(DType::Q6K, w, x, out, row_q6k)
+        let row = if x.super256 { row_q6k_super } else { row_q6k };
+        each_row(DType::Q6K, w, x, out, row)
     }
     pub fn vec_dot_q5_0_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
         each_row(DType::Q5_0, w, x, out, row_q5_0)
@@ -522,6 +649,185 @@ pub mod x86 {
     pub fn vec_dot_iq4xs_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
         each_row(DType::IQ4XS, w, x, out, row_iq4::<true>)
     }
+
+    /// Q4_K / Q5_K against [`Q8Ref::super256`] activations, AVX-512: two
+    /// sub-blocks per 512-bit step (the 32 bytes of nibbles broadcast to
+    /// both halves, shifted by 0 and 4; their 64 activations are one load),
+    /// the pair's scales as the i16 lanes of each half (`vpermw`), scaled
+    /// products summed by VNNI's `vpdpwssd`; one float multiply-add per
+    /// super-block.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    unsafe fn row_q45k_super_avx512<const FIVE: bool>(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+        let bytes = if FIVE { 176 } else { 144 };
+        let m4 = _mm512_set1_epi8(0x0F);
+        let one = _mm512_set1_epi8(1);
+        // Per 16-bit lane: 0 in the low half, 4 in the high half (nibbles);
+        // fifth bits of pair n at 2n and 2n + 1.
+        let nib_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+        let bit_shift = |n: i16| {
+            _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_set1_epi16(2 * n)),
+                _mm256_set1_epi16(2 * n + 1),
+                1,
+            )
+        };
+        let pair_idx = |n: i16| {
+            _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_set1_epi16(2 * n)),
+                _mm256_set1_epi16(2 * n + 1),
+                1,
+            )
+        };
+        let idx = [pair_idx(0), pair_idx(1), pair_idx(2), pair_idx(3)];
+        let hsh = [bit_shift(0), bit_shift(1), bit_shift(2), bit_shift(3)];
+        let mut acc = _mm512_setzero_ps();
+        let mut minacc = _mm256_setzero_ps();
+        let mut k = 0;
+        for b in row.chunks_exact(bytes) {
+            let p = b.as_ptr();
+            let (sc, mn) = scales_mins_k4(&b[4..16]);
+            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
+            unsafe {
+                let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+                let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64)));
+                let ds = _mm256_loadu_ps(x.ds.as_ptr().add(k));
+                minacc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), m), ds, minacc);
+                let scales =
+                    _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+                let qs = p.add(if FIVE { 48 } else { 16 });
+                let qh = if FIVE {
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(16) as *const __m256i))
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let mut sum = _mm512_setzero_si512();
+                for n in 0..4 {
+                    let q = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        qs.add(32 * n) as *const __m256i
+                    ));
+                    let mut c = _mm512_and_si512(_mm512_srlv_epi16(q, nib_shift), m4);
+                    if FIVE {
+                        let h = _mm512_and_si512(_mm512_srlv_epi16(qh, hsh[n]), one);
+                        c = _mm512_or_si512(c, _mm512_slli_epi16(h, 4));
+                    }
+                    let a =
+                        _mm512_loadu_si512(x.qs.as_ptr().add((k + 2 * n) * SUB_BLOCK) as *const _);
+                    let prod = _mm512_maddubs_epi16(c, a);
+                    let scale = _mm512_permutexvar_epi16(idx[n], scales);
+                    sum = _mm512_dpwssd_epi32(sum, prod, scale);
+                }
+                let f = _mm512_set1_ps(d * x.d[k]);
+                acc = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(sum), acc);
+            }
+            k += 8;
+        }
+        _mm512_reduce_add_ps(acc) - hsum(minacc)
+    }
+
+    /// Q6_K against [`Q8Ref::super256`] activations, AVX-512: per 128
+    /// weights two 512-bit steps of two sub-blocks each (low nibbles of
+    /// both 32-byte runs, then high nibbles; the high pairs of `qh` shifted
+    /// per half by `vpsrlvw`), the four 16-weight scales of each step as its
+    /// i16 lanes (`vpermw`), `vpdpwssd` into one i32 sum per super-block.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    unsafe fn row_q6k_super_avx512(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m2 = _mm512_set1_epi8(3);
+        let c32 = _mm512_set1_epi8(32);
+        let halves = |lo: i16, hi: i16| {
+            _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_set1_epi16(lo)),
+                _mm256_set1_epi16(hi),
+                1,
+            )
+        };
+        let (h_lo, h_hi) = (halves(0, 2), halves(4, 6));
+        // Step `m` (0..4) of a block reads scales 4m..4m+4, each over 8
+        // i16 lanes (16 weights).
+        let idx: [__m512i; 4] = std::array::from_fn(|m| {
+            let v: [i16; 32] = std::array::from_fn(|l| (4 * m + l / 8) as i16);
+            // SAFETY: 64 bytes read from a 64-byte array.
+            unsafe { _mm512_loadu_si512(v.as_ptr() as *const _) }
+        });
+        let mut acc = _mm512_setzero_ps();
+        let mut k = 0;
+        for b in row.chunks_exact(210) {
+            let p = b.as_ptr();
+            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
+            unsafe {
+                let d = f16_at(p.add(208));
+                let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                    p.add(192) as *const __m128i,
+                )));
+                let mut sum = _mm512_setzero_si512();
+                for n in 0..2 {
+                    let ql = _mm512_loadu_si512(p.add(64 * n) as *const _);
+                    let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        p.add(128 + 32 * n) as *const __m256i
+                    ));
+                    let high = |sh: __m512i| {
+                        _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sh), m2), 4)
+                    };
+                    let codes = [
+                        _mm512_or_si512(_mm512_and_si512(ql, m4), high(h_lo)),
+                        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), high(h_hi)),
+                    ];
+                    for (half, c) in codes.into_iter().enumerate() {
+                        let sub = k + 4 * n + 2 * half;
+                        let a = _mm512_loadu_si512(x.qs.as_ptr().add(sub * SUB_BLOCK) as *const _);
+                        let prod = _mm512_sub_epi16(
+                            _mm512_maddubs_epi16(c, a),
+                            _mm512_maddubs_epi16(c32, a),
+                        );
+                        let scale = _mm512_permutexvar_epi16(idx[2 * n + half], scales);
+                        sum = _mm512_dpwssd_epi32(sum, prod, scale);
+                    }
+                }
+                let f = _mm512_set1_ps(d * x.d[k]);
+                acc = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(sum), acc);
+            }
+            k += 8;
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    pub fn vec_dot_q4k_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        let row = if x.super256 {
+            row_q45k_super_avx512::<false>
+        } else {
+            row_q45k::<false>
+        };
+        each_row(DType::Q4K, w, x, out, row)
+    }
+    pub fn vec_dot_q5k_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        let row = if x.super256 {
+            row_q45k_super_avx512::<true>
+        } else {
+            row_q45k::<true>
+        };
+        each_row(DType::Q5K, w, x, out, row)
+    }
+    pub fn vec_dot_q6k_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        let row = if x.super256 {
+            row_q6k_super_avx512
+        } else {
+            row_q6k
+        };
+        each_row(DType::Q6K, w, x, out, row)
+    }
+
+    /// The AVX-512 table: its own super-block kernels for Q4_K, Q5_K and
+    /// Q6_K, the AVX2 ones elsewhere (unpacking, not the dot, limits them).
+    pub const AVX512: [crate::kernels::QgMatvecFn; 8] = [
+        vec_dot_q5_0_q8_avx2,
+        vec_dot_q2k_q8_avx2,
+        vec_dot_q3k_q8_avx2,
+        vec_dot_q4k_q8_avx512,
+        vec_dot_q5k_q8_avx512,
+        vec_dot_q6k_q8_avx512,
+        vec_dot_iq4nl_q8_avx2,
+        vec_dot_iq4xs_q8_avx2,
+    ];
 
     /// The AVX2 table, in [`DType::GGUF_BLOCKS`] order.
     pub const AVX2: [crate::kernels::QgMatvecFn; 8] = [
@@ -862,7 +1168,7 @@ pub mod neon {
 mod tests {
     use super::*;
     use crate::kernels::test_util::lcg;
-    use crate::kernels::{Isa, Kernels, Q8Buf};
+    use crate::kernels::{Isa, Kernels, Q8Buf, Q8Kind};
     use half::f16;
 
     /// SIMD against the reference: relative to the sum of |terms|, as for
@@ -913,44 +1219,46 @@ mod tests {
                 let data = make_rows(dtype, rows, cols, &mut seed, zero);
                 let w = PackedRows::new(dtype, &data, rows, cols, block).unwrap();
                 let xs: Vec<f32> = (0..cols).map(|_| lcg(&mut seed) * 3.0).collect();
-                let mut xq = Q8Buf::new(cols);
-                xq.quantize(scalar.quantize_q8, &xs);
-                let mut want = vec![0f32; rows];
-                scalar.matvec_qg(dtype)(w, &xq.as_ref(), &mut want);
-                // The reference against the decoded weights in f64.
-                let mut deq = vec![0f32; cols];
-                let mut xd = vec![0f32; cols];
-                xq.as_ref().dequantize_into(&mut xd);
-                for (r, &want_r) in want.iter().enumerate() {
-                    nibble_format::quant::dequantize(dtype, block, w.row(r), &mut deq);
-                    let exact: f64 = deq
-                        .iter()
-                        .zip(&xd)
-                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                        .sum();
-                    let mag: f64 = deq
-                        .iter()
-                        .zip(&xd)
-                        .map(|(a, b)| f64::from((a * b).abs()))
-                        .sum();
-                    assert!(
-                        (f64::from(want_r) - exact).abs() <= 1e-5 * mag.max(1e-12),
-                        "{dtype} reference row {r}: {want_r} vs {exact}"
-                    );
-                }
-                for isa in Isa::available() {
-                    let k = Kernels::for_isa(isa).unwrap();
-                    let mut got = vec![f32::NAN; rows];
-                    k.matvec_qg(dtype)(w, &xq.as_ref(), &mut got);
-                    for r in 0..rows {
+                for kind in [Q8Kind::Blocks32, Q8Kind::Super256] {
+                    let mut xq = Q8Buf::new(cols);
+                    xq.quantize_as(kind, scalar.quantize_q8, &xs);
+                    let mut want = vec![0f32; rows];
+                    scalar.matvec_qg(dtype)(w, &xq.as_ref(), &mut want);
+                    // The reference against the decoded weights in f64.
+                    let mut deq = vec![0f32; cols];
+                    let mut xd = vec![0f32; cols];
+                    xq.as_ref().dequantize_into(&mut xd);
+                    for (r, &want_r) in want.iter().enumerate() {
                         nibble_format::quant::dequantize(dtype, block, w.row(r), &mut deq);
-                        let mag: f32 = deq.iter().zip(&xd).map(|(a, b)| (a * b).abs()).sum();
+                        let exact: f64 = deq
+                            .iter()
+                            .zip(&xd)
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum();
+                        let mag: f64 = deq
+                            .iter()
+                            .zip(&xd)
+                            .map(|(a, b)| f64::from((a * b).abs()))
+                            .sum();
                         assert!(
-                            (got[r] - want[r]).abs() <= TOL * mag.max(1e-12),
-                            "{dtype} {isa} cols {cols} row {r}: {} vs {}",
-                            got[r],
-                            want[r]
+                            (f64::from(want_r) - exact).abs() <= 1e-5 * mag.max(1e-12),
+                            "{dtype} reference row {r}: {want_r} vs {exact}"
                         );
+                    }
+                    for isa in Isa::available() {
+                        let k = Kernels::for_isa(isa).unwrap();
+                        let mut got = vec![f32::NAN; rows];
+                        k.matvec_qg(dtype)(w, &xq.as_ref(), &mut got);
+                        for r in 0..rows {
+                            nibble_format::quant::dequantize(dtype, block, w.row(r), &mut deq);
+                            let mag: f32 = deq.iter().zip(&xd).map(|(a, b)| (a * b).abs()).sum();
+                            assert!(
+                                (got[r] - want[r]).abs() <= TOL * mag.max(1e-12),
+                                "{dtype} {isa} {kind:?} cols {cols} row {r}: {} vs {}",
+                                got[r],
+                                want[r]
+                            );
+                        }
                     }
                 }
             }

@@ -33,7 +33,7 @@ pub use attn::{Attend, AttendF32Fn, AttendFn, KvElem};
 pub use float::{dot_bf16, dot_f16, dot_f32, FloatMatvecFn};
 pub use gemm::{matmul, matmul_f64, MatF64, MatMut, MatRef};
 pub use q8::{Q8Batch, Q8BatchRef};
-pub use q8::{Q8Buf, Q8Ref, QuantizeQ8Fn};
+pub use q8::{Q8Buf, Q8Kind, Q8Ref, QuantizeQ8Fn};
 pub use qg::{DequantRowFn, PackedRows, QgMatvecFn};
 pub use qg_f32::QgF32MatvecFn;
 pub use qg_mm::QgMatmulFn;
@@ -262,7 +262,7 @@ static AVX512: Kernels = Kernels {
         qg::x86::vec_dot_q8g_q8_avx512,
         qg::x86::vec_dot_q4gm_q8_avx512,
     ],
-    gguf: gguf::x86::AVX2,
+    gguf: gguf::x86::AVX512,
     dequant: [qg::x86::dequant_row_avx2; 5],
     qg_f32: [
         qg_f32::x86::vec_dot_q2g_f32_avx2,

@@ -11,11 +11,44 @@
 //! Rounding is to nearest, ties to even, in every implementation (the x86
 //! `cvtps2dq` and NEON `fcvtns` default), so all of them produce identical
 //! bytes and scales.
+//!
+//! K-quant weights (Q2_K…Q6_K: super-blocks of 256 with integer sub-block
+//! scales) take a second flavour, [`quantize_q8_super256`]: one scale per
+//! 256 values, written into each of its eight blocks' `d` and flagged by
+//! [`Q8Ref::super256`]. Every kernel still reads it as blocks of 32, and the
+//! K-quant kernels may then sum a whole super-block in integers and apply
+//! one float scale, as llama.cpp's `Q8_K` activations allow it to. The
+//! flavour is chosen by the weight type alone ([`Q8Kind::for_dtype`]), never
+//! by the instruction set, so every ISA computes the same products.
 
 use crate::kernels::SUB_BLOCK;
 
 /// `quantize(x, qs, d, ds)`: `qs.len() == 32·⌈x.len()/32⌉`, `d`/`ds` one per block.
 pub type QuantizeQ8Fn = fn(x: &[f32], qs: &mut [i8], d: &mut [f32], ds: &mut [f32]);
+
+/// Which int8 blocks a weight type takes as its activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Q8Kind {
+    /// A scale per 32 values ([`QuantizeQ8Fn`] of the kernel table).
+    Blocks32,
+    /// A scale per 256 values ([`quantize_q8_super256`]), for the K-quants.
+    Super256,
+}
+
+/// Values per super-block of the [`Q8Kind::Super256`] flavour.
+pub const SUPER_BLOCK: usize = 256;
+
+impl Q8Kind {
+    /// The flavour a packed `dtype` takes: `Super256` for the K-quant
+    /// block types (whose rows are whole super-blocks of 256), else `Blocks32`.
+    pub fn for_dtype(dtype: nibble_format::DType) -> Q8Kind {
+        use nibble_format::DType;
+        match dtype {
+            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => Q8Kind::Super256,
+            _ => Q8Kind::Blocks32,
+        }
+    }
+}
 
 /// An owned quantized activation vector, sized once for the widest input.
 #[derive(Clone, Debug, Default)]
@@ -28,6 +61,8 @@ pub struct Q8Buf {
     ds: Vec<f32>,
     /// Values held (the last `quantize` input length).
     len: usize,
+    /// Whether the last input was quantized as [`Q8Kind::Super256`].
+    super256: bool,
 }
 
 /// A borrowed quantized activation vector of `len` values.
@@ -37,6 +72,9 @@ pub struct Q8Ref<'a> {
     pub d: &'a [f32],
     pub ds: &'a [f32],
     pub len: usize,
+    /// Each aligned run of 8 blocks (256 values) shares one scale `d`
+    /// ([`Q8Kind::Super256`]); kernels may sum such a run in integers.
+    pub super256: bool,
 }
 
 impl Q8Ref<'_> {
@@ -63,6 +101,7 @@ impl Q8Buf {
             d: vec![0.0; nb],
             ds: vec![0.0; nb],
             len: 0,
+            super256: false,
         }
     }
 
@@ -82,6 +121,19 @@ impl Q8Buf {
             &mut self.ds[..nb],
         );
         self.len = x.len();
+        self.super256 = false;
+    }
+
+    /// Quantize `x` in the flavour `kind`: `Blocks32` through `quantize`
+    /// (the kernel table's), `Super256` through [`quantize_q8_super256`].
+    pub fn quantize_as(&mut self, kind: Q8Kind, quantize: QuantizeQ8Fn, x: &[f32]) {
+        match kind {
+            Q8Kind::Blocks32 => self.quantize(quantize, x),
+            Q8Kind::Super256 => {
+                self.quantize(quantize_q8_super256, x);
+                self.super256 = true;
+            }
+        }
     }
 
     pub fn as_ref(&self) -> Q8Ref<'_> {
@@ -91,6 +143,7 @@ impl Q8Buf {
             d: &self.d[..nb],
             ds: &self.ds[..nb],
             len: self.len,
+            super256: self.super256,
         }
     }
 }
@@ -299,6 +352,33 @@ pub fn quantize_q8_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], ds: &mut [f32
     }
 }
 
+/// The [`Q8Kind::Super256`] flavour: per 256 values (the last run may be
+/// shorter) one scale `d = max|x| / 127`, stored in each of the run's
+/// blocks, codes rounded as in [`quantize_q8_scalar`], `ds` per block of 32.
+/// Scalar only: it runs once per layer input, well under 1 % of a token's
+/// time, and its bytes are then the same on every instruction set.
+pub fn quantize_q8_super256(x: &[f32], qs: &mut [i8], d: &mut [f32], ds: &mut [f32]) {
+    check(x, qs, d, ds);
+    const PER: usize = SUPER_BLOCK / SUB_BLOCK;
+    for (s, xs) in x.chunks(SUPER_BLOCK).enumerate() {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let dd = amax / 127.0;
+        let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
+        let blocks = s * PER..(s * PER + PER).min(d.len());
+        for b in blocks {
+            let q = &mut qs[b * SUB_BLOCK..(b + 1) * SUB_BLOCK];
+            let xb = &x[b * SUB_BLOCK..x.len().min((b + 1) * SUB_BLOCK)];
+            let mut sum = 0i32;
+            for (i, q) in q.iter_mut().enumerate() {
+                let v = xb.get(i).map_or(0, |&v| (v * id).round_ties_even() as i32);
+                *q = v as i8;
+                sum += v;
+            }
+            (d[b], ds[b]) = (dd, dd * sum as f32);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     use super::*;
@@ -437,6 +517,43 @@ mod tests {
                     .sum();
                 assert_eq!(ds, d * s as f32);
             }
+        }
+    }
+
+    #[test]
+    fn super256_shares_one_scale_per_256_and_reconstructs_within_half_a_step() {
+        let mut seed = 5;
+        for n in [1usize, 32, 255, 256, 257, 1536, 8960] {
+            let mut x: Vec<f32> = (0..n).map(|_| lcg(&mut seed) * 3.0).collect();
+            if n >= 512 {
+                x[256..512].fill(0.0); // an all-zero super-block
+            }
+            let mut b = Q8Buf::new(n);
+            b.quantize_as(Q8Kind::Super256, quantize_q8_scalar, &x);
+            let r = b.as_ref();
+            assert!(r.super256);
+            for (s, xs) in x.chunks(256).enumerate() {
+                let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = r.d[8 * s];
+                assert_eq!(d, amax / 127.0, "n {n} super-block {s}");
+                let blocks = 8 * s..(8 * s + 8).min(r.d.len());
+                assert!(r.d[blocks].iter().all(|&e| e == d), "n {n} super-block {s}");
+                for (i, &v) in xs.iter().enumerate() {
+                    let q = f32::from(r.qs[256 * s + i]);
+                    assert!((q * d - v).abs() <= 0.5 * d * 1.0001, "n {n} value {i}");
+                }
+            }
+            assert!(r.qs[n..].iter().all(|&q| q == 0));
+            for (blk, (&d, &ds)) in r.d.iter().zip(r.ds).enumerate() {
+                let s: i32 = r.qs[blk * 32..blk * 32 + 32]
+                    .iter()
+                    .map(|&q| i32::from(q))
+                    .sum();
+                assert_eq!(ds, d * s as f32);
+            }
+            // Quantizing in the other flavour clears the flag.
+            b.quantize(quantize_q8_scalar, &x);
+            assert!(!b.as_ref().super256);
         }
     }
 
