@@ -592,6 +592,11 @@ struct BatchScratch {
     /// `[n_batch, max_in]`: activations rounded through int8 blocks.
     xhat: Vec<f32>,
     q8: Q8Buf,
+    /// `[n_batch·max_in]` the current input's rows, one after another, as
+    /// [`Q8Kind::Super256`] blocks (K-quant weights; their widths are whole
+    /// super-blocks, so no super-block spans two rows).
+    q8k: Q8Buf,
+    q8k_valid: bool,
     /// `[n_batch, max_in]` int8 blocks of the current input for the batched
     /// kernels, shared by the matrices that read it (q/k/v, gate/up).
     q8b: Q8Batch,
@@ -606,6 +611,7 @@ impl BatchScratch {
     /// The input of the next `linear_batch` calls changed.
     fn new_input(&mut self) {
         self.q8b_key = None;
+        self.q8k_valid = false;
     }
 }
 
@@ -658,6 +664,8 @@ impl BatchState {
                 wtile: vec![0.0; (WEIGHT_TILE_ROWS + 1) * max_in],
                 xhat: vec![0.0; n_batch * max_in],
                 q8: Q8Buf::new(max_in),
+                q8k: Q8Buf::new(n_batch * max_in),
+                q8k_valid: false,
                 q8b: Q8Batch::new(n_batch, max_in),
                 q8b_key: None,
                 prefill,
@@ -668,6 +676,66 @@ impl BatchState {
 
 use crate::kernels::q8::QUAD;
 use crate::kernels::{matmul, KvElem, MatMut, MatRef, Q8Batch, Q8BatchRef};
+
+/// Bytes of weight rows one pass of [`kquant_batch`] multiplies by every
+/// token of its share (L1-sized, so the rows are read from memory once).
+const KQUANT_CHUNK_BYTES: usize = 16 << 10;
+
+/// K-quant weights times `b` rows: the rows' [`Q8Kind::Super256`] blocks
+/// (quantized once per input) through the batched kernel `mm`, a chunk of
+/// weight rows at a time for every token of a thread's share, the tokens
+/// split over the threads. No tile is decoded; prompt and decode compute
+/// the same integer sums.
+#[allow(clippy::too_many_arguments)]
+fn kquant_batch(
+    mm: crate::kernels::gguf::KquantMatmulFn,
+    k: &Kernels,
+    p: &crate::kernels::PackedRows<'_>,
+    x: &[f32],
+    b: usize,
+    out: &mut [f32],
+    out_rs: usize,
+    scratch: &mut BatchScratch,
+    threads: usize,
+) {
+    let (rows, cols) = (p.rows(), p.cols());
+    if !scratch.q8k_valid {
+        scratch
+            .q8k
+            .quantize_as(Q8Kind::Super256, k.quantize_q8, &x[..b * cols]);
+        scratch.q8k_valid = true;
+    }
+    let xq = scratch.q8k.as_ref();
+    let nb = cols / crate::kernels::SUB_BLOCK;
+    // Tokens t0..t0+n back to back.
+    let tokens = |t0: usize, n: usize| Q8Ref {
+        qs: &xq.qs[t0 * cols..(t0 + n) * cols],
+        d: &xq.d[t0 * nb..(t0 + n) * nb],
+        ds: &xq.ds[t0 * nb..(t0 + n) * nb],
+        len: n * cols,
+        super256: true,
+    };
+    let chunk = (KQUANT_CHUNK_BYTES / p.row_bytes().max(1)).max(1);
+    // Tokens t0.. into `o` (their output rows, `out_rs` apart).
+    let run = |t0: usize, o: &mut [f32]| {
+        let n_tok = (o.len() - rows) / out_rs + 1;
+        let x = tokens(t0, n_tok);
+        for r0 in (0..rows).step_by(chunk) {
+            let n = chunk.min(rows - r0);
+            mm(p.slice(r0, n), &x, &mut o[r0..], out_rs);
+        }
+    };
+    let out = &mut out[..(b - 1) * out_rs + rows];
+    let parts = threads.clamp(1, b);
+    let per = b.div_ceil(parts);
+    if parts == 1 {
+        run(0, out);
+    } else {
+        out.par_chunks_mut(per * out_rs)
+            .enumerate()
+            .for_each(|(i, o)| run(i * per, o));
+    }
+}
 
 /// `out[i, :] = W · x[i, :]` for `b` rows; `out` rows are `out_rs` apart.
 /// Packed weights with an interleaved 4-bit copy ([`Model::x8`]) multiply
@@ -706,6 +774,14 @@ fn linear_batch(
             PrefillKind::Auto if x8.is_none() && k.qg_mm_beats_tiles => k.matmul_qg(p.dtype()),
             _ => None,
         };
+        let kquant = match scratch.prefill {
+            PrefillKind::Auto | PrefillKind::Int8 => k.matmul_kquant(p.dtype()),
+            PrefillKind::Tiles => None,
+        };
+        if let (Some(mm), None) = (kquant, perm) {
+            kquant_batch(mm, k, p, x, b, out, out_rs, scratch, threads);
+            return;
+        }
         if x8.is_some() || rowwise.is_some() {
             if scratch.q8b_key != Some(w.perm_key()) {
                 scratch.q8b.quantize(k.quantize_q8, x, b, cols, perm);

@@ -21,7 +21,16 @@
 //! test (fifth bits, Q3_K's high bits) or a table lookup (`pshufb` / `tbl`,
 //! the non-linear IQ4 grid); on x86 `vpmaddubsw` then `vpmaddwd`, whose i16
 //! pairs take the 16-weight scales of Q2_K, Q3_K and Q6_K per 128-bit half.
-//! The AVX-512 table uses the AVX2 versions.
+//!
+//! K-quant rows (Q2_K…Q6_K) take [`Q8Ref::super256`] activations, one scale
+//! per 256 as llama.cpp's `Q8_K` ([`super::q8::Q8Kind`]). The reference and
+//! every kernel stay correct on either flavour; the x86 Q4_K, Q5_K and
+//! Q6_K kernels then add a whole super-block's scaled integer sums in i32
+//! and apply one float multiply-add, where per-32 activation scales need
+//! one per sub-block. AVX-512 has its own versions of those three (two
+//! sub-blocks per 512-bit step, `vpdpwssd`); its table takes the AVX2
+//! versions of the others. Qwen2.5-Coder-1.5B Q4_K_M, one thread, tg64:
+//! 6.4 → 6.9 tok/s, two threads 11.0 → 12.9 (docs/BENCHMARKS.md).
 
 use nibble_format::gguf::GgmlType;
 use nibble_format::gguf_blocks::{unpack_int, IntSub};
@@ -102,6 +111,47 @@ scalar_kernels!(
     vec_dot_iq4nl_q8_scalar => IQ4NL,
     vec_dot_iq4xs_q8_scalar => IQ4XS,
 );
+
+/// `out[t·out_rs + r] = row r · token t` for K-quant rows `w` and
+/// `x.len / cols` tokens back to back in `x` ([`Q8Ref::super256`] blocks):
+/// prompts, a chunk of rows at a time (`forward::kquant_batch`).
+pub type KquantMatmulFn = fn(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize);
+
+/// Token `t` of `x` (tokens of `cols` values back to back).
+fn token<'a>(x: &Q8Ref<'a>, cols: usize, t: usize) -> Q8Ref<'a> {
+    let nb = cols / SUB_BLOCK;
+    Q8Ref {
+        qs: &x.qs[t * cols..(t + 1) * cols],
+        d: &x.d[t * nb..(t + 1) * nb],
+        ds: &x.ds[t * nb..(t + 1) * nb],
+        len: cols,
+        super256: x.super256,
+    }
+}
+
+/// The preconditions of a [`KquantMatmulFn`]; the number of tokens.
+fn check_batch(w: &PackedRows<'_>, x: &Q8Ref<'_>, out: &[f32], out_rs: usize) -> usize {
+    let cols = w.cols();
+    assert!(
+        cols > 0 && x.len.is_multiple_of(cols) && x.super256,
+        "kquant matmul: activations are not whole super-256 rows of {cols}"
+    );
+    let n_tok = x.len / cols;
+    assert!(
+        n_tok == 0 || (out_rs >= w.rows() && out.len() >= (n_tok - 1) * out_rs + w.rows()),
+        "kquant matmul: output too short"
+    );
+    n_tok
+}
+
+/// Scalar reference of a [`KquantMatmulFn`]: the one-token reference per token.
+pub fn matmul_kquant_scalar(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+    let n_tok = check_batch(&w, x, out, out_rs);
+    for t in 0..n_tok {
+        let o = &mut out[t * out_rs..t * out_rs + w.rows()];
+        matvec_scalar(w.dtype(), w, &token(x, w.cols(), t), o);
+    }
+}
 
 /// The SIMD row functions' shared driver: sizes checked once (`check`),
 /// then `out[r] = row(bytes of row r, x)`.
@@ -791,6 +841,223 @@ pub mod x86 {
         _mm512_reduce_add_ps(acc)
     }
 
+    /// [`row_q45k_super_avx512`] for `NT` tokens at once: each pair of
+    /// sub-blocks unpacked once and multiplied by every token's 64
+    /// activations. `x` holds the tokens back to back (`cols` each).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    unsafe fn rows_q45k_x<const FIVE: bool, const NT: usize>(
+        row: &[u8],
+        x: &Q8Ref<'_>,
+        t0: usize,
+        cols: usize,
+    ) -> [f32; NT] {
+        let bytes = if FIVE { 176 } else { 144 };
+        let nb = cols / SUB_BLOCK;
+        let m4 = _mm512_set1_epi8(0x0F);
+        let one = _mm512_set1_epi8(1);
+        let nib_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+        let halves = |lo: i16, hi: i16| {
+            _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_set1_epi16(lo)),
+                _mm256_set1_epi16(hi),
+                1,
+            )
+        };
+        // Pair n: scales (and fifth bits) 2n and 2n + 1.
+        let pair: [__m512i; 4] = std::array::from_fn(|n| halves(2 * n as i16, 2 * n as i16 + 1));
+        let mut acc = [_mm512_setzero_ps(); NT];
+        let mut minacc = [_mm256_setzero_ps(); NT];
+        let mut k = 0;
+        for b in row.chunks_exact(bytes) {
+            let p = b.as_ptr();
+            let (sc, mn) = scales_mins_k4(&b[4..16]);
+            // SAFETY: `b` is one whole block; blocks k..k+8 of every token
+            // t0..t0+NT exist (checked by the caller).
+            unsafe {
+                let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+                let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64)));
+                let dm = _mm256_mul_ps(_mm256_set1_ps(dmin), m);
+                for (t, ma) in minacc.iter_mut().enumerate() {
+                    let ds = _mm256_loadu_ps(x.ds.as_ptr().add((t0 + t) * nb + k));
+                    *ma = _mm256_fmadd_ps(dm, ds, *ma);
+                }
+                let scales =
+                    _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+                let qs = p.add(if FIVE { 48 } else { 16 });
+                let qh = if FIVE {
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(16) as *const __m256i))
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let mut sum = [_mm512_setzero_si512(); NT];
+                for (n, &pn) in pair.iter().enumerate() {
+                    let q = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        qs.add(32 * n) as *const __m256i
+                    ));
+                    let mut c = _mm512_and_si512(_mm512_srlv_epi16(q, nib_shift), m4);
+                    if FIVE {
+                        let h = _mm512_and_si512(_mm512_srlv_epi16(qh, pn), one);
+                        c = _mm512_or_si512(c, _mm512_slli_epi16(h, 4));
+                    }
+                    let scale = _mm512_permutexvar_epi16(pn, scales);
+                    for (t, st) in sum.iter_mut().enumerate() {
+                        let at = x.qs.as_ptr().add((t0 + t) * cols + (k + 2 * n) * SUB_BLOCK);
+                        let a = _mm512_loadu_si512(at as *const _);
+                        *st = _mm512_dpwssd_epi32(*st, _mm512_maddubs_epi16(c, a), scale);
+                    }
+                }
+                for (t, (a, st)) in acc.iter_mut().zip(sum).enumerate() {
+                    let f = _mm512_set1_ps(d * x.d[(t0 + t) * nb + k]);
+                    *a = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(st), *a);
+                }
+            }
+            k += 8;
+        }
+        std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]) - hsum(minacc[t]))
+    }
+
+    /// [`row_q6k_super_avx512`] for `NT` tokens at once (see [`rows_q45k_x`]).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    unsafe fn rows_q6k_x<const NT: usize>(
+        row: &[u8],
+        x: &Q8Ref<'_>,
+        t0: usize,
+        cols: usize,
+    ) -> [f32; NT] {
+        let nb = cols / SUB_BLOCK;
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m2 = _mm512_set1_epi8(3);
+        let c32 = _mm512_set1_epi8(32);
+        let halves = |lo: i16, hi: i16| {
+            _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_set1_epi16(lo)),
+                _mm256_set1_epi16(hi),
+                1,
+            )
+        };
+        let (h_lo, h_hi) = (halves(0, 2), halves(4, 6));
+        let idx: [__m512i; 4] = std::array::from_fn(|m| {
+            let v: [i16; 32] = std::array::from_fn(|l| (4 * m + l / 8) as i16);
+            // SAFETY: 64 bytes read from a 64-byte array.
+            unsafe { _mm512_loadu_si512(v.as_ptr() as *const _) }
+        });
+        let mut acc = [_mm512_setzero_ps(); NT];
+        let mut k = 0;
+        for b in row.chunks_exact(210) {
+            let p = b.as_ptr();
+            // SAFETY: `b` is one whole block; blocks k..k+8 of every token
+            // t0..t0+NT exist (checked by the caller).
+            unsafe {
+                let d = f16_at(p.add(208));
+                let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                    p.add(192) as *const __m128i,
+                )));
+                let mut sum = [_mm512_setzero_si512(); NT];
+                for n in 0..2 {
+                    let ql = _mm512_loadu_si512(p.add(64 * n) as *const _);
+                    let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        p.add(128 + 32 * n) as *const __m256i
+                    ));
+                    let high = |sh: __m512i| {
+                        _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sh), m2), 4)
+                    };
+                    let codes = [
+                        _mm512_or_si512(_mm512_and_si512(ql, m4), high(h_lo)),
+                        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), high(h_hi)),
+                    ];
+                    for (half, c) in codes.into_iter().enumerate() {
+                        let sub = k + 4 * n + 2 * half;
+                        let scale = _mm512_permutexvar_epi16(idx[2 * n + half], scales);
+                        for (t, st) in sum.iter_mut().enumerate() {
+                            let at = x.qs.as_ptr().add((t0 + t) * cols + sub * SUB_BLOCK);
+                            let a = _mm512_loadu_si512(at as *const _);
+                            let prod = _mm512_sub_epi16(
+                                _mm512_maddubs_epi16(c, a),
+                                _mm512_maddubs_epi16(c32, a),
+                            );
+                            *st = _mm512_dpwssd_epi32(*st, prod, scale);
+                        }
+                    }
+                }
+                for (t, (a, st)) in acc.iter_mut().zip(sum).enumerate() {
+                    let f = _mm512_set1_ps(d * x.d[(t0 + t) * nb + k]);
+                    *a = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(st), *a);
+                }
+            }
+            k += 8;
+        }
+        std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]))
+    }
+
+    /// The AVX-512 [`KquantMatmulFn`] driver: tokens four at a time (the
+    /// last one to three one at a time), every row of `w` for each group.
+    fn matmul_kquant_avx512(
+        dtype: DType,
+        w: PackedRows<'_>,
+        x: &Q8Ref<'_>,
+        out: &mut [f32],
+        out_rs: usize,
+        four: unsafe fn(&[u8], &Q8Ref<'_>, usize, usize) -> [f32; 4],
+        one: unsafe fn(&[u8], &Q8Ref<'_>, usize, usize) -> [f32; 1],
+    ) {
+        assert_eq!(w.dtype(), dtype, "kquant matmul: weight type");
+        let n_tok = check_batch(&w, x, out, out_rs);
+        let cols = w.cols();
+        let mut t0 = 0;
+        while t0 < n_tok {
+            let group = if n_tok - t0 >= 4 { 4 } else { 1 };
+            for r in 0..w.rows() {
+                // SAFETY: this table is built only after AVX-512 (F, BW, VL,
+                // DQ, VNNI) was detected; `check_batch` and `PackedRows`
+                // guarantee whole blocks per row and `cols` values per token.
+                let got = if group == 4 {
+                    unsafe { four(w.row(r), x, t0, cols) }
+                } else {
+                    let [v] = unsafe { one(w.row(r), x, t0, cols) };
+                    [v; 4]
+                };
+                for (t, &v) in got[..group].iter().enumerate() {
+                    out[(t0 + t) * out_rs + r] = v;
+                }
+            }
+            t0 += group;
+        }
+    }
+
+    pub fn matmul_q4k_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+        matmul_kquant_avx512(
+            DType::Q4K,
+            w,
+            x,
+            out,
+            out_rs,
+            rows_q45k_x::<false, 4>,
+            rows_q45k_x::<false, 1>,
+        )
+    }
+    pub fn matmul_q5k_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+        matmul_kquant_avx512(
+            DType::Q5K,
+            w,
+            x,
+            out,
+            out_rs,
+            rows_q45k_x::<true, 4>,
+            rows_q45k_x::<true, 1>,
+        )
+    }
+    pub fn matmul_q6k_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+        matmul_kquant_avx512(
+            DType::Q6K,
+            w,
+            x,
+            out,
+            out_rs,
+            rows_q6k_x::<4>,
+            rows_q6k_x::<1>,
+        )
+    }
+
     pub fn vec_dot_q4k_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
         let row = if x.super256 {
             row_q45k_super_avx512::<false>
@@ -1257,6 +1524,69 @@ mod tests {
                                 "{dtype} {isa} {kind:?} cols {cols} row {r}: {} vs {}",
                                 got[r],
                                 want[r]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The batched K-quant kernels against the scalar reference for every
+    /// instruction set that has one: 1, 3, 4, 5 and 9 tokens (groups of four
+    /// and the one-at-a-time rest), output rows wider than the weight
+    /// (`out_rs`), a zero-scale block; positions outside the rows untouched.
+    #[test]
+    fn batched_kquant_kernels_match_the_scalar_reference() {
+        let mut seed = 77u64;
+        for dtype in [DType::Q4K, DType::Q5K, DType::Q6K] {
+            for (cols, rows, n_tok) in [
+                (256, 3, 1),
+                (512, 5, 3),
+                (768, 2, 4),
+                (256, 7, 5),
+                (512, 4, 9),
+            ] {
+                let data = make_rows(dtype, rows, cols, &mut seed, true);
+                let w = PackedRows::new(dtype, &data, rows, cols, 256).unwrap();
+                let xs: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed) * 3.0).collect();
+                let mut xq = Q8Buf::new(n_tok * cols);
+                xq.quantize_as(Q8Kind::Super256, super::super::q8::quantize_q8_scalar, &xs);
+                let out_rs = rows + 2;
+                let mut want = vec![f32::NAN; n_tok * out_rs];
+                matmul_kquant_scalar(w, &xq.as_ref(), &mut want, out_rs);
+                // The reference is the one-token reference per token.
+                for t in 0..n_tok {
+                    let mut one = vec![0f32; rows];
+                    let mut tq = Q8Buf::new(cols);
+                    tq.quantize_as(
+                        Q8Kind::Super256,
+                        super::super::q8::quantize_q8_scalar,
+                        &xs[t * cols..(t + 1) * cols],
+                    );
+                    matvec_scalar(dtype, w, &tq.as_ref(), &mut one);
+                    assert_eq!(
+                        &want[t * out_rs..t * out_rs + rows],
+                        &one[..],
+                        "{dtype} token {t}"
+                    );
+                }
+                for isa in Isa::available() {
+                    let Some(mm) = Kernels::for_isa(isa).unwrap().matmul_kquant(dtype) else {
+                        continue;
+                    };
+                    let mut got = vec![f32::NAN; n_tok * out_rs];
+                    mm(w, &xq.as_ref(), &mut got, out_rs);
+                    for t in 0..n_tok {
+                        for r in 0..out_rs {
+                            let (g, e) = (got[t * out_rs + r], want[t * out_rs + r]);
+                            if r >= rows {
+                                assert!(g.is_nan(), "{dtype} {isa}: wrote outside the rows");
+                                continue;
+                            }
+                            assert!(
+                                (g - e).abs() <= TOL * e.abs().max(1.0) * 10.0,
+                                "{dtype} {isa} cols {cols} token {t} row {r}: {g} vs {e}"
                             );
                         }
                     }

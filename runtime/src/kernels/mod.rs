@@ -153,6 +153,11 @@ pub struct Kernels {
     /// and 16 calibration sequences in lockstep 39.7 against 46.6 ms per step;
     /// AVX2's `maddubs` loses at 128 tokens (327 against 380 tok/s).
     pub qg_mm_beats_tiles: bool,
+    /// Q4_K, Q5_K, Q6_K rows × the [`Q8Kind::Super256`] blocks of many
+    /// tokens (prompts: each sub-block unpacked once for four tokens);
+    /// `None` where no such kernel beats decoded tiles fed to `gemm`.
+    /// AVX-512, Qwen2.5-Coder-1.5B Q4_K_M pp128: see docs/BENCHMARKS.md.
+    kquant_mm: Option<[gguf::KquantMatmulFn; 3]>,
     /// Packed weights interleaved by eight rows ([`qg_x8`]) × int8
     /// activations; `None` where there is no such kernel (the models then
     /// keep no interleaved copy).
@@ -199,6 +204,7 @@ static SCALAR: Kernels = Kernels {
     ],
     qg_mm: None,
     qg_mm_beats_tiles: false,
+    kquant_mm: None,
     matvec_x8: None,
     matmul_x8: None,
     matvec_f32: float::matvec_f32_scalar,
@@ -236,6 +242,7 @@ static AVX2: Kernels = Kernels {
     ],
     qg_mm: Some(qg_mm::x86::AVX2),
     qg_mm_beats_tiles: false,
+    kquant_mm: None,
     matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx2),
     matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx2),
     matvec_f32: float::avx2::matvec_f32_avx2,
@@ -273,6 +280,11 @@ static AVX512: Kernels = Kernels {
     ],
     qg_mm: Some(qg_mm::x86::AVX512),
     qg_mm_beats_tiles: true,
+    kquant_mm: Some([
+        gguf::x86::matmul_q4k_avx512,
+        gguf::x86::matmul_q5k_avx512,
+        gguf::x86::matmul_q6k_avx512,
+    ]),
     matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx512),
     matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx512),
     matvec_f32: float::avx2::matvec_f32_avx2,
@@ -313,6 +325,7 @@ const NEON_TABLE: Kernels = Kernels {
     ],
     qg_mm: None,
     qg_mm_beats_tiles: false,
+    kquant_mm: None,
     matvec_x8: Some(qg_x8::neon::vec_dot_x8_q8_neon),
     matmul_x8: Some(qg_x8::neon::matmul_x8_q8_neon),
     matvec_f32: float::neon::matvec_f32_neon,
@@ -412,6 +425,18 @@ impl Kernels {
             return None;
         }
         self.qg_mm.map(|t| t[packed_index(dtype)])
+    }
+
+    /// The batched (prompt) kernel for K-quant rows of `dtype`, where this
+    /// instruction set has one.
+    pub fn matmul_kquant(&self, dtype: DType) -> Option<gguf::KquantMatmulFn> {
+        let i = match dtype {
+            DType::Q4K => 0,
+            DType::Q5K => 1,
+            DType::Q6K => 2,
+            _ => return None,
+        };
+        self.kquant_mm.map(|t| t[i])
     }
 
     /// The row decoder for a packed `dtype` (GGUF block types: the
