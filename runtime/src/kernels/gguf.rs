@@ -989,9 +989,154 @@ pub mod x86 {
         std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]))
     }
 
-    /// The AVX-512 [`KquantMatmulFn`] driver: tokens four at a time (the
+    /// [`row_q45k_super`] for `NT` tokens at once (AVX2): each sub-block's
+    /// codes unpacked once and multiplied by every token's activations.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_q45k_x_avx2<const FIVE: bool, const NT: usize>(
+        row: &[u8],
+        x: &Q8Ref<'_>,
+        t0: usize,
+        cols: usize,
+    ) -> [f32; NT] {
+        let bytes = if FIVE { 176 } else { 144 };
+        let nb = cols / SUB_BLOCK;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut minacc = [_mm256_setzero_ps(); NT];
+        let mut k = 0;
+        for b in row.chunks_exact(bytes) {
+            let p = b.as_ptr();
+            let (sc, mn) = scales_mins_k4(&b[4..16]);
+            // SAFETY: `b` is one whole block; blocks k..k+8 of every token
+            // t0..t0+NT exist (checked by the caller).
+            unsafe {
+                let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+                let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64)));
+                let dm = _mm256_mul_ps(_mm256_set1_ps(dmin), m);
+                for (t, ma) in minacc.iter_mut().enumerate() {
+                    let ds = _mm256_loadu_ps(x.ds.as_ptr().add((t0 + t) * nb + k));
+                    *ma = _mm256_fmadd_ps(dm, ds, *ma);
+                }
+                let qs = p.add(if FIVE { 48 } else { 16 });
+                let mut qh = if FIVE {
+                    _mm256_loadu_si256(p.add(16) as *const __m256i)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                let mut sum = [_mm256_setzero_si256(); NT];
+                for n in 0..4 {
+                    let q = _mm256_loadu_si256(qs.add(32 * n) as *const __m256i);
+                    let mut lo = _mm256_and_si256(q, m4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                    if FIVE {
+                        let h0 = _mm256_and_si256(qh, one);
+                        let h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 1), one);
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+                        qh = _mm256_srli_epi16(qh, 2);
+                    }
+                    let s0 = _mm256_set1_epi16(((sc >> (16 * n)) & 0xff) as i16);
+                    let s1 = _mm256_set1_epi16(((sc >> (16 * n + 8)) & 0xff) as i16);
+                    for (t, st) in sum.iter_mut().enumerate() {
+                        let at = x.qs.as_ptr().add((t0 + t) * cols + (k + 2 * n) * SUB_BLOCK);
+                        let a0 = _mm256_loadu_si256(at as *const __m256i);
+                        let a1 = _mm256_loadu_si256(at.add(SUB_BLOCK) as *const __m256i);
+                        let i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), s0);
+                        let i1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), s1);
+                        *st = _mm256_add_epi32(*st, _mm256_add_epi32(i0, i1));
+                    }
+                }
+                for (t, (a, st)) in acc.iter_mut().zip(sum).enumerate() {
+                    let f = _mm256_set1_ps(d * x.d[(t0 + t) * nb + k]);
+                    *a = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(st), *a);
+                }
+            }
+            k += 8;
+        }
+        std::array::from_fn(|t| hsum(acc[t]) - hsum(minacc[t]))
+    }
+
+    /// [`row_q6k_super`] for `NT` tokens at once (AVX2).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_q6k_x_avx2<const NT: usize>(
+        row: &[u8],
+        x: &Q8Ref<'_>,
+        t0: usize,
+        cols: usize,
+    ) -> [f32; NT] {
+        let nb = cols / SUB_BLOCK;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(3);
+        let c32 = _mm256_set1_epi8(32);
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut k = 0;
+        for b in row.chunks_exact(210) {
+            let p = b.as_ptr();
+            // SAFETY: `b` is one whole block; blocks k..k+8 of every token
+            // t0..t0+NT exist (checked by the caller).
+            unsafe {
+                let d = f16_at(p.add(208));
+                let mut sum = [_mm256_setzero_si256(); NT];
+                for n in 0..2 {
+                    let ql0 = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
+                    let ql1 = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
+                    let qh = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
+                    let high = |h: __m256i| _mm256_slli_epi16(_mm256_and_si256(h, m2), 4);
+                    let codes = [
+                        _mm256_or_si256(_mm256_and_si256(ql0, m4), high(qh)),
+                        _mm256_or_si256(_mm256_and_si256(ql1, m4), high(_mm256_srli_epi16(qh, 2))),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                            high(_mm256_srli_epi16(qh, 4)),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                            high(_mm256_srli_epi16(qh, 6)),
+                        ),
+                    ];
+                    for (part, c) in codes.into_iter().enumerate() {
+                        let sub = k + 4 * n + part;
+                        let s = 192 + 8 * n + 2 * part;
+                        let (s0, s1) = (i16::from(b[s] as i8), i16::from(b[s + 1] as i8));
+                        let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                        for (t, st) in sum.iter_mut().enumerate() {
+                            let at = x.qs.as_ptr().add((t0 + t) * cols + sub * SUB_BLOCK);
+                            let a = _mm256_loadu_si256(at as *const __m256i);
+                            let prod = _mm256_sub_epi16(
+                                _mm256_maddubs_epi16(c, a),
+                                _mm256_maddubs_epi16(c32, a),
+                            );
+                            *st = _mm256_add_epi32(*st, _mm256_madd_epi16(prod, scale));
+                        }
+                    }
+                }
+                for (t, (a, st)) in acc.iter_mut().zip(sum).enumerate() {
+                    let f = _mm256_set1_ps(d * x.d[(t0 + t) * nb + k]);
+                    *a = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(st), *a);
+                }
+            }
+            k += 8;
+        }
+        std::array::from_fn(|t| hsum(acc[t]))
+    }
+
+    pub fn matmul_q4k_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+        let (four, one) = (rows_q45k_x_avx2::<false, 4>, rows_q45k_x_avx2::<false, 1>);
+        matmul_kquant_x86(DType::Q4K, w, x, out, out_rs, four, one)
+    }
+    pub fn matmul_q5k_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+        let (four, one) = (rows_q45k_x_avx2::<true, 4>, rows_q45k_x_avx2::<true, 1>);
+        matmul_kquant_x86(DType::Q5K, w, x, out, out_rs, four, one)
+    }
+    pub fn matmul_q6k_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+        let (four, one) = (rows_q6k_x_avx2::<4>, rows_q6k_x_avx2::<1>);
+        matmul_kquant_x86(DType::Q6K, w, x, out, out_rs, four, one)
+    }
+
+    /// The x86 [`KquantMatmulFn`] driver: tokens four at a time (the
     /// last one to three one at a time), every row of `w` for each group.
-    fn matmul_kquant_avx512(
+    fn matmul_kquant_x86(
         dtype: DType,
         w: PackedRows<'_>,
         x: &Q8Ref<'_>,
@@ -1007,9 +1152,9 @@ pub mod x86 {
         while t0 < n_tok {
             let group = if n_tok - t0 >= 4 { 4 } else { 1 };
             for r in 0..w.rows() {
-                // SAFETY: this table is built only after AVX-512 (F, BW, VL,
-                // DQ, VNNI) was detected; `check_batch` and `PackedRows`
-                // guarantee whole blocks per row and `cols` values per token.
+                // SAFETY: the tables holding these kernels are built only
+                // after their features were detected; `check_batch` and
+                // `PackedRows` guarantee whole blocks per row, `cols` per token.
                 let got = if group == 4 {
                     unsafe { four(w.row(r), x, t0, cols) }
                 } else {
@@ -1025,7 +1170,7 @@ pub mod x86 {
     }
 
     pub fn matmul_q4k_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-        matmul_kquant_avx512(
+        matmul_kquant_x86(
             DType::Q4K,
             w,
             x,
@@ -1036,7 +1181,7 @@ pub mod x86 {
         )
     }
     pub fn matmul_q5k_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-        matmul_kquant_avx512(
+        matmul_kquant_x86(
             DType::Q5K,
             w,
             x,
@@ -1047,7 +1192,7 @@ pub mod x86 {
         )
     }
     pub fn matmul_q6k_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-        matmul_kquant_avx512(
+        matmul_kquant_x86(
             DType::Q6K,
             w,
             x,

@@ -242,7 +242,11 @@ static AVX2: Kernels = Kernels {
     ],
     qg_mm: Some(qg_mm::x86::AVX2),
     qg_mm_beats_tiles: false,
-    kquant_mm: None,
+    kquant_mm: Some([
+        gguf::x86::matmul_q4k_avx2,
+        gguf::x86::matmul_q5k_avx2,
+        gguf::x86::matmul_q6k_avx2,
+    ]),
     matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx2),
     matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx2),
     matvec_f32: float::avx2::matvec_f32_avx2,
