@@ -1,6 +1,6 @@
 //! GGUF block types run as stored (`Q5_0`, `Q2_K`…`Q6_K`, `IQ4_NL`,
 //! `IQ4_XS`) times int8 activation blocks ([`super::q8`]): `vec_dot_q4k_q8`
-//! and its siblings, the scalar reference and the AVX2 versions.
+//! and its siblings, the scalar reference and the SIMD versions.
 //!
 //! A GGUF block is 32 or 256 weights; every type reads as sub-blocks of 32
 //! in the integer form of [`nibble_format::gguf_blocks::IntSub`] (weight =
@@ -24,13 +24,15 @@
 //!
 //! K-quant rows (Q2_K…Q6_K) take [`Q8Ref::super256`] activations, one scale
 //! per 256 as llama.cpp's `Q8_K` ([`super::q8::Q8Kind`]). The reference and
-//! every kernel stay correct on either flavour; the x86 Q4_K, Q5_K and
-//! Q6_K kernels then add a whole super-block's scaled integer sums in i32
-//! and apply one float multiply-add, where per-32 activation scales need
-//! one per sub-block. AVX-512 has its own versions of those three (two
-//! sub-blocks per 512-bit step, `vpdpwssd`); its table takes the AVX2
-//! versions of the others. Qwen2.5-Coder-1.5B Q4_K_M, one thread, tg64:
-//! 6.4 → 6.9 tok/s, two threads 11.0 → 12.9 (docs/BENCHMARKS.md).
+//! the NEON, Q2_K and Q3_K kernels read either flavour; the x86 Q4_K, Q5_K
+//! and Q6_K kernels add a whole super-block's scaled integer sums in i32
+//! and apply one float multiply-add per token (per-32 blocks, which the
+//! runtime never gives them, go to the reference). They come in AVX2 and
+//! AVX-512 (two sub-blocks per 512-bit step, `vpdpwssd`) versions, for one
+//! token and for prompts ([`KquantMatmulFn`]: each sub-block unpacked once
+//! for four tokens); the AVX-512 table takes the AVX2 versions of the other
+//! types. Qwen2.5-Coder-1.5B Q4_K_M, AVX-512, tg64: 6.4 → 6.9 tok/s at one
+//! thread, 11.0 → 12.9 at two; pp128 17.9 → 33.1 (docs/BENCHMARKS.md).
 
 use nibble_format::gguf::GgmlType;
 use nibble_format::gguf_blocks::{unpack_int, IntSub};
@@ -191,9 +193,7 @@ pub mod x86 {
     use super::*;
     use crate::kernels::float::avx2::hsum;
     use crate::kernels::qg::x86::half;
-    use nibble_format::gguf_blocks::{
-        iq4xs_scale, q3k_scales, scale_min_k4, scales_mins_k4, KVALUES_IQ4NL,
-    };
+    use nibble_format::gguf_blocks::{iq4xs_scale, q3k_scales, scales_mins_k4, KVALUES_IQ4NL};
     use std::arch::x86_64::*;
 
     /// Σ v·q over 32 lanes, both signed (`v` > −128).
@@ -245,234 +245,22 @@ pub mod x86 {
         unsafe { half((p as *const u16).read_unaligned()) }
     }
 
-    /// Q4_K / Q5_K (`FIVE`): the eight 6-bit scales and minimums decoded
-    /// once per block; per 64 weights one 32-byte load of nibbles (and the
-    /// fifth bits of `qh`), two sub-blocks whose scale multiplies the i16
-    /// products in `vpmaddwd`; the minimums against `ds`, eight at a time.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn row_q45k<const FIVE: bool>(row: &[u8], x: &Q8Ref<'_>) -> f32 {
-        let bytes = if FIVE { 176 } else { 144 };
-        let m4 = _mm256_set1_epi8(0x0F);
-        let one = _mm256_set1_epi8(1);
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut minacc = _mm256_setzero_ps();
-        let mut k = 0;
-        for b in row.chunks_exact(bytes) {
-            let p = b.as_ptr();
-            let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
-            for j in 0..8 {
-                (sc[j], mn[j]) = scale_min_k4(j, &b[4..16]);
-            }
-            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
-            unsafe {
-                let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
-                let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                    mn.as_ptr() as *const __m128i
-                )));
-                let ds = _mm256_loadu_ps(x.ds.as_ptr().add(k));
-                minacc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), m), ds, minacc);
-                let qs = p.add(if FIVE { 48 } else { 16 });
-                let mut qh = if FIVE {
-                    _mm256_loadu_si256(p.add(16) as *const __m256i)
-                } else {
-                    _mm256_setzero_si256()
-                };
-                for n in 0..4 {
-                    let q = _mm256_loadu_si256(qs.add(32 * n) as *const __m256i);
-                    let mut lo = _mm256_and_si256(q, m4);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                    if FIVE {
-                        let h0 = _mm256_and_si256(qh, one);
-                        let h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 1), one);
-                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
-                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
-                        qh = _mm256_srli_epi16(qh, 2);
-                    }
-                    let s0 = _mm256_set1_epi16(i16::from(sc[2 * n]));
-                    let s1 = _mm256_set1_epi16(i16::from(sc[2 * n + 1]));
-                    let i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, act(x, k)), s0);
-                    let i1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, act(x, k + 1)), s1);
-                    let f0 = _mm256_set1_ps(d * x.d[k]);
-                    let f1 = _mm256_set1_ps(d * x.d[k + 1]);
-                    acc0 = _mm256_fmadd_ps(f0, _mm256_cvtepi32_ps(i0), acc0);
-                    acc1 = _mm256_fmadd_ps(f1, _mm256_cvtepi32_ps(i1), acc1);
-                    k += 2;
-                }
-            }
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) - hsum(minacc)
-    }
-
-    /// Q4_K / Q5_K against [`Q8Ref::super256`] activations: as
-    /// [`row_q45k`], but the eight sub-blocks share the activation scale,
-    /// so their scaled integer sums add up in i32 and one float multiply-add
-    /// ends the super-block; the scales come from the word form
-    /// ([`scales_mins_k4`]).
+    /// Q4_K / Q5_K against [`Q8Ref::super256`] activations (one token of
+    /// [`rows_q45k_x_avx2`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn row_q45k_super<const FIVE: bool>(row: &[u8], x: &Q8Ref<'_>) -> f32 {
-        let bytes = if FIVE { 176 } else { 144 };
-        let m4 = _mm256_set1_epi8(0x0F);
-        let one = _mm256_set1_epi8(1);
-        let (mut acc, mut minacc) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut k = 0;
-        for b in row.chunks_exact(bytes) {
-            let p = b.as_ptr();
-            let (sc, mn) = scales_mins_k4(&b[4..16]);
-            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
-            unsafe {
-                let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
-                let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64)));
-                let ds = _mm256_loadu_ps(x.ds.as_ptr().add(k));
-                minacc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), m), ds, minacc);
-                let qs = p.add(if FIVE { 48 } else { 16 });
-                let mut qh = if FIVE {
-                    _mm256_loadu_si256(p.add(16) as *const __m256i)
-                } else {
-                    _mm256_setzero_si256()
-                };
-                let (mut sum0, mut sum1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                for n in 0..4 {
-                    let q = _mm256_loadu_si256(qs.add(32 * n) as *const __m256i);
-                    let mut lo = _mm256_and_si256(q, m4);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                    if FIVE {
-                        let h0 = _mm256_and_si256(qh, one);
-                        let h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 1), one);
-                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
-                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
-                        qh = _mm256_srli_epi16(qh, 2);
-                    }
-                    let s0 = _mm256_set1_epi16(((sc >> (16 * n)) & 0xff) as i16);
-                    let s1 = _mm256_set1_epi16(((sc >> (16 * n + 8)) & 0xff) as i16);
-                    let a0 = act(x, k + 2 * n);
-                    let a1 = act(x, k + 2 * n + 1);
-                    sum0 =
-                        _mm256_add_epi32(sum0, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), s0));
-                    sum1 =
-                        _mm256_add_epi32(sum1, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), s1));
-                }
-                let f = _mm256_set1_ps(d * x.d[k]);
-                acc = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
-            }
-            k += 8;
-        }
-        hsum(acc) - hsum(minacc)
+        // SAFETY: the caller's guarantees for one token of `x.len` values.
+        let [v] = unsafe { rows_q45k_x_avx2::<FIVE, 1>(row, x, 0, x.len) };
+        v
     }
 
-    /// Q6_K against [`Q8Ref::super256`] activations: as [`row_q6k`], the
-    /// eight sub-blocks' scaled integer sums added in i32, one float
-    /// multiply-add per super-block.
+    /// Q6_K against [`Q8Ref::super256`] activations (one token of
+    /// [`rows_q6k_x_avx2`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn row_q6k_super(row: &[u8], x: &Q8Ref<'_>) -> f32 {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m2 = _mm256_set1_epi8(3);
-        let c32 = _mm256_set1_epi8(32);
-        let mut acc = _mm256_setzero_ps();
-        let mut k = 0;
-        for b in row.chunks_exact(210) {
-            let p = b.as_ptr();
-            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
-            unsafe {
-                let d = f16_at(p.add(208));
-                let (mut sum0, mut sum1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                for n in 0..2 {
-                    let ql0 = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
-                    let ql1 = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
-                    let qh = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
-                    let high = |h: __m256i| _mm256_slli_epi16(_mm256_and_si256(h, m2), 4);
-                    let codes = [
-                        _mm256_or_si256(_mm256_and_si256(ql0, m4), high(qh)),
-                        _mm256_or_si256(_mm256_and_si256(ql1, m4), high(_mm256_srli_epi16(qh, 2))),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                            high(_mm256_srli_epi16(qh, 4)),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                            high(_mm256_srli_epi16(qh, 6)),
-                        ),
-                    ];
-                    for (part, c) in codes.into_iter().enumerate() {
-                        let q = act(x, k + 4 * n + part);
-                        let prod = _mm256_sub_epi16(
-                            _mm256_maddubs_epi16(c, q),
-                            _mm256_maddubs_epi16(c32, q),
-                        );
-                        let s = 192 + 8 * n + 2 * part;
-                        let (s0, s1) = (i16::from(b[s] as i8), i16::from(b[s + 1] as i8));
-                        let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                        let i = _mm256_madd_epi16(prod, scale);
-                        if part % 2 == 0 {
-                            sum0 = _mm256_add_epi32(sum0, i);
-                        } else {
-                            sum1 = _mm256_add_epi32(sum1, i);
-                        }
-                    }
-                }
-                let f = _mm256_set1_ps(d * x.d[k]);
-                acc = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(_mm256_add_epi32(sum0, sum1)), acc);
-            }
-            k += 8;
-        }
-        hsum(acc)
-    }
-
-    /// Q6_K: per 128 weights two 32-byte loads of low nibbles and one of
-    /// high pairs make four sub-blocks; `Σ (c − 32)·q` as `maddubs(c, q) −
-    /// maddubs(32, q)` in i16, then the two 16-weight scales by `vpmaddwd`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn row_q6k(row: &[u8], x: &Q8Ref<'_>) -> f32 {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m2 = _mm256_set1_epi8(3);
-        let c32 = _mm256_set1_epi8(32);
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut k = 0;
-        for b in row.chunks_exact(210) {
-            let p = b.as_ptr();
-            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
-            unsafe {
-                let d = f16_at(p.add(208));
-                for n in 0..2 {
-                    let ql0 = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
-                    let ql1 = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
-                    let qh = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
-                    let high = |s: i32| {
-                        let h = match s {
-                            0 => qh,
-                            2 => _mm256_srli_epi16(qh, 2),
-                            4 => _mm256_srli_epi16(qh, 4),
-                            _ => _mm256_srli_epi16(qh, 6),
-                        };
-                        _mm256_slli_epi16(_mm256_and_si256(h, m2), 4)
-                    };
-                    let codes = [
-                        _mm256_or_si256(_mm256_and_si256(ql0, m4), high(0)),
-                        _mm256_or_si256(_mm256_and_si256(ql1, m4), high(2)),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), high(4)),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), high(6)),
-                    ];
-                    for (part, c) in codes.into_iter().enumerate() {
-                        let q = act(x, k);
-                        let prod = _mm256_sub_epi16(
-                            _mm256_maddubs_epi16(c, q),
-                            _mm256_maddubs_epi16(c32, q),
-                        );
-                        let s = 192 + 8 * n + 2 * part;
-                        let (s0, s1) = (i16::from(b[s] as i8), i16::from(b[s + 1] as i8));
-                        let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                        let i = _mm256_madd_epi16(prod, scale);
-                        let f = _mm256_set1_ps(d * x.d[k]);
-                        if part % 2 == 0 {
-                            acc0 = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(i), acc0);
-                        } else {
-                            acc1 = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(i), acc1);
-                        }
-                        k += 1;
-                    }
-                }
-            }
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
+        // SAFETY: the caller's guarantees for one token of `x.len` values.
+        let [v] = unsafe { rows_q6k_x_avx2::<1>(row, x, 0, x.len) };
+        v
     }
 
     /// The 2-bit codes of one sub-block of 32: bits `2·j`, `2·j + 1` of
@@ -664,6 +452,24 @@ pub mod x86 {
         hsum(acc)
     }
 
+    /// A Q4_K/Q5_K/Q6_K kernel's driver: the super-block kernel `row` for
+    /// [`Q8Ref::super256`] activations (what the runtime gives K-quant
+    /// weights, [`crate::kernels::Q8Kind::for_dtype`]); per-32 blocks, which
+    /// only direct callers pass, go to the scalar reference.
+    fn kquant_rows(
+        dtype: DType,
+        w: PackedRows<'_>,
+        x: &Q8Ref<'_>,
+        out: &mut [f32],
+        row: unsafe fn(&[u8], &Q8Ref<'_>) -> f32,
+    ) {
+        if x.super256 {
+            each_row(dtype, w, x, out, row)
+        } else {
+            matvec_scalar(dtype, w, x, out)
+        }
+    }
+
     pub fn vec_dot_q2k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
         each_row(DType::Q2K, w, x, out, row_q2k)
     }
@@ -671,24 +477,13 @@ pub mod x86 {
         each_row(DType::Q3K, w, x, out, row_q3k)
     }
     pub fn vec_dot_q4k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
-        let row = if x.super256 {
-            row_q45k_super::<false>
-        } else {
-            row_q45k::<false>
-        };
-        each_row(DType::Q4K, w, x, out, row)
+        kquant_rows(DType::Q4K, w, x, out, row_q45k_super::<false>)
     }
     pub fn vec_dot_q5k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
-        let row = if x.super256 {
-            row_q45k_super::<true>
-        } else {
-            row_q45k::<true>
-        };
-        each_row(DType::Q5K, w, x, out, row)
+        kquant_rows(DType::Q5K, w, x, out, row_q45k_super::<true>)
     }
     pub fn vec_dot_q6k_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
-        let row = if x.super256 { row_q6k_super } else { row_q6k };
-        each_row(DType::Q6K, w, x, out, row)
+        kquant_rows(DType::Q6K, w, x, out, row_q6k_super)
     }
     pub fn vec_dot_q5_0_q8_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
         each_row(DType::Q5_0, w, x, out, row_q5_0)
@@ -700,150 +495,33 @@ pub mod x86 {
         each_row(DType::IQ4XS, w, x, out, row_iq4::<true>)
     }
 
-    /// Q4_K / Q5_K against [`Q8Ref::super256`] activations, AVX-512: two
-    /// sub-blocks per 512-bit step (the 32 bytes of nibbles broadcast to
-    /// both halves, shifted by 0 and 4; their 64 activations are one load),
-    /// the pair's scales as the i16 lanes of each half (`vpermw`), scaled
-    /// products summed by VNNI's `vpdpwssd`; one float multiply-add per
-    /// super-block.
+    /// Q4_K / Q5_K against [`Q8Ref::super256`] activations, AVX-512 (one
+    /// token of [`rows_q45k_x`]).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     unsafe fn row_q45k_super_avx512<const FIVE: bool>(row: &[u8], x: &Q8Ref<'_>) -> f32 {
-        let bytes = if FIVE { 176 } else { 144 };
-        let m4 = _mm512_set1_epi8(0x0F);
-        let one = _mm512_set1_epi8(1);
-        // Per 16-bit lane: 0 in the low half, 4 in the high half (nibbles);
-        // fifth bits of pair n at 2n and 2n + 1.
-        let nib_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-        let bit_shift = |n: i16| {
-            _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_set1_epi16(2 * n)),
-                _mm256_set1_epi16(2 * n + 1),
-                1,
-            )
-        };
-        let pair_idx = |n: i16| {
-            _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_set1_epi16(2 * n)),
-                _mm256_set1_epi16(2 * n + 1),
-                1,
-            )
-        };
-        let idx = [pair_idx(0), pair_idx(1), pair_idx(2), pair_idx(3)];
-        let hsh = [bit_shift(0), bit_shift(1), bit_shift(2), bit_shift(3)];
-        let mut acc = _mm512_setzero_ps();
-        let mut minacc = _mm256_setzero_ps();
-        let mut k = 0;
-        for b in row.chunks_exact(bytes) {
-            let p = b.as_ptr();
-            let (sc, mn) = scales_mins_k4(&b[4..16]);
-            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
-            unsafe {
-                let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
-                let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64)));
-                let ds = _mm256_loadu_ps(x.ds.as_ptr().add(k));
-                minacc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), m), ds, minacc);
-                let scales =
-                    _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
-                let qs = p.add(if FIVE { 48 } else { 16 });
-                let qh = if FIVE {
-                    _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(16) as *const __m256i))
-                } else {
-                    _mm512_setzero_si512()
-                };
-                let mut sum = _mm512_setzero_si512();
-                for n in 0..4 {
-                    let q = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                        qs.add(32 * n) as *const __m256i
-                    ));
-                    let mut c = _mm512_and_si512(_mm512_srlv_epi16(q, nib_shift), m4);
-                    if FIVE {
-                        let h = _mm512_and_si512(_mm512_srlv_epi16(qh, hsh[n]), one);
-                        c = _mm512_or_si512(c, _mm512_slli_epi16(h, 4));
-                    }
-                    let a =
-                        _mm512_loadu_si512(x.qs.as_ptr().add((k + 2 * n) * SUB_BLOCK) as *const _);
-                    let prod = _mm512_maddubs_epi16(c, a);
-                    let scale = _mm512_permutexvar_epi16(idx[n], scales);
-                    sum = _mm512_dpwssd_epi32(sum, prod, scale);
-                }
-                let f = _mm512_set1_ps(d * x.d[k]);
-                acc = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(sum), acc);
-            }
-            k += 8;
-        }
-        _mm512_reduce_add_ps(acc) - hsum(minacc)
+        // SAFETY: the caller's guarantees for one token of `x.len` values.
+        let [v] = unsafe { rows_q45k_x::<FIVE, 1>(row, x, 0, x.len) };
+        v
     }
 
-    /// Q6_K against [`Q8Ref::super256`] activations, AVX-512: per 128
-    /// weights two 512-bit steps of two sub-blocks each (low nibbles of
-    /// both 32-byte runs, then high nibbles; the high pairs of `qh` shifted
-    /// per half by `vpsrlvw`), the four 16-weight scales of each step as its
-    /// i16 lanes (`vpermw`), `vpdpwssd` into one i32 sum per super-block.
+    /// Q6_K against [`Q8Ref::super256`] activations, AVX-512 (one token of
+    /// [`rows_q6k_x`]).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     unsafe fn row_q6k_super_avx512(row: &[u8], x: &Q8Ref<'_>) -> f32 {
-        let m4 = _mm512_set1_epi8(0x0F);
-        let m2 = _mm512_set1_epi8(3);
-        let c32 = _mm512_set1_epi8(32);
-        let halves = |lo: i16, hi: i16| {
-            _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_set1_epi16(lo)),
-                _mm256_set1_epi16(hi),
-                1,
-            )
-        };
-        let (h_lo, h_hi) = (halves(0, 2), halves(4, 6));
-        // Step `m` (0..4) of a block reads scales 4m..4m+4, each over 8
-        // i16 lanes (16 weights).
-        let idx: [__m512i; 4] = std::array::from_fn(|m| {
-            let v: [i16; 32] = std::array::from_fn(|l| (4 * m + l / 8) as i16);
-            // SAFETY: 64 bytes read from a 64-byte array.
-            unsafe { _mm512_loadu_si512(v.as_ptr() as *const _) }
-        });
-        let mut acc = _mm512_setzero_ps();
-        let mut k = 0;
-        for b in row.chunks_exact(210) {
-            let p = b.as_ptr();
-            // SAFETY: `b` is one whole block; blocks k..k+8 of `x` exist.
-            unsafe {
-                let d = f16_at(p.add(208));
-                let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(
-                    p.add(192) as *const __m128i,
-                )));
-                let mut sum = _mm512_setzero_si512();
-                for n in 0..2 {
-                    let ql = _mm512_loadu_si512(p.add(64 * n) as *const _);
-                    let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                        p.add(128 + 32 * n) as *const __m256i
-                    ));
-                    let high = |sh: __m512i| {
-                        _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sh), m2), 4)
-                    };
-                    let codes = [
-                        _mm512_or_si512(_mm512_and_si512(ql, m4), high(h_lo)),
-                        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), high(h_hi)),
-                    ];
-                    for (half, c) in codes.into_iter().enumerate() {
-                        let sub = k + 4 * n + 2 * half;
-                        let a = _mm512_loadu_si512(x.qs.as_ptr().add(sub * SUB_BLOCK) as *const _);
-                        let prod = _mm512_sub_epi16(
-                            _mm512_maddubs_epi16(c, a),
-                            _mm512_maddubs_epi16(c32, a),
-                        );
-                        let scale = _mm512_permutexvar_epi16(idx[2 * n + half], scales);
-                        sum = _mm512_dpwssd_epi32(sum, prod, scale);
-                    }
-                }
-                let f = _mm512_set1_ps(d * x.d[k]);
-                acc = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(sum), acc);
-            }
-            k += 8;
-        }
-        _mm512_reduce_add_ps(acc)
+        // SAFETY: the caller's guarantees for one token of `x.len` values.
+        let [v] = unsafe { rows_q6k_x::<1>(row, x, 0, x.len) };
+        v
     }
 
-    /// [`row_q45k_super_avx512`] for `NT` tokens at once: each pair of
-    /// sub-blocks unpacked once and multiplied by every token's 64
-    /// activations. `x` holds the tokens back to back (`cols` each).
+    /// Q4_K / Q5_K rows against the [`Q8Ref::super256`] activations of
+    /// `NT` tokens (from `t0`, `cols` each, back to back in `x`), AVX-512:
+    /// the eight sub-blocks share each token's activation scale, so their
+    /// scaled integer sums add up in i32 and one float multiply-add ends
+    /// the super-block. Two sub-blocks per 512-bit step (the 32 bytes of
+    /// nibbles broadcast to both halves, shifted by 0 and 4 per half), the
+    /// pair's scales as the i16 lanes of each half (`vpermw`), products
+    /// summed by VNNI's `vpdpwssd`; each pair unpacked once for every token.
+    /// Scales and minimums from the word form ([`scales_mins_k4`]).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     unsafe fn rows_q45k_x<const FIVE: bool, const NT: usize>(
         row: &[u8],
@@ -916,7 +594,12 @@ pub mod x86 {
         std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]) - hsum(minacc[t]))
     }
 
-    /// [`row_q6k_super_avx512`] for `NT` tokens at once (see [`rows_q45k_x`]).
+    /// Q6_K rows against `NT` tokens' [`Q8Ref::super256`] activations,
+    /// AVX-512 (tokens as in [`rows_q45k_x`]): per 128 weights two 512-bit
+    /// steps of two sub-blocks each (low nibbles of both 32-byte runs, then
+    /// high nibbles; the high pairs of `qh` shifted per half by `vpsrlvw`),
+    /// the four 16-weight scales of each step as its i16 lanes (`vpermw`),
+    /// `vpdpwssd` into one i32 sum per token and super-block.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     unsafe fn rows_q6k_x<const NT: usize>(
         row: &[u8],
@@ -989,8 +672,13 @@ pub mod x86 {
         std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]))
     }
 
-    /// [`row_q45k_super`] for `NT` tokens at once (AVX2): each sub-block's
-    /// codes unpacked once and multiplied by every token's activations.
+    /// Q4_K / Q5_K rows against `NT` tokens' [`Q8Ref::super256`]
+    /// activations, AVX2 (tokens as in [`rows_q45k_x`]): per 64 weights one
+    /// 32-byte load of nibbles (and the fifth bits of `qh`) makes two
+    /// sub-blocks, each scale multiplying the i16 products in `vpmaddwd`;
+    /// the scaled integer sums add up in i32 over the super-block, one float
+    /// multiply-add per token; the minimums against `ds`, eight at a time.
+    /// Each sub-block's codes unpacked once for every token.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows_q45k_x_avx2<const FIVE: bool, const NT: usize>(
         row: &[u8],
@@ -1057,7 +745,12 @@ pub mod x86 {
         std::array::from_fn(|t| hsum(acc[t]) - hsum(minacc[t]))
     }
 
-    /// [`row_q6k_super`] for `NT` tokens at once (AVX2).
+    /// Q6_K rows against `NT` tokens' [`Q8Ref::super256`] activations,
+    /// AVX2: per 128 weights two 32-byte loads of low nibbles and one of high
+    /// pairs make four sub-blocks; `Σ (c − 32)·q` as `maddubs(c, q) −
+    /// maddubs(32, q)` in i16, the two 16-weight scales by `vpmaddwd`, the
+    /// scaled sums added in i32 over the super-block; each sub-block's codes
+    /// unpacked once for every token.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows_q6k_x_avx2<const NT: usize>(
         row: &[u8],
@@ -1204,28 +897,13 @@ pub mod x86 {
     }
 
     pub fn vec_dot_q4k_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
-        let row = if x.super256 {
-            row_q45k_super_avx512::<false>
-        } else {
-            row_q45k::<false>
-        };
-        each_row(DType::Q4K, w, x, out, row)
+        kquant_rows(DType::Q4K, w, x, out, row_q45k_super_avx512::<false>)
     }
     pub fn vec_dot_q5k_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
-        let row = if x.super256 {
-            row_q45k_super_avx512::<true>
-        } else {
-            row_q45k::<true>
-        };
-        each_row(DType::Q5K, w, x, out, row)
+        kquant_rows(DType::Q5K, w, x, out, row_q45k_super_avx512::<true>)
     }
     pub fn vec_dot_q6k_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
-        let row = if x.super256 {
-            row_q6k_super_avx512
-        } else {
-            row_q6k
-        };
-        each_row(DType::Q6K, w, x, out, row)
+        kquant_rows(DType::Q6K, w, x, out, row_q6k_super_avx512)
     }
 
     /// The AVX-512 table: its own super-block kernels for Q4_K, Q5_K and

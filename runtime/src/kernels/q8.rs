@@ -507,6 +507,18 @@ mod tests {
     use super::*;
     use crate::kernels::{test_util::lcg, Isa, Kernels};
 
+    /// Codes past the `n` values are 0, and each block's `ds` is `d · Σ q`.
+    fn assert_padding_and_ds(r: &Q8Ref<'_>, n: usize) {
+        assert!(r.qs[n..].iter().all(|&q| q == 0));
+        for (blk, (&d, &ds)) in r.d.iter().zip(r.ds).enumerate() {
+            let s: i32 = r.qs[blk * 32..blk * 32 + 32]
+                .iter()
+                .map(|&q| i32::from(q))
+                .sum();
+            assert_eq!(ds, d * s as f32);
+        }
+    }
+
     #[test]
     fn reference_reconstructs_within_half_a_step_and_pads_with_zero() {
         let mut seed = 3;
@@ -519,14 +531,7 @@ mod tests {
                 let d = r.d[i / 32];
                 assert!((f32::from(r.qs[i]) * d - v).abs() <= 0.5 * d * 1.0001);
             }
-            assert!(r.qs[n..].iter().all(|&q| q == 0));
-            for (blk, (&d, &ds)) in r.d.iter().zip(r.ds).enumerate() {
-                let s: i32 = r.qs[blk * 32..blk * 32 + 32]
-                    .iter()
-                    .map(|&q| i32::from(q))
-                    .sum();
-                assert_eq!(ds, d * s as f32);
-            }
+            assert_padding_and_ds(&r, n);
         }
     }
 
@@ -553,14 +558,7 @@ mod tests {
                     assert!((q * d - v).abs() <= 0.5 * d * 1.0001, "n {n} value {i}");
                 }
             }
-            assert!(r.qs[n..].iter().all(|&q| q == 0));
-            for (blk, (&d, &ds)) in r.d.iter().zip(r.ds).enumerate() {
-                let s: i32 = r.qs[blk * 32..blk * 32 + 32]
-                    .iter()
-                    .map(|&q| i32::from(q))
-                    .sum();
-                assert_eq!(ds, d * s as f32);
-            }
+            assert_padding_and_ds(&r, n);
             // Quantizing in the other flavour clears the flag.
             b.quantize(quantize_q8_scalar, &x);
             assert!(!b.as_ref().super256);
