@@ -45,7 +45,9 @@ pub struct SessionParams {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKind {
     /// 4-bit weights with an interleaved copy ([`crate::Model::x8`]) through
-    /// the interleaved int8 kernel; every other weight as `Int8` where the
+    /// the interleaved int8 kernel; Q4_K/Q5_K/Q6_K weights through their
+    /// batched kernels where the table has them (AVX2, AVX-512:
+    /// `Kernels::matmul_kquant`); every other weight as `Int8` where the
     /// kernel table says its row-by-row kernel beats tiles (AVX-512 VNNI:
     /// `Kernels::qg_mm_beats_tiles`), else as `Tiles`.
     #[default]
@@ -53,8 +55,9 @@ pub enum PrefillKind {
     /// Rows decoded to f32 in tiles, multiplied by `gemm`.
     Tiles,
     /// Int8 activation blocks against the packed rows as stored
-    /// ([`crate::kernels::qg_mm`]), where the kernel table has such a kernel
-    /// (AVX2, AVX-512); elsewhere the same as `Tiles`.
+    /// ([`crate::kernels::qg_mm`], and the K-quants' batched kernels), where
+    /// the kernel table has such a kernel (AVX2, AVX-512); elsewhere the
+    /// same as `Tiles`.
     Int8,
 }
 

@@ -425,7 +425,8 @@ impl Kernels {
     /// instruction set has one.
     pub fn matmul_qg(&self, dtype: DType) -> Option<QgMatmulFn> {
         if gguf_index(dtype).is_some() {
-            // GGUF block types take decoded tiles.
+            // GGUF block types: the K-quants' own batched kernels
+            // (`matmul_kquant`), decoded tiles for the others.
             return None;
         }
         self.qg_mm.map(|t| t[packed_index(dtype)])
