@@ -706,20 +706,11 @@ fn kquant_batch(
         scratch.q8k_valid = true;
     }
     let xq = scratch.q8k.as_ref();
-    let nb = cols / crate::kernels::SUB_BLOCK;
-    // Tokens t0..t0+n back to back.
-    let tokens = |t0: usize, n: usize| Q8Ref {
-        qs: &xq.qs[t0 * cols..(t0 + n) * cols],
-        d: &xq.d[t0 * nb..(t0 + n) * nb],
-        ds: &xq.ds[t0 * nb..(t0 + n) * nb],
-        len: n * cols,
-        super256: true,
-    };
     let chunk = (KQUANT_CHUNK_BYTES / p.row_bytes().max(1)).max(1);
     // Tokens t0.. into `o` (their output rows, `out_rs` apart).
     let run = |t0: usize, o: &mut [f32]| {
         let n_tok = (o.len() - rows) / out_rs + 1;
-        let x = tokens(t0, n_tok);
+        let x = xq.tokens(cols, t0, n_tok);
         for r0 in (0..rows).step_by(chunk) {
             let n = chunk.min(rows - r0);
             mm(p.slice(r0, n), &x, &mut o[r0..], out_rs);

@@ -119,18 +119,6 @@ scalar_kernels!(
 /// prompts, a chunk of rows at a time (`forward::kquant_batch`).
 pub type KquantMatmulFn = fn(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize);
 
-/// Token `t` of `x` (tokens of `cols` values back to back).
-fn token<'a>(x: &Q8Ref<'a>, cols: usize, t: usize) -> Q8Ref<'a> {
-    let nb = cols / SUB_BLOCK;
-    Q8Ref {
-        qs: &x.qs[t * cols..(t + 1) * cols],
-        d: &x.d[t * nb..(t + 1) * nb],
-        ds: &x.ds[t * nb..(t + 1) * nb],
-        len: cols,
-        super256: x.super256,
-    }
-}
-
 /// The preconditions of a [`KquantMatmulFn`]; the number of tokens.
 fn check_batch(w: &PackedRows<'_>, x: &Q8Ref<'_>, out: &[f32], out_rs: usize) -> usize {
     let cols = w.cols();
@@ -151,7 +139,7 @@ pub fn matmul_kquant_scalar(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], o
     let n_tok = check_batch(&w, x, out, out_rs);
     for t in 0..n_tok {
         let o = &mut out[t * out_rs..t * out_rs + w.rows()];
-        matvec_scalar(w.dtype(), w, &token(x, w.cols(), t), o);
+        matvec_scalar(w.dtype(), w, &x.tokens(w.cols(), t, 1), o);
     }
 }
 
@@ -513,6 +501,17 @@ pub mod x86 {
         v
     }
 
+    /// 32 i16 lanes: `lo` in the low 256 bits, `hi` in the high ones.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn halves512(lo: i16, hi: i16) -> __m512i {
+        _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_set1_epi16(lo)),
+            _mm256_set1_epi16(hi),
+            1,
+        )
+    }
+
     /// Q4_K / Q5_K rows against the [`Q8Ref::super256`] activations of
     /// `NT` tokens (from `t0`, `cols` each, back to back in `x`), AVX-512:
     /// the eight sub-blocks share each token's activation scale, so their
@@ -534,15 +533,8 @@ pub mod x86 {
         let m4 = _mm512_set1_epi8(0x0F);
         let one = _mm512_set1_epi8(1);
         let nib_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-        let halves = |lo: i16, hi: i16| {
-            _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_set1_epi16(lo)),
-                _mm256_set1_epi16(hi),
-                1,
-            )
-        };
         // Pair n: scales (and fifth bits) 2n and 2n + 1.
-        let pair: [__m512i; 4] = std::array::from_fn(|n| halves(2 * n as i16, 2 * n as i16 + 1));
+        let pair: [__m512i; 4] = std::array::from_fn(|n| halves512(2 * n as i16, 2 * n as i16 + 1));
         let mut acc = [_mm512_setzero_ps(); NT];
         let mut minacc = [_mm256_setzero_ps(); NT];
         let mut k = 0;
@@ -611,14 +603,7 @@ pub mod x86 {
         let m4 = _mm512_set1_epi8(0x0F);
         let m2 = _mm512_set1_epi8(3);
         let c32 = _mm512_set1_epi8(32);
-        let halves = |lo: i16, hi: i16| {
-            _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_set1_epi16(lo)),
-                _mm256_set1_epi16(hi),
-                1,
-            )
-        };
-        let (h_lo, h_hi) = (halves(0, 2), halves(4, 6));
+        let (h_lo, h_hi) = (halves512(0, 2), halves512(4, 6));
         let idx: [__m512i; 4] = std::array::from_fn(|m| {
             let v: [i16; 32] = std::array::from_fn(|l| (4 * m + l / 8) as i16);
             // SAFETY: 64 bytes read from a 64-byte array.

@@ -77,7 +77,20 @@ pub struct Q8Ref<'a> {
     pub super256: bool,
 }
 
-impl Q8Ref<'_> {
+impl<'a> Q8Ref<'a> {
+    /// Tokens `t0..t0 + n` of a vector holding tokens of `cols` values back
+    /// to back (`cols` a multiple of 32), as one borrowed vector.
+    pub fn tokens(&self, cols: usize, t0: usize, n: usize) -> Q8Ref<'a> {
+        let nb = cols / SUB_BLOCK;
+        Q8Ref {
+            qs: &self.qs[t0 * cols..(t0 + n) * cols],
+            d: &self.d[t0 * nb..(t0 + n) * nb],
+            ds: &self.ds[t0 * nb..(t0 + n) * nb],
+            len: n * cols,
+            super256: self.super256,
+        }
+    }
+
     /// The values the blocks stand for, `q · d`, into `out[len]`.
     pub fn dequantize_into(&self, out: &mut [f32]) {
         assert_eq!(out.len(), self.len, "Q8Ref::dequantize_into: length");
