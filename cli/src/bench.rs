@@ -68,9 +68,9 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "spin")]
     pool: Vec<String>,
     /// How prompts multiply packed weights, comma-separated: auto (the
-    /// default: the interleaved int8 kernel for 4-bit weights and the batched
-    /// int8 kernels of Q4_K/Q5_K/Q6_K where the CPU has them, decoded tiles
-    /// otherwise), tiles (rows decoded to f32 for
+    /// default: the interleaved int8 kernel for 4-bit and GGUF Q5_0 weights
+    /// and the batched int8 kernels of Q4_K/Q5_K/Q6_K where the CPU has
+    /// them, decoded tiles otherwise), tiles (rows decoded to f32 for
     /// gemm) and/or int8 (row-by-row int8 kernels, AVX2 / AVX-512; elsewhere
     /// the same as tiles). Only the pp rows depend on it.
     #[arg(long, value_delimiter = ',', default_value = "auto")]

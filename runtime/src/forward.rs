@@ -593,10 +593,12 @@ struct BatchScratch {
     xhat: Vec<f32>,
     q8: Q8Buf,
     /// `[n_batch·max_in]` the current input's rows, one after another, as
-    /// [`Q8Kind::Super256`] blocks (K-quant weights; their widths are whole
-    /// super-blocks, so no super-block spans two rows).
-    q8k: Q8Buf,
-    q8k_valid: bool,
+    /// int8 blocks of each flavour (by `Q8Kind as usize`) for the batched
+    /// GGUF kernels ([`gguf_batch`]; K-quant widths are whole super-blocks,
+    /// so no super-block spans two rows); whether each holds the current
+    /// input.
+    q8g: [Q8Buf; 2],
+    q8g_valid: [bool; 2],
     /// `[n_batch, max_in]` int8 blocks of the current input for the batched
     /// kernels, shared by the matrices that read it (q/k/v, gate/up).
     q8b: Q8Batch,
@@ -611,7 +613,7 @@ impl BatchScratch {
     /// The input of the next `linear_batch` calls changed.
     fn new_input(&mut self) {
         self.q8b_key = None;
-        self.q8k_valid = false;
+        self.q8g_valid = [false; 2];
     }
 }
 
@@ -664,8 +666,8 @@ impl BatchState {
                 wtile: vec![0.0; (WEIGHT_TILE_ROWS + 1) * max_in],
                 xhat: vec![0.0; n_batch * max_in],
                 q8: Q8Buf::new(max_in),
-                q8k: Q8Buf::new(n_batch * max_in),
-                q8k_valid: false,
+                q8g: [Q8Buf::new(n_batch * max_in), Q8Buf::new(n_batch * max_in)],
+                q8g_valid: [false; 2],
                 q8b: Q8Batch::new(n_batch, max_in),
                 q8b_key: None,
                 prefill,
@@ -677,18 +679,18 @@ impl BatchState {
 use crate::kernels::q8::QUAD;
 use crate::kernels::{matmul, KvElem, MatMut, MatRef, Q8Batch, Q8BatchRef};
 
-/// Bytes of weight rows one pass of [`kquant_batch`] multiplies by every
+/// Bytes of weight rows one pass of [`gguf_batch`] multiplies by every
 /// token of its share (L1-sized, so the rows are read from memory once).
-const KQUANT_CHUNK_BYTES: usize = 16 << 10;
+const GGUF_CHUNK_BYTES: usize = 16 << 10;
 
-/// K-quant weights times `b` rows: the rows' [`Q8Kind::Super256`] blocks
-/// (quantized once per input) through the batched kernel `mm`, a chunk of
-/// weight rows at a time for every token of a thread's share, the tokens
-/// split over the threads. No tile is decoded; prompt and decode compute
-/// the same integer sums.
+/// GGUF weights times `b` rows: the rows' int8 blocks in the weight type's
+/// flavour ([`Q8Kind::for_dtype`], quantized once per input and flavour)
+/// through the batched kernel `mm`, a chunk of weight rows at a time for
+/// every token of a thread's share, the tokens split over the threads. No
+/// tile is decoded; prompt and decode compute the same integer sums.
 #[allow(clippy::too_many_arguments)]
-fn kquant_batch(
-    mm: crate::kernels::gguf::KquantMatmulFn,
+fn gguf_batch(
+    mm: crate::kernels::gguf::GgufMatmulFn,
     k: &Kernels,
     p: &crate::kernels::PackedRows<'_>,
     x: &[f32],
@@ -699,14 +701,14 @@ fn kquant_batch(
     threads: usize,
 ) {
     let (rows, cols) = (p.rows(), p.cols());
-    if !scratch.q8k_valid {
-        scratch
-            .q8k
-            .quantize_as(Q8Kind::Super256, k.quantize_q8, &x[..b * cols]);
-        scratch.q8k_valid = true;
+    let kind = Q8Kind::for_dtype(p.dtype());
+    let slot = kind as usize;
+    if !scratch.q8g_valid[slot] {
+        scratch.q8g[slot].quantize_as(kind, k.quantize_q8, &x[..b * cols]);
+        scratch.q8g_valid[slot] = true;
     }
-    let xq = scratch.q8k.as_ref();
-    let chunk = (KQUANT_CHUNK_BYTES / p.row_bytes().max(1)).max(1);
+    let xq = scratch.q8g[slot].as_ref();
+    let chunk = (GGUF_CHUNK_BYTES / p.row_bytes().max(1)).max(1);
     // Tokens t0.. into `o` (their output rows, `out_rs` apart).
     let run = |t0: usize, o: &mut [f32]| {
         let n_tok = (o.len() - rows) / out_rs + 1;
@@ -757,7 +759,7 @@ fn linear_batch(
         // the row-by-row batched kernel where it beats tiles (VNNI); Int8:
         // the row-by-row batched kernels; otherwise decoded tiles.
         let x8 = match (scratch.prefill, k.matmul_x8, model.x8(w)) {
-            (PrefillKind::Auto, Some(f), Some(x8)) if x8.bits() == 4 => Some((f, x8)),
+            (PrefillKind::Auto, Some(f), Some(x8)) if x8.bits() != 8 => Some((f, x8)),
             _ => None,
         };
         let rowwise = match scratch.prefill {
@@ -765,12 +767,12 @@ fn linear_batch(
             PrefillKind::Auto if x8.is_none() && k.qg_mm_beats_tiles => k.matmul_qg(p.dtype()),
             _ => None,
         };
-        let kquant = match scratch.prefill {
-            PrefillKind::Auto | PrefillKind::Int8 => k.matmul_kquant(p.dtype()),
+        let gguf = match scratch.prefill {
+            PrefillKind::Auto | PrefillKind::Int8 => k.matmul_gguf(p.dtype()),
             PrefillKind::Tiles => None,
         };
-        if let (Some(mm), None) = (kquant, perm) {
-            kquant_batch(mm, k, p, x, b, out, out_rs, scratch, threads);
+        if let (Some(mm), None, None) = (gguf, perm, x8) {
+            gguf_batch(mm, k, p, x, b, out, out_rs, scratch, threads);
             return;
         }
         if x8.is_some() || rowwise.is_some() {

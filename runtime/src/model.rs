@@ -208,7 +208,7 @@ fn interleave_for_decoding(
         .filter(|w| {
             matches!(
                 w.dtype,
-                DType::Q2G | DType::Q3G | DType::Q4G | DType::Q4GM | DType::Q8G
+                DType::Q2G | DType::Q3G | DType::Q4G | DType::Q4GM | DType::Q8G | DType::Q5_0
             )
         })
         .collect();

@@ -44,10 +44,11 @@ pub struct SessionParams {
 /// fastest, decoded tiles come next, the row-by-row int8 kernel last.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKind {
-    /// 4-bit weights with an interleaved copy ([`crate::Model::x8`]) through
-    /// the interleaved int8 kernel; Q4_K/Q5_K/Q6_K weights through their
-    /// batched kernels where the table has them (AVX2, AVX-512:
-    /// `Kernels::matmul_kquant`); every other weight as `Int8` where the
+    /// 4-bit and GGUF Q5_0 weights with an interleaved copy
+    /// ([`crate::Model::x8`]) through the interleaved int8 kernel;
+    /// Q5_0/Q4_K/Q5_K/Q6_K weights without one through their batched
+    /// kernels where the table has them (AVX2, AVX-512:
+    /// `Kernels::matmul_gguf`); every other weight as `Int8` where the
     /// kernel table says its row-by-row kernel beats tiles (AVX-512 VNNI:
     /// `Kernels::qg_mm_beats_tiles`), else as `Tiles`.
     #[default]
@@ -55,7 +56,7 @@ pub enum PrefillKind {
     /// Rows decoded to f32 in tiles, multiplied by `gemm`.
     Tiles,
     /// Int8 activation blocks against the packed rows as stored
-    /// ([`crate::kernels::qg_mm`], and the K-quants' batched kernels), where
+    /// ([`crate::kernels::qg_mm`], and the GGUF types' batched kernels), where
     /// the kernel table has such a kernel (AVX2, AVX-512); elsewhere the
     /// same as `Tiles`.
     Int8,

@@ -29,16 +29,24 @@
 //! and apply one float multiply-add per token (per-32 blocks, which the
 //! runtime never gives them, go to the reference). They come in AVX2 and
 //! AVX-512 (two sub-blocks per 512-bit step, `vpdpwssd`) versions, for one
-//! token and for prompts ([`KquantMatmulFn`]: each sub-block unpacked once
-//! for four tokens); the AVX-512 table takes the AVX2 versions of the other
-//! types. Qwen2.5-Coder-1.5B Q4_K_M, AVX-512, tg64: 6.4 → 6.9 tok/s at one
-//! thread, 11.0 → 12.9 at two; pp128 17.9 → 33.1 (docs/BENCHMARKS.md).
+//! token and for prompts ([`GgufMatmulFn`]: each sub-block unpacked once
+//! for four tokens). Qwen2.5-Coder-1.5B Q4_K_M, AVX-512, tg64: 6.4 → 6.9
+//! tok/s at one thread, 11.0 → 12.9 at two; pp128 17.9 → 33.1
+//! (docs/BENCHMARKS.md).
+//!
+//! Q5_0 has AVX2 and AVX-512 VNNI kernels of the same shape (one token and
+//! four; AVX-512: two blocks per step, the fifth bits as a byte mask,
+//! `vpdpbusd` with the activations offset by 128). The models run Q5_0
+//! from a copy interleaved by eight rows where they can
+//! ([`super::qg_x8`], 2× these kernels' prompt speed); these serve
+//! `--prefill int8` and weights without the copy. The AVX-512 table takes
+//! the AVX2 versions of the remaining types.
 
 use nibble_format::gguf::GgmlType;
 use nibble_format::gguf_blocks::{unpack_int, IntSub};
 use nibble_format::DType;
 
-use super::q8::Q8Ref;
+use super::q8::{Q8Kind, Q8Ref};
 use super::qg::PackedRows;
 use super::SUB_BLOCK;
 
@@ -114,28 +122,36 @@ scalar_kernels!(
     vec_dot_iq4xs_q8_scalar => IQ4XS,
 );
 
-/// `out[t·out_rs + r] = row r · token t` for K-quant rows `w` and
-/// `x.len / cols` tokens back to back in `x` ([`Q8Ref::super256`] blocks):
-/// prompts, a chunk of rows at a time (`forward::kquant_batch`).
-pub type KquantMatmulFn = fn(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize);
+/// `out[t·out_rs + r] = row r · token t` for GGUF rows `w` and
+/// `x.len / cols` tokens back to back in `x`, each in the activation
+/// flavour of the weight type ([`Q8Kind::for_dtype`]: [`Q8Ref::super256`]
+/// blocks for the K-quants, per-32 blocks for Q5_0): prompts, a chunk of
+/// rows at a time (`forward::gguf_batch`).
+pub type GgufMatmulFn = fn(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize);
 
-/// The preconditions of a [`KquantMatmulFn`]; the number of tokens.
+/// Batched kernels in [`DType::GGUF_BLOCKS`] order; `None` where the table
+/// has none (the prompt path then decodes tiles for `gemm`).
+pub type GgufMatmulTable = [Option<GgufMatmulFn>; 8];
+
+/// The preconditions of a [`GgufMatmulFn`]; the number of tokens.
 fn check_batch(w: &PackedRows<'_>, x: &Q8Ref<'_>, out: &[f32], out_rs: usize) -> usize {
     let cols = w.cols();
+    let super256 = Q8Kind::for_dtype(w.dtype()) == Q8Kind::Super256;
     assert!(
-        cols > 0 && x.len.is_multiple_of(cols) && x.super256,
-        "kquant matmul: activations are not whole super-256 rows of {cols}"
+        cols > 0 && x.len.is_multiple_of(cols) && x.super256 == super256,
+        "gguf matmul: activations are not whole rows of {cols} in the {} flavour",
+        w.dtype()
     );
     let n_tok = x.len / cols;
     assert!(
         n_tok == 0 || (out_rs >= w.rows() && out.len() >= (n_tok - 1) * out_rs + w.rows()),
-        "kquant matmul: output too short"
+        "gguf matmul: output too short"
     );
     n_tok
 }
 
-/// Scalar reference of a [`KquantMatmulFn`]: the one-token reference per token.
-pub fn matmul_kquant_scalar(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+/// Scalar reference of a [`GgufMatmulFn`]: the one-token reference per token.
+pub fn matmul_gguf_scalar(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
     let n_tok = check_batch(&w, x, out, out_rs);
     for t in 0..n_tok {
         let o = &mut out[t * out_rs..t * out_rs + w.rows()];
@@ -206,7 +222,7 @@ pub mod x86 {
     /// Byte `j` = 0xFF where bit `j` of `bits` is set.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn bytes_from_bits(bits: u32) -> __m256i {
+    pub(crate) unsafe fn bytes_from_bits(bits: u32) -> __m256i {
         let idx = _mm256_setr_epi64x(
             0,
             0x0101_0101_0101_0101,
@@ -358,49 +374,61 @@ pub mod x86 {
         hsum(_mm256_add_ps(acc0, acc1))
     }
 
-    /// Q5_0: the signed codes `c − 16` straight from the nibbles: where the
-    /// fifth bit is clear the byte is `nibble | 0xF0` (that is `nibble − 16`
-    /// in two's complement), where it is set the nibble itself; then a
-    /// signed dot. Two blocks per step into two accumulators, so the
-    /// multiply-adds do not wait on each other.
+    /// Q5_0 block `k` at `p`: its scale and signed codes `c − 16`, straight
+    /// from the nibbles: where the fifth bit is clear the byte is
+    /// `nibble | 0xF0` (that is `nibble − 16` in two's complement), where it
+    /// is set the nibble itself. SAFETY (caller): one whole block at `p`.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn q5_0_codes(p: *const u8) -> (f32, __m256i) {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            let qh = (p.add(2) as *const u32).read_unaligned();
+            let low = _mm256_andnot_si256(bytes_from_bits(qh), _mm256_set1_epi8(0xF0u8 as i8));
+            (f16_at(p), _mm256_or_si256(nibbles16(p.add(6)), low))
+        }
+    }
+
+    /// Q5_0 rows against the per-32 activations of `NT` tokens (from `t0`,
+    /// `cols` each, back to back in `x`), AVX2: each block's signed codes
+    /// made once ([`q5_0_codes`]), then per token a signed dot (`vpsignb`
+    /// moves the codes' signs onto the activations) and one float
+    /// multiply-add; blocks alternate between two accumulators per token so
+    /// that a single token's multiply-adds do not wait on each other.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_q5_0_x_avx2<const NT: usize>(
+        row: &[u8],
+        x: &Q8Ref<'_>,
+        t0: usize,
+        cols: usize,
+    ) -> [f32; NT] {
+        let nb = cols / SUB_BLOCK;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); 2]; NT];
+        for (k, b) in row.chunks_exact(22).enumerate() {
+            // SAFETY: `b` is one whole block; block k of every token
+            // t0..t0+NT exists (checked by the caller).
+            unsafe {
+                let (d, c) = q5_0_codes(b.as_ptr());
+                let mag = _mm256_abs_epi8(c);
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let a = act(x, (t0 + t) * nb + k);
+                    let p = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(a, c));
+                    let i = _mm256_madd_epi16(p, ones);
+                    let f = _mm256_set1_ps(d * x.d[(t0 + t) * nb + k]);
+                    acc[k & 1] = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(i), acc[k & 1]);
+                }
+            }
+        }
+        std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t][0], acc[t][1])))
+    }
+
+    /// Q5_0 against per-32 activations (one token of [`rows_q5_0_x_avx2`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn row_q5_0(row: &[u8], x: &Q8Ref<'_>) -> f32 {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        #[inline]
-        unsafe fn block(b: *const u8, x: &Q8Ref<'_>, k: usize, acc: __m256) -> __m256 {
-            // SAFETY: the caller passes one whole block and an existing k.
-            unsafe {
-                let d = f16_at(b);
-                let qh = (b.add(2) as *const u32).read_unaligned();
-                let high = _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10));
-                let c = _mm256_or_si256(nibbles16(b.add(6)), high);
-                let q = act(x, k);
-                // Σ (c − 16)·q = maddubs(c, q) − maddubs(16, q), in i16.
-                let p = _mm256_sub_epi16(
-                    _mm256_maddubs_epi16(c, q),
-                    _mm256_maddubs_epi16(_mm256_set1_epi8(16), q),
-                );
-                let i = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-                _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[k]), _mm256_cvtepi32_ps(i), acc)
-            }
-        }
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut pairs = row.chunks_exact(44);
-        let mut k = 0;
-        for b in &mut pairs {
-            // SAFETY: `b` is two whole blocks; blocks k, k+1 of `x` exist.
-            unsafe {
-                acc0 = block(b.as_ptr(), x, k, acc0);
-                acc1 = block(b.as_ptr().add(22), x, k + 1, acc1);
-            }
-            k += 2;
-        }
-        let rest = pairs.remainder();
-        if !rest.is_empty() {
-            // SAFETY: the remainder is one whole block; block k exists.
-            acc0 = unsafe { block(rest.as_ptr(), x, k, acc0) };
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
+        // SAFETY: the caller's guarantees for one token of `x.len` values.
+        let [v] = unsafe { rows_q5_0_x_avx2::<1>(row, x, 0, x.len) };
+        v
     }
 
     /// IQ4_NL (`XS` false) and IQ4_XS: indices through `pshufb` into the
@@ -657,6 +685,109 @@ pub mod x86 {
         std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]))
     }
 
+    /// 16 f32 lanes: `lo` in the low 256 bits, `hi` in the high ones.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    #[inline]
+    unsafe fn halves512_ps(lo: f32, hi: f32) -> __m512 {
+        _mm512_insertf32x8(
+            _mm512_castps256_ps512(_mm256_set1_ps(lo)),
+            _mm256_set1_ps(hi),
+            1,
+        )
+    }
+
+    /// Q5_0 rows against the per-32 activations of `NT` tokens (tokens as
+    /// in [`rows_q45k_x`]), AVX-512 VNNI: two blocks per 512-bit step. The
+    /// 16 bytes of nibbles of each block go to two 128-bit lanes, shifted
+    /// by 0 and 4 (`vpsrlvw`); the 64 fifth bits are a byte mask that keeps
+    /// the nibble where set and `nibble − 16` where clear, so the signed
+    /// codes `s` are made once per pair. VNNI's `vpdpbusd` multiplies
+    /// unsigned by signed bytes, so the activations go in as `a + 128` (one
+    /// XOR) and each token's sum starts at `−128·Σ s`, computed once per
+    /// pair: `Σ (a + 128)·s − 128·Σ s = Σ a·s`. The block scales multiply
+    /// the two halves (`d_w · d_x` per half), one float multiply-add per
+    /// token and pair. An odd last block runs as a pair with an empty
+    /// second block (masked activation load, zero scale).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    unsafe fn rows_q5_0_x<const NT: usize>(
+        row: &[u8],
+        x: &Q8Ref<'_>,
+        t0: usize,
+        cols: usize,
+    ) -> [f32; NT] {
+        let nb = cols / SUB_BLOCK;
+        let m4 = _mm512_set1_epi8(0x0F);
+        let c16 = _mm512_set1_epi8(16);
+        let flip = _mm512_set1_epi8(i8::MIN);
+        // Per 128-bit lane: shift by 0 (low nibbles), 4, 0, 4.
+        let shift = _mm512_set_epi64(
+            0x0004_0004_0004_0004,
+            0x0004_0004_0004_0004,
+            0,
+            0,
+            0x0004_0004_0004_0004,
+            0x0004_0004_0004_0004,
+            0,
+            0,
+        );
+        let mut acc = [_mm512_setzero_ps(); NT];
+        let mut k = 0;
+        while k < nb {
+            let two = k + 1 < nb;
+            // SAFETY: blocks k (and k + 1 where `two`) are whole blocks of
+            // `row`; the same blocks of every token t0..t0+NT exist (checked
+            // by the caller); the second block's activations are read only
+            // where it exists (masked load).
+            unsafe {
+                let pa = row.as_ptr().add(22 * k);
+                let qa = _mm_loadu_si128(pa.add(6) as *const __m128i);
+                let (db, qb, hb) = if two {
+                    let pb = pa.add(22);
+                    let hb = (pb.add(2) as *const u32).read_unaligned();
+                    (f16_at(pb), _mm_loadu_si128(pb.add(6) as *const __m128i), hb)
+                } else {
+                    (0.0, _mm_setzero_si128(), 0)
+                };
+                let ha = (pa.add(2) as *const u32).read_unaligned();
+                let v = _mm512_inserti32x4(
+                    _mm512_inserti32x4(
+                        _mm512_inserti32x4(_mm512_castsi128_si512(qa), qa, 1),
+                        qb,
+                        2,
+                    ),
+                    qb,
+                    3,
+                );
+                let nib = _mm512_and_si512(_mm512_srlv_epi16(v, shift), m4);
+                let high = u64::from(ha) | (u64::from(hb) << 32);
+                let s = _mm512_mask_mov_epi8(_mm512_sub_epi8(nib, c16), high, nib);
+                let zero = _mm512_setzero_si512();
+                let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, s));
+                let dw = halves512_ps(f16_at(pa), db);
+                let load: u64 = if two { !0 } else { 0xFFFF_FFFF };
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let at = x.qs.as_ptr().add((t0 + t) * cols + k * SUB_BLOCK);
+                    let a = _mm512_xor_si512(_mm512_maskz_loadu_epi8(load, at), flip);
+                    let sum = _mm512_dpbusd_epi32(start, a, s);
+                    let dx = x.d.as_ptr().add((t0 + t) * nb + k);
+                    let dxb = if two { *dx.add(1) } else { 0.0 };
+                    let f = _mm512_mul_ps(dw, halves512_ps(*dx, dxb));
+                    *acc = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(sum), *acc);
+                }
+            }
+            k += 2;
+        }
+        std::array::from_fn(|t| _mm512_reduce_add_ps(acc[t]))
+    }
+
+    /// Q5_0 against per-32 activations, AVX-512 (one token of [`rows_q5_0_x`]).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    unsafe fn row_q5_0_avx512(row: &[u8], x: &Q8Ref<'_>) -> f32 {
+        // SAFETY: the caller's guarantees for one token of `x.len` values.
+        let [v] = unsafe { rows_q5_0_x::<1>(row, x, 0, x.len) };
+        v
+    }
+
     /// Q4_K / Q5_K rows against `NT` tokens' [`Q8Ref::super256`]
     /// activations, AVX2 (tokens as in [`rows_q45k_x`]): per 64 weights one
     /// 32-byte load of nibbles (and the fifth bits of `qh`) makes two
@@ -799,22 +930,70 @@ pub mod x86 {
         std::array::from_fn(|t| hsum(acc[t]))
     }
 
-    pub fn matmul_q4k_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-        let (four, one) = (rows_q45k_x_avx2::<false, 4>, rows_q45k_x_avx2::<false, 1>);
-        matmul_kquant_x86(DType::Q4K, w, x, out, out_rs, four, one)
-    }
-    pub fn matmul_q5k_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-        let (four, one) = (rows_q45k_x_avx2::<true, 4>, rows_q45k_x_avx2::<true, 1>);
-        matmul_kquant_x86(DType::Q5K, w, x, out, out_rs, four, one)
-    }
-    pub fn matmul_q6k_avx2(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-        let (four, one) = (rows_q6k_x_avx2::<4>, rows_q6k_x_avx2::<1>);
-        matmul_kquant_x86(DType::Q6K, w, x, out, out_rs, four, one)
-    }
+    /// Batched kernels, AVX2: the driver `matmul_x86` over a type's
+    /// `rows_*_x_avx2` at four tokens and at one.
+    pub const MATMUL_AVX2: GgufMatmulTable = {
+        fn q5_0(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+            let (four, one) = (rows_q5_0_x_avx2::<4>, rows_q5_0_x_avx2::<1>);
+            matmul_x86(DType::Q5_0, w, x, out, out_rs, four, one)
+        }
+        fn q4k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+            let (four, one) = (rows_q45k_x_avx2::<false, 4>, rows_q45k_x_avx2::<false, 1>);
+            matmul_x86(DType::Q4K, w, x, out, out_rs, four, one)
+        }
+        fn q5k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+            let (four, one) = (rows_q45k_x_avx2::<true, 4>, rows_q45k_x_avx2::<true, 1>);
+            matmul_x86(DType::Q5K, w, x, out, out_rs, four, one)
+        }
+        fn q6k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+            let (four, one) = (rows_q6k_x_avx2::<4>, rows_q6k_x_avx2::<1>);
+            matmul_x86(DType::Q6K, w, x, out, out_rs, four, one)
+        }
+        [
+            Some(q5_0),
+            None,
+            None,
+            Some(q4k),
+            Some(q5k),
+            Some(q6k),
+            None,
+            None,
+        ]
+    };
 
-    /// The x86 [`KquantMatmulFn`] driver: tokens four at a time (the
-    /// last one to three one at a time), every row of `w` for each group.
-    fn matmul_kquant_x86(
+    /// Batched kernels, AVX-512 VNNI (as [`MATMUL_AVX2`]).
+    pub const MATMUL_AVX512: GgufMatmulTable = {
+        fn q5_0(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+            let (four, one) = (rows_q5_0_x::<4>, rows_q5_0_x::<1>);
+            matmul_x86(DType::Q5_0, w, x, out, out_rs, four, one)
+        }
+        fn q4k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+            let (four, one) = (rows_q45k_x::<false, 4>, rows_q45k_x::<false, 1>);
+            matmul_x86(DType::Q4K, w, x, out, out_rs, four, one)
+        }
+        fn q5k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+            let (four, one) = (rows_q45k_x::<true, 4>, rows_q45k_x::<true, 1>);
+            matmul_x86(DType::Q5K, w, x, out, out_rs, four, one)
+        }
+        fn q6k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+            let (four, one) = (rows_q6k_x::<4>, rows_q6k_x::<1>);
+            matmul_x86(DType::Q6K, w, x, out, out_rs, four, one)
+        }
+        [
+            Some(q5_0),
+            None,
+            None,
+            Some(q4k),
+            Some(q5k),
+            Some(q6k),
+            None,
+            None,
+        ]
+    };
+
+    /// The x86 [`GgufMatmulFn`] driver: tokens four at a time (the last
+    /// one to three one at a time), every row of `w` for each group.
+    fn matmul_x86(
         dtype: DType,
         w: PackedRows<'_>,
         x: &Q8Ref<'_>,
@@ -823,7 +1002,7 @@ pub mod x86 {
         four: unsafe fn(&[u8], &Q8Ref<'_>, usize, usize) -> [f32; 4],
         one: unsafe fn(&[u8], &Q8Ref<'_>, usize, usize) -> [f32; 1],
     ) {
-        assert_eq!(w.dtype(), dtype, "kquant matmul: weight type");
+        assert_eq!(w.dtype(), dtype, "gguf matmul: weight type");
         let n_tok = check_batch(&w, x, out, out_rs);
         let cols = w.cols();
         let mut t0 = 0;
@@ -847,40 +1026,9 @@ pub mod x86 {
         }
     }
 
-    pub fn matmul_q4k_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-        matmul_kquant_x86(
-            DType::Q4K,
-            w,
-            x,
-            out,
-            out_rs,
-            rows_q45k_x::<false, 4>,
-            rows_q45k_x::<false, 1>,
-        )
+    pub fn vec_dot_q5_0_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
+        each_row(DType::Q5_0, w, x, out, row_q5_0_avx512)
     }
-    pub fn matmul_q5k_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-        matmul_kquant_x86(
-            DType::Q5K,
-            w,
-            x,
-            out,
-            out_rs,
-            rows_q45k_x::<true, 4>,
-            rows_q45k_x::<true, 1>,
-        )
-    }
-    pub fn matmul_q6k_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-        matmul_kquant_x86(
-            DType::Q6K,
-            w,
-            x,
-            out,
-            out_rs,
-            rows_q6k_x::<4>,
-            rows_q6k_x::<1>,
-        )
-    }
-
     pub fn vec_dot_q4k_q8_avx512(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32]) {
         kquant_rows(DType::Q4K, w, x, out, row_q45k_super_avx512::<false>)
     }
@@ -894,7 +1042,7 @@ pub mod x86 {
     /// The AVX-512 table: its own super-block kernels for Q4_K, Q5_K and
     /// Q6_K, the AVX2 ones elsewhere (unpacking, not the dot, limits them).
     pub const AVX512: [crate::kernels::QgMatvecFn; 8] = [
-        vec_dot_q5_0_q8_avx2,
+        vec_dot_q5_0_q8_avx512,
         vec_dot_q2k_q8_avx2,
         vec_dot_q3k_q8_avx2,
         vec_dot_q4k_q8_avx512,
@@ -1340,35 +1488,34 @@ mod tests {
         }
     }
 
-    /// The batched K-quant kernels against the scalar reference for every
+    /// The batched kernels against the scalar reference for every
     /// instruction set that has one: 1, 3, 4, 5 and 9 tokens (groups of four
     /// and the one-at-a-time rest), output rows wider than the weight
-    /// (`out_rs`), a zero-scale block; positions outside the rows untouched.
+    /// (`out_rs`), a zero-scale block, rows of an odd number of 32-blocks
+    /// (Q5_0); positions outside the rows untouched.
     #[test]
-    fn batched_kquant_kernels_match_the_scalar_reference() {
+    fn batched_gguf_kernels_match_the_scalar_reference() {
         let mut seed = 77u64;
-        for dtype in [DType::Q4K, DType::Q5K, DType::Q6K] {
-            for (cols, rows, n_tok) in [
-                (256, 3, 1),
-                (512, 5, 3),
-                (768, 2, 4),
-                (256, 7, 5),
-                (512, 4, 9),
-            ] {
+        for dtype in [DType::Q5_0, DType::Q4K, DType::Q5K, DType::Q6K] {
+            let kind = Q8Kind::for_dtype(dtype);
+            let (block, _) = dtype.gguf_block().unwrap();
+            for (n_blocks, rows, n_tok) in [(1, 3, 1), (2, 5, 3), (3, 2, 4), (1, 7, 5), (2, 4, 9)] {
+                // Q5_0: rows of 32, 64, 96… columns: odd and even block counts.
+                let cols = n_blocks * block;
                 let data = make_rows(dtype, rows, cols, &mut seed, true);
-                let w = PackedRows::new(dtype, &data, rows, cols, 256).unwrap();
+                let w = PackedRows::new(dtype, &data, rows, cols, block).unwrap();
                 let xs: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed) * 3.0).collect();
                 let mut xq = Q8Buf::new(n_tok * cols);
-                xq.quantize_as(Q8Kind::Super256, super::super::q8::quantize_q8_scalar, &xs);
+                xq.quantize_as(kind, super::super::q8::quantize_q8_scalar, &xs);
                 let out_rs = rows + 2;
                 let mut want = vec![f32::NAN; n_tok * out_rs];
-                matmul_kquant_scalar(w, &xq.as_ref(), &mut want, out_rs);
+                matmul_gguf_scalar(w, &xq.as_ref(), &mut want, out_rs);
                 // The reference is the one-token reference per token.
                 for t in 0..n_tok {
                     let mut one = vec![0f32; rows];
                     let mut tq = Q8Buf::new(cols);
                     tq.quantize_as(
-                        Q8Kind::Super256,
+                        kind,
                         super::super::q8::quantize_q8_scalar,
                         &xs[t * cols..(t + 1) * cols],
                     );
@@ -1380,7 +1527,7 @@ mod tests {
                     );
                 }
                 for isa in Isa::available() {
-                    let Some(mm) = Kernels::for_isa(isa).unwrap().matmul_kquant(dtype) else {
+                    let Some(mm) = Kernels::for_isa(isa).unwrap().matmul_gguf(dtype) else {
                         continue;
                     };
                     let mut got = vec![f32::NAN; n_tok * out_rs];

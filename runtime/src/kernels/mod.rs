@@ -153,11 +153,12 @@ pub struct Kernels {
     /// and 16 calibration sequences in lockstep 39.7 against 46.6 ms per step;
     /// AVX2's `maddubs` loses at 128 tokens (327 against 380 tok/s).
     pub qg_mm_beats_tiles: bool,
-    /// Q4_K, Q5_K, Q6_K rows × the [`Q8Kind::Super256`] blocks of many
-    /// tokens (prompts: each sub-block unpacked once for four tokens);
-    /// `None` where no such kernel beats decoded tiles fed to `gemm`.
-    /// AVX-512, Qwen2.5-Coder-1.5B Q4_K_M pp128: see docs/BENCHMARKS.md.
-    kquant_mm: Option<[gguf::KquantMatmulFn; 3]>,
+    /// GGUF rows × the int8 blocks of many tokens in their weight type's
+    /// flavour ([`Q8Kind::for_dtype`]; prompts: each block unpacked once for
+    /// four tokens), by type as `gguf`; `None` where no such kernel beats
+    /// decoded tiles fed to `gemm`. AVX-512, Q4_K_M files' pp128: see
+    /// docs/BENCHMARKS.md.
+    gguf_mm: gguf::GgufMatmulTable,
     /// Packed weights interleaved by eight rows ([`qg_x8`]) × int8
     /// activations; `None` where there is no such kernel (the models then
     /// keep no interleaved copy).
@@ -204,7 +205,7 @@ static SCALAR: Kernels = Kernels {
     ],
     qg_mm: None,
     qg_mm_beats_tiles: false,
-    kquant_mm: None,
+    gguf_mm: [None; 8],
     matvec_x8: None,
     matmul_x8: None,
     matvec_f32: float::matvec_f32_scalar,
@@ -242,11 +243,7 @@ static AVX2: Kernels = Kernels {
     ],
     qg_mm: Some(qg_mm::x86::AVX2),
     qg_mm_beats_tiles: false,
-    kquant_mm: Some([
-        gguf::x86::matmul_q4k_avx2,
-        gguf::x86::matmul_q5k_avx2,
-        gguf::x86::matmul_q6k_avx2,
-    ]),
+    gguf_mm: gguf::x86::MATMUL_AVX2,
     matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx2),
     matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx2),
     matvec_f32: float::avx2::matvec_f32_avx2,
@@ -284,11 +281,7 @@ static AVX512: Kernels = Kernels {
     ],
     qg_mm: Some(qg_mm::x86::AVX512),
     qg_mm_beats_tiles: true,
-    kquant_mm: Some([
-        gguf::x86::matmul_q4k_avx512,
-        gguf::x86::matmul_q5k_avx512,
-        gguf::x86::matmul_q6k_avx512,
-    ]),
+    gguf_mm: gguf::x86::MATMUL_AVX512,
     matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx512),
     matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx512),
     matvec_f32: float::avx2::matvec_f32_avx2,
@@ -329,7 +322,7 @@ const NEON_TABLE: Kernels = Kernels {
     ],
     qg_mm: None,
     qg_mm_beats_tiles: false,
-    kquant_mm: None,
+    gguf_mm: [None; 8],
     matvec_x8: Some(qg_x8::neon::vec_dot_x8_q8_neon),
     matmul_x8: Some(qg_x8::neon::matmul_x8_q8_neon),
     matvec_f32: float::neon::matvec_f32_neon,
@@ -425,23 +418,17 @@ impl Kernels {
     /// instruction set has one.
     pub fn matmul_qg(&self, dtype: DType) -> Option<QgMatmulFn> {
         if gguf_index(dtype).is_some() {
-            // GGUF block types: the K-quants' own batched kernels
-            // (`matmul_kquant`), decoded tiles for the others.
+            // GGUF block types: their own batched kernels
+            // (`matmul_gguf`), decoded tiles for the others.
             return None;
         }
         self.qg_mm.map(|t| t[packed_index(dtype)])
     }
 
-    /// The batched (prompt) kernel for K-quant rows of `dtype`, where this
+    /// The batched (prompt) kernel for GGUF rows of `dtype`, where this
     /// instruction set has one.
-    pub fn matmul_kquant(&self, dtype: DType) -> Option<gguf::KquantMatmulFn> {
-        let i = match dtype {
-            DType::Q4K => 0,
-            DType::Q5K => 1,
-            DType::Q6K => 2,
-            _ => return None,
-        };
-        self.kquant_mm.map(|t| t[i])
+    pub fn matmul_gguf(&self, dtype: DType) -> Option<gguf::GgufMatmulFn> {
+        gguf_index(dtype).and_then(|i| self.gguf_mm[i])
     }
 
     /// The row decoder for a packed `dtype` (GGUF block types: the

@@ -39,6 +39,20 @@
 //! interleaved (rows % 8 = 0, cols % 32 = 0); other weights keep the
 //! row-by-row kernels.
 //!
+//! GGUF `Q5_0` blocks (scale `d`, weights `d·(c − 16)` with 5-bit codes
+//! `c`) are copied as 5-bit tiles: the symmetric 4-bit layout of their low
+//! nibbles (the same nibble order), each tile sub-block followed by 32
+//! bytes of fifth bits, one 32-bit mask per chunk (chunk order as the
+//! kernels read them: `k < 4` the low nibbles of chunk `k`, `k ≥ 4` the
+//! high nibbles of chunk `k − 4`; bit `4r + i` belongs to byte `4r + i` of
+//! that chunk, row `r`). The copy is exactly the file's 22 bytes per 32
+//! weights and row; a kernel ORs the bits in as 16 (AVX-512: a byte-masked
+//! add, AVX2 and NEON: bits spread to bytes), then runs the 4-bit
+//! arithmetic with the zero point 16. Without the copy a `Q5_0` row kernel
+//! pays a float conversion and multiply-add per 32 weights and token, as
+//! the module docs say, which left Qwen2.5-Coder-0.5B Q4_K_M prompts (half
+//! of its weights are `Q5_0`) at 0.7–0.8× llama.cpp.
+//!
 //! The copy costs the weights' size again in memory; decoding then reads
 //! only the copy. The one-token kernel has AVX2, AVX-512 VNNI (`vpdpbusd`
 //! on 256-bit vectors), NEON and NEON dot-product (`sdot`) versions; so has
@@ -61,6 +75,19 @@ const TILE_HEADER: usize = 2 * 2 * TILE;
 /// Bytes of one tile's group header when the weight is symmetric: the scales.
 const TILE_HEADER_SYM: usize = 2 * TILE;
 
+/// Bytes per row and sub-block of 32 in the copy: the codes, and for 5-bit
+/// ones the 4 bytes of fifth bits.
+const fn code_bytes(bits: u32) -> usize {
+    match bits {
+        5 => 16 + 4,
+        8 => 32,
+        _ => 16,
+    }
+}
+
+/// Bytes of a GGUF `Q5_0` block: f16 scale, 32 fifth bits, 16 bytes of nibbles.
+const Q5_0_BLOCK: usize = 22;
+
 /// A packed weight interleaved by eight rows (layout above; 3- and 2-bit
 /// codes widened to 4).
 #[derive(Clone, Debug)]
@@ -70,7 +97,7 @@ pub struct X8Rows {
     rows: usize,
     cols: usize,
     group_size: usize,
-    /// 4 or 8.
+    /// 4, 5 (GGUF `Q5_0`) or 8.
     bits: u32,
     /// The header holds an f16 minimum (`Q4GM`), else a zero point.
     min: bool,
@@ -83,6 +110,9 @@ impl X8Rows {
     /// type, its rows are not a multiple of 8 or its columns not a multiple
     /// of 32.
     pub fn interleave(w: PackedRows<'_>) -> Option<X8Rows> {
+        if w.dtype() == DType::Q5_0 {
+            return Self::interleave_q5_0(w);
+        }
         // `Q3G` / `Q2G` codes are widened to 4-bit nibbles (same scales and
         // zero points, so the same Ŵ): they then run through the 4-bit
         // kernels, 3.5–4.6× faster per weight than their row kernels, and
@@ -174,13 +204,64 @@ impl X8Rows {
         })
     }
 
+    /// The 5-bit copy of GGUF `Q5_0` rows (module docs): per tile and
+    /// block the eight scales, the eight rows' nibbles in chunks of four
+    /// bytes, then the fifth bits regrouped as one mask per chunk.
+    fn interleave_q5_0(w: PackedRows<'_>) -> Option<X8Rows> {
+        let (rows, cols) = (w.rows(), w.cols());
+        if rows == 0 || !rows.is_multiple_of(TILE) || !cols.is_multiple_of(SUB_BLOCK) {
+            return None;
+        }
+        let nb = cols / SUB_BLOCK;
+        let mut data = Vec::with_capacity(rows * nb * Q5_0_BLOCK);
+        for t in 0..rows / TILE {
+            let tile: [&[u8]; TILE] = std::array::from_fn(|r| w.row(t * TILE + r));
+            for k in 0..nb {
+                let blocks = tile.map(|row| &row[k * Q5_0_BLOCK..(k + 1) * Q5_0_BLOCK]);
+                for b in &blocks {
+                    data.extend_from_slice(&b[..2]);
+                }
+                for j in 0..4 {
+                    for b in &blocks {
+                        data.extend_from_slice(&b[6 + 4 * j..10 + 4 * j]);
+                    }
+                }
+                let qh = blocks.map(|b| u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
+                for chunk in 0..8 {
+                    // Chunk `chunk` holds columns 4j.. (low nibbles, j = chunk)
+                    // or 16 + 4j.. (high nibbles, j = chunk − 4) of each row.
+                    let first = if chunk < 4 {
+                        4 * chunk
+                    } else {
+                        16 + 4 * (chunk - 4)
+                    };
+                    let mask = qh
+                        .iter()
+                        .enumerate()
+                        .fold(0u32, |m, (r, &h)| m | ((h >> first) & 0xF) << (4 * r));
+                    data.extend_from_slice(&mask.to_le_bytes());
+                }
+            }
+        }
+        debug_assert_eq!(data.len(), rows * nb * Q5_0_BLOCK);
+        Some(X8Rows {
+            data,
+            rows,
+            cols,
+            group_size: SUB_BLOCK,
+            bits: 5,
+            min: false,
+            sym: true,
+        })
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
     pub fn cols(&self) -> usize {
         self.cols
     }
-    /// Bits per code (4 or 8).
+    /// Bits per code (4, 5 or 8).
     pub fn bits(&self) -> u32 {
         self.bits
     }
@@ -203,7 +284,7 @@ impl X8Rows {
     }
     fn tile_bytes(&self) -> usize {
         let n_groups = self.cols.div_ceil(self.group_size);
-        let codes = TILE * (self.cols / SUB_BLOCK) * sub_block_bytes(self.bits);
+        let codes = TILE * (self.cols / SUB_BLOCK) * code_bytes(self.bits);
         n_groups * self.tile_header() + codes
     }
 
@@ -212,6 +293,30 @@ impl X8Rows {
         out.clear();
         let (t, lane) = (r / TILE, r % TILE);
         let tile = &self.data[t * self.tile_bytes()..(t + 1) * self.tile_bytes()];
+        if self.bits == 5 {
+            // GGUF Q5_0 blocks: scale, fifth bits, nibbles.
+            let per = TILE_HEADER_SYM + TILE * code_bytes(5);
+            for blk in tile.chunks_exact(per) {
+                out.extend_from_slice(&blk[2 * lane..2 * lane + 2]);
+                let masks = &blk[TILE_HEADER_SYM + TILE * 16..];
+                let mut qh = 0u32;
+                for chunk in 0..8 {
+                    let m = u32::from_le_bytes(masks[4 * chunk..4 * chunk + 4].try_into().unwrap());
+                    let first = if chunk < 4 {
+                        4 * chunk
+                    } else {
+                        16 + 4 * (chunk - 4)
+                    };
+                    qh |= ((m >> (4 * lane)) & 0xF) << first;
+                }
+                out.extend_from_slice(&qh.to_le_bytes());
+                for j in 0..4 {
+                    let c = TILE_HEADER_SYM + 32 * j + 4 * lane;
+                    out.extend_from_slice(&blk[c..c + 4]);
+                }
+            }
+            return;
+        }
         let sb_bytes = sub_block_bytes(self.bits);
         let flip = if self.bits == 8 { 0x80u8 } else { 0 };
         let header = self.tile_header();
@@ -300,6 +405,7 @@ macro_rules! x8_matvec {
                 unsafe {
                     let (p, cols, gs) = (tile.as_ptr(), w.cols, w.group_size);
                     match (w.bits, w.min, w.sym) {
+                        (5, _, _) => $tile::<5, false, true>(p, cols, gs, x),
                         (8, _, true) => $tile::<8, false, true>(p, cols, gs, x),
                         (8, _, false) => $tile::<8, false, false>(p, cols, gs, x),
                         (_, true, _) => $tile::<4, true, false>(p, cols, gs, x),
@@ -341,15 +447,15 @@ fn for_each_tile_quad(
 }
 
 /// The batched entry point `$matmul` ([`X8MatmulFn`]) of a SIMD quad kernel
-/// `$tile_quad::<MIN, SYM>(p, cols, gs, qs, d, ds) -> [[f32; TILE]; QUAD]`
-/// for 4-bit rows (8-bit ones go through the reference's arithmetic per
-/// token: they are output heads, which prompts need only for perplexity).
+/// `$tile_quad::<BITS, MIN, SYM>(p, cols, gs, qs, d, ds) -> [[f32; TILE]; QUAD]`
+/// for 4- and 5-bit rows (8-bit ones go through the reference's arithmetic
+/// per token: they are output heads, which prompts need only for perplexity).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! x8_matmul {
     ($matmul:ident, $tile_quad:ident) => {
         pub fn $matmul(w: &X8Rows, x: &Q8BatchRef<'_>, out: &mut [f32], out_rs: usize) {
             check_batch(w, x, out, out_rs);
-            if w.bits != 4 {
+            if w.bits == 8 {
                 return matmul_x8_q8_scalar(w, x, out, out_rs);
             }
             for_each_tile_quad(w, x, out, out_rs, |tile, e| {
@@ -363,10 +469,11 @@ macro_rules! x8_matmul {
                         x.ds.as_ptr().add(e),
                     );
                     let (p, cols, gs) = (tile.as_ptr(), w.cols, w.group_size);
-                    match (w.min, w.sym) {
-                        (true, _) => $tile_quad::<true, false>(p, cols, gs, qs, d, ds),
-                        (_, true) => $tile_quad::<false, true>(p, cols, gs, qs, d, ds),
-                        _ => $tile_quad::<false, false>(p, cols, gs, qs, d, ds),
+                    match (w.bits, w.min, w.sym) {
+                        (5, _, _) => $tile_quad::<5, false, true>(p, cols, gs, qs, d, ds),
+                        (_, true, _) => $tile_quad::<4, true, false>(p, cols, gs, qs, d, ds),
+                        (_, _, true) => $tile_quad::<4, false, true>(p, cols, gs, qs, d, ds),
+                        _ => $tile_quad::<4, false, false>(p, cols, gs, qs, d, ds),
                     }
                 }
             });
@@ -400,6 +507,7 @@ fn check(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &[f32]) {
 pub fn vec_dot_x8_q8_scalar(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]) {
     check(w, r0, x, out);
     let (dtype, reference): (DType, super::QgMatvecFn) = match (w.bits, w.min) {
+        (5, _) => (DType::Q5_0, super::gguf::vec_dot_q5_0_q8_scalar),
         (8, _) => (DType::Q8G, super::qg::vec_dot_q8g_q8_scalar),
         (_, true) => (DType::Q4GM, super::qg::vec_dot_q4gm_q8_scalar),
         _ => (DType::Q4G, super::qg::vec_dot_q4g_q8_scalar),
@@ -438,6 +546,31 @@ fn check_batch(w: &X8Rows, x: &Q8BatchRef<'_>, out: &[f32], out_rs: usize) {
 /// (`qg_mm`) on each row rebuilt in the format's layout.
 pub fn matmul_x8_q8_scalar(w: &X8Rows, x: &Q8BatchRef<'_>, out: &mut [f32], out_rs: usize) {
     check_batch(w, x, out, out_rs);
+    if w.bits == 5 {
+        // GGUF Q5_0 has no quad-layout reference: the one-token reference
+        // per token, on that token's blocks gathered out of the quads.
+        let nb = w.cols / SUB_BLOCK;
+        let (mut qs, mut d, mut ds) = (vec![0i8; w.cols], vec![0f32; nb], vec![0f32; nb]);
+        let mut one = vec![0f32; w.rows];
+        for t in 0..x.n_tok {
+            for k in 0..nb {
+                let i = x.index(t, k);
+                qs[k * SUB_BLOCK..(k + 1) * SUB_BLOCK]
+                    .copy_from_slice(&x.qs[i * SUB_BLOCK..(i + 1) * SUB_BLOCK]);
+                (d[k], ds[k]) = (x.d[i], x.ds[i]);
+            }
+            let xt = Q8Ref {
+                qs: &qs,
+                d: &d,
+                ds: &ds,
+                len: w.cols,
+                super256: false,
+            };
+            vec_dot_x8_q8_scalar(w, 0, &xt, &mut one);
+            out[t * out_rs..t * out_rs + w.rows].copy_from_slice(&one);
+        }
+        return;
+    }
     let (dtype, reference): (DType, super::QgMatmulFn) = match (w.bits, w.min) {
         (8, _) => (DType::Q8G, super::qg_mm::matmul_q8g_q8_scalar),
         (_, true) => (DType::Q4GM, super::qg_mm::matmul_q4gm_q8_scalar),
@@ -454,6 +587,7 @@ pub fn matmul_x8_q8_scalar(w: &X8Rows, x: &Q8BatchRef<'_>, out: &mut [f32], out_
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use super::*;
+    use crate::kernels::gguf::x86::bytes_from_bits;
     use crate::kernels::q8::QUAD;
     use std::arch::x86_64::*;
 
@@ -481,6 +615,27 @@ pub(super) mod x86 {
         }
     }
 
+    /// A 5-bit tile sub-block at `p`: chunk `k`'s codes `c` (low nibbles)
+    /// with their fifth bits (mask `k` after the 128 bytes of nibbles) added
+    /// as 16, AVX2. SAFETY (caller): a whole 5-bit tile sub-block at `p`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn fifth_bits_avx2(c: __m256i, p: *const u8, k: usize) -> __m256i {
+        // SAFETY: guaranteed by the caller.
+        let m = unsafe { (p.add(TILE * 16 + 4 * k) as *const u32).read_unaligned() };
+        let high = _mm256_and_si256(bytes_from_bits(m), _mm256_set1_epi8(0x10));
+        _mm256_or_si256(c, high)
+    }
+
+    /// [`fifth_bits_avx2`] with AVX-512BW: the mask is a byte mask of an add.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn fifth_bits_avx512(c: __m256i, p: *const u8, k: usize) -> __m256i {
+        // SAFETY: guaranteed by the caller.
+        let m = unsafe { (p.add(TILE * 16 + 4 * k) as *const u32).read_unaligned() };
+        _mm256_mask_add_epi8(c, m, c, _mm256_set1_epi8(0x10))
+    }
+
     /// The eight rows' integer dot products of one sub-block of a tile at
     /// `p` with the activation block at `q` (lane `r` = row `r`), AVX2.
     /// SAFETY (caller): a whole tile sub-block is readable at `p`, 32
@@ -505,6 +660,20 @@ pub(super) mod x86 {
                     s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi, dword(4 + j)));
                 }
                 _mm256_madd_epi16(s16, ones)
+            } else if BITS == 5 {
+                // Codes ≤ 31: a vpmaddubsw lane is at most 7874 in size,
+                // four of them 31496 < 2^15, so low and high nibbles sum
+                // in separate i16 lanes.
+                let (mut s_lo, mut s_hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                for j in 0..4 {
+                    let v = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
+                    let lo = fifth_bits_avx2(_mm256_and_si256(v, nib), p, j);
+                    let hi =
+                        fifth_bits_avx2(_mm256_and_si256(_mm256_srli_epi16(v, 4), nib), p, 4 + j);
+                    s_lo = _mm256_add_epi16(s_lo, _mm256_maddubs_epi16(lo, dword(j)));
+                    s_hi = _mm256_add_epi16(s_hi, _mm256_maddubs_epi16(hi, dword(4 + j)));
+                }
+                _mm256_add_epi32(_mm256_madd_epi16(s_lo, ones), _mm256_madd_epi16(s_hi, ones))
             } else {
                 // Signed codes s = c − 128: |s|·(q with the sign of s), each
                 // pair at most 2·128·127 = 32512, widened to i32 per chunk.
@@ -530,15 +699,19 @@ pub(super) mod x86 {
         unsafe {
             let dword = |k: usize| _mm256_set1_epi32((q.add(4 * k) as *const i32).read_unaligned());
             let mut s32 = _mm256_setzero_si256();
-            if BITS == 4 {
+            if BITS != 8 {
                 // Two chains of four `vpdpbusd`, so that their latencies
                 // overlap (+5–10 % in criterion on Zen 4; four chains of two
                 // were slower again).
                 let mut s_hi = _mm256_setzero_si256();
                 for j in 0..4 {
                     let v = _mm256_loadu_si256(p.add(32 * j) as *const __m256i);
-                    let lo = _mm256_and_si256(v, nib);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                    let mut lo = _mm256_and_si256(v, nib);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                    if BITS == 5 {
+                        lo = fifth_bits_avx512(lo, p, j);
+                        hi = fifth_bits_avx512(hi, p, 4 + j);
+                    }
                     s32 = _mm256_dpbusd_epi32(s32, lo, dword(j));
                     s_hi = _mm256_dpbusd_epi32(s_hi, hi, dword(4 + j));
                 }
@@ -572,7 +745,7 @@ pub(super) mod x86 {
                 x: &Q8Ref<'_>,
             ) -> [f32; TILE] {
                 let (qs, d, ds) = (x.qs.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
-                let tile_sub_block = TILE * sub_block_bytes(BITS);
+                let tile_sub_block = TILE * code_bytes(BITS);
                 let (mut acc, mut corr) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 let (mut p, mut blk) = (p, 0usize);
                 // SAFETY: the tile is one group header and its sub-blocks
@@ -637,23 +810,31 @@ pub(super) mod x86 {
     /// SAFETY (caller): 32 activations are readable at `q`.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn dot8_avx2(c: &[__m256i; 8], q: *const i8) -> __m256i {
+    unsafe fn dot8_avx2<const BITS: u32>(c: &[__m256i; 8], q: *const i8) -> __m256i {
         // SAFETY: guaranteed by the caller.
         unsafe {
-            // Eight vpmaddubsw lanes of codes ≤ 15: < 2^15 (see `sub_block_avx2`).
-            let mut s16 = _mm256_setzero_si256();
+            // Eight vpmaddubsw lanes of codes ≤ 15 fit i16, four of codes
+            // ≤ 31 (see `sub_block_avx2`).
+            let ones = _mm256_set1_epi16(1);
+            let mut s16 = [_mm256_setzero_si256(); 2];
             for (k, ck) in c.iter().enumerate() {
                 let xk = _mm256_set1_epi32((q.add(4 * k) as *const i32).read_unaligned());
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*ck, xk));
+                let h = if BITS == 5 { k / 4 } else { 0 };
+                s16[h] = _mm256_add_epi16(s16[h], _mm256_maddubs_epi16(*ck, xk));
             }
-            _mm256_madd_epi16(s16, _mm256_set1_epi16(1))
+            let s = _mm256_madd_epi16(s16[0], ones);
+            if BITS == 5 {
+                _mm256_add_epi32(s, _mm256_madd_epi16(s16[1], ones))
+            } else {
+                s
+            }
         }
     }
 
     /// [`dot8_avx2`] with AVX-512 VNNI: one `vpdpbusd` per chunk.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     #[inline]
-    unsafe fn dot8_vnni(c: &[__m256i; 8], q: *const i8) -> __m256i {
+    unsafe fn dot8_vnni<const BITS: u32>(c: &[__m256i; 8], q: *const i8) -> __m256i {
         // SAFETY: guaranteed by the caller.
         unsafe {
             let mut s32 = _mm256_setzero_si256();
@@ -666,13 +847,13 @@ pub(super) mod x86 {
     }
 
     macro_rules! x86_x8_quad {
-        ($tile_quad:ident, $matmul:ident, $features:literal, $dot8:ident) => {
-            /// One tile of a 4-bit weight against one quad of tokens: the
-            /// 4 × 8 dot products, token-major. SAFETY (caller): `p` points
-            /// at a whole tile, `qs`/`d`/`ds` at the quad's `cols/32 · 4`
-            /// entries.
+        ($tile_quad:ident, $matmul:ident, $features:literal, $dot8:ident, $fifth:ident) => {
+            /// One tile of a 4- or 5-bit weight against one quad of tokens:
+            /// the 4 × 8 dot products, token-major. SAFETY (caller): `p`
+            /// points at a whole tile, `qs`/`d`/`ds` at the quad's
+            /// `cols/32 · 4` entries.
             #[target_feature(enable = $features)]
-            unsafe fn $tile_quad<const MIN: bool, const SYM: bool>(
+            unsafe fn $tile_quad<const BITS: u32, const MIN: bool, const SYM: bool>(
                 p: *const u8,
                 cols: usize,
                 gs: usize,
@@ -689,7 +870,7 @@ pub(super) mod x86 {
                 // caller's guarantee).
                 unsafe {
                     for nsb in group_sub_blocks(cols, gs) {
-                        let (scale, other, next) = group_header::<4, SYM>(p);
+                        let (scale, other, next) = group_header::<BITS, SYM>(p);
                         p = next;
                         let mut gacc = [_mm256_setzero_ps(); QUAD];
                         let mut accs = _mm_setzero_ps();
@@ -697,12 +878,17 @@ pub(super) mod x86 {
                             let c: [__m256i; 8] = std::array::from_fn(|k| {
                                 let v = _mm256_loadu_si256(p.add(32 * (k % 4)) as *const __m256i);
                                 let v = if k < 4 { v } else { _mm256_srli_epi16(v, 4) };
-                                _mm256_and_si256(v, nib)
+                                let c = _mm256_and_si256(v, nib);
+                                if BITS == 5 {
+                                    $fifth(c, p, k)
+                                } else {
+                                    c
+                                }
                             });
-                            p = p.add(TILE * 16);
+                            p = p.add(TILE * code_bytes(BITS));
                             let e = blk * QUAD;
                             for (t, g) in gacc.iter_mut().enumerate() {
-                                let i = $dot8(&c, qs.add((e + t) * SUB_BLOCK));
+                                let i = $dot8::<BITS>(&c, qs.add((e + t) * SUB_BLOCK));
                                 *g = _mm256_fmadd_ps(
                                     _mm256_cvtepi32_ps(i),
                                     _mm256_set1_ps(*d.add(e + t)),
@@ -741,18 +927,20 @@ pub(super) mod x86 {
         };
     }
 
-    // The batched kernels for 4-bit interleaved rows.
+    // The batched kernels for 4- and 5-bit interleaved rows.
     x86_x8_quad!(
         tile_quad_avx2,
         matmul_x8_q8_avx2,
         "avx2,fma,f16c",
-        dot8_avx2
+        dot8_avx2,
+        fifth_bits_avx2
     );
     x86_x8_quad!(
         tile_quad_vnni,
         matmul_x8_q8_avx512,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni",
-        dot8_vnni
+        dot8_vnni,
+        fifth_bits_avx512
     );
 }
 
@@ -776,6 +964,23 @@ pub(super) mod neon {
         let lo = vmull_s8(vget_low_s8(c), vget_low_s8(q));
         let hi = vmull_high_s8(c, q);
         vpaddlq_s16(vpaddq_s16(lo, hi))
+    }
+
+    /// Half `h` (rows `4h..4h + 4`) of chunk `k` of a 5-bit tile sub-block
+    /// at `p`: codes `c` with their fifth bits (mask `k`, its 16 bits of
+    /// half `h`) added as 16. SAFETY (caller): a whole 5-bit tile sub-block
+    /// at `p`.
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn fifth_bits(c: uint8x16_t, p: *const u8, k: usize, h: usize) -> uint8x16_t {
+        const BIT: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+        // SAFETY: guaranteed by the caller; `BIT` holds 16 bytes.
+        unsafe {
+            let m = (p.add(TILE * 16 + 4 * k) as *const u32).read_unaligned() >> (16 * h);
+            let v = vcombine_u8(vdup_n_u8(m as u8), vdup_n_u8((m >> 8) as u8));
+            let set = vtstq_u8(v, vld1q_u8(BIT.as_ptr()));
+            vorrq_u8(c, vandq_u8(set, vdupq_n_u8(0x10)))
+        }
     }
 
     /// Eight f16 at `p` as two f32 vectors (rows 0–3, 4–7). SAFETY
@@ -805,7 +1010,7 @@ pub(super) mod neon {
                 x: &Q8Ref<'_>,
             ) -> [f32; TILE] {
                 let (qs, d, ds) = (x.qs.as_ptr(), x.d.as_ptr(), x.ds.as_ptr());
-                let tile_sub_block = TILE * sub_block_bytes(BITS);
+                let tile_sub_block = TILE * code_bytes(BITS);
                 let nib = vdupq_n_u8(0x0F);
                 let zero = vdupq_n_f32(0.0);
                 let (mut acc, mut corr) = ([zero; 2], [zero; 2]);
@@ -831,13 +1036,18 @@ pub(super) mod neon {
                                 vreinterpretq_s8_s32(vdupq_n_s32(v))
                             };
                             let mut i = [vdupq_n_s32(0); 2];
-                            if BITS == 4 {
+                            if BITS != 8 {
                                 for j in 0..4 {
                                     let (xl, xh) = (dword(j), dword(4 + j));
                                     for (h, ih) in i.iter_mut().enumerate() {
                                         let v = vld1q_u8(p.add(32 * j + 16 * h));
-                                        let lo = vreinterpretq_s8_u8(vandq_u8(v, nib));
-                                        let hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+                                        let (mut lo, mut hi) = (vandq_u8(v, nib), vshrq_n_u8(v, 4));
+                                        if BITS == 5 {
+                                            lo = fifth_bits(lo, p, j, h);
+                                            hi = fifth_bits(hi, p, 4 + j, h);
+                                        }
+                                        let (lo, hi) =
+                                            (vreinterpretq_s8_u8(lo), vreinterpretq_s8_u8(hi));
                                         *ih = vaddq_s32(*ih, $dot(lo, xl));
                                         *ih = vaddq_s32(*ih, $dot(hi, xh));
                                     }
@@ -886,13 +1096,13 @@ pub(super) mod neon {
 
             x8_matvec!($matvec, $tile);
 
-            /// One tile of a 4-bit weight against one quad of tokens (as
-            /// `tile_quad_avx2`): each chunk is unpacked once for the four
-            /// tokens, and every token's sums are formed in the order of
-            /// the one-token kernel. SAFETY (caller): `p` points at a whole
-            /// tile, `qs`/`d`/`ds` at the quad's `cols/32 · 4` entries.
+            /// One tile of a 4- or 5-bit weight against one quad of tokens
+            /// (as `tile_quad_avx2`): each chunk is unpacked once for the
+            /// four tokens, and every token's sums are formed in the order
+            /// of the one-token kernel. SAFETY (caller): `p` points at a
+            /// whole tile, `qs`/`d`/`ds` at the quad's `cols/32 · 4` entries.
             #[target_feature(enable = $features)]
-            unsafe fn $tile_quad<const MIN: bool, const SYM: bool>(
+            unsafe fn $tile_quad<const BITS: u32, const MIN: bool, const SYM: bool>(
                 p: *const u8,
                 cols: usize,
                 gs: usize,
@@ -912,7 +1122,7 @@ pub(super) mod neon {
                     for nsb in group_sub_blocks(cols, gs) {
                         let scale = f16x8(p);
                         let other = if SYM {
-                            [vdupq_n_f32(sym_other(4)); 2]
+                            [vdupq_n_f32(sym_other(BITS)); 2]
                         } else {
                             f16x8(p.add(16))
                         };
@@ -932,6 +1142,7 @@ pub(super) mod neon {
                                     } else {
                                         vshrq_n_u8(v, 4)
                                     };
+                                    let v = if BITS == 5 { fifth_bits(v, p, k, h) } else { v };
                                     vreinterpretq_s8_u8(v)
                                 });
                                 for (t, it) in i.iter_mut().enumerate() {
@@ -944,7 +1155,7 @@ pub(super) mod neon {
                                     }
                                 }
                             }
-                            p = p.add(TILE * 16);
+                            p = p.add(TILE * code_bytes(BITS));
                             for (t, (g, it)) in gacc.iter_mut().zip(i).enumerate() {
                                 let dt = vdupq_n_f32(*d.add(e + t));
                                 for (gh, ih) in g.iter_mut().zip(it) {
@@ -1032,8 +1243,10 @@ mod tests {
     /// The weights tested: each type, and `Q4G` / `Q8G` also symmetric
     /// (every zero point 2^(bits−1), the GGUF `Q4_0` / `Q8_0` imports),
     /// whose copy keeps no zero points. `Q3G` / `Q2G` are widened to 4-bit
-    /// codes with their zero points kept.
-    const KINDS: [(DType, bool); 7] = [
+    /// codes with their zero points kept. GGUF `Q5_0` (always symmetric,
+    /// blocks of 32: its shapes take groups of 32, [`shape_of`]).
+    const KINDS: [(DType, bool); 8] = [
+        (DType::Q5_0, true),
         (DType::Q4G, false),
         (DType::Q4G, true),
         (DType::Q4GM, false),
@@ -1048,7 +1261,38 @@ mod tests {
         matches!(dtype, DType::Q3G | DType::Q2G)
     }
 
+    /// The shape a kind is tested at: GGUF `Q5_0` has groups of 32.
+    fn shape_of(dtype: DType, (rows, cols, gs): (usize, usize, usize)) -> (usize, usize, usize) {
+        (
+            rows,
+            cols,
+            if dtype == DType::Q5_0 { SUB_BLOCK } else { gs },
+        )
+    }
+
     fn weight(dtype: DType, rows: usize, cols: usize, gs: usize, seed: &mut u64) -> Vec<u8> {
+        if dtype == DType::Q5_0 {
+            // Random codes and fifth bits, finite scales; row 3's first
+            // block has a zero scale, row 5's codes are all 31 (the largest
+            // products: against a block of activations 127, four i16 pair
+            // sums of AVX2 fit, eight would not).
+            let nb = rows * cols / SUB_BLOCK;
+            let mut data: Vec<u8> = (0..nb * Q5_0_BLOCK)
+                .map(|_| ((lcg(seed) + 1.0) * 127.9) as u8)
+                .collect();
+            for (i, b) in data.chunks_exact_mut(Q5_0_BLOCK).enumerate() {
+                let d = if i == 3 * cols / SUB_BLOCK {
+                    0.0
+                } else {
+                    lcg(seed) * 0.05
+                };
+                b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                if i / (cols / SUB_BLOCK) == 5 {
+                    b[2..].fill(0xFF);
+                }
+            }
+            return data;
+        }
         let mut data = Vec::new();
         for r in 0..rows {
             data.extend(make_row(dtype, cols, gs, seed, r == 3));
@@ -1067,7 +1311,7 @@ mod tests {
         seed: &mut u64,
     ) -> Vec<u8> {
         let mut data = weight(dtype, rows, cols, gs, seed);
-        if sym {
+        if sym && dtype != DType::Q5_0 {
             let bits = dtype.quant_bits().unwrap();
             let row_len = row_bytes(bits, cols, gs);
             for row in data.chunks_mut(row_len) {
@@ -1085,13 +1329,23 @@ mod tests {
     fn interleaving_round_trips_and_refuses_what_it_cannot_hold() {
         let mut seed = 4u64;
         for kind @ (dtype, sym) in KINDS {
-            for (rows, cols, gs) in SHAPES {
+            for shape in SHAPES {
+                let (rows, cols, gs) = shape_of(dtype, shape);
                 let data = weight_of(kind, rows, cols, gs, &mut seed);
                 let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
                 let x8 =
                     X8Rows::interleave(w).unwrap_or_else(|| panic!("{dtype} {rows}x{cols} g{gs}"));
                 assert_eq!(x8.is_symmetric(), sym, "{dtype} {rows}x{cols} g{gs}");
                 let mut row = Vec::new();
+                if dtype == DType::Q5_0 {
+                    // The file's bytes exactly, rebuilt block for block.
+                    assert_eq!((x8.bits(), x8.bytes()), (5, data.len()));
+                    for r in 0..rows {
+                        x8.row_in_format(r, &mut row);
+                        assert_eq!(row, w.row(r), "{dtype} {rows}x{cols} row {r}");
+                    }
+                    continue;
+                }
                 if widened(dtype) {
                     // The same Ŵ, rebuilt as Q4G rows.
                     assert_eq!(x8.bits(), 4);
@@ -1138,6 +1392,10 @@ mod tests {
             refuse(DType::Q3G, 8, 80, 32, &mut seed),
             "3-bit, ragged last sub-block"
         );
+        assert!(
+            refuse(DType::Q5_0, 12, 64, 32, &mut seed),
+            "Q5_0, rows not a multiple of 8"
+        );
     }
 
     #[test]
@@ -1145,7 +1403,8 @@ mod tests {
         let mut seed = 31u64;
         let scalar = Kernels::for_isa(Isa::Scalar).unwrap();
         for kind @ (dtype, sym) in KINDS {
-            for (rows, cols, gs) in SHAPES {
+            for shape in SHAPES {
+                let (rows, cols, gs) = shape_of(dtype, shape);
                 let data = weight_of(kind, rows, cols, gs, &mut seed);
                 let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
                 let x8 = X8Rows::interleave(w).unwrap();
@@ -1153,6 +1412,9 @@ mod tests {
                 let mut xv: Vec<f32> = (0..cols).map(|_| lcg(&mut seed) * 4.0).collect();
                 if cols >= 64 {
                     xv[32..64].fill(0.0); // an all-zero activation block
+                }
+                if cols >= 96 {
+                    xv[64..96].fill(3.0); // a block of codes 127
                 }
                 let mut xq = Q8Buf::new(cols);
                 xq.quantize(quantize_q8_scalar, &xv);
@@ -1207,7 +1469,8 @@ mod tests {
         use crate::kernels::q8::Q8Batch;
         let mut seed = 57u64;
         for kind @ (dtype, sym) in KINDS {
-            for (rows, cols, gs) in SHAPES {
+            for shape in SHAPES {
+                let (rows, cols, gs) = shape_of(dtype, shape);
                 let data = weight_of(kind, rows, cols, gs, &mut seed);
                 let w = PackedRows::new(dtype, &data, rows, cols, gs).unwrap();
                 let x8 = X8Rows::interleave(w).unwrap();
@@ -1218,14 +1481,29 @@ mod tests {
                     if cols >= 64 {
                         xv[32..64].fill(0.0);
                     }
+                    if cols >= 96 {
+                        xv[64..96].fill(3.0);
+                    }
                     let mut batch = Q8Batch::new(12, cols);
                     batch.quantize(quantize_q8_scalar, &xv, n_tok, cols, None);
                     let xb = batch.as_ref();
                     let out_rs = rows + 3;
                     let mut want = vec![f32::NAN; n_tok * out_rs];
-                    crate::kernels::qg_mm::SCALAR[crate::kernels::packed_index(dtype)](
-                        w, &xb, &mut want, out_rs,
-                    );
+                    if dtype == DType::Q5_0 {
+                        // GGUF's batched reference, on the tokens back to back.
+                        let mut xq = Q8Buf::new(n_tok * cols);
+                        xq.quantize(quantize_q8_scalar, &xv);
+                        crate::kernels::gguf::matmul_gguf_scalar(
+                            w,
+                            &xq.as_ref(),
+                            &mut want,
+                            out_rs,
+                        );
+                    } else {
+                        crate::kernels::qg_mm::SCALAR[crate::kernels::packed_index(dtype)](
+                            w, &xb, &mut want, out_rs,
+                        );
+                    }
                     let mut reference = vec![f32::NAN; n_tok * out_rs];
                     matmul_x8_q8_scalar(&x8, &xb, &mut reference, out_rs);
                     assert_eq!(
