@@ -930,66 +930,45 @@ pub mod x86 {
         std::array::from_fn(|t| hsum(acc[t]))
     }
 
-    /// Batched kernels, AVX2: the driver `matmul_x86` over a type's
-    /// `rows_*_x_avx2` at four tokens and at one.
-    pub const MATMUL_AVX2: GgufMatmulTable = {
-        fn q5_0(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-            let (four, one) = (rows_q5_0_x_avx2::<4>, rows_q5_0_x_avx2::<1>);
-            matmul_x86(DType::Q5_0, w, x, out, out_rs, four, one)
-        }
-        fn q4k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-            let (four, one) = (rows_q45k_x_avx2::<false, 4>, rows_q45k_x_avx2::<false, 1>);
-            matmul_x86(DType::Q4K, w, x, out, out_rs, four, one)
-        }
-        fn q5k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-            let (four, one) = (rows_q45k_x_avx2::<true, 4>, rows_q45k_x_avx2::<true, 1>);
-            matmul_x86(DType::Q5K, w, x, out, out_rs, four, one)
-        }
-        fn q6k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-            let (four, one) = (rows_q6k_x_avx2::<4>, rows_q6k_x_avx2::<1>);
-            matmul_x86(DType::Q6K, w, x, out, out_rs, four, one)
-        }
-        [
-            Some(q5_0),
-            None,
-            None,
-            Some(q4k),
-            Some(q5k),
-            Some(q6k),
-            None,
-            None,
-        ]
-    };
+    /// A batched-kernel table: the driver `matmul_x86` over each type's
+    /// row functions (`$q5_0`, `$q45k`, `$q6k`) at four tokens and at one.
+    macro_rules! matmul_table {
+        ($q5_0:ident, $q45k:ident, $q6k:ident) => {{
+            fn q5_0(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+                let (four, one) = ($q5_0::<4>, $q5_0::<1>);
+                matmul_x86(DType::Q5_0, w, x, out, out_rs, four, one)
+            }
+            fn q4k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+                let (four, one) = ($q45k::<false, 4>, $q45k::<false, 1>);
+                matmul_x86(DType::Q4K, w, x, out, out_rs, four, one)
+            }
+            fn q5k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+                let (four, one) = ($q45k::<true, 4>, $q45k::<true, 1>);
+                matmul_x86(DType::Q5K, w, x, out, out_rs, four, one)
+            }
+            fn q6k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
+                let (four, one) = ($q6k::<4>, $q6k::<1>);
+                matmul_x86(DType::Q6K, w, x, out, out_rs, four, one)
+            }
+            [
+                Some(q5_0),
+                None,
+                None,
+                Some(q4k),
+                Some(q5k),
+                Some(q6k),
+                None,
+                None,
+            ]
+        }};
+    }
 
-    /// Batched kernels, AVX-512 VNNI (as [`MATMUL_AVX2`]).
-    pub const MATMUL_AVX512: GgufMatmulTable = {
-        fn q5_0(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-            let (four, one) = (rows_q5_0_x::<4>, rows_q5_0_x::<1>);
-            matmul_x86(DType::Q5_0, w, x, out, out_rs, four, one)
-        }
-        fn q4k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-            let (four, one) = (rows_q45k_x::<false, 4>, rows_q45k_x::<false, 1>);
-            matmul_x86(DType::Q4K, w, x, out, out_rs, four, one)
-        }
-        fn q5k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-            let (four, one) = (rows_q45k_x::<true, 4>, rows_q45k_x::<true, 1>);
-            matmul_x86(DType::Q5K, w, x, out, out_rs, four, one)
-        }
-        fn q6k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-            let (four, one) = (rows_q6k_x::<4>, rows_q6k_x::<1>);
-            matmul_x86(DType::Q6K, w, x, out, out_rs, four, one)
-        }
-        [
-            Some(q5_0),
-            None,
-            None,
-            Some(q4k),
-            Some(q5k),
-            Some(q6k),
-            None,
-            None,
-        ]
-    };
+    /// Batched kernels, AVX2.
+    pub const MATMUL_AVX2: GgufMatmulTable =
+        matmul_table!(rows_q5_0_x_avx2, rows_q45k_x_avx2, rows_q6k_x_avx2);
+
+    /// Batched kernels, AVX-512 VNNI.
+    pub const MATMUL_AVX512: GgufMatmulTable = matmul_table!(rows_q5_0_x, rows_q45k_x, rows_q6k_x);
 
     /// The x86 [`GgufMatmulFn`] driver: tokens four at a time (the last
     /// one to three one at a time), every row of `w` for each group.
