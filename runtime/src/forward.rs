@@ -731,7 +731,7 @@ fn gguf_batch(
 }
 
 /// `out[i, :] = W · x[i, :]` for `b` rows; `out` rows are `out_rs` apart.
-/// Packed weights with an interleaved 4-bit copy ([`Model::x8`]) multiply
+/// Packed weights with an interleaved 4- or 5-bit copy ([`Model::x8`]) multiply
 /// the int8 blocks of the rows (quantized once per input,
 /// [`BatchScratch::new_input`]) through [`Kernels::matmul_x8`], the quads of
 /// tokens split over the threads ([`PrefillKind::Auto`]; `Int8` uses the
@@ -755,7 +755,7 @@ fn linear_batch(
     let perm = model.perm(w);
     if let WeightData::Packed(p) = &data {
         let k = model.kernels();
-        // Auto: the interleaved 4-bit rows where the model keeps them, else
+        // Auto: the interleaved 4-/5-bit rows where the model keeps them, else
         // the row-by-row batched kernel where it beats tiles (VNNI); Int8:
         // the row-by-row batched kernels; otherwise decoded tiles.
         let x8 = match (scratch.prefill, k.matmul_x8, model.x8(w)) {
