@@ -30,7 +30,8 @@
 //! runtime never gives them, go to the reference). They come in AVX2 and
 //! AVX-512 (two sub-blocks per 512-bit step, `vpdpwssd`) versions, for one
 //! token and for prompts ([`GgufMatmulFn`]: each sub-block unpacked once
-//! for four tokens). Qwen2.5-Coder-1.5B Q4_K_M, AVX-512, tg64: 6.4 → 6.9
+//! for four tokens on AVX2, eight on AVX-512). Qwen2.5-Coder-1.5B Q4_K_M,
+//! AVX-512, tg64: 6.4 → 6.9
 //! tok/s at one thread, 11.0 → 12.9 at two; pp128 17.9 → 33.1
 //! (docs/BENCHMARKS.md).
 //!
@@ -931,24 +932,24 @@ pub mod x86 {
     }
 
     /// A batched-kernel table: the driver `matmul_x86` over each type's
-    /// row functions (`$q5_0`, `$q45k`, `$q6k`) at four tokens and at one.
+    /// row functions (`$q5_0`, `$q45k`, `$q6k`) at `$g` tokens and at one.
     macro_rules! matmul_table {
-        ($q5_0:ident, $q45k:ident, $q6k:ident) => {{
+        ($g:literal, $q5_0:ident, $q45k:ident, $q6k:ident) => {{
             fn q5_0(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-                let (four, one) = ($q5_0::<4>, $q5_0::<1>);
-                matmul_x86(DType::Q5_0, w, x, out, out_rs, four, one)
+                let (many, one) = ($q5_0::<$g>, $q5_0::<1>);
+                matmul_x86(DType::Q5_0, w, x, out, out_rs, many, one)
             }
             fn q4k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-                let (four, one) = ($q45k::<false, 4>, $q45k::<false, 1>);
-                matmul_x86(DType::Q4K, w, x, out, out_rs, four, one)
+                let (many, one) = ($q45k::<false, $g>, $q45k::<false, 1>);
+                matmul_x86(DType::Q4K, w, x, out, out_rs, many, one)
             }
             fn q5k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-                let (four, one) = ($q45k::<true, 4>, $q45k::<true, 1>);
-                matmul_x86(DType::Q5K, w, x, out, out_rs, four, one)
+                let (many, one) = ($q45k::<true, $g>, $q45k::<true, 1>);
+                matmul_x86(DType::Q5K, w, x, out, out_rs, many, one)
             }
             fn q6k(w: PackedRows<'_>, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize) {
-                let (four, one) = ($q6k::<4>, $q6k::<1>);
-                matmul_x86(DType::Q6K, w, x, out, out_rs, four, one)
+                let (many, one) = ($q6k::<$g>, $q6k::<1>);
+                matmul_x86(DType::Q6K, w, x, out, out_rs, many, one)
             }
             [
                 Some(q5_0),
@@ -963,22 +964,27 @@ pub mod x86 {
         }};
     }
 
-    /// Batched kernels, AVX2.
+    /// Batched kernels, AVX2 (four tokens per unpacked block: sixteen
+    /// vector registers).
     pub const MATMUL_AVX2: GgufMatmulTable =
-        matmul_table!(rows_q5_0_x_avx2, rows_q45k_x_avx2, rows_q6k_x_avx2);
+        matmul_table!(4, rows_q5_0_x_avx2, rows_q45k_x_avx2, rows_q6k_x_avx2);
 
-    /// Batched kernels, AVX-512 VNNI.
-    pub const MATMUL_AVX512: GgufMatmulTable = matmul_table!(rows_q5_0_x, rows_q45k_x, rows_q6k_x);
+    /// Batched kernels, AVX-512 VNNI (eight tokens per unpacked block: 32
+    /// vector registers hold their sums; against four, Qwen2.5-Coder-1.5B
+    /// Q4_K_M pp128 36.6–38.1 → 40.9 tok/s at one thread, 67.9–68.4 →
+    /// 74.8–76.6 at two, old and new binaries alternating).
+    pub const MATMUL_AVX512: GgufMatmulTable =
+        matmul_table!(8, rows_q5_0_x, rows_q45k_x, rows_q6k_x);
 
-    /// The x86 [`GgufMatmulFn`] driver: tokens four at a time (the last
-    /// one to three one at a time), every row of `w` for each group.
-    fn matmul_x86(
+    /// The x86 [`GgufMatmulFn`] driver: tokens `G` at a time (the last
+    /// ones one at a time), every row of `w` for each group.
+    fn matmul_x86<const G: usize>(
         dtype: DType,
         w: PackedRows<'_>,
         x: &Q8Ref<'_>,
         out: &mut [f32],
         out_rs: usize,
-        four: unsafe fn(&[u8], &Q8Ref<'_>, usize, usize) -> [f32; 4],
+        many: unsafe fn(&[u8], &Q8Ref<'_>, usize, usize) -> [f32; G],
         one: unsafe fn(&[u8], &Q8Ref<'_>, usize, usize) -> [f32; 1],
     ) {
         assert_eq!(w.dtype(), dtype, "gguf matmul: weight type");
@@ -986,16 +992,16 @@ pub mod x86 {
         let cols = w.cols();
         let mut t0 = 0;
         while t0 < n_tok {
-            let group = if n_tok - t0 >= 4 { 4 } else { 1 };
+            let group = if n_tok - t0 >= G { G } else { 1 };
             for r in 0..w.rows() {
                 // SAFETY: the tables holding these kernels are built only
                 // after their features were detected; `check_batch` and
                 // `PackedRows` guarantee whole blocks per row, `cols` per token.
-                let got = if group == 4 {
-                    unsafe { four(w.row(r), x, t0, cols) }
+                let got = if group == G {
+                    unsafe { many(w.row(r), x, t0, cols) }
                 } else {
                     let [v] = unsafe { one(w.row(r), x, t0, cols) };
-                    [v; 4]
+                    [v; G]
                 };
                 for (t, &v) in got[..group].iter().enumerate() {
                     out[(t0 + t) * out_rs + r] = v;
@@ -1478,7 +1484,14 @@ mod tests {
         for dtype in [DType::Q5_0, DType::Q4K, DType::Q5K, DType::Q6K] {
             let kind = Q8Kind::for_dtype(dtype);
             let (block, _) = dtype.gguf_block().unwrap();
-            for (n_blocks, rows, n_tok) in [(1, 3, 1), (2, 5, 3), (3, 2, 4), (1, 7, 5), (2, 4, 9)] {
+            for (n_blocks, rows, n_tok) in [
+                (1, 3, 1),
+                (2, 5, 3),
+                (3, 2, 4),
+                (1, 7, 5),
+                (2, 4, 9),
+                (1, 3, 17),
+            ] {
                 // Q5_0: rows of 32, 64, 96… columns: odd and even block counts.
                 let cols = n_blocks * block;
                 let data = make_rows(dtype, rows, cols, &mut seed, true);

@@ -155,7 +155,7 @@ pub struct Kernels {
     pub qg_mm_beats_tiles: bool,
     /// GGUF rows × the int8 blocks of many tokens in their weight type's
     /// flavour ([`Q8Kind::for_dtype`]; prompts: each block unpacked once for
-    /// four tokens), by type as `gguf`; `None` where no such kernel beats
+    /// four or eight tokens), by type as `gguf`; `None` where no such kernel beats
     /// decoded tiles fed to `gemm`. AVX-512, Q4_K_M files' pp128: see
     /// docs/BENCHMARKS.md.
     gguf_mm: gguf::GgufMatmulTable,
