@@ -602,9 +602,9 @@ pub fn nll_of(logits: &[f32], target: u32) -> f64 {
 
 #[derive(Args)]
 pub struct InspectArgs {
-    /// A .nib file.
+    /// A .nib file, or a GGUF file (its metadata and tensor types, as stored).
     file: PathBuf,
-    /// Recompute every tensor's checksum.
+    /// Recompute every tensor's checksum (.nib files; GGUF files carry none).
     #[arg(long)]
     verify: bool,
     /// List every tensor (default: a summary by type).
@@ -612,7 +612,128 @@ pub struct InspectArgs {
     tensors: bool,
 }
 
+/// A string shown whole when short, else its first 60 bytes and its length.
+fn shown_str(s: &str) -> String {
+    if s.len() > 80 {
+        format!("{:?}… ({} bytes)", &s[..s.floor_char_boundary(60)], s.len())
+    } else {
+        format!("{s:?}")
+    }
+}
+
+/// The closing summary of `inspect`: totals, then tensors by type
+/// (`(type, elements, bytes)` per tensor).
+fn type_summary<'a>(
+    out: &mut impl Write,
+    tensors: impl Iterator<Item = (&'a str, u64, u64)>,
+) -> Result<()> {
+    let mut by_type: std::collections::BTreeMap<&str, (usize, u64, u64)> = Default::default();
+    let (mut n_tensors, mut n_params, mut n_bytes) = (0usize, 0u64, 0u64);
+    for (ty, elems, bytes) in tensors {
+        let e = by_type.entry(ty).or_default();
+        (e.0, e.1, e.2) = (e.0 + 1, e.1 + elems, e.2 + bytes);
+        (n_tensors, n_params, n_bytes) = (n_tensors + 1, n_params + elems, n_bytes + bytes);
+    }
+    writeln!(
+        out,
+        "summary: {n_tensors} tensors, {n_params} parameters, {:.2} MB of tensor data, {:.2} bits per weight",
+        n_bytes as f64 / 1e6,
+        n_bytes as f64 * 8.0 / n_params.max(1) as f64
+    )?;
+    for (ty, (n, p, b)) in by_type {
+        writeln!(
+            out,
+            "  {ty:6} {n:5} tensors {p:>12} params {:>10.2} MB",
+            b as f64 / 1e6
+        )?;
+    }
+    Ok(())
+}
+
+/// Whether `path` starts with GGUF's magic (false where it cannot be read:
+/// the .nib path then reports the error).
+fn is_gguf(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).is_ok_and(|mut f| f.read_exact(&mut magic).is_ok())
+        && &magic == b"GGUF"
+}
+
+/// `inspect` of a GGUF file: its metadata (arrays by length), its tensors
+/// and their block types, as stored.
+fn inspect_gguf(a: &InspectArgs) -> Result<()> {
+    use nibble_format::gguf::{GgufFile, GgufValue};
+    if a.verify {
+        bail!(
+            "{}: a GGUF file carries no checksums to verify (--verify checks .nib files)",
+            a.file.display()
+        );
+    }
+    let t0 = Instant::now();
+    let map = nibble_format::storage::mmap_file(&a.file)?;
+    let g = GgufFile::parse(&map)
+        .with_context(|| format!("{}: not a valid GGUF file", a.file.display()))?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    writeln!(
+        out,
+        "file: {} ({} bytes, GGUF v{}, parsed in {:.2} ms; `nibble convert` makes a .nib of it)",
+        a.file.display(),
+        map.len(),
+        g.version,
+        t0.elapsed().as_secs_f64() * 1e3
+    )?;
+    writeln!(out, "metadata:")?;
+    for (k, v) in &g.kv {
+        let shown = match *v {
+            GgufValue::Str(s) => shown_str(s),
+            GgufValue::Array { count, .. } => format!("<array of {count}>"),
+            GgufValue::Bool(b) => b.to_string(),
+            GgufValue::F32(x) => x.to_string(),
+            GgufValue::F64(x) => x.to_string(),
+            GgufValue::I8(x) => x.to_string(),
+            GgufValue::I16(x) => x.to_string(),
+            GgufValue::I32(x) => x.to_string(),
+            GgufValue::I64(x) => x.to_string(),
+            _ => v
+                .as_u64()
+                .map_or_else(|| format!("{v:?}"), |x| x.to_string()),
+        };
+        writeln!(out, "  {k:40} {shown}")?;
+    }
+    if a.tensors {
+        writeln!(
+            out,
+            "tensors (shapes in GGUF order, contiguous dimension first):"
+        )?;
+        writeln!(
+            out,
+            "  {:40} {:6} {:>20} {:>12}",
+            "name", "type", "shape", "bytes"
+        )?;
+        for t in &g.tensors {
+            writeln!(
+                out,
+                "  {:40} {:6} {:>20} {:>12}",
+                t.name,
+                t.ggml_type.name(),
+                format!("{:?}", t.ne),
+                t.data.len()
+            )?;
+        }
+    }
+    type_summary(
+        &mut out,
+        g.tensors
+            .iter()
+            .map(|t| (t.ggml_type.name(), t.n_elements(), t.data.len() as u64)),
+    )
+}
+
 pub fn inspect(a: InspectArgs) -> Result<()> {
+    if is_gguf(&a.file) {
+        return inspect_gguf(&a);
+    }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let t0 = Instant::now();
@@ -633,17 +754,12 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             Value::I64(x) => x.to_string(),
             Value::F64(x) => format!("{x}"),
             Value::Bool(x) => x.to_string(),
-            Value::Str(s) if s.len() > 80 => {
-                format!("{:?}… ({} bytes)", &s[..s.floor_char_boundary(60)], s.len())
-            }
-            Value::Str(s) => format!("{s:?}"),
+            Value::Str(s) => shown_str(s),
             Value::Bytes(b) => format!("<{} bytes>", b.len()),
             Value::U64Array(_) => format!("{:?}", v.u64_array().collect::<Vec<_>>()),
         };
         writeln!(out, "  {k:32} {shown}")?;
     }
-    let mut by_type: std::collections::BTreeMap<&str, (usize, u64, u64)> = Default::default();
-    let (mut n_params, mut n_bytes) = (0u64, 0u64);
     if a.tensors {
         writeln!(out, "tensors:")?;
         writeln!(
@@ -652,40 +768,23 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             "name", "dtype", "shape", "bytes", "offset"
         )?;
     }
-    for t in &view.tensors {
-        let e = by_type.entry(t.dtype.name()).or_default();
-        e.0 += 1;
-        e.1 += t.n_elements();
-        e.2 += t.data.len() as u64;
-        n_params += t.n_elements();
-        n_bytes += t.data.len() as u64;
-        if a.tensors {
-            writeln!(
-                out,
-                "  {:40} {:6} {:>20} {:>12} {:>10}",
-                t.name,
-                t.dtype.name(),
-                format!("{:?}", t.shape),
-                t.data.len(),
-                t.offset
-            )?;
-        }
-    }
-    writeln!(
-        out,
-        "summary: {} tensors, {} parameters, {:.2} MB of tensor data, {:.2} bits per weight",
-        view.tensors.len(),
-        n_params,
-        n_bytes as f64 / 1e6,
-        n_bytes as f64 * 8.0 / n_params as f64
-    )?;
-    for (ty, (n, p, b)) in by_type {
+    for t in view.tensors.iter().filter(|_| a.tensors) {
         writeln!(
             out,
-            "  {ty:6} {n:5} tensors {p:>12} params {:>10.2} MB",
-            b as f64 / 1e6
+            "  {:40} {:6} {:>20} {:>12} {:>10}",
+            t.name,
+            t.dtype.name(),
+            format!("{:?}", t.shape),
+            t.data.len(),
+            t.offset
         )?;
     }
+    type_summary(
+        &mut out,
+        view.tensors
+            .iter()
+            .map(|t| (t.dtype.name(), t.n_elements(), t.data.len() as u64)),
+    )?;
     if let Ok(Some(src)) = view.metadata.opt_str(keys::PROV_SOURCE) {
         writeln!(out, "source: {src}")?;
     }

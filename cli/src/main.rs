@@ -104,7 +104,7 @@ enum Command {
     Chat(commands::ChatArgs),
     /// Measure perplexity on a text file (non-overlapping windows of -c tokens).
     Perplexity(commands::PerplexityArgs),
-    /// Show a .nib file's metadata, tensors and sizes; --verify checks checksums.
+    /// Show a .nib or GGUF file's metadata, tensors and sizes; --verify checks a .nib's checksums.
     Inspect(commands::InspectArgs),
     /// Measure prompt-processing and generation speed (like llama-bench).
     Bench(bench::BenchArgs),

@@ -626,6 +626,52 @@ fn gptq_quantize_reports_gptq_beside_rtn_and_writes_an_imatrix() {
     assert!(!d.join("bad.gguf").exists() && !d.join("bad.nib").exists());
 }
 
+/// `inspect` on a GGUF as downloaded: its metadata (arrays by length), every
+/// tensor with its block type, a summary that counts them; `--verify` and a
+/// truncated file are clear errors naming the file.
+#[test]
+fn inspect_reads_a_gguf_as_stored() {
+    let gguf = shared().join(SMOLLM2);
+    let info = ok(&["inspect", s(&gguf), "--tensors"]);
+    for want in [
+        "GGUF v3",
+        "general.architecture",
+        "\"llama\"",
+        "tokenizer.ggml.tokens                    <array of 49152>",
+        "token_embd.weight",
+        "blk.29.ffn_down.weight",
+        "Q4_1",
+    ] {
+        assert!(info.contains(want), "{want:?} missing from:\n{info}");
+    }
+    let listed = info
+        .lines()
+        .filter(|l| {
+            l.starts_with("  blk.") || l.starts_with("  token_embd") || l.starts_with("  output")
+        })
+        .count();
+    assert!(
+        info.contains(&format!("summary: {listed} tensors")),
+        "{listed} tensors listed:\n{info}"
+    );
+
+    let err = fails(&["inspect", s(&gguf), "--verify"]);
+    assert!(
+        err.contains("SmolLM2") && err.contains("no checksums"),
+        "{err}"
+    );
+
+    let d = tmp("inspect-gguf");
+    let cut = d.join("cut.gguf");
+    let bytes = std::fs::read(&gguf).unwrap();
+    std::fs::write(&cut, &bytes[..4096]).unwrap();
+    let err = fails(&["inspect", s(&cut)]);
+    assert!(
+        err.contains("cut.gguf") && err.contains("not a valid GGUF"),
+        "{err}"
+    );
+}
+
 #[test]
 fn interactive_chat_keeps_the_conversation() {
     use std::io::Write as _;
