@@ -31,12 +31,11 @@
 //! AVX-512 (two sub-blocks per 512-bit step, `vpdpwssd`) versions, for one
 //! token and for prompts ([`GgufMatmulFn`]: each sub-block unpacked once
 //! for four tokens on AVX2, eight on AVX-512). Qwen2.5-Coder-1.5B Q4_K_M,
-//! AVX-512, tg64: 6.4 → 6.9
-//! tok/s at one thread, 11.0 → 12.9 at two; pp128 17.9 → 33.1
-//! (docs/BENCHMARKS.md).
+//! AVX-512, tg64: 6.4 → 6.9 tok/s at one thread, 11.0 → 12.9 at two; pp128
+//! 17.9 → 33.1 (docs/BENCHMARKS.md).
 //!
-//! Q5_0 has AVX2 and AVX-512 VNNI kernels of the same shape (one token and
-//! four; AVX-512: two blocks per step, the fifth bits as a byte mask,
+//! Q5_0 has AVX2 and AVX-512 VNNI kernels of the same shape (one token, and
+//! four or eight for prompts; AVX-512: two blocks per step, the fifth bits as a byte mask,
 //! `vpdpbusd` with the activations offset by 128). The models run Q5_0
 //! from a copy interleaved by eight rows where they can
 //! ([`super::qg_x8`], 2× these kernels' prompt speed); these serve

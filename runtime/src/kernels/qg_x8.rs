@@ -51,12 +51,12 @@
 //! arithmetic with the zero point 16. Without the copy a `Q5_0` row kernel
 //! pays a float conversion and multiply-add per 32 weights and token, as
 //! the module docs say, which left Qwen2.5-Coder-0.5B Q4_K_M prompts (half
-//! of its weights are `Q5_0`) at 0.7–0.8× llama.cpp.
+//! of its weights are `Q5_0`) at 0.71–0.82× llama.cpp (docs/gguf.md).
 //!
 //! The copy costs the weights' size again in memory; decoding then reads
 //! only the copy. The one-token kernel has AVX2, AVX-512 VNNI (`vpdpbusd`
 //! on 256-bit vectors), NEON and NEON dot-product (`sdot`) versions; so has
-//! the batched (4-bit) kernel. The scalar reference rebuilds each row in the
+//! the batched (4- and 5-bit) kernel. The scalar reference rebuilds each row in the
 //! format's layout and runs the one-token reference on it, so its results
 //! are those of [`super::qg`]'s reference bit for bit.
 
@@ -87,6 +87,17 @@ const fn code_bytes(bits: u32) -> usize {
 
 /// Bytes of a GGUF `Q5_0` block: f16 scale, 32 fifth bits, 16 bytes of nibbles.
 const Q5_0_BLOCK: usize = 22;
+
+/// The first of the four columns whose codes chunk `chunk` (0..8) of a
+/// 5-bit tile holds: low nibbles of bytes `4·chunk..` for `chunk < 4`,
+/// else high nibbles of bytes `4·(chunk − 4)..`, columns 16 further on.
+const fn chunk_first_column(chunk: usize) -> usize {
+    if chunk < 4 {
+        4 * chunk
+    } else {
+        16 + 4 * (chunk - 4)
+    }
+}
 
 /// A packed weight interleaved by eight rows (layout above; 3- and 2-bit
 /// codes widened to 4).
@@ -228,13 +239,7 @@ impl X8Rows {
                 }
                 let qh = blocks.map(|b| u32::from_le_bytes([b[2], b[3], b[4], b[5]]));
                 for chunk in 0..8 {
-                    // Chunk `chunk` holds columns 4j.. (low nibbles, j = chunk)
-                    // or 16 + 4j.. (high nibbles, j = chunk − 4) of each row.
-                    let first = if chunk < 4 {
-                        4 * chunk
-                    } else {
-                        16 + 4 * (chunk - 4)
-                    };
+                    let first = chunk_first_column(chunk);
                     let mask = qh
                         .iter()
                         .enumerate()
@@ -302,12 +307,7 @@ impl X8Rows {
                 let mut qh = 0u32;
                 for chunk in 0..8 {
                     let m = u32::from_le_bytes(masks[4 * chunk..4 * chunk + 4].try_into().unwrap());
-                    let first = if chunk < 4 {
-                        4 * chunk
-                    } else {
-                        16 + 4 * (chunk - 4)
-                    };
-                    qh |= ((m >> (4 * lane)) & 0xF) << first;
+                    qh |= ((m >> (4 * lane)) & 0xF) << chunk_first_column(chunk);
                 }
                 out.extend_from_slice(&qh.to_le_bytes());
                 for j in 0..4 {
