@@ -328,8 +328,9 @@ pub fn matvec(
     match model.data(w) {
         WeightData::Packed(p) => {
             let xq = inp.quantized(k, Q8Kind::for_dtype(p.dtype()), x, perm);
-            match (k.matvec_x8, model.x8(w)) {
-                (Some(f), Some(x8)) => par.rows(out, &|r0, o| f(x8, r0, &xq, o)),
+            match (k.matvec_x8, model.x8(w), k.matvec_x8k, model.x8k(w)) {
+                (Some(f), Some(x8), ..) => par.rows(out, &|r0, o| f(x8, r0, &xq, o)),
+                (.., Some(f), Some(copy)) => par.rows(out, &|r0, o| f(copy, r0, &xq, o)),
                 _ => {
                     let f = k.matvec_qg(p.dtype());
                     par.rows(out, &|r0, o| f(p.slice(r0, o.len()), &xq, o));
@@ -683,14 +684,23 @@ use crate::kernels::{matmul, KvElem, MatMut, MatRef, Q8Batch, Q8BatchRef};
 /// token of its share (L1-sized, so the rows are read from memory once).
 const GGUF_CHUNK_BYTES: usize = 16 << 10;
 
+/// The batched kernel a GGUF weight runs: the row kernel on the file's
+/// blocks, or the kernel of its copy interleaved by eight rows.
+#[derive(Clone, Copy)]
+enum GgufMatmul<'a> {
+    Rows(crate::kernels::gguf::GgufMatmulFn),
+    X8K(crate::kernels::X8KMatmulFn, &'a crate::kernels::X8KRows),
+}
+
 /// GGUF weights times `b` rows: the rows' int8 blocks in the weight type's
 /// flavour ([`Q8Kind::for_dtype`], quantized once per input and flavour)
-/// through the batched kernel `mm`, a chunk of weight rows at a time for
-/// every token of a thread's share, the tokens split over the threads. No
-/// tile is decoded; prompt and decode compute the same integer sums.
+/// through the batched kernel `mm`, a chunk of weight rows at a time (whole
+/// tiles of an interleaved copy) for every token of a thread's share, the
+/// tokens split over the threads. No tile is decoded; prompt and decode
+/// compute the same integer sums.
 #[allow(clippy::too_many_arguments)]
 fn gguf_batch(
-    mm: crate::kernels::gguf::GgufMatmulFn,
+    mm: GgufMatmul<'_>,
     k: &Kernels,
     p: &crate::kernels::PackedRows<'_>,
     x: &[f32],
@@ -708,14 +718,20 @@ fn gguf_batch(
         scratch.q8g_valid[slot] = true;
     }
     let xq = scratch.q8g[slot].as_ref();
-    let chunk = (GGUF_CHUNK_BYTES / p.row_bytes().max(1)).max(1);
+    let mut chunk = (GGUF_CHUNK_BYTES / p.row_bytes().max(1)).max(1);
+    if let GgufMatmul::X8K(..) = mm {
+        chunk = chunk.next_multiple_of(crate::kernels::qk_x8::TILE);
+    }
     // Tokens t0.. into `o` (their output rows, `out_rs` apart).
     let run = |t0: usize, o: &mut [f32]| {
         let n_tok = (o.len() - rows) / out_rs + 1;
         let x = xq.tokens(cols, t0, n_tok);
         for r0 in (0..rows).step_by(chunk) {
             let n = chunk.min(rows - r0);
-            mm(p.slice(r0, n), &x, &mut o[r0..], out_rs);
+            match mm {
+                GgufMatmul::Rows(f) => f(p.slice(r0, n), &x, &mut o[r0..], out_rs),
+                GgufMatmul::X8K(f, copy) => f(copy, r0, n, &x, &mut o[r0..], out_rs),
+            }
         }
     };
     let out = &mut out[..(b - 1) * out_rs + rows];
@@ -767,9 +783,12 @@ fn linear_batch(
             PrefillKind::Auto if x8.is_none() && k.qg_mm_beats_tiles => k.matmul_qg(p.dtype()),
             _ => None,
         };
-        let gguf = match scratch.prefill {
-            PrefillKind::Auto | PrefillKind::Int8 => k.matmul_gguf(p.dtype()),
-            PrefillKind::Tiles => None,
+        let gguf = match (scratch.prefill, k.matmul_x8k, model.x8k(w)) {
+            (PrefillKind::Auto, Some(f), Some(copy)) => Some(GgufMatmul::X8K(f, copy)),
+            (PrefillKind::Auto | PrefillKind::Int8, ..) => {
+                k.matmul_gguf(p.dtype()).map(GgufMatmul::Rows)
+            }
+            (PrefillKind::Tiles, ..) => None,
         };
         if let (Some(mm), None, None) = (gguf, perm, x8) {
             gguf_batch(mm, k, p, x, b, out, out_rs, scratch, threads);

@@ -17,7 +17,7 @@ use nibble_format::{keys, DType, HParams, NibFile, TensorInfo};
 
 use crate::block::{Lin, Vector};
 use crate::error::{Result, RuntimeError};
-use crate::kernels::{Kernels, PackedRows, X8Rows};
+use crate::kernels::{Kernels, PackedRows, X8KRows, X8Rows};
 use crate::tokenizer::Tokenizer;
 
 /// Location and type of one weight matrix (or vector) inside the image.
@@ -168,12 +168,31 @@ pub struct Model {
     pub eos_ids: Vec<u32>,
     /// The kernels chosen at load (CPU features or `NIBBLE_ISA`).
     kernels: &'static Kernels,
-    /// Packed matrices interleaved by eight rows for the decoding kernel
-    /// (`kernels::qg_x8`), built at load when this CPU has that kernel.
-    x8: Vec<X8Rows>,
+    /// Packed matrices interleaved by eight rows for the decoding kernels
+    /// (`kernels::qg_x8`, `kernels::qk_x8`), built at load when this CPU
+    /// has those kernels.
+    x8: Vec<Interleaved>,
     /// Bytes of the mapped file whose pages were released after the copies
     /// ([`NibFile::release_pages`]).
     x8_released: usize,
+}
+
+/// A weight's copy interleaved by eight rows.
+#[derive(Debug)]
+enum Interleaved {
+    /// Packed groups and GGUF `Q4_0`/`Q5_0`/`Q8_0` blocks ([`X8Rows`]).
+    Groups(X8Rows),
+    /// GGUF `Q4_K` super-blocks ([`X8KRows`]).
+    KQuant(X8KRows),
+}
+
+impl Interleaved {
+    fn bytes(&self) -> usize {
+        match self {
+            Interleaved::Groups(c) => c.bytes(),
+            Interleaved::KQuant(c) => c.bytes(),
+        }
+    }
 }
 
 /// Interleave every packed matrix the decoding products read (the layers
@@ -193,34 +212,37 @@ fn interleave_for_decoding(
     file: &NibFile,
     layers: &mut [LayerWeights],
     output: &mut Weight,
-) -> (Vec<X8Rows>, usize) {
-    let wanted = Kernels::for_isa(crate::kernels::Isa::detect())
-        .is_some_and(|k| k.matvec_x8.is_some())
-        && std::env::var("NIBBLE_X8").map_or(true, |v| v.trim() != "0");
+) -> (Vec<Interleaved>, usize) {
+    let best = Kernels::for_isa(crate::kernels::Isa::detect());
+    let enabled = std::env::var("NIBBLE_X8").map_or(true, |v| v.trim() != "0");
+    let groups = enabled && best.is_some_and(|k| k.matvec_x8.is_some());
+    let kquant = enabled && best.is_some_and(|k| k.matvec_x8k.is_some());
     let mut out = Vec::new();
-    if !wanted {
+    if !groups && !kquant {
         return (out, 0);
     }
     let mut weights: Vec<&mut Weight> = layers
         .iter_mut()
         .flat_map(LayerWeights::linears_mut)
         .chain(std::iter::once(output))
-        .filter(|w| {
-            matches!(
-                w.dtype,
-                DType::Q2G | DType::Q3G | DType::Q4G | DType::Q4GM | DType::Q8G | DType::Q5_0
-            )
+        .filter(|w| match w.dtype {
+            DType::Q2G | DType::Q3G | DType::Q4G | DType::Q4GM | DType::Q8G | DType::Q5_0 => groups,
+            DType::Q4K => kquant,
+            _ => false,
         })
         .collect();
     // In parallel: SmolLM2's ~90 MB of packed weights take ~100 ms on one core.
     // Released right after each copy, so resident memory never holds both.
-    let copies: Vec<(Option<X8Rows>, usize)> = weights
+    let copies: Vec<(Option<Interleaved>, usize)> = weights
         .par_iter()
         .map(|w| {
             let bytes = &file.bytes()[w.offset..w.offset + w.nbytes];
             let rows = PackedRows::new(w.dtype, bytes, w.rows, w.cols, w.group_size)
                 .expect("packed sizes are checked at load");
-            let copy = X8Rows::interleave(rows);
+            let copy = match w.dtype {
+                DType::Q4K => X8KRows::interleave(rows).map(Interleaved::KQuant),
+                _ => X8Rows::interleave(rows).map(Interleaved::Groups),
+            };
             let released = if copy.is_some() {
                 file.release_pages(w.offset, w.nbytes)
             } else {
@@ -460,12 +482,23 @@ impl Model {
 
     /// `w`'s rows interleaved by eight, if the model keeps such a copy.
     pub fn x8(&self, w: &Weight) -> Option<&X8Rows> {
-        w.x8.map(|i| &self.x8[i])
+        match w.x8.map(|i| &self.x8[i]) {
+            Some(Interleaved::Groups(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// `w`'s `Q4_K` rows interleaved by eight, if the model keeps such a copy.
+    pub fn x8k(&self, w: &Weight) -> Option<&X8KRows> {
+        match w.x8.map(|i| &self.x8[i]) {
+            Some(Interleaved::KQuant(c)) => Some(c),
+            _ => None,
+        }
     }
 
     /// Bytes of the interleaved copies ([`Model::x8`]).
     pub fn x8_bytes(&self) -> usize {
-        self.x8.iter().map(X8Rows::bytes).sum()
+        self.x8.iter().map(Interleaved::bytes).sum()
     }
 
     /// Bytes of the memory-mapped file released from resident memory once
@@ -558,7 +591,7 @@ impl Model {
     /// symmetric copies are smaller than the file's rows), plus the one
     /// embedding row looked up when the head is a separate matrix.
     pub fn weight_bytes(&self) -> usize {
-        let read = |w: &Weight| self.x8(w).map_or(w.nbytes, X8Rows::bytes);
+        let read = |w: &Weight| w.x8.map_or(w.nbytes, |i| self.x8[i].bytes());
         let mut n = read(&self.output) + self.output_norm.nbytes;
         if !self.hparams.tie_embeddings {
             n += self.token_embd.nbytes / self.token_embd.rows.max(1);

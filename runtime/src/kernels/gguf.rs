@@ -1057,7 +1057,6 @@ pub mod neon {
     //! applied to its sum.
     use super::*;
     use crate::kernels::qg::neon::{dot16, dot16_sdot};
-    use half::f16;
     use nibble_format::gguf_blocks::{iq4xs_scale, q3k_scales, scale_min_k4, KVALUES_IQ4NL};
     use std::arch::aarch64::*;
 
@@ -1374,43 +1373,13 @@ pub mod neon {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::test_util::lcg;
+    use crate::kernels::test_util::{lcg, make_gguf_rows};
     use crate::kernels::{Isa, Kernels, Q8Buf, Q8Kind};
     use half::f16;
 
     /// SIMD against the reference: relative to the sum of |terms|, as for
     /// the group kernels (float order only).
     const TOL: f32 = 2e-5;
-
-    /// `rows` rows of `cols` weights of `dtype`: random bytes with finite
-    /// f16 scales written where each layout keeps them; `zero` zeroes the
-    /// scales of the first block.
-    fn make_rows(dtype: DType, rows: usize, cols: usize, seed: &mut u64, zero: bool) -> Vec<u8> {
-        let (block, bytes) = dtype.gguf_block().unwrap();
-        let n = rows * cols / block;
-        let mut data: Vec<u8> = (0..n * bytes)
-            .map(|_| ((lcg(seed) + 1.0) * 127.9) as u8)
-            .collect();
-        let f16_offsets: &[usize] = match dtype {
-            DType::Q5_0 | DType::IQ4NL | DType::IQ4XS => &[0],
-            DType::Q4K | DType::Q5K => &[0, 2],
-            DType::Q2K => &[80, 82],
-            DType::Q3K => &[108],
-            DType::Q6K => &[208],
-            _ => unreachable!(),
-        };
-        for (i, b) in data.chunks_exact_mut(bytes).enumerate() {
-            for &o in f16_offsets {
-                let v = if zero && i == 0 {
-                    0.0
-                } else {
-                    lcg(seed) * 0.05
-                };
-                b[o..o + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
-            }
-        }
-        data
-    }
 
     #[test]
     fn every_isa_matches_the_scalar_reference() {
@@ -1423,7 +1392,7 @@ mod tests {
                 (block * 3, 5, true),
                 (block * 8, 9, false),
             ] {
-                let data = make_rows(dtype, rows, cols, &mut seed, zero);
+                let data = make_gguf_rows(dtype, rows, cols, &mut seed, zero);
                 let w = PackedRows::new(dtype, &data, rows, cols, block).unwrap();
                 let xs: Vec<f32> = (0..cols).map(|_| lcg(&mut seed) * 3.0).collect();
                 for kind in [Q8Kind::Blocks32, Q8Kind::Super256] {
@@ -1493,7 +1462,7 @@ mod tests {
             ] {
                 // Q5_0: rows of 32, 64, 96… columns: odd and even block counts.
                 let cols = n_blocks * block;
-                let data = make_rows(dtype, rows, cols, &mut seed, true);
+                let data = make_gguf_rows(dtype, rows, cols, &mut seed, true);
                 let w = PackedRows::new(dtype, &data, rows, cols, block).unwrap();
                 let xs: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed) * 3.0).collect();
                 let mut xq = Q8Buf::new(n_tok * cols);

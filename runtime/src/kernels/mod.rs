@@ -22,6 +22,7 @@ pub mod qg;
 pub mod qg_f32;
 pub mod qg_mm;
 pub mod qg_x8;
+pub mod qk_x8;
 
 use std::sync::OnceLock;
 
@@ -38,6 +39,7 @@ pub use qg::{DequantRowFn, PackedRows, QgMatvecFn};
 pub use qg_f32::QgF32MatvecFn;
 pub use qg_mm::QgMatmulFn;
 pub use qg_x8::{X8MatmulFn, X8MatvecFn, X8Rows};
+pub use qk_x8::{X8KMatmulFn, X8KMatvecFn, X8KRows};
 
 /// Elements per packed sub-block and per activation block.
 pub use nibble_format::dtype::SUB_BLOCK;
@@ -165,6 +167,12 @@ pub struct Kernels {
     pub matvec_x8: Option<X8MatvecFn>,
     /// The same for many tokens (prompts), where the table has it.
     pub matmul_x8: Option<X8MatmulFn>,
+    /// GGUF `Q4_K` rows interleaved by eight ([`qk_x8`]) × super-256 int8
+    /// activations; `None` where there is no such kernel (the models then
+    /// keep no such copy and run the row kernels).
+    pub matvec_x8k: Option<X8KMatvecFn>,
+    /// The same for many tokens (prompts).
+    pub matmul_x8k: Option<X8KMatmulFn>,
     pub matvec_f32: FloatMatvecFn<f32>,
     pub matvec_f16: FloatMatvecFn<f16>,
     pub matvec_bf16: FloatMatvecFn<half::bf16>,
@@ -208,6 +216,8 @@ static SCALAR: Kernels = Kernels {
     gguf_mm: [None; 8],
     matvec_x8: None,
     matmul_x8: None,
+    matvec_x8k: None,
+    matmul_x8k: None,
     matvec_f32: float::matvec_f32_scalar,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -246,6 +256,8 @@ static AVX2: Kernels = Kernels {
     gguf_mm: gguf::x86::MATMUL_AVX2,
     matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx2),
     matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx2),
+    matvec_x8k: Some(qk_x8::x86::vec_dot_x8k_q8_avx2),
+    matmul_x8k: Some(qk_x8::x86::matmul_x8k_q8_avx2),
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -284,6 +296,8 @@ static AVX512: Kernels = Kernels {
     gguf_mm: gguf::x86::MATMUL_AVX512,
     matvec_x8: Some(qg_x8::x86::vec_dot_x8_q8_avx512),
     matmul_x8: Some(qg_x8::x86::matmul_x8_q8_avx512),
+    matvec_x8k: Some(qk_x8::x86::vec_dot_x8k_q8_avx512),
+    matmul_x8k: Some(qk_x8::x86::matmul_x8k_q8_avx512),
     matvec_f32: float::avx2::matvec_f32_avx2,
     matvec_f16: float::avx2::matvec_f16_avx2,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -325,6 +339,8 @@ const NEON_TABLE: Kernels = Kernels {
     gguf_mm: [None; 8],
     matvec_x8: Some(qg_x8::neon::vec_dot_x8_q8_neon),
     matmul_x8: Some(qg_x8::neon::matmul_x8_q8_neon),
+    matvec_x8k: None,
+    matmul_x8k: None,
     matvec_f32: float::neon::matvec_f32_neon,
     matvec_f16: float::matvec_f16_scalar,
     matvec_bf16: float::matvec_bf16_scalar,
@@ -351,6 +367,8 @@ static NEONDOT: Kernels = Kernels {
     gguf: gguf::neon::NEONDOT,
     matvec_x8: Some(qg_x8::neon::vec_dot_x8_q8_neondot),
     matmul_x8: Some(qg_x8::neon::matmul_x8_q8_neondot),
+    matvec_x8k: None,
+    matmul_x8k: None,
     ..NEON_TABLE
 };
 
@@ -459,6 +477,7 @@ pub(crate) fn packed_index(dtype: DType) -> usize {
 
 #[cfg(test)]
 pub(crate) mod test_util {
+    use half::f16;
     use nibble_format::dtype::DType;
     use nibble_format::quant::{pack_row, pack_row_q4gm};
 
@@ -468,6 +487,42 @@ pub(crate) mod test_util {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// `rows` rows of `cols` weights of `dtype`: random bytes with finite
+    /// f16 scales written where each layout keeps them; `zero` zeroes the
+    /// scales of the first block.
+    pub fn make_gguf_rows(
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        seed: &mut u64,
+        zero: bool,
+    ) -> Vec<u8> {
+        let (block, bytes) = dtype.gguf_block().unwrap();
+        let n = rows * cols / block;
+        let mut data: Vec<u8> = (0..n * bytes)
+            .map(|_| ((lcg(seed) + 1.0) * 127.9) as u8)
+            .collect();
+        let f16_offsets: &[usize] = match dtype {
+            DType::Q5_0 | DType::IQ4NL | DType::IQ4XS => &[0],
+            DType::Q4K | DType::Q5K => &[0, 2],
+            DType::Q2K => &[80, 82],
+            DType::Q3K => &[108],
+            DType::Q6K => &[208],
+            _ => unreachable!(),
+        };
+        for (i, b) in data.chunks_exact_mut(bytes).enumerate() {
+            for &o in f16_offsets {
+                let v = if zero && i == 0 {
+                    0.0
+                } else {
+                    lcg(seed) * 0.05
+                };
+                b[o..o + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            }
+        }
+        data
     }
 
     /// One packed row of `dtype` with seeded codes and scales, zero points at

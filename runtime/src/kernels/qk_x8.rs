@@ -1,0 +1,712 @@
+//! GGUF `Q4_K` rows interleaved by eight (`vec_dot_x8k_q8`,
+//! `matmul_x8k_q8`): an in-memory copy, built once at load, of the block
+//! type that makes up most of a Q4_K_M file (three quarters of
+//! Qwen2.5-Coder-1.5B's streamed bytes), in which one 32-byte vector holds
+//! four consecutive codes of each of eight rows.
+//!
+//! Why: the row kernels ([`super::gguf`]) reduce each row's super-block to
+//! one number per token, so a prompt pays a horizontal reduction per row and
+//! token, and a token's products are one chain per row. With eight rows side
+//! by side, lane `r` of every integer product belongs to row `r`: the
+//! activation side is a broadcast of four int8 values, the sub-block scales
+//! multiply eight rows' integer sums at once, and the super-block ends in one
+//! float multiply-add for eight rows. This is the layout [`super::qg_x8`]
+//! gave `Q4_0`/`Q5_0` (2× on prompts there), with the K-quants' two-level
+//! scales kept exactly: `Q4_K`'s weights are `d·sc_j·c − dmin·m_j` with f16
+//! `d`, `dmin` per super-block of 256 and 6-bit `sc_j`, `m_j` per sub-block
+//! of 32; `d·sc_j` needs 17 significant bits, so folding it into one f16
+//! scale per sub-block (the `Q4GM` copy) would round the weights.
+//!
+//! Layout of [`X8KRows`], per tile of rows `8t..8t+8`, per super-block
+//! (1184 bytes for 8 × 256 weights, 2.8 % more than the file's 8 × 144):
+//! - 16 bytes: the eight rows' `d` (f16, row order);
+//! - 16 bytes: their `dmin`;
+//! - 64 bytes: the 6-bit scales as bytes, `sc_j` of row `r` at `8j + r`
+//!   (unpacked from the file's 12-byte form so that a kernel loads a
+//!   sub-block's eight scales as one vector);
+//! - 64 bytes: the minimums `m_j`, the same way;
+//! - 1024 bytes of codes: per 64 columns `i` (the file's 32 bytes of
+//!   nibbles, low = sub-block `2i`, high = sub-block `2i + 1`), 8 chunks of
+//!   32 bytes; chunk `c` holds bytes `4c..4c+4` of each row's 32 (row `r`
+//!   at `4r`), so its low nibbles are columns `64i + 4c..` and its high
+//!   nibbles columns `64i + 32 + 4c..`.
+//!
+//! The activations are the [`Q8Kind::Super256`] blocks the row kernels
+//! use (one scale per 256, as llama.cpp's `Q8_K`), so a super-block's
+//! eight scaled integer sums add up in i32 before one conversion. Only
+//! whole tiles are interleaved (rows % 8 = 0; GGUF rows are whole
+//! super-blocks); other weights keep the row kernels.
+//!
+//! The one-token and the batched kernels have AVX2 (`vpmaddubsw` into i16,
+//! eight chunks at most 8 · 3810 < 2^15, then `vpmaddwd` by the scales) and
+//! AVX-512 VNNI (`vpdpbusd` into i32, then `vpmulld` by the scales)
+//! versions. The scalar reference rebuilds each row in the file's layout and
+//! runs [`super::gguf`]'s reference on it, so its results are that
+//! reference's bit for bit. NEON keeps the row kernels for now.
+//!
+//! [`Q8Kind::Super256`]: super::q8::Q8Kind::Super256
+
+use nibble_format::gguf_blocks::scales_mins_k4;
+use nibble_format::DType;
+
+use super::q8::Q8Ref;
+use super::qg::PackedRows;
+use super::SUB_BLOCK;
+
+/// Rows per interleaved tile.
+pub const TILE: usize = 8;
+/// Weights per K-quant super-block.
+const SUPER: usize = 256;
+/// Bytes of a GGUF `Q4_K` block: d, dmin, 12 bytes of scales, 128 of nibbles.
+const Q4K_BLOCK: usize = 144;
+/// Offsets inside one tile super-block (module docs).
+const DMIN_AT: usize = 2 * TILE;
+const SCALES_AT: usize = 4 * TILE;
+const MINS_AT: usize = SCALES_AT + 8 * TILE;
+const CODES_AT: usize = MINS_AT + 8 * TILE;
+/// Bytes of one tile super-block.
+const TILE_SUPER: usize = CODES_AT + TILE * 128;
+
+/// GGUF `Q4_K` rows interleaved by eight (layout above).
+#[derive(Clone, Debug)]
+pub struct X8KRows {
+    /// `[rows / 8, cols / 256, 1184]` bytes.
+    data: Vec<u8>,
+    rows: usize,
+    cols: usize,
+}
+
+impl X8KRows {
+    /// The interleaved copy of `w`, or `None` when `w` is not `Q4_K` or its
+    /// rows are not a multiple of 8.
+    pub fn interleave(w: PackedRows<'_>) -> Option<X8KRows> {
+        let (rows, cols) = (w.rows(), w.cols());
+        if w.dtype() != DType::Q4K
+            || rows == 0
+            || !rows.is_multiple_of(TILE)
+            || !cols.is_multiple_of(SUPER)
+        {
+            return None;
+        }
+        let n_super = cols / SUPER;
+        let mut data = Vec::with_capacity(rows / TILE * n_super * TILE_SUPER);
+        for t in 0..rows / TILE {
+            let tile: [&[u8]; TILE] = std::array::from_fn(|r| w.row(t * TILE + r));
+            for s in 0..n_super {
+                let blocks = tile.map(|row| &row[s * Q4K_BLOCK..(s + 1) * Q4K_BLOCK]);
+                for b in &blocks {
+                    data.extend_from_slice(&b[..2]);
+                }
+                for b in &blocks {
+                    data.extend_from_slice(&b[2..4]);
+                }
+                let sm = blocks.map(|b| scales_mins_k4(&b[4..16]));
+                for pick in [|p: (u64, u64)| p.0, |p: (u64, u64)| p.1] {
+                    for j in 0..8 {
+                        for &p in &sm {
+                            data.push((pick(p) >> (8 * j)) as u8);
+                        }
+                    }
+                }
+                for i in 0..4 {
+                    for c in 0..8 {
+                        for b in &blocks {
+                            let at = 16 + 32 * i + 4 * c;
+                            data.extend_from_slice(&b[at..at + 4]);
+                        }
+                    }
+                }
+            }
+        }
+        debug_assert_eq!(data.len(), rows / TILE * n_super * TILE_SUPER);
+        Some(X8KRows { data, rows, cols })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes held, which decoding reads per product.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+    fn tile_bytes(&self) -> usize {
+        self.cols / SUPER * TILE_SUPER
+    }
+    fn tile(&self, t: usize) -> &[u8] {
+        let tb = self.tile_bytes();
+        &self.data[t * tb..(t + 1) * tb]
+    }
+
+    /// Row `r` back in the file's `Q4_K` layout (the reference and tests).
+    pub fn row_in_format(&self, r: usize, out: &mut Vec<u8>) {
+        out.clear();
+        let lane = r % TILE;
+        for blk in self.tile(r / TILE).chunks_exact(TILE_SUPER) {
+            out.extend_from_slice(&blk[2 * lane..2 * lane + 2]);
+            out.extend_from_slice(&blk[DMIN_AT + 2 * lane..DMIN_AT + 2 * lane + 2]);
+            let sc: [u8; 8] = std::array::from_fn(|j| blk[SCALES_AT + 8 * j + lane]);
+            let m: [u8; 8] = std::array::from_fn(|j| blk[MINS_AT + 8 * j + lane]);
+            out.extend_from_slice(&pack_scales_mins_k4(&sc, &m));
+            for i in 0..4 {
+                for c in 0..8 {
+                    let at = CODES_AT + 256 * i + 32 * c + 4 * lane;
+                    out.extend_from_slice(&blk[at..at + 4]);
+                }
+            }
+        }
+    }
+}
+
+/// The file's 12-byte form of eight 6-bit scales and minimums (the inverse
+/// of [`scales_mins_k4`]): bytes 0–3 hold `sc_0..3` with the top two bits
+/// of `sc_4..7`, bytes 4–7 the same for the minimums, bytes 8–11 the low
+/// nibbles of `sc_4..7` and `m_4..7`.
+fn pack_scales_mins_k4(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
+    let mut q = [0u8; 12];
+    for j in 0..4 {
+        q[j] = (sc[j] & 63) | (sc[j + 4] >> 4) << 6;
+        q[j + 4] = (m[j] & 63) | (m[j + 4] >> 4) << 6;
+        q[j + 8] = (sc[j + 4] & 15) | (m[j + 4] & 15) << 4;
+    }
+    q
+}
+
+/// `out[i] = Σ_c ŵ[r0 + i, c] · x[c]` for `i < out.len()` (any row range:
+/// tiles cut by the range are computed whole and the needed rows kept);
+/// `x` in [`Q8Ref::super256`] blocks.
+pub type X8KMatvecFn = fn(w: &X8KRows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]);
+
+/// Batched (prompt) product of rows `r0..r0 + n_rows` (whole tiles) with
+/// the `x.len / cols` tokens back to back in `x` ([`Q8Ref::super256`]
+/// blocks): `out[t·out_rs + r − r0] = Σ_c ŵ[r, c] · x_t[c]`; other entries
+/// of `out` are left as they are. Each tile's codes are unpacked once per
+/// group of four (AVX2) or eight (AVX-512) tokens.
+pub type X8KMatmulFn =
+    fn(w: &X8KRows, r0: usize, n_rows: usize, x: &Q8Ref<'_>, out: &mut [f32], out_rs: usize);
+
+fn check(w: &X8KRows, r0: usize, x: &Q8Ref<'_>, out: &[f32]) {
+    assert!(r0 + out.len() <= w.rows, "x8k kernel: rows out of range");
+    check_tokens(w, x, 1);
+}
+
+/// `x` holds `n_tok` tokens of `w.cols` super-256 activations.
+fn check_tokens(w: &X8KRows, x: &Q8Ref<'_>, n_tok: usize) {
+    let nb = w.cols / SUB_BLOCK;
+    assert!(
+        x.super256
+            && x.len == n_tok * w.cols
+            && x.d.len() == n_tok * nb
+            && x.ds.len() == n_tok * nb
+            && x.qs.len() == n_tok * w.cols,
+        "x8k kernel: activation blocks do not match {n_tok} tokens of {} super-256 columns",
+        w.cols
+    );
+}
+
+/// The preconditions of an [`X8KMatmulFn`]; the number of tokens.
+fn check_batch(
+    w: &X8KRows,
+    r0: usize,
+    n_rows: usize,
+    x: &Q8Ref<'_>,
+    out: &[f32],
+    out_rs: usize,
+) -> usize {
+    assert!(
+        r0.is_multiple_of(TILE) && n_rows.is_multiple_of(TILE) && r0 + n_rows <= w.rows,
+        "x8k matmul: rows {r0}..{} are not whole tiles of {}",
+        r0 + n_rows,
+        w.rows
+    );
+    let n_tok = x.len / w.cols.max(1);
+    check_tokens(w, x, n_tok);
+    assert!(
+        out_rs >= n_rows,
+        "x8k matmul: output row stride below the row count"
+    );
+    assert!(
+        n_tok == 0 || out.len() >= (n_tok - 1) * out_rs + n_rows,
+        "x8k matmul: output too short"
+    );
+    n_tok
+}
+
+/// Scalar reference: each row rebuilt in the file's layout, then the GGUF
+/// one-token reference. Allocates a row buffer: it is the reference, not a
+/// decoding path.
+pub fn vec_dot_x8k_q8_scalar(w: &X8KRows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]) {
+    check(w, r0, x, out);
+    let mut row = Vec::new();
+    for (i, o) in out.iter_mut().enumerate() {
+        w.row_in_format(r0 + i, &mut row);
+        let one = PackedRows::new(DType::Q4K, &row, 1, w.cols, SUPER).expect("one row");
+        super::gguf::vec_dot_q4k_q8_scalar(one, x, std::slice::from_mut(o));
+    }
+}
+
+/// Scalar reference of [`X8KMatmulFn`]: the one-token reference per token.
+pub fn matmul_x8k_q8_scalar(
+    w: &X8KRows,
+    r0: usize,
+    n_rows: usize,
+    x: &Q8Ref<'_>,
+    out: &mut [f32],
+    out_rs: usize,
+) {
+    let n_tok = check_batch(w, r0, n_rows, x, out, out_rs);
+    for t in 0..n_tok {
+        let o = &mut out[t * out_rs..t * out_rs + n_rows];
+        vec_dot_x8k_q8_scalar(w, r0, &x.tokens(w.cols, t, 1), o);
+    }
+}
+
+/// Runs `tile_dots` on every tile that rows `r0..r0 + out.len()` touch and
+/// keeps the rows asked for (the SIMD one-token kernels' row-range loop).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn for_each_tile(
+    w: &X8KRows,
+    r0: usize,
+    out: &mut [f32],
+    mut tile_dots: impl FnMut(&[u8]) -> [f32; TILE],
+) {
+    let r1 = r0 + out.len();
+    let mut r = r0;
+    while r < r1 {
+        let t = r / TILE;
+        let v = tile_dots(w.tile(t));
+        let (lo, hi) = (r - t * TILE, (r1 - t * TILE).min(TILE));
+        let dst = &mut out[r - r0..r - r0 + hi - lo];
+        match <&mut [f32; TILE]>::try_from(&mut *dst) {
+            Ok(whole) => *whole = v,
+            Err(_) => dst.copy_from_slice(&v[lo..hi]),
+        }
+        r += hi - lo;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// The eight rows' d·(Σ_j sc_j·Σ c·q) − dmin·Σ_j m_j·ds_j of one
+    /// super-block for `NT` tokens, from their integer sums `isum` (lane `r`
+    /// = row `r`), added to `acc`. SAFETY (caller): `blk` is a whole tile
+    /// super-block; `d`, `ds` point at each token's first block of it, the
+    /// tokens `nb` blocks apart.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn finish_super<const NT: usize>(
+        blk: *const u8,
+        isum: &[__m256i; NT],
+        d: *const f32,
+        ds: *const f32,
+        nb: usize,
+        acc: &mut [__m256; NT],
+    ) {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            let dv = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(DMIN_AT) as *const __m128i));
+            let m: [__m256; 8] = std::array::from_fn(|j| {
+                let b = _mm_loadl_epi64(blk.add(MINS_AT + 8 * j) as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))
+            });
+            for (t, (a, s)) in acc.iter_mut().zip(isum).enumerate() {
+                let (dt, dst) = (d.add(t * nb), ds.add(t * nb));
+                let f = _mm256_mul_ps(dv, _mm256_set1_ps(*dt));
+                *a = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(*s), *a);
+                let mut ms = _mm256_mul_ps(m[0], _mm256_set1_ps(*dst));
+                for (j, mj) in m.iter().enumerate().skip(1) {
+                    ms = _mm256_fmadd_ps(*mj, _mm256_set1_ps(*dst.add(j)), ms);
+                }
+                *a = _mm256_fnmadd_ps(dmin, ms, *a);
+            }
+        }
+    }
+
+    /// Eight 6-bit scales (bytes at `p`) as i32 lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn scales32(p: *const u8) -> __m256i {
+        // SAFETY: 8 bytes at `p` (caller).
+        unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)) }
+    }
+
+    /// Four activations of token `t` at column offset `at`, broadcast.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn dword(q: *const i8, at: usize) -> __m256i {
+        // SAFETY: 4 bytes at `q + at` (caller).
+        unsafe { _mm256_set1_epi32((q.add(at) as *const i32).read_unaligned()) }
+    }
+
+    macro_rules! tile_kernel {
+        ($tile:ident, $features:literal, $pair:ident) => {
+            /// The dot products of one tile (eight rows) with `NT` tokens
+            /// from `t0` of `x`. SAFETY (caller): `p` is a whole tile of a
+            /// copy of `cols` columns; `x` holds tokens `t0..t0 + NT`.
+            #[target_feature(enable = $features)]
+            unsafe fn $tile<const NT: usize>(
+                p: *const u8,
+                cols: usize,
+                x: &Q8Ref<'_>,
+                t0: usize,
+            ) -> [[f32; TILE]; NT] {
+                let nb = cols / SUB_BLOCK;
+                let mut acc = [_mm256_setzero_ps(); NT];
+                // SAFETY: the tile holds cols / 256 super-blocks from `p`;
+                // each token's blocks are whole (caller).
+                unsafe {
+                    let q0 = x.qs.as_ptr().add(t0 * cols);
+                    for s in 0..cols / SUPER {
+                        let blk = p.add(s * TILE_SUPER);
+                        let mut isum = [_mm256_setzero_si256(); NT];
+                        for i in 0..4 {
+                            $pair::<NT>(blk, i, q0.add(s * SUPER + 64 * i), cols, &mut isum);
+                        }
+                        let e = t0 * nb + s * (SUPER / SUB_BLOCK);
+                        let (d, ds) = (x.d.as_ptr().add(e), x.ds.as_ptr().add(e));
+                        finish_super::<NT>(blk, &isum, d, ds, nb, &mut acc);
+                    }
+                    std::array::from_fn(|t| {
+                        let mut v = [0f32; TILE];
+                        _mm256_storeu_ps(v.as_mut_ptr(), acc[t]);
+                        v
+                    })
+                }
+            }
+        };
+    }
+
+    /// 64 columns `i` of a tile super-block `blk` against `NT` tokens
+    /// (token `t`'s 64 activations at `q + t·cols`), AVX2: per chunk
+    /// `vpmaddubsw` into i16 (eight chunks of codes ≤ 15 against |q| ≤ 127
+    /// stay below 8 · 3810 < 2^15), then `vpmaddwd` by the sub-block's
+    /// scales (both i16 halves of a row's lane) into `isum`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn pair_avx2<const NT: usize>(
+        blk: *const u8,
+        i: usize,
+        q: *const i8,
+        cols: usize,
+        isum: &mut [__m256i; NT],
+    ) {
+        let nib = _mm256_set1_epi8(0x0F);
+        // SAFETY: a whole tile super-block at `blk`, 64 activations of
+        // every token at `q` (caller).
+        unsafe {
+            let mut lo16 = [_mm256_setzero_si256(); NT];
+            let mut hi16 = [_mm256_setzero_si256(); NT];
+            let codes = blk.add(CODES_AT + 256 * i);
+            for c in 0..8 {
+                let v = _mm256_loadu_si256(codes.add(32 * c) as *const __m256i);
+                let lo = _mm256_and_si256(v, nib);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                for t in 0..NT {
+                    let qt = q.add(t * cols);
+                    let pl = _mm256_maddubs_epi16(lo, dword(qt, 4 * c));
+                    let ph = _mm256_maddubs_epi16(hi, dword(qt, 32 + 4 * c));
+                    lo16[t] = _mm256_add_epi16(lo16[t], pl);
+                    hi16[t] = _mm256_add_epi16(hi16[t], ph);
+                }
+            }
+            let both = |v: __m256i| _mm256_or_si256(v, _mm256_slli_epi32(v, 16));
+            let sc_lo = both(scales32(blk.add(SCALES_AT + 16 * i)));
+            let sc_hi = both(scales32(blk.add(SCALES_AT + 16 * i + 8)));
+            for t in 0..NT {
+                let s = _mm256_add_epi32(
+                    _mm256_madd_epi16(lo16[t], sc_lo),
+                    _mm256_madd_epi16(hi16[t], sc_hi),
+                );
+                isum[t] = _mm256_add_epi32(isum[t], s);
+            }
+        }
+    }
+
+    /// [`pair_avx2`] with AVX-512 VNNI: `vpdpbusd` (u8 × i8 → i32, four
+    /// products per lane) per chunk, then `vpmulld` by the scales. One or two
+    /// tokens run two chains per half so that the `vpdpbusd` latencies
+    /// overlap.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    #[inline]
+    unsafe fn pair_vnni<const NT: usize>(
+        blk: *const u8,
+        i: usize,
+        q: *const i8,
+        cols: usize,
+        isum: &mut [__m256i; NT],
+    ) {
+        let nib = _mm256_set1_epi8(0x0F);
+        let split = NT <= 2;
+        // SAFETY: as in `pair_avx2`.
+        unsafe {
+            let mut lo32 = [[_mm256_setzero_si256(); 2]; NT];
+            let mut hi32 = [[_mm256_setzero_si256(); 2]; NT];
+            let codes = blk.add(CODES_AT + 256 * i);
+            for c in 0..8 {
+                let v = _mm256_loadu_si256(codes.add(32 * c) as *const __m256i);
+                let lo = _mm256_and_si256(v, nib);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                let k = if split { c & 1 } else { 0 };
+                for t in 0..NT {
+                    let qt = q.add(t * cols);
+                    lo32[t][k] = _mm256_dpbusd_epi32(lo32[t][k], lo, dword(qt, 4 * c));
+                    hi32[t][k] = _mm256_dpbusd_epi32(hi32[t][k], hi, dword(qt, 32 + 4 * c));
+                }
+            }
+            let sc_lo = scales32(blk.add(SCALES_AT + 16 * i));
+            let sc_hi = scales32(blk.add(SCALES_AT + 16 * i + 8));
+            for t in 0..NT {
+                let mut lo = lo32[t][0];
+                let mut hi = hi32[t][0];
+                if split {
+                    lo = _mm256_add_epi32(lo, lo32[t][1]);
+                    hi = _mm256_add_epi32(hi, hi32[t][1]);
+                }
+                let s =
+                    _mm256_add_epi32(_mm256_mullo_epi32(lo, sc_lo), _mm256_mullo_epi32(hi, sc_hi));
+                isum[t] = _mm256_add_epi32(isum[t], s);
+            }
+        }
+    }
+
+    tile_kernel!(tile_avx2, "avx2,fma,f16c", pair_avx2);
+    tile_kernel!(
+        tile_vnni,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni",
+        pair_vnni
+    );
+
+    /// The entry points of one instruction set: `$matvec` ([`X8KMatvecFn`])
+    /// and `$matmul` ([`X8KMatmulFn`], `$g` tokens per unpacked chunk, the
+    /// rest by four, two and one).
+    macro_rules! entry_points {
+        ($matvec:ident, $matmul:ident, $tile:ident, $g:literal) => {
+            pub fn $matvec(w: &X8KRows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]) {
+                check(w, r0, x, out);
+                for_each_tile(w, r0, out, |tile| {
+                    // SAFETY: the table holding this kernel is built only
+                    // when its features were detected; `tile` is one whole
+                    // tile and `check` verified the activation blocks.
+                    unsafe { $tile::<1>(tile.as_ptr(), w.cols, x, 0)[0] }
+                });
+            }
+
+            pub fn $matmul(
+                w: &X8KRows,
+                r0: usize,
+                n_rows: usize,
+                x: &Q8Ref<'_>,
+                out: &mut [f32],
+                out_rs: usize,
+            ) {
+                let n_tok = check_batch(w, r0, n_rows, x, out, out_rs);
+                fn put<const NT: usize>(
+                    v: [[f32; TILE]; NT],
+                    out: &mut [f32],
+                    t0: usize,
+                    out_rs: usize,
+                    at: usize,
+                ) {
+                    for (t, vals) in v.iter().enumerate() {
+                        let o = (t0 + t) * out_rs + at;
+                        out[o..o + TILE].copy_from_slice(vals);
+                    }
+                }
+                for tile in r0 / TILE..(r0 + n_rows) / TILE {
+                    let p = w.tile(tile).as_ptr();
+                    let at = tile * TILE - r0;
+                    let mut t0 = 0;
+                    // SAFETY: as in `$matvec`; `check_batch` verified the
+                    // tokens t0..t0 + NT of every call.
+                    unsafe {
+                        while n_tok - t0 >= $g {
+                            put($tile::<$g>(p, w.cols, x, t0), out, t0, out_rs, at);
+                            t0 += $g;
+                        }
+                        if n_tok - t0 >= 4 && $g > 4 {
+                            put($tile::<4>(p, w.cols, x, t0), out, t0, out_rs, at);
+                            t0 += 4;
+                        }
+                        if n_tok - t0 >= 2 {
+                            put($tile::<2>(p, w.cols, x, t0), out, t0, out_rs, at);
+                            t0 += 2;
+                        }
+                        if n_tok > t0 {
+                            put($tile::<1>(p, w.cols, x, t0), out, t0, out_rs, at);
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    entry_points!(vec_dot_x8k_q8_avx2, matmul_x8k_q8_avx2, tile_avx2, 4);
+    entry_points!(vec_dot_x8k_q8_avx512, matmul_x8k_q8_avx512, tile_vnni, 8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::q8::{quantize_q8_super256, Q8Buf, Q8Kind};
+    use crate::kernels::test_util::{lcg, make_gguf_rows};
+    use crate::kernels::{Isa, Kernels};
+
+    /// SIMD against the reference, relative to Σ |ŵ·x̂| of the row: exact
+    /// integer sums, f32 reassociation only.
+    const TOL_X8K_VS_SCALAR: f32 = 2e-6;
+
+    /// Rows of seeded `Q4_K` blocks; row 3's first block has zero scales
+    /// and row 5's blocks all codes 15 and scales 63 (the largest products:
+    /// AVX2's i16 sums of eight chunks against activations of 127 must not
+    /// saturate).
+    fn weight(rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
+        let mut data = make_gguf_rows(DType::Q4K, rows, cols, seed, false);
+        let per_row = cols / SUPER * Q4K_BLOCK;
+        if rows > 3 {
+            data[3 * per_row..3 * per_row + 4].fill(0);
+        }
+        if rows > 5 {
+            for b in data[5 * per_row..6 * per_row].chunks_exact_mut(Q4K_BLOCK) {
+                b[4..16].copy_from_slice(&pack_scales_mins_k4(&[63; 8], &[63; 8]));
+                b[16..].fill(0xFF);
+            }
+        }
+        data
+    }
+
+    /// Σ_c |ŵ[r, c] · x̂[c]| of row `r`: the scale of a float-order error.
+    fn magnitude(w: PackedRows<'_>, r: usize, x: &Q8Ref<'_>) -> f32 {
+        let mut deq = vec![0f32; w.cols()];
+        let mut xd = vec![0f32; w.cols()];
+        nibble_format::quant::dequantize(DType::Q4K, SUPER, w.row(r), &mut deq);
+        x.dequantize_into(&mut xd);
+        deq.iter().zip(&xd).map(|(a, b)| (a * b).abs()).sum()
+    }
+
+    #[test]
+    fn pack_scales_mins_inverts_the_files_form() {
+        let mut seed = 3u64;
+        for _ in 0..200 {
+            let q: [u8; 12] = std::array::from_fn(|_| ((lcg(&mut seed) + 1.0) * 127.9) as u8);
+            let (sc, m) = scales_mins_k4(&q);
+            assert_eq!(pack_scales_mins_k4(&sc.to_le_bytes(), &m.to_le_bytes()), q);
+        }
+    }
+
+    #[test]
+    fn the_copy_keeps_every_block_byte_for_byte() {
+        let mut seed = 11u64;
+        for (rows, cols) in [(8, 256), (16, 768), (24, 1536)] {
+            let data = weight(rows, cols, &mut seed);
+            let w = PackedRows::new(DType::Q4K, &data, rows, cols, SUPER).unwrap();
+            let x8 = X8KRows::interleave(w).unwrap();
+            assert_eq!(x8.bytes(), rows / TILE * cols / SUPER * TILE_SUPER);
+            let mut row = Vec::new();
+            for r in 0..rows {
+                x8.row_in_format(r, &mut row);
+                assert_eq!(&row[..], w.row(r), "row {r} of {rows}×{cols}");
+            }
+        }
+        // Not Q4_K, or rows not whole tiles: no copy.
+        let data = weight(9, 256, &mut seed);
+        let w = PackedRows::new(DType::Q4K, &data, 9, 256, SUPER).unwrap();
+        assert!(X8KRows::interleave(w).is_none());
+    }
+
+    #[test]
+    fn every_isa_matches_the_scalar_reference() {
+        let mut seed = 5u64;
+        for (rows, cols) in [(8, 256), (16, 512), (24, 1536)] {
+            let data = weight(rows, cols, &mut seed);
+            let w = PackedRows::new(DType::Q4K, &data, rows, cols, SUPER).unwrap();
+            let x8 = X8KRows::interleave(w).unwrap();
+            let mut xs: Vec<f32> = (0..cols).map(|_| lcg(&mut seed) * 3.0).collect();
+            // A whole super-block of the largest activation (127 after
+            // quantization) against row 5's largest codes.
+            xs[..SUPER].fill(2.0);
+            let mut xq = Q8Buf::new(cols);
+            xq.quantize_as(Q8Kind::Super256, quantize_q8_super256, &xs);
+            let x = xq.as_ref();
+            // The reference equals the row kernels' reference exactly.
+            let mut want = vec![0f32; rows];
+            vec_dot_x8k_q8_scalar(&x8, 0, &x, &mut want);
+            let mut rows_ref = vec![0f32; rows];
+            super::super::gguf::vec_dot_q4k_q8_scalar(w, &x, &mut rows_ref);
+            assert_eq!(want, rows_ref);
+            for isa in Isa::available() {
+                let Some(f) = Kernels::for_isa(isa).unwrap().matvec_x8k else {
+                    continue;
+                };
+                // Every row range, tiles cut included.
+                for (r0, n) in [(0, rows), (1, rows - 1), (3, rows - 4), (rows - 1, 1)] {
+                    let mut got = vec![f32::NAN; n];
+                    f(&x8, r0, &x, &mut got);
+                    for (i, g) in got.iter().enumerate() {
+                        let r = r0 + i;
+                        let tol = TOL_X8K_VS_SCALAR * magnitude(w, r, &x).max(1e-12);
+                        assert!(
+                            (g - want[r]).abs() <= tol,
+                            "{isa} {rows}×{cols} row {r}: {g} vs {}",
+                            want[r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The batched kernels against the reference: 1 to 19 tokens (groups
+    /// of eight and four and the rest), a row range of whole tiles, output
+    /// rows wider than the range; entries outside it untouched.
+    #[test]
+    fn batched_kernels_match_the_scalar_reference() {
+        let mut seed = 9u64;
+        let (rows, cols) = (24, 512);
+        let data = weight(rows, cols, &mut seed);
+        let w = PackedRows::new(DType::Q4K, &data, rows, cols, SUPER).unwrap();
+        let x8 = X8KRows::interleave(w).unwrap();
+        for n_tok in [1, 2, 3, 5, 7, 8, 12, 19] {
+            let xs: Vec<f32> = (0..n_tok * cols).map(|_| lcg(&mut seed) * 3.0).collect();
+            let mut xq = Q8Buf::new(n_tok * cols);
+            xq.quantize_as(Q8Kind::Super256, quantize_q8_super256, &xs);
+            let x = xq.as_ref();
+            let (r0, n_rows, out_rs) = (8, 16, 18);
+            let mut want = vec![f32::NAN; n_tok * out_rs];
+            matmul_x8k_q8_scalar(&x8, r0, n_rows, &x, &mut want, out_rs);
+            for t in 0..n_tok {
+                let mut one = vec![0f32; n_rows];
+                vec_dot_x8k_q8_scalar(&x8, r0, &x.tokens(cols, t, 1), &mut one);
+                assert_eq!(&want[t * out_rs..t * out_rs + n_rows], &one[..]);
+            }
+            for isa in Isa::available() {
+                let Some(mm) = Kernels::for_isa(isa).unwrap().matmul_x8k else {
+                    continue;
+                };
+                let mut got = vec![f32::NAN; n_tok * out_rs];
+                mm(&x8, r0, n_rows, &x, &mut got, out_rs);
+                for t in 0..n_tok {
+                    let xt = x.tokens(cols, t, 1);
+                    for i in 0..out_rs {
+                        let (g, e) = (got[t * out_rs + i], want[t * out_rs + i]);
+                        if i >= n_rows {
+                            assert!(g.is_nan(), "{isa}: wrote outside the rows");
+                            continue;
+                        }
+                        let tol = TOL_X8K_VS_SCALAR * magnitude(w, r0 + i, &xt).max(1e-12);
+                        assert!(
+                            (g - e).abs() <= tol,
+                            "{isa} {n_tok} tokens, token {t} row {}: {g} vs {e}",
+                            r0 + i
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
