@@ -1375,7 +1375,6 @@ mod tests {
     use super::*;
     use crate::kernels::test_util::{lcg, make_gguf_rows};
     use crate::kernels::{Isa, Kernels, Q8Buf, Q8Kind};
-    use half::f16;
 
     /// SIMD against the reference: relative to the sum of |terms|, as for
     /// the group kernels (float order only).
