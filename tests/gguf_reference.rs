@@ -92,8 +92,16 @@ fn qwen2_5_coder_0_5b_q4_k_m_matches_transformers() {
 /// distance from transformers (`logits_compare.json`: max |Δ| 0.60 for
 /// gemma, 0.36 for qwen on that position) sets the scale. The bound is the
 /// normwise relative error llama.cpp itself has against transformers on
-/// that position, times 1.5; argmax must agree with both.
-fn check_native(file: &str, fixture: &str) {
+/// that position, times `margin`; argmax must agree with both.
+///
+/// The margin is the spread that float order alone gives on that model.
+/// Qwen's is small: 1.5. Gemma 3 270M's one position moves between 2.4e-2
+/// and 4.9e-2 from transformers (llama.cpp: 2.5e-2) when only the order of
+/// float additions changes, with the same integer sums: AVX2 against
+/// AVX-512 kernels, row kernels against the interleaved copies
+/// (`kernels::qk_x8`), the batched against the one-token path. So its
+/// margin is 2.5.
+fn check_native(file: &str, fixture: &str, margin: f64) {
     let path = real_model(file);
     let dir = shared().join("fixtures/gguf-reference").join(fixture);
     let nib = nibble::format::import::import_to_memory(
@@ -131,7 +139,7 @@ fn check_native(file: &str, fixture: &str) {
             "{file} native {path_name}: vs transformers {e_hf:.2e}, vs llama.cpp {e_lc:.2e} (llama.cpp vs transformers {llama_vs_hf:.2e})"
         );
         assert!(
-            e_hf <= 1.5 * llama_vs_hf,
+            e_hf <= margin * llama_vs_hf,
             "{file} {path_name}: {e_hf:.3e} from transformers"
         );
         assert_eq!(argmax(last), argmax(&hf.f32), "{file} {path_name}: argmax");
@@ -149,7 +157,7 @@ fn check_native(file: &str, fixture: &str) {
     ignore = "slow under qemu; the kernels are covered by their unit tests"
 )]
 fn gemma3_270m_q4_k_m_native_blocks_match_the_references() {
-    check_native("gemma-3-270m-q4_k_m.gguf", "gemma-3-270m");
+    check_native("gemma-3-270m-q4_k_m.gguf", "gemma-3-270m", 2.5);
 }
 
 #[test]
@@ -161,5 +169,6 @@ fn qwen2_5_coder_0_5b_q4_k_m_native_blocks_match_the_references() {
     check_native(
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         "qwen2.5-coder-0.5b",
+        1.5,
     );
 }

@@ -91,7 +91,10 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Read a 1 GiB buffer with `threads` threads; returns the best of 3 in GB/s.
+/// Read a 1 GiB buffer with `threads` threads
+/// ([`nibble_runtime::kernels::probe::stream_sum`]:
+/// SIMD loads with the decoding kernels' prefetch); returns the best of 3 in
+/// GB/s.
 pub fn bandwidth_probe(threads: usize) -> Result<f64> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -103,7 +106,7 @@ pub fn bandwidth_probe(threads: usize) -> Result<f64> {
         let t0 = Instant::now();
         let s: u64 = pool.install(|| {
             buf.par_chunks(1 << 16)
-                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                .map(nibble_runtime::kernels::probe::stream_sum)
                 .reduce(|| 0, u64::wrapping_add)
         });
         let secs = t0.elapsed().as_secs_f64();

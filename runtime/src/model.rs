@@ -182,7 +182,7 @@ pub struct Model {
 enum Interleaved {
     /// Packed groups and GGUF `Q4_0`/`Q5_0`/`Q8_0` blocks ([`X8Rows`]).
     Groups(X8Rows),
-    /// GGUF `Q4_K` super-blocks ([`X8KRows`]).
+    /// GGUF `Q4_K` / `Q6_K` super-blocks ([`X8KRows`]).
     KQuant(X8KRows),
 }
 
@@ -227,7 +227,7 @@ fn interleave_for_decoding(
         .chain(std::iter::once(output))
         .filter(|w| match w.dtype {
             DType::Q2G | DType::Q3G | DType::Q4G | DType::Q4GM | DType::Q8G | DType::Q5_0 => groups,
-            DType::Q4K => kquant,
+            DType::Q4K | DType::Q6K => kquant,
             _ => false,
         })
         .collect();
@@ -240,7 +240,7 @@ fn interleave_for_decoding(
             let rows = PackedRows::new(w.dtype, bytes, w.rows, w.cols, w.group_size)
                 .expect("packed sizes are checked at load");
             let copy = match w.dtype {
-                DType::Q4K => X8KRows::interleave(rows).map(Interleaved::KQuant),
+                DType::Q4K | DType::Q6K => X8KRows::interleave(rows).map(Interleaved::KQuant),
                 _ => X8Rows::interleave(rows).map(Interleaved::Groups),
             };
             let released = if copy.is_some() {
@@ -488,7 +488,8 @@ impl Model {
         }
     }
 
-    /// `w`'s `Q4_K` rows interleaved by eight, if the model keeps such a copy.
+    /// `w`'s `Q4_K` / `Q6_K` rows interleaved by eight, if the model keeps
+    /// such a copy.
     pub fn x8k(&self, w: &Weight) -> Option<&X8KRows> {
         match w.x8.map(|i| &self.x8[i]) {
             Some(Interleaved::KQuant(c)) => Some(c),

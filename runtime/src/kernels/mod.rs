@@ -17,6 +17,7 @@ pub mod float;
 mod gemm;
 pub mod gguf;
 pub mod pool;
+pub mod probe;
 pub mod q8;
 pub mod qg;
 pub mod qg_f32;
@@ -40,6 +41,11 @@ pub use qg_f32::QgF32MatvecFn;
 pub use qg_mm::QgMatmulFn;
 pub use qg_x8::{X8MatmulFn, X8MatvecFn, X8Rows};
 pub use qk_x8::{X8KMatmulFn, X8KMatvecFn, X8KRows};
+
+/// How far ahead of the bytes they read the one-token interleaved kernels
+/// prefetch weights ([`qg_x8`], [`qk_x8`]): the hardware prefetcher alone
+/// left a core's decoding stalled on loads (docs/gguf.md, "Prefetching").
+pub const PREFETCH_AHEAD: usize = 4096;
 
 /// Elements per packed sub-block and per activation block.
 pub use nibble_format::dtype::SUB_BLOCK;
@@ -167,7 +173,7 @@ pub struct Kernels {
     pub matvec_x8: Option<X8MatvecFn>,
     /// The same for many tokens (prompts), where the table has it.
     pub matmul_x8: Option<X8MatmulFn>,
-    /// GGUF `Q4_K` rows interleaved by eight ([`qk_x8`]) × super-256 int8
+    /// GGUF `Q4_K` / `Q6_K` rows interleaved by eight ([`qk_x8`]) × super-256 int8
     /// activations; `None` where there is no such kernel (the models then
     /// keep no such copy and run the row kernels).
     pub matvec_x8k: Option<X8KMatvecFn>,

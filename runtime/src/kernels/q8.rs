@@ -59,6 +59,8 @@ pub struct Q8Buf {
     d: Vec<f32>,
     /// `[n_blocks]` `d · Σ q`.
     ds: Vec<f32>,
+    /// `[2·n_blocks]` `Σ q` per 16 values, for [`Q8Kind::Super256`] only.
+    bsums: Vec<i16>,
     /// Values held (the last `quantize` input length).
     len: usize,
     /// Whether the last input was quantized as [`Q8Kind::Super256`].
@@ -71,6 +73,9 @@ pub struct Q8Ref<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub ds: &'a [f32],
+    /// `Σ q` per 16 values (as llama.cpp's `Q8_K`) when `super256`, else
+    /// empty: the offset term of `Q6_K`'s codes `c − 32` in integers.
+    pub bsums: &'a [i16],
     pub len: usize,
     /// Each aligned run of 8 blocks (256 values) shares one scale `d`
     /// ([`Q8Kind::Super256`]); kernels may sum such a run in integers.
@@ -86,6 +91,11 @@ impl<'a> Q8Ref<'a> {
             qs: &self.qs[t0 * cols..(t0 + n) * cols],
             d: &self.d[t0 * nb..(t0 + n) * nb],
             ds: &self.ds[t0 * nb..(t0 + n) * nb],
+            bsums: if self.bsums.is_empty() {
+                self.bsums
+            } else {
+                &self.bsums[2 * t0 * nb..2 * (t0 + n) * nb]
+            },
             len: n * cols,
             super256: self.super256,
         }
@@ -113,6 +123,7 @@ impl Q8Buf {
             qs: vec![0; nb * SUB_BLOCK],
             d: vec![0.0; nb],
             ds: vec![0.0; nb],
+            bsums: vec![0; 2 * nb],
             len: 0,
             super256: false,
         }
@@ -120,7 +131,7 @@ impl Q8Buf {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.qs.len() + 4 * (self.d.len() + self.ds.len())
+        self.qs.len() + 4 * (self.d.len() + self.ds.len()) + 2 * self.bsums.len()
     }
 
     /// Quantize `x` (at most the capacity) with `quantize`; allocates nothing.
@@ -145,6 +156,10 @@ impl Q8Buf {
             Q8Kind::Super256 => {
                 self.quantize(quantize_q8_super256, x);
                 self.super256 = true;
+                let n = x.len().div_ceil(SUB_BLOCK) * SUB_BLOCK;
+                for (b, q) in self.bsums.iter_mut().zip(self.qs[..n].chunks_exact(16)) {
+                    *b = q.iter().map(|&v| i16::from(v)).sum();
+                }
             }
         }
     }
@@ -155,6 +170,11 @@ impl Q8Buf {
             qs: &self.qs[..nb * SUB_BLOCK],
             d: &self.d[..nb],
             ds: &self.ds[..nb],
+            bsums: if self.super256 {
+                &self.bsums[..2 * nb]
+            } else {
+                &[]
+            },
             len: self.len,
             super256: self.super256,
         }
@@ -572,9 +592,17 @@ mod tests {
                 }
             }
             assert_padding_and_ds(&r, n);
-            // Quantizing in the other flavour clears the flag.
+            // Σq per 16 values, padding included.
+            assert_eq!(r.bsums.len(), r.qs.len() / 16, "n {n}");
+            for (i, (&bs, q)) in r.bsums.iter().zip(r.qs.chunks_exact(16)).enumerate() {
+                let sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
+                assert_eq!(i32::from(bs), sum, "n {n} sum {i}");
+            }
+            assert_eq!(r.tokens(32, 0, 1).bsums, &r.bsums[..2], "n {n}");
+            // Quantizing in the other flavour clears the flag and the sums.
             b.quantize(quantize_q8_scalar, &x);
             assert!(!b.as_ref().super256);
+            assert!(b.as_ref().bsums.is_empty());
         }
     }
 

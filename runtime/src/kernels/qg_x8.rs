@@ -563,6 +563,7 @@ pub fn matmul_x8_q8_scalar(w: &X8Rows, x: &Q8BatchRef<'_>, out: &mut [f32], out_
                 qs: &qs,
                 d: &d,
                 ds: &ds,
+                bsums: &[],
                 len: w.cols,
                 super256: false,
             };
@@ -758,6 +759,12 @@ pub(super) mod x86 {
                         let mut gacc = _mm256_setzero_ps();
                         let mut accs = 0f32;
                         for _ in 0..nsb {
+                            // A prefetch never faults: past the copy's end
+                            // it is only a wasted hint.
+                            let ahead = p.wrapping_add(crate::kernels::PREFETCH_AHEAD);
+                            for line in (0..tile_sub_block).step_by(64) {
+                                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+                            }
                             let i = $sub_block::<BITS>(p, qs.add(blk * SUB_BLOCK));
                             p = p.add(tile_sub_block);
                             gacc = _mm256_fmadd_ps(
