@@ -1057,6 +1057,7 @@ pub mod neon {
     //! applied to its sum.
     use super::*;
     use crate::kernels::qg::neon::{dot16, dot16_sdot};
+    use half::f16;
     use nibble_format::gguf_blocks::{iq4xs_scale, q3k_scales, scale_min_k4, KVALUES_IQ4NL};
     use std::arch::aarch64::*;
 
