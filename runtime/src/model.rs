@@ -4,8 +4,10 @@
 //! Weights are not copied at load: [`Weight`] records where a tensor lives
 //! in the image and [`Model::data`] hands out zero-copy typed slices, so
 //! the resident memory is the mapped file. The one exception is chosen for
-//! speed: on CPUs with the interleaved kernel, packed 4/8-bit matrices are also
-//! kept interleaved by eight rows ([`Model::x8`]; `NIBBLE_X8=0` turns it off).
+//! speed: on CPUs with the interleaved kernels, packed group matrices and GGUF
+//! `Q5_0`/`Q8_0` blocks ([`Model::x8`]) and `Q4_K`/`Q6_K` blocks
+//! ([`Model::x8k`]) are also kept interleaved by eight rows (`NIBBLE_X8=0`
+//! turns it off).
 
 use std::path::Path;
 
@@ -200,8 +202,9 @@ impl Interleaved {
 /// interleaved kernel and `NIBBLE_X8` is not `0`: the copy costs their size
 /// in memory and makes the 4-bit products ~3× faster per weight (docs/runtime-performance.md,
 /// "Rows interleaved by eight"); 3- and 2-bit codes are widened to 4 bits in the copy, so they
-/// run at the 4-bit kernels' speed. The embedding lookup keeps reading the
-/// file's rows.
+/// run at the 4-bit kernels' speed. GGUF `Q4_K` and `Q6_K` blocks get their
+/// own copies where the table has those kernels (`kernels::qk_x8`, docs/gguf.md).
+/// The embedding lookup keeps reading the file's rows.
 ///
 /// Each copied matrix's pages of a memory-mapped file are then released
 /// ([`NibFile::release_pages`]), so the copy does not make the process hold
@@ -232,16 +235,24 @@ fn interleave_for_decoding(
         })
         .collect();
     // In parallel: SmolLM2's ~90 MB of packed weights take ~100 ms on one core.
-    // Released right after each copy, so resident memory never holds both.
+    // Released part by part during each copy (a few MB at a time), so
+    // resident memory never holds both copies of a matrix: Qwen2.5-Coder-1.5B's
+    // tied Q6_K head alone is 190 MB.
     let copies: Vec<(Option<Interleaved>, usize)> = weights
         .par_iter()
         .map(|w| {
             let bytes = &file.bytes()[w.offset..w.offset + w.nbytes];
             let rows = PackedRows::new(w.dtype, bytes, w.rows, w.cols, w.group_size)
                 .expect("packed sizes are checked at load");
+            let row_bytes = rows.row_bytes();
+            let release = |r: std::ops::Range<usize>| {
+                file.release_pages(w.offset + r.start * row_bytes, r.len() * row_bytes);
+            };
             let copy = match w.dtype {
-                DType::Q4K | DType::Q6K => X8KRows::interleave(rows).map(Interleaved::KQuant),
-                _ => X8Rows::interleave(rows).map(Interleaved::Groups),
+                DType::Q4K | DType::Q6K => {
+                    X8KRows::interleave_by_parts(rows, release).map(Interleaved::KQuant)
+                }
+                _ => X8Rows::interleave_by_parts(rows, release).map(Interleaved::Groups),
             };
             let released = if copy.is_some() {
                 file.release_pages(w.offset, w.nbytes)

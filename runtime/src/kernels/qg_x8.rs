@@ -70,6 +70,18 @@ use super::SUB_BLOCK;
 
 /// Rows per interleaved tile.
 pub const TILE: usize = 8;
+/// Tiles per part of a copy after which `interleave_by_parts` reports the
+/// source rows done (4096 rows: a few MB of a large matrix).
+pub const PART_TILES: usize = 512;
+
+/// The end of a copy's tile `t`: every [`PART_TILES`] tiles and at the
+/// last one, `done` gets the source rows copied since the last call.
+pub(super) fn part_done(t: usize, n_tiles: usize, done: &mut impl FnMut(std::ops::Range<usize>)) {
+    if (t + 1).is_multiple_of(PART_TILES) || t + 1 == n_tiles {
+        let first = t / PART_TILES * PART_TILES;
+        done(first * TILE..(t + 1) * TILE);
+    }
+}
 /// Bytes of one tile's group header: eight f16 scales, eight f16 others.
 const TILE_HEADER: usize = 2 * 2 * TILE;
 /// Bytes of one tile's group header when the weight is symmetric: the scales.
@@ -121,8 +133,18 @@ impl X8Rows {
     /// type, its rows are not a multiple of 8 or its columns not a multiple
     /// of 32.
     pub fn interleave(w: PackedRows<'_>) -> Option<X8Rows> {
+        Self::interleave_by_parts(w, |_| {})
+    }
+
+    /// [`X8Rows::interleave`], calling `done(rows)` after each part of
+    /// [`PART_TILES`] tiles with the source rows it has copied, so that a
+    /// caller can release their pages while the copy goes on.
+    pub fn interleave_by_parts(
+        w: PackedRows<'_>,
+        mut done: impl FnMut(std::ops::Range<usize>),
+    ) -> Option<X8Rows> {
         if w.dtype() == DType::Q5_0 {
-            return Self::interleave_q5_0(w);
+            return Self::interleave_q5_0(w, done);
         }
         // `Q3G` / `Q2G` codes are widened to 4-bit nibbles (same scales and
         // zero points, so the same Ŵ): they then run through the 4-bit
@@ -202,6 +224,7 @@ impl X8Rows {
                 }
                 h += GROUP_HEADER + nsb * src_sb_bytes;
             }
+            part_done(t, rows / TILE, &mut done);
         }
         debug_assert_eq!(data.len(), size);
         Some(X8Rows {
@@ -218,7 +241,10 @@ impl X8Rows {
     /// The 5-bit copy of GGUF `Q5_0` rows (module docs): per tile and
     /// block the eight scales, the eight rows' nibbles in chunks of four
     /// bytes, then the fifth bits regrouped as one mask per chunk.
-    fn interleave_q5_0(w: PackedRows<'_>) -> Option<X8Rows> {
+    fn interleave_q5_0(
+        w: PackedRows<'_>,
+        mut done: impl FnMut(std::ops::Range<usize>),
+    ) -> Option<X8Rows> {
         let (rows, cols) = (w.rows(), w.cols());
         if rows == 0 || !rows.is_multiple_of(TILE) || !cols.is_multiple_of(SUB_BLOCK) {
             return None;
@@ -247,6 +273,7 @@ impl X8Rows {
                     data.extend_from_slice(&mask.to_le_bytes());
                 }
             }
+            part_done(t, rows / TILE, &mut done);
         }
         debug_assert_eq!(data.len(), rows * nb * Q5_0_BLOCK);
         Some(X8Rows {
@@ -360,24 +387,25 @@ const fn sym_other(bits: u32) -> f32 {
     }
 }
 
-/// Runs `tile_dots` on every tile that rows `r0..r0 + out.len()` touch and
-/// keeps the rows asked for (the SIMD kernels' row-range loop).
+/// Runs `tile_dots` on every tile (`tb` bytes each in `data`) that rows
+/// `r0..r0 + out.len()` touch and keeps the rows asked for (the SIMD
+/// one-token kernels' row-range loop, here and in [`super::qk_x8`]).
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(dead_code)
 )]
-fn for_each_tile(
-    w: &X8Rows,
+pub(super) fn for_each_tile(
+    data: &[u8],
+    tb: usize,
     r0: usize,
     out: &mut [f32],
     mut tile_dots: impl FnMut(&[u8]) -> [f32; TILE],
 ) {
-    let tb = w.tile_bytes();
     let r1 = r0 + out.len();
     let mut r = r0;
     while r < r1 {
         let t = r / TILE;
-        let v = tile_dots(&w.data[t * tb..(t + 1) * tb]);
+        let v = tile_dots(&data[t * tb..(t + 1) * tb]);
         let (lo, hi) = (r - t * TILE, (r1 - t * TILE).min(TILE));
         let dst = &mut out[r - r0..r - r0 + hi - lo];
         match <&mut [f32; TILE]>::try_from(&mut *dst) {
@@ -398,7 +426,7 @@ macro_rules! x8_matvec {
     ($matvec:ident, $tile:ident) => {
         pub fn $matvec(w: &X8Rows, r0: usize, x: &Q8Ref<'_>, out: &mut [f32]) {
             check(w, r0, x, out);
-            for_each_tile(w, r0, out, |tile| {
+            for_each_tile(&w.data, w.tile_bytes(), r0, out, |tile| {
                 // SAFETY: the table holding this kernel is built only when
                 // its features were detected; `tile` is one whole tile and
                 // `check` verified the activation blocks.

@@ -70,8 +70,8 @@ use super::q8::Q8Ref;
 use super::qg::PackedRows;
 use super::SUB_BLOCK;
 
-/// Rows per interleaved tile.
-pub const TILE: usize = 8;
+/// Rows per interleaved tile (the row-range loop is [`super::qg_x8`]'s).
+pub const TILE: usize = super::qg_x8::TILE;
 /// Weights per K-quant super-block.
 const SUPER: usize = 256;
 /// Bytes of a GGUF `Q4_K` block: d, dmin, 12 bytes of scales, 128 of nibbles.
@@ -116,6 +116,17 @@ impl X8KRows {
     /// The interleaved copy of `w`, or `None` when `w` is not `Q4_K` or
     /// `Q6_K` or its rows are not a multiple of 8.
     pub fn interleave(w: PackedRows<'_>) -> Option<X8KRows> {
+        Self::interleave_by_parts(w, |_| {})
+    }
+
+    /// [`X8KRows::interleave`], calling `done(rows)` after each part of
+    /// [`super::qg_x8::PART_TILES`] tiles with the source rows it has copied,
+    /// so that a caller can release their pages while the copy goes on (a
+    /// tied head of 190 MB would otherwise be held twice at its end).
+    pub fn interleave_by_parts(
+        w: PackedRows<'_>,
+        mut done: impl FnMut(std::ops::Range<usize>),
+    ) -> Option<X8KRows> {
         let (rows, cols) = (w.rows(), w.cols());
         if !matches!(w.dtype(), DType::Q4K | DType::Q6K)
             || rows == 0
@@ -125,7 +136,7 @@ impl X8KRows {
             return None;
         }
         if w.dtype() == DType::Q6K {
-            return Some(Self::interleave_q6k(w));
+            return Some(Self::interleave_q6k(w, done));
         }
         let n_super = cols / SUPER;
         let mut data = Vec::with_capacity(rows / TILE * n_super * TILE_SUPER);
@@ -156,6 +167,7 @@ impl X8KRows {
                     }
                 }
             }
+            super::qg_x8::part_done(t, rows / TILE, &mut done);
         }
         debug_assert_eq!(data.len(), rows / TILE * n_super * TILE_SUPER);
         Some(X8KRows {
@@ -168,7 +180,7 @@ impl X8KRows {
 
     /// The `Q6_K` copy (module docs): whole tiles and super-blocks, checked
     /// by [`X8KRows::interleave`].
-    fn interleave_q6k(w: PackedRows<'_>) -> X8KRows {
+    fn interleave_q6k(w: PackedRows<'_>, mut done: impl FnMut(std::ops::Range<usize>)) -> X8KRows {
         let (rows, cols) = (w.rows(), w.cols());
         let n_super = cols / SUPER;
         let mut data = Vec::with_capacity(rows / TILE * n_super * Q6_TILE_SUPER);
@@ -194,6 +206,7 @@ impl X8KRows {
                     }
                 }
             }
+            super::qg_x8::part_done(t, rows / TILE, &mut done);
         }
         debug_assert_eq!(data.len(), rows / TILE * n_super * Q6_TILE_SUPER);
         X8KRows {
@@ -379,75 +392,16 @@ pub fn matmul_x8k_q8_scalar(
     }
 }
 
-/// Runs `tile_dots` on every tile that rows `r0..r0 + out.len()` touch and
-/// keeps the rows asked for (the SIMD one-token kernels' row-range loop).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn for_each_tile(
-    w: &X8KRows,
-    r0: usize,
-    out: &mut [f32],
-    mut tile_dots: impl FnMut(&[u8]) -> [f32; TILE],
-) {
-    let r1 = r0 + out.len();
-    let mut r = r0;
-    while r < r1 {
-        let t = r / TILE;
-        let v = tile_dots(w.tile(t));
-        let (lo, hi) = (r - t * TILE, (r1 - t * TILE).min(TILE));
-        let dst = &mut out[r - r0..r - r0 + hi - lo];
-        match <&mut [f32; TILE]>::try_from(&mut *dst) {
-            Ok(whole) => *whole = v,
-            Err(_) => dst.copy_from_slice(&v[lo..hi]),
-        }
-        r += hi - lo;
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// The eight rows' d·(Σ_j sc_j·Σ c·q) − dmin·Σ_j m_j·ds_j of one
-    /// super-block for `NT` tokens, from their integer sums `isum` (lane `r`
-    /// = row `r`), added to `acc`. SAFETY (caller): `blk` is a whole tile
-    /// super-block; `d`, `ds` point at each token's first block of it, the
-    /// tokens `nb` blocks apart.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn finish_q4k<const NT: usize>(
-        blk: *const u8,
-        isum: &[__m256i; NT],
-        d: *const f32,
-        ds: *const f32,
-        nb: usize,
-        acc: &mut [__m256; NT],
-    ) {
-        // SAFETY: guaranteed by the caller.
-        unsafe {
-            let dv = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
-            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(DMIN_AT) as *const __m128i));
-            let m: [__m256; 8] = std::array::from_fn(|j| {
-                let b = _mm_loadl_epi64(blk.add(MINS_AT + 8 * j) as *const __m128i);
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))
-            });
-            for (t, (a, s)) in acc.iter_mut().zip(isum).enumerate() {
-                let (dt, dst) = (d.add(t * nb), ds.add(t * nb));
-                let f = _mm256_mul_ps(dv, _mm256_set1_ps(*dt));
-                *a = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(*s), *a);
-                let mut ms = _mm256_mul_ps(m[0], _mm256_set1_ps(*dst));
-                for (j, mj) in m.iter().enumerate().skip(1) {
-                    ms = _mm256_fmadd_ps(*mj, _mm256_set1_ps(*dst.add(j)), ms);
-                }
-                *a = _mm256_fnmadd_ps(dmin, ms, *a);
-            }
-        }
-    }
-
-    /// The eight rows' d·Σ_j sc_j·Σ (c − 32)·q of one `Q6_K` super-block
-    /// for `NT` tokens, from their integer sums `isum`, added to `acc`
-    /// (the signature of [`finish_q4k`]; `Q6_K` has no minimums).
-    /// SAFETY (caller): as [`finish_q4k`].
+    /// The eight rows' d·(integer sum) of one super-block for `NT` tokens,
+    /// from their sums `isum` (lane `r` = row `r`), added to `acc`: all of
+    /// `Q6_K`'s, `Q4_K`'s before its minimums ([`finish_q4k`]). SAFETY
+    /// (caller): `blk` is a whole tile super-block (`d` first); `d` points
+    /// at each token's first block of it, the tokens `nb` blocks apart.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn finish_q6k<const NT: usize>(
@@ -464,6 +418,37 @@ pub(super) mod x86 {
             for (t, (a, s)) in acc.iter_mut().zip(isum).enumerate() {
                 let f = _mm256_mul_ps(dv, _mm256_set1_ps(*d.add(t * nb)));
                 *a = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(*s), *a);
+            }
+        }
+    }
+
+    /// [`finish_q6k`], then `Q4_K`'s minimums: − dmin·Σ_j m_j·ds_j per row
+    /// (`ds` as `d`). SAFETY (caller): as [`finish_q6k`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn finish_q4k<const NT: usize>(
+        blk: *const u8,
+        isum: &[__m256i; NT],
+        d: *const f32,
+        ds: *const f32,
+        nb: usize,
+        acc: &mut [__m256; NT],
+    ) {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            finish_q6k(blk, isum, d, ds, nb, acc);
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(DMIN_AT) as *const __m128i));
+            let m: [__m256; 8] = std::array::from_fn(|j| {
+                let b = _mm_loadl_epi64(blk.add(MINS_AT + 8 * j) as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))
+            });
+            for (t, a) in acc.iter_mut().enumerate() {
+                let dst = ds.add(t * nb);
+                let mut ms = _mm256_mul_ps(m[0], _mm256_set1_ps(*dst));
+                for (j, mj) in m.iter().enumerate().skip(1) {
+                    ms = _mm256_fmadd_ps(*mj, _mm256_set1_ps(*dst.add(j)), ms);
+                }
+                *a = _mm256_fnmadd_ps(dmin, ms, *a);
             }
         }
     }
@@ -900,7 +885,7 @@ pub(super) mod x86 {
                     DType::Q6K => $q6k::<1>,
                     _ => $q4k::<1>,
                 };
-                for_each_tile(w, r0, out, |t| {
+                super::super::qg_x8::for_each_tile(&w.data, w.tile_bytes(), r0, out, |t| {
                     // SAFETY: the table holding this kernel is built only
                     // when its features were detected; `t` is one whole
                     // tile and `check` verified the activation blocks.
@@ -1076,6 +1061,23 @@ mod tests {
         // Q6_K's copy is the file's size; Q4_K's adds the unpacked scales.
         assert_eq!(Q6_TILE_SUPER, TILE * Q6K_BLOCK);
         assert_eq!(TILE_SUPER, TILE * Q4K_BLOCK + 32);
+    }
+
+    /// The copy made part by part reports every source row once, in order,
+    /// in parts of `PART_TILES` tiles, and is the same copy.
+    #[test]
+    fn parts_report_every_row_once() {
+        let mut seed = 13u64;
+        let part = super::super::qg_x8::PART_TILES * TILE;
+        let (rows, cols) = (part + 16, 256);
+        for dtype in DTYPES {
+            let data = weight(dtype, rows, cols, &mut seed);
+            let w = PackedRows::new(dtype, &data, rows, cols, SUPER).unwrap();
+            let mut seen = Vec::new();
+            let x8 = X8KRows::interleave_by_parts(w, |r| seen.push(r)).unwrap();
+            assert_eq!(seen, vec![0..part, part..rows], "{dtype}");
+            assert_eq!(x8.data, X8KRows::interleave(w).unwrap().data, "{dtype}");
+        }
     }
 
     /// Activations of `n_tok` tokens, super-256 blocks; the first
