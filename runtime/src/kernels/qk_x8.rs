@@ -217,12 +217,6 @@ impl X8KRows {
         }
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
     /// The block type copied: `Q4K` or `Q6K`.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -544,36 +538,14 @@ pub(super) mod x86 {
         _mm256_ternarylogic_epi32::<0xE4>(a, b, _mm256_set1_epi8(0x0F))
     }
 
-    /// [`q6k_codes`] with AVX-512VL: the `qh` bytes split once into
-    /// `e = qh & 0x33` (kinds 0 and 2 at bits 0–1 and 4–5) and
-    /// `o = (qh >> 2) & 0x33` (kinds 1 and 3), so that a code is one
-    /// `vpternlogd` of its nibble source and `e` or `o` (shifted by 4 for
-    /// kinds 0 and 1): bits 6–7 are zero there, and what 16-bit shifts
-    /// carry in from the next byte lands in bits the ternary op ignores.
-    /// SAFETY (caller): a whole tile half at `half`.
-    #[target_feature(enable = "avx2,avx512f,avx512vl")]
-    #[inline]
-    unsafe fn q6k_code_vl(half: *const u8, k: usize, c: usize) -> __m256i {
-        let m33 = _mm256_set1_epi8(0x33);
-        // SAFETY: guaranteed by the caller.
-        unsafe {
-            let v = _mm256_loadu_si256(half.add(256 * (k & 1) + 32 * c) as *const __m256i);
-            let h = _mm256_loadu_si256(half.add(512 + 32 * c) as *const __m256i);
-            let eo = if k & 1 == 0 {
-                _mm256_and_si256(h, m33)
-            } else {
-                _mm256_and_si256(_mm256_srli_epi16(h, 2), m33)
-            };
-            if k < 2 {
-                low_nibble_or(v, _mm256_slli_epi16(eo, 4))
-            } else {
-                low_nibble_or(_mm256_srli_epi16(v, 4), eo)
-            }
-        }
-    }
-
-    /// The four kinds' codes of chunk `c` at once ([`q6k_code_vl`], the
-    /// three loads and the `qh` split shared). SAFETY (caller): as there.
+    /// [`q6k_codes`] of all four kinds of chunk `c` with AVX-512VL: the
+    /// `qh` bytes split once into `e = qh & 0x33` (kinds 0 and 2 at bits
+    /// 0–1 and 4–5) and `o = (qh >> 2) & 0x33` (kinds 1 and 3), so that a
+    /// code is one `vpternlogd` of its nibble source and `e` or `o` (shifted
+    /// by 4 for kinds 0 and 1): bits 6–7 are zero there, and what 16-bit
+    /// shifts carry in from the next byte lands in bits the ternary op
+    /// ignores. A caller that takes one kind leaves the others' work to the
+    /// compiler to drop. SAFETY (caller): a whole tile half at `half`.
     #[target_feature(enable = "avx2,avx512f,avx512vl")]
     #[inline]
     unsafe fn q6k_codes4_vl(half: *const u8, c: usize) -> [__m256i; 4] {
@@ -646,7 +618,7 @@ pub(super) mod x86 {
                         for k in 0..4 {
                             let mut acc = [_mm256_setzero_si256(); NT];
                             for c in 4 * g..4 * g + 4 {
-                                let code = q6k_code_vl(half, k, c);
+                                let code = q6k_codes4_vl(half, c)[k];
                                 for (t, a) in acc.iter_mut().enumerate() {
                                     let at = 128 * n + 32 * k + 4 * c;
                                     *a = _mm256_dpbusd_epi32(*a, code, dword(q.add(t * cols), at));
